@@ -1,0 +1,305 @@
+"""Build the embedded demo pair: a byte-level BPE tokenizer, a Llama target, and a Llama draft
+distilled from the target, all trained on the standard library's Python sources.
+
+Stages (each skipped when its output exists, unless `force`): tokenizer -> target -> draft ->
+report. Deterministic given the seed, the Python version (the corpus) and the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from adasd_core.demo.data import HELD_OUT, Corpus, load_corpus
+from adasd_core.device import cpu_autocast_dtype
+
+DEMO_DIR = Path(__file__).parent / "weights"
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass
+class ModelShape:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+
+
+@dataclass
+class TrainPlan:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    vocab_size: int = 4096
+    context: int = 512
+    target: ModelShape = field(default_factory=lambda: ModelShape(256, 688, 12, 4))
+    draft: ModelShape = field(default_factory=lambda: ModelShape(128, 344, 2, 2))
+    target_train: TrainPlan = field(default_factory=lambda: TrainPlan(3600, 8, 1.5e-3, 200))
+    draft_train: TrainPlan = field(default_factory=lambda: TrainPlan(1500, 8, 3e-3, 100))
+    max_files: int | None = None
+    eval_windows: int = 48
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "BuildConfig":
+        return cls(
+            seed=seed,
+            vocab_size=512,
+            context=128,
+            target=ModelShape(64, 172, 2, 2),
+            draft=ModelShape(32, 86, 1, 1),
+            target_train=TrainPlan(40, 4, 3e-3, 5),
+            draft_train=TrainPlan(30, 4, 3e-3, 5),
+            max_files=30,
+            eval_windows=4,
+        )
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(corpus: Corpus, vocab_size: int, out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD, *CHAT_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((text for _, text in corpus.train), trainer=trainer, length=len(corpus.train))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None,
+        additional_special_tokens=CHAT_TOKENS,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 1 << 30
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return fast
+
+
+def encode_corpus(tokenizer, docs: list[tuple[str, str]]) -> torch.Tensor:
+    """One flat stream: each file followed by EOS. int32 [N]."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for _, text in docs:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def llama_config(shape: ModelShape, tokenizer, context: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_attention_heads,
+        max_position_embeddings=context,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _batches(stream: torch.Tensor, plan: TrainPlan, seq: int, gen: torch.Generator):
+    """Random windows of seq+1 tokens: [B, seq+1]."""
+    hi = stream.numel() - seq - 1
+    for _ in range(plan.steps):
+        starts = torch.randint(0, hi, (plan.batch_size,), generator=gen)
+        yield torch.stack([stream[s : s + seq + 1] for s in starts.tolist()]).long()
+
+
+def _lr(step: int, plan: TrainPlan) -> float:
+    if step < plan.warmup:
+        return plan.lr * (step + 1) / plan.warmup
+    t = (step - plan.warmup) / max(1, plan.steps - plan.warmup)
+    return plan.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train_model(
+    model,
+    stream: torch.Tensor,
+    plan: TrainPlan,
+    seq: int,
+    seed: int,
+    teacher=None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[tuple[int, float]]:
+    """Next-token training; with a teacher, distillation: KL(teacher || student) per position."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    amp = cpu_autocast_dtype()
+    model.train()
+    curve = []
+    for step, batch in enumerate(_batches(stream, plan, seq, gen)):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, plan)
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(input_ids=inputs).logits
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=inputs).logits
+        logits = logits.float()
+        if teacher is None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
+        else:
+            teacher_logp = F.log_softmax(teacher_logits.float(), dim=-1)
+            loss = F.kl_div(F.log_softmax(logits, dim=-1), teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        if step % 50 == 0 or step == plan.steps - 1:
+            curve.append((step, round(value, 4)))
+        if on_step:
+            on_step(step, value)
+    model.eval()
+    return curve
+
+
+@torch.inference_mode()
+def held_out_loss(model, stream: torch.Tensor, seq: int, windows: int) -> float:
+    """Mean next-token cross-entropy (nats) over consecutive held-out windows."""
+    total, count = 0.0, 0
+    n = min(windows, (stream.numel() - 1) // seq)
+    for i in range(n):
+        chunk = stream[i * seq : i * seq + seq + 1].long()[None]
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        total += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+        count += seq
+    return total / count
+
+
+def _save(model, tokenizer, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    # bf16 on disk keeps the pair small; loading upcasts to the device's dtype.
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    model.float()
+    tokenizer.save_pretrained(out)
+
+
+def _dir_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build(
+    out: Path = DEMO_DIR,
+    cfg: BuildConfig | None = None,
+    force: bool = False,
+    stages: tuple[str, ...] = ("tokenizer", "target", "draft", "report"),
+    progress: bool = True,
+) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    cfg = cfg or BuildConfig()
+    out = Path(out)
+    tok_dir, target_dir, draft_dir = out / "tokenizer", out / "target", out / "draft"
+    log_path = out / "build_log.json"
+    out.mkdir(parents=True, exist_ok=True)
+    log = json.loads(log_path.read_text()) if log_path.exists() and not force else {}
+    log["config"] = asdict(cfg)
+
+    torch.manual_seed(cfg.seed)
+    corpus = load_corpus(max_files=cfg.max_files)
+
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress,
+    )
+    with bar:
+        have_tok = (target_dir / "tokenizer.json").exists() or (tok_dir / "tokenizer.json").exists()
+        if "tokenizer" in stages and (force or not have_tok):
+            t0 = time.time()
+            task = bar.add_task("tokenizer", total=1, info="")
+            train_tokenizer(corpus, cfg.vocab_size, tok_dir)
+            bar.update(task, advance=1)
+            log["tokenizer"] = {"seconds": round(time.time() - t0, 1), "vocab_size": cfg.vocab_size}
+        tokenizer = AutoTokenizer.from_pretrained(
+            tok_dir if (tok_dir / "tokenizer.json").exists() else target_dir
+        )
+        train_stream = encode_corpus(tokenizer, corpus.train)
+        held_stream = encode_corpus(tokenizer, corpus.held_out)
+        log["corpus"] = {
+            "train_files": len(corpus.train), "train_tokens": train_stream.numel(),
+            "held_out_files": len(corpus.held_out), "held_out_tokens": held_stream.numel(),
+            "held_out_modules": list(HELD_OUT), "python": platform.python_version(),
+            "bytes_per_token": round(sum(len(t.encode()) for _, t in corpus.train) / train_stream.numel(), 3),
+        }
+
+        def run(name: str, shape: ModelShape, plan: TrainPlan, dest: Path, teacher=None):
+            torch.manual_seed(cfg.seed + (1 if teacher is not None else 0))
+            model = LlamaForCausalLM(llama_config(shape, tokenizer, cfg.context))
+            model.config._attn_implementation = "sdpa"
+            task = bar.add_task(name, total=plan.steps, info="")
+            ema = [None]
+
+            def on_step(step: int, loss: float) -> None:
+                ema[0] = loss if ema[0] is None else 0.98 * ema[0] + 0.02 * loss
+                bar.update(task, completed=step + 1, info=f"loss {ema[0]:.3f}")
+
+            t0 = time.time()
+            curve = train_model(model, train_stream, plan, cfg.context, cfg.seed, teacher, on_step)
+            _save(model, tokenizer, dest)
+            log[name] = {
+                "seconds": round(time.time() - t0, 1),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "shape": asdict(shape), "plan": asdict(plan), "loss_curve": curve,
+            }
+            log_path.write_text(json.dumps(log, indent=2))
+            return model
+
+        if "target" in stages and (force or not (target_dir / "model.safetensors").exists()):
+            run("target", cfg.target, cfg.target_train, target_dir)
+        if "draft" in stages and (force or not (draft_dir / "model.safetensors").exists()):
+            teacher = LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+            run("draft", cfg.draft, cfg.draft_train, draft_dir, teacher=teacher)
+        if (target_dir / "tokenizer.json").exists():
+            shutil.rmtree(tok_dir, ignore_errors=True)
+
+    if "report" in stages:
+        from adasd_core.demo.report import make_report
+
+        log["report"] = make_report(out, held_stream, cfg)
+    log_path.write_text(json.dumps(log, indent=2))
+    return log

@@ -1,0 +1,57 @@
+"""Device and dtype choices, in one place.
+
+Everything that places a model or a tensor asks here, so CPU, CUDA and MPS behave the
+same way across the engine, the server, the benchmarks and the demo build.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
+
+
+def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch.dtype:
+    """`auto` is bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 elsewhere."""
+    if dtype == "auto":
+        device = device or resolve_device()
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(sorted(DTYPES))}") from None
+
+
+def cpu_autocast_dtype() -> torch.dtype | None:
+    """bf16 autocast for CPU training where the CPU has native bf16 (AVX512-BF16 / AMX)."""
+    try:
+        a = torch.randn(64, 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (a @ a).sum().item()
+    except RuntimeError:
+        return None
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    return torch.bfloat16 if ("avx512" in cap or "amx" in cap) else None

@@ -1,0 +1,64 @@
+"""Draft-length policies: when to stop drafting within a round.
+
+A policy answers `keep_drafting(entropy, n)` after each candidate and learns in `update` from
+the candidates the target scored, like transformers' update_candidate_strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WINDOW = 20  # hard cap per round (the paper's value)
+
+
+class DraftPolicy:
+    name = "fixed"
+    uses_entropy = False
+
+    def keep_drafting(self, entropy: float, n_drafted: int) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update(self, rejected_entropies: list[float]) -> None:
+        pass
+
+    @property
+    def threshold(self) -> float | None:
+        return None
+
+
+@dataclass
+class FixedK(DraftPolicy):
+    k: int = 5
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= WINDOW:
+            raise ValueError(f"k must be between 1 and {WINDOW}")
+
+    def keep_drafting(self, entropy: float, n_drafted: int) -> bool:
+        return n_drafted < self.k
+
+
+@dataclass
+class EntropyStop(DraftPolicy):
+    """Stop after a candidate whose draft entropy exceeds T_G, the running mean entropy of every
+    rejected candidate so far; before the first rejection, draft up to the window."""
+
+    name = "entropy"
+    uses_entropy = True
+    window: int = WINDOW
+    sum_rejected: float = 0.0
+    n_rejected: int = 0
+
+    @property
+    def threshold(self) -> float | None:
+        return self.sum_rejected / self.n_rejected if self.n_rejected else None
+
+    def keep_drafting(self, entropy: float, n_drafted: int) -> bool:
+        if n_drafted >= self.window:
+            return False
+        t = self.threshold
+        return t is None or entropy <= t
+
+    def update(self, rejected_entropies: list[float]) -> None:
+        self.sum_rejected += sum(rejected_entropies)
+        self.n_rejected += len(rejected_entropies)

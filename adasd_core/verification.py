@@ -1,0 +1,191 @@
+"""Verification: the standard (lossless) check, the relaxed Jensen-Shannon check, and the
+correction / bonus tokens.
+
+Words used here (shared/ADASD.md):
+- candidate: a token the draft proposed; target_probs p_i and draft_probs q_i are the two
+  models' processed next-token distributions at its position.
+- standard check: greedy accepts iff x_i == argmax p_i; sampling accepts with probability
+  min(1, p_i(x_i) / q_i(x_i)). Lossless.
+- relaxed check: a candidate that fails the standard check is still accepted when the JS distance
+  d_i says the two distributions agree (threshold T_V, or a Bayesian posterior P(A|d)).
+- correction token: emitted at the first candidate that fails both checks (argmax p_i, or a sample
+  from norm(max(0, p_i - q_i))). bonus token: emitted from p_{k+1} when every candidate passed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+LN2 = math.log(2.0)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """[N, V] -> [N] Shannon entropy in nats."""
+    probs = probs.float()
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+
+
+def js_distance(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
+    """[N, V], [N, V] -> [N] Jensen-Shannon distance sqrt(JSD), log base 2, in [0, 1]."""
+    p, q = target_probs.float(), draft_probs.float()
+    m = 0.5 * (p + q)
+    jsd = entropy(m) - 0.5 * (entropy(p) + entropy(q))
+    return (jsd / LN2).clamp(0.0, 1.0).sqrt()
+
+
+def standard_check(
+    candidates: torch.Tensor,
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    greedy: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """[k], [k, V], [k, V] -> [k] bool: the lossless acceptance test per candidate."""
+    assert candidates.dim() == 1 and target_probs.shape == draft_probs.shape
+    if greedy:
+        return candidates == target_probs.argmax(-1)
+    idx = candidates[:, None]
+    p_x = target_probs.gather(-1, idx).squeeze(-1)
+    q_x = draft_probs.gather(-1, idx).squeeze(-1)
+    u = torch.rand(candidates.shape, generator=generator, device=candidates.device)
+    return u * q_x < p_x  # u < p/q without dividing by a tiny q
+
+
+def correction_token(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, greedy: bool, generator: torch.Generator | None
+) -> int:
+    """[V], [V] -> the target's token at a rejected position."""
+    if greedy:
+        return int(target_probs.argmax())
+    residual = (target_probs - draft_probs).clamp_min(0.0)
+    total = residual.sum()
+    # p == q leaves no residual mass; then p itself is the right distribution
+    dist = residual / total if total > 1e-12 else target_probs
+    return int(torch.multinomial(dist, 1, generator=generator))
+
+
+def bonus_token(target_probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> int:
+    if greedy:
+        return int(target_probs.argmax())
+    return int(torch.multinomial(target_probs, 1, generator=generator))
+
+
+# --------------------------------------------------------------------------- relaxed checks
+
+
+class RelaxedCheck:
+    """Online statistics over JS distances, labelled by the standard check's outcome."""
+
+    name = "none"
+
+    def accept_probability(self, d: list[float]) -> list[float]:
+        """Probability of accepting each failed candidate; 0 until both groups have data."""
+        return [0.0] * len(d)
+
+    def observe(self, d: float, accepted: bool) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {}
+
+
+@dataclass
+class ThresholdCheck(RelaxedCheck):
+    """v1: accept iff d < T_V, T_V = (mean d of accepted + mean d of rejected) / 2."""
+
+    name = "threshold"
+    sum_accepted: float = 0.0
+    n_accepted: int = 0
+    sum_rejected: float = 0.0
+    n_rejected: int = 0
+
+    @property
+    def threshold(self) -> float | None:
+        if not (self.n_accepted and self.n_rejected):
+            return None
+        return 0.5 * (self.sum_accepted / self.n_accepted + self.sum_rejected / self.n_rejected)
+
+    def accept_probability(self, d: list[float]) -> list[float]:
+        t = self.threshold
+        return [0.0 if t is None else float(x < t) for x in d]
+
+    def observe(self, d: float, accepted: bool) -> None:
+        if accepted:
+            self.sum_accepted += d
+            self.n_accepted += 1
+        else:
+            self.sum_rejected += d
+            self.n_rejected += 1
+
+    def state(self) -> dict:
+        return {"js_threshold": self.threshold}
+
+
+def _kde(samples: deque, x: float) -> float:
+    """Gaussian KDE density at x, Scott's bandwidth with a floor."""
+    n = len(samples)
+    mean = sum(samples) / n
+    std = math.sqrt(sum((s - mean) ** 2 for s in samples) / max(1, n - 1))
+    h = max(1.06 * std * n ** -0.2, 0.02)
+    norm = 1.0 / (n * h * math.sqrt(2 * math.pi))
+    return norm * sum(math.exp(-0.5 * ((x - s) / h) ** 2) for s in samples)
+
+
+@dataclass
+class BayesCheck(RelaxedCheck):
+    """v2: P(A|d) = p(d|A)P(A) / (p(d|A)P(A) + p(d|R)P(R)) with Gaussian KDEs.
+
+    The KDE samples are bounded (most recent `max_samples` per group); the priors count every
+    observation. Distances of exactly 0 or 1 count for the priors but not the KDEs.
+    """
+
+    name = "bayes"
+    max_samples: int = 256
+    min_samples: int = 2
+    accepted: deque = field(default_factory=deque)
+    rejected: deque = field(default_factory=deque)
+    n_accepted: int = 0
+    n_rejected: int = 0
+
+    def ready(self) -> bool:
+        return len(self.accepted) >= self.min_samples and len(self.rejected) >= self.min_samples
+
+    def posterior(self, d: float) -> float | None:
+        if not self.ready():
+            return None
+        prior_a = self.n_accepted / (self.n_accepted + self.n_rejected)
+        like_a = _kde(self.accepted, d) * prior_a
+        like_r = _kde(self.rejected, d) * (1.0 - prior_a)
+        total = like_a + like_r
+        return like_a / total if total > 0 else 0.0
+
+    def accept_probability(self, d: list[float]) -> list[float]:
+        return [self.posterior(x) or 0.0 for x in d]
+
+    def observe(self, d: float, accepted: bool) -> None:
+        group = self.accepted if accepted else self.rejected
+        if accepted:
+            self.n_accepted += 1
+        else:
+            self.n_rejected += 1
+        if 0.0 < d < 1.0:
+            group.append(d)
+            if len(group) > self.max_samples:
+                group.popleft()
+
+    def state(self) -> dict:
+        return {"kde_accepted": len(self.accepted), "kde_rejected": len(self.rejected)}
+
+
+def make_relaxed_check(kind: str) -> RelaxedCheck:
+    if kind == "bayes":
+        return BayesCheck()
+    if kind == "threshold":
+        return ThresholdCheck()
+    if kind == "none":
+        return RelaxedCheck()
+    raise ValueError(f"unknown verification {kind!r}: use bayes, threshold or none")

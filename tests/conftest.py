@@ -1,0 +1,54 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def quick_pair_dir(tmp_path_factory) -> Path:
+    """A tiny trained pair from the demo build's quick mode (seconds)."""
+    from adasd_core.demo.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("quick_pair")
+    build(out, BuildConfig.quick(), stages=("tokenizer", "target", "draft"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_pair_dir(quick_pair_dir, tmp_path_factory) -> Path:
+    """Random-weight Llama target and draft on the quick tokenizer: they rarely agree."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("random_pair")
+    tok = AutoTokenizer.from_pretrained(quick_pair_dir / "target")
+    for role, (layers, width, seed) in {"target": (2, 64, 1), "draft": (1, 32, 2)}.items():
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+        model = LlamaForCausalLM(cfg)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(40.0)  # peaked distributions, so greedy ties are impossible
+        model.save_pretrained(out / role)
+        tok.save_pretrained(out / role)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quick_engine(quick_pair_dir):
+    from adasd_core.engine import SpeculativeEngine
+    from adasd_core.models import load_pair
+
+    return SpeculativeEngine(load_pair(str(quick_pair_dir / "target"), str(quick_pair_dir / "draft"), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def random_engine(random_pair_dir):
+    from adasd_core.engine import SpeculativeEngine
+    from adasd_core.models import load_pair
+
+    return SpeculativeEngine(load_pair(str(random_pair_dir / "target"), str(random_pair_dir / "draft"), device="cpu"))

@@ -1,0 +1,135 @@
+"""Hand-built distributions: entropy, JS distance, standard check, relaxed checks, tokens."""
+
+import math
+
+import pytest
+import torch
+
+from adasd_core.drafting import EntropyStop, FixedK
+from adasd_core.verification import (
+    BayesCheck,
+    ThresholdCheck,
+    bonus_token,
+    correction_token,
+    entropy,
+    js_distance,
+    standard_check,
+)
+
+
+def test_entropy_known_values():
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    assert entropy(probs).tolist() == pytest.approx([math.log(4), 0.0, math.log(2)], abs=1e-6)
+
+
+def test_js_distance_known_values_bounds_symmetry():
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [1.0, 0.0]])
+    q = torch.tensor([[0.0, 1.0], [0.5, 0.5], [0.5, 0.5]])
+    d = js_distance(p, q)
+    # disjoint supports: JSD = 1 bit; identical: 0
+    assert d[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert d[1].item() == pytest.approx(0.0, abs=1e-6)
+    # p = (1, 0), q = (1/2, 1/2): m = (3/4, 1/4); JSD = H(m) - (0 + 1)/2 in bits
+    h_m = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert d[2].item() == pytest.approx(math.sqrt(h_m - 0.5), abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    a = torch.softmax(torch.randn(64, 10, generator=g) * 3, -1)
+    b = torch.softmax(torch.randn(64, 10, generator=g) * 3, -1)
+    dab, dba = js_distance(a, b), js_distance(b, a)
+    assert torch.allclose(dab, dba, atol=1e-6)
+    assert (dab >= 0).all() and (dab <= 1).all()
+
+
+def test_standard_check_greedy_exact():
+    target = torch.tensor([[0.1, 0.7, 0.2], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    draft = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    ok = standard_check(torch.tensor([1, 1, 2]), target, draft, greedy=True, generator=None)
+    assert ok.tolist() == [True, False, True]
+
+
+def test_standard_check_sampling_rate():
+    # p(x)=0.2, q(x)=0.8 -> accept with probability 0.25; p>=q -> always
+    target = torch.tensor([[0.2, 0.8], [0.9, 0.1]]).repeat(5000, 1)
+    draft = torch.tensor([[0.8, 0.2], [0.5, 0.5]]).repeat(5000, 1)
+    cands = torch.tensor([0, 0]).repeat(5000)
+    ok = standard_check(cands, target, draft, greedy=False, generator=torch.Generator().manual_seed(1))
+    assert ok[0::2].float().mean().item() == pytest.approx(0.25, abs=0.02)
+    assert ok[1::2].all()
+
+
+def test_correction_and_bonus_tokens():
+    target = torch.tensor([0.1, 0.6, 0.3])
+    draft = torch.tensor([0.1, 0.1, 0.8])
+    assert correction_token(target, draft, greedy=True, generator=None) == 1
+    assert bonus_token(target, greedy=True, generator=None) == 1
+    # residual max(0, p - q) = (0, 0.5, 0): the correction must be token 1 every time
+    g = torch.Generator().manual_seed(0)
+    assert {correction_token(target, draft, greedy=False, generator=g) for _ in range(50)} == {1}
+    # p == q leaves no residual: fall back to p
+    same = torch.tensor([0.0, 0.0, 1.0])
+    assert correction_token(same, same, greedy=False, generator=g) == 2
+    counts = torch.bincount(torch.tensor([bonus_token(target, False, g) for _ in range(4000)]), minlength=3)
+    assert (counts / 4000).tolist() == pytest.approx([0.1, 0.6, 0.3], abs=0.03)
+
+
+def test_threshold_check_paper_example():
+    check = ThresholdCheck()
+    assert check.threshold is None
+    assert check.accept_probability([0.1]) == [0.0]  # only the standard check until both groups have data
+    for d in (0.1, 0.2):
+        check.observe(d, accepted=True)  # mean 0.15
+    for d in (0.48, 0.50):
+        check.observe(d, accepted=False)  # mean 0.49
+    assert check.threshold == pytest.approx(0.32)
+    assert check.accept_probability([0.31, 0.33]) == [1.0, 0.0]
+
+
+def test_bayes_posterior_matches_hand_computation():
+    check = BayesCheck()
+    for d in (0.1, 0.2):
+        check.observe(d, True)
+    assert check.posterior(0.1) is None  # rejected group still empty
+    for d in (0.6, 0.7, 0.0, 1.0):  # 0 and 1 count for the prior, not the KDE
+        check.observe(d, False)
+    assert len(check.rejected) == 2 and check.n_rejected == 4
+
+    def kde(samples, x):
+        n = len(samples)
+        mean = sum(samples) / n
+        std = math.sqrt(sum((s - mean) ** 2 for s in samples) / (n - 1))
+        h = max(1.06 * std * n ** -0.2, 0.02)
+        return sum(math.exp(-0.5 * ((x - s) / h) ** 2) for s in samples) / (n * h * math.sqrt(2 * math.pi))
+
+    for x in (0.15, 0.4, 0.65):
+        pa = kde([0.1, 0.2], x) * (2 / 6)
+        pr = kde([0.6, 0.7], x) * (4 / 6)
+        assert check.posterior(x) == pytest.approx(pa / (pa + pr), rel=1e-9)
+    assert check.posterior(0.15) > 0.5 > check.posterior(0.65)
+
+
+def test_bayes_sample_is_bounded():
+    check = BayesCheck(max_samples=8)
+    for i in range(100):
+        check.observe(0.01 + i / 200, i % 2 == 0)
+    assert len(check.accepted) == 8 and len(check.rejected) == 8
+    assert check.n_accepted == 50 and check.n_rejected == 50
+
+
+def test_entropy_stop_threshold_is_running_mean_of_rejections():
+    policy = EntropyStop(window=20)
+    assert policy.threshold is None
+    assert policy.keep_drafting(entropy=50.0, n_drafted=3)  # undefined T_G: draft to the window
+    assert not policy.keep_drafting(entropy=0.0, n_drafted=20)
+    policy.update([1.0, 3.0])
+    assert policy.threshold == pytest.approx(2.0)
+    policy.update([])
+    policy.update([5.0])
+    assert policy.threshold == pytest.approx(3.0)  # over all rejections, not a window
+    assert policy.keep_drafting(2.9, 1) and not policy.keep_drafting(3.1, 1)
+
+
+def test_fixed_k():
+    policy = FixedK(3)
+    assert [policy.keep_drafting(99.0, n) for n in (1, 2, 3)] == [True, True, False]
+    with pytest.raises(ValueError):
+        FixedK(0)
