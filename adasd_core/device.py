@@ -55,3 +55,27 @@ def cpu_autocast_dtype() -> torch.dtype | None:
         return None
     cap = torch.backends.cpu.get_cpu_capability().lower()
     return torch.bfloat16 if ("avx512" in cap or "amx" in cap) else None
+
+
+def machine_info() -> dict:
+    """What a benchmark result was measured on."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

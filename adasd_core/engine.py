@@ -309,6 +309,25 @@ def _token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list
     ]
 
 
+@torch.inference_mode()
+def decode_step_seconds(model, pair: ModelPair, context: int = 64, repeats: int = 9) -> float:
+    """Median wall time of one single-token decode step after `context` cached tokens,
+    including the host sync a real step pays to read its token."""
+    n = min(context, pair.context_length - 2)
+    device = model.get_input_embeddings().weight.device
+    ids = torch.arange(n, device=device) % pair.vocab_size
+    cache = new_cache(model)
+    forward(model, ids, cache, logits_to_keep=1)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward(model, ids[:1], cache, logits_to_keep=1)[-1].argmax().item()
+        times.append(time.perf_counter() - t0)
+        rollback(cache, n)
+    times.sort()
+    return times[len(times) // 2]
+
+
 class SpeculativeEngine:
     """Holds a loaded pair; starts generations. Not thread-safe: one worker thread drives it."""
 
@@ -325,26 +344,9 @@ class SpeculativeEngine:
     def decode(self, ids: list[int]) -> str:
         return self.pair.tokenizer.decode(ids, skip_special_tokens=True)
 
-    @torch.inference_mode()
-    def calibrate(self, context: int = 64, repeats: int = 7) -> float:
-        """Median wall time of one single-token target decode step at a short context.
-
-        This is the unit of the speedup estimate: a target-alone decoder pays it once per token.
-        """
-        pair = self.pair
-        n = min(context, pair.context_length - 2)
-        ids = torch.arange(n, device=pair.input_device) % pair.vocab_size
-        cache = new_cache(pair.target)
-        forward(pair.target, ids, cache, logits_to_keep=1)
-        one = ids[:1]
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            forward(pair.target, one, cache, logits_to_keep=1)[-1].argmax().item()  # sync like a real step
-            times.append(time.perf_counter() - t0)
-            rollback(cache, n)
-        times.sort()
-        self.target_step_s = times[len(times) // 2]
+    def calibrate(self) -> float:
+        """Measure one single-token target decode step: the unit of the speedup estimate."""
+        self.target_step_s = decode_step_seconds(self.pair.target, self.pair)
         return self.target_step_s
 
     # ---------------------------------------------------------------- API

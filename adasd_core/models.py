@@ -83,6 +83,9 @@ def _fix_tokenizer(tokenizer) -> None:
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype, device_map: str | None, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if device_map:

@@ -1,0 +1,151 @@
+"""The `adasd` command line: generate, build-demo, serve, bench."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adasd_core.engine import METHODS, VERIFICATIONS, SpecConfig
+
+app = typer.Typer(help="Adaptive Speculative Decoding: generate, benchmark and serve.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+
+
+def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: Optional[str], trust_remote_code: bool,
+                 need_draft: bool = True):
+    from adasd_core.engine import SpeculativeEngine
+    from adasd_core.models import load_pair
+
+    pair = load_pair(target, draft if need_draft else None, device=device, dtype=dtype, device_map=device_map,
+                     trust_remote_code=trust_remote_code)
+    return SpeculativeEngine(pair)
+
+
+ModelOpts = dict(
+    target=typer.Option("demo", help="Target model: hub id, local path, or 'demo' (the embedded pair)."),
+    draft=typer.Option("demo", help="Draft model: hub id, local path, or 'demo'."),
+)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="Prompt text."),
+    method: str = typer.Option("adasd", help=f"One of: {', '.join(METHODS)}."),
+    max_tokens: int = typer.Option(64, "--max-tokens"),
+    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: Optional[int] = typer.Option(None),
+    k: int = typer.Option(5, help="Draft length for vanilla and verify-only."),
+    verification: str = typer.Option("bayes", help=f"Relaxed check: {', '.join(VERIFICATIONS)}."),
+    stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print text, token_ids, finish_reason and stats as JSON."),
+    compare: bool = typer.Option(False, help="Run every method on the prompt and print a table."),
+    repeats: int = typer.Option(3, help="With --compare: runs per method (interleaved); medians are shown."),
+    target: str = ModelOpts["target"],
+    draft: str = ModelOpts["draft"],
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto' spreads the target over GPUs."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+):
+    """Generate a completion with one method, or compare all methods."""
+    from adasd_core.errors import AdasdError
+    from adasd_core.sampling import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+        spec = SpecConfig(method=method, k=k, verification=verification)
+        engine = _load_engine(target, draft, device, dtype, device_map, trust_remote_code,
+                              need_draft=compare or method != "ar")
+        if compare:
+            _compare(engine, prompt, params, k, verification, repeats, as_json)
+            return
+        result = engine.generate(prompt, params, spec)
+    except AdasdError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2)
+    if as_json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                          "stats": result.stats.to_dict()}))
+        return
+    console.print(prompt, end="", style="dim", highlight=False, markup=False)
+    console.print(result.text, highlight=False, markup=False)
+    s = result.stats
+    console.print(
+        f"[dim]{s.generated_tokens} tokens, {s.tokens_per_second:.1f} tok/s, acceptance {s.acceptance_rate:.2f}, "
+        f"mean draft {s.mean_draft_length:.2f}, est. speedup {s.estimated_speedup:.2f}x, finish {result.finish_reason}[/dim]"
+    )
+
+
+def _compare(engine, prompt, params, k, verification, repeats, as_json):
+    from adasd_core.sampling import SamplingParams
+
+    specs = {
+        "ar": SpecConfig(method="ar"),
+        f"vanilla (K={k})": SpecConfig(method="vanilla", k=k),
+        "gen-only": SpecConfig(method="gen-only"),
+        f"verify-only ({verification})": SpecConfig(method="verify-only", k=k, verification=verification),
+        f"adasd ({verification})": SpecConfig(method="adasd", verification=verification),
+    }
+    runs: dict[str, list] = {name: [] for name in specs}
+    engine.generate(prompt, SamplingParams(max_tokens=8), specs["ar"])  # warm-up
+    for _ in range(repeats):  # interleaved, so machine noise hits every method alike
+        for name, spec in specs.items():
+            runs[name].append(engine.generate(prompt, params, spec).stats)
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    ar_tps = med([s.tokens_per_second for s in runs["ar"]])
+    rows = []
+    for name, stats in runs.items():
+        tps = med([s.tokens_per_second for s in stats])
+        rows.append({
+            "method": name, "tokens_per_s": round(tps, 2), "speedup_vs_ar": round(tps / ar_tps, 3) if ar_tps else 0.0,
+            "acceptance_rate": round(med([s.acceptance_rate for s in stats]), 3),
+            "mean_draft_length": round(med([s.mean_draft_length for s in stats]), 2),
+            "tokens_per_round": round(med([s.tokens_per_round for s in stats]), 2),
+            "estimated_speedup": round(med([s.estimated_speedup for s in stats]), 3),
+            "generated_tokens": stats[-1].generated_tokens,
+        })
+    if as_json:
+        print(json.dumps({"prompt": prompt, "repeats": repeats, "target_step_s": engine.target_step_s, "rows": rows}))
+        return
+    table = Table(title=f"median of {repeats} interleaved runs; one target step = {engine.target_step_s * 1e3:.2f} ms")
+    for col in ("method", "tok/s", "vs ar", "accept", "draft len", "tok/round", "est. speedup"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        table.add_row(r["method"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_ar']:.2f}x", f"{r['acceptance_rate']:.2f}",
+                      f"{r['mean_draft_length']:.2f}", f"{r['tokens_per_round']:.2f}", f"{r['estimated_speedup']:.2f}x")
+    console.print(table)
+
+
+@app.command("build-demo")
+def build_demo(
+    out: Path = typer.Option(None, help="Output folder (default: the package's embedded pair)."),
+    quick: bool = typer.Option(False, help="Tiny models and a few steps: checks the build path in seconds."),
+    seed: int = typer.Option(0),
+    force: bool = typer.Option(False, help="Rebuild stages whose outputs exist."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only (re)compute the report."),
+):
+    """Train the embedded demo pair (tokenizer, target, distilled draft) from the standard library."""
+    from adasd_core.demo.build import DEMO_DIR, BuildConfig, build
+
+    cfg = BuildConfig.quick(seed) if quick else BuildConfig(seed=seed)
+    stages = ("report",) if report_only else ("tokenizer", "target", "draft", "report")
+    log = build(out or DEMO_DIR, cfg, force=force, stages=stages)
+    report = log.get("report", {})
+    console.print_json(json.dumps({k: v for k, v in report.items() if k != "samples"}))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,38 @@
+import json
+
+from typer.testing import CliRunner
+
+from adasd_core.cli import app
+
+runner = CliRunner()
+
+
+def _models(d):
+    return ["--target", str(d / "target"), "--draft", str(d / "draft"), "--device", "cpu"]
+
+
+def test_generate_json(quick_pair_dir):
+    result = runner.invoke(app, ["generate", "def f(x):", "--max-tokens", "12", "--json", *_models(quick_pair_dir)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(out) == {"text", "token_ids", "finish_reason", "stats"}
+    assert len(out["token_ids"]) == out["stats"]["generated_tokens"] <= 12
+    for key in ("rounds", "drafted_tokens", "accepted_standard", "accepted_relaxed", "bonus_tokens", "target_forwards",
+                "draft_forwards", "mean_draft_length", "acceptance_rate", "time_draft_s", "time_verify_s",
+                "time_other_s", "estimated_speedup", "entropy_threshold"):
+        assert key in out["stats"]
+
+
+def test_generate_compare(quick_pair_dir):
+    result = runner.invoke(app, ["generate", "import os", "--max-tokens", "8", "--compare", "--repeats", "1", "--json",
+                                 *_models(quick_pair_dir)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["method"].split()[0] for r in rows] == ["ar", "vanilla", "gen-only", "verify-only", "adasd"]
+
+
+def test_generate_bad_input_is_a_clear_error(quick_pair_dir):
+    result = runner.invoke(app, ["generate", "x", "--method", "nope", *_models(quick_pair_dir)])
+    assert result.exit_code == 2 and "unknown method" in result.output
+    result = runner.invoke(app, ["generate", "", *_models(quick_pair_dir)])
+    assert result.exit_code == 2 and "empty" in result.output
