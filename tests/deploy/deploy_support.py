@@ -136,6 +136,53 @@ def localize_cmd(cmd: list[str], port: int) -> list[str]:
     return cmd
 
 
+# --------------------------------------------------------------------------- build context
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern:
+    pattern = pattern.strip().strip("/")
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern that matches the path or one of its parent folders wins."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        regex = _dockerignore_regex(pattern[1:] if negate else pattern)
+        if any(regex.fullmatch(p) for p in prefixes):
+            excluded = not negate
+    return excluded
+
+
+def checkout_files() -> list[str]:
+    """The files of a clean checkout (tracked, or new and not ignored by git)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, text=True, cwd=REPO, check=True).stdout.split("\0")
+    return sorted(p for p in listed if p and (REPO / p).is_file())
+
+
+def build_context_files() -> list[str]:
+    """The files `docker build .` sends from a clean checkout, after .dockerignore."""
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+    return [p for p in checkout_files() if not dockerignore_excludes(p, patterns)]
+
+
 # --------------------------------------------------------------------------- live server
 
 

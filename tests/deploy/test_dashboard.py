@@ -66,6 +66,13 @@ def test_dashboard_is_well_formed():
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
             refs = [t["refId"] for t in panel["targets"]]
             assert len(refs) == len(set(refs)), panel["title"]
+    cells = {}
+    for panel in d["panels"]:
+        pos = panel["gridPos"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert variables["datasource"]["query"] == "prometheus"
     assert "model_name" in variables["model"]["definition"]
