@@ -120,3 +120,29 @@ def test_missing_demo_message(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "DEMO_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="adasd build-demo"):
         models.resolve_model_path("demo", "target")
+
+
+def test_tokenizer_without_pad_or_eos(quick_pair_dir, caplog):
+    from transformers import AutoTokenizer
+
+    from adasd_core.models import _eos_ids, _fix_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(quick_pair_dir / "target")
+    tok.pad_token = None
+    _fix_tokenizer(tok)
+    assert tok.pad_token_id == tok.eos_token_id
+
+    tok.eos_token = None
+    tok.pad_token = None
+    with caplog.at_level("WARNING"):
+        _fix_tokenizer(tok)
+    assert "no EOS token" in caplog.text
+
+    class Cfg:
+        eos_token_id = [7, 9]
+
+    class Model:
+        generation_config = Cfg()
+        config = type("C", (), {"eos_token_id": 3})()
+
+    assert _eos_ids(Model(), tok) == {3, 7, 9}  # a list in generation_config (Llama 3 style) counts too
