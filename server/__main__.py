@@ -1,0 +1,71 @@
+"""`python -m server [flags]`: the same as `adasd serve [flags]`.
+
+Settings precedence: command-line flags > ADASD_* environment variables > YAML (--config or
+$ADASD_CONFIG) > defaults. Every setting has a flag named after it (max_running -> --max-running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+from server.settings import CONFIG_ENV, Settings
+
+HELP = {
+    "target": "target model: 'demo', a hub id or a local folder",
+    "draft": "draft model: 'demo', a hub id, a local folder, or 'none' (method ar only)",
+    "served_model_name": "model id clients send (default: adasd-demo for the demo, else the target id)",
+    "device": "auto | cpu | cuda | cuda:N | mps",
+    "dtype": "auto | float32 | bfloat16 | float16",
+    "device_map": "'auto' to spread a large target over several GPUs",
+    "method": "default method: ar | vanilla | gen-only | verify-only | adasd",
+    "k": "draft length for vanilla / verify-only",
+    "verification": "relaxed check: bayes | threshold | none",
+    "max_model_len": "cap the context length",
+    "api_key": "require `Authorization: Bearer KEY` on /v1/* (prefer ADASD_API_KEY: flags show in ps)",
+    "max_queue": "generations that may wait for a slot before requests get 429",
+    "max_running": "generations the worker interleaves",
+    "max_body_bytes": "largest request body (413 beyond)",
+    "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="adasd serve",
+        description="OpenAI-compatible server with adaptive speculative decoding. Settings precedence: "
+                    "flags > ADASD_* environment variables > YAML config > defaults.",
+    )
+    p.add_argument("--config", default=None, help=f"YAML file of flat settings (or ${CONFIG_ENV})")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = "" if field.default is None else f" (default: {field.default})"
+        help_text = HELP.get(name, name.replace("_", " ")) + default
+        if field.annotation is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+    return p
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    args = vars(parser().parse_args(argv))
+    config = args.pop("config")
+    return Settings.load(config, **args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = settings_from_args(argv)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"adasd serve: invalid settings:\n{exc}", file=sys.stderr)
+        raise SystemExit(2)
+    from server.app import run
+
+    run(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""The front end's side of the worker: start and supervise it, submit, stream and cancel requests.
+
+A reader thread per worker receives its messages and hands them to the event loop
+(call_soon_threadsafe); a sender thread writes submits and cancels, so a large prompt never blocks
+the loop. Each HTTP request becomes a RequestGroup of one or more generations (prompts x n) whose
+outputs arrive on one asyncio queue. If the worker dies, every in-flight generation fails with a
+503 and a new worker is started (after a first successful load; a first load that fails stops
+the server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from adasd_core.errors import AdasdError, InvalidRequestError
+from server import worker as worker_module
+from server.errors import EngineDeadError, InternalError, QueueFullError, ServiceUnavailableError
+from server.metrics import AdasdMetrics
+from server.settings import Settings
+
+log = logging.getLogger("adasd.server")
+
+MAX_RESTART_DELAY_S = 30.0
+
+
+@dataclass
+class SubRequest:
+    prompt_ids: list[int]
+    params: Any  # SamplingParams
+    spec: Any  # SpecConfig
+
+
+@dataclass
+class TokenDelta:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list | None  # [(token, logprob, [(token, logprob), ...]), ...]
+
+
+@dataclass
+class Finished:
+    status: str  # success | cancelled
+    stats: dict | None
+
+
+@dataclass
+class Failed:
+    error: AdasdError
+
+
+Output = TokenDelta | Finished | Failed
+
+
+@dataclass
+class _Slot:
+    """One generation in flight."""
+
+    rid: str
+    group: "RequestGroup"
+    index: int
+    method: str
+    arrival: float
+    state: str = "waiting"  # waiting | running
+    last_token_at: float | None = None
+    cancelled: bool = False
+
+
+class RequestGroup:
+    """The generations of one HTTP request; iterate for (index, Output) until all have ended."""
+
+    def __init__(self, client: "EngineClient", size: int):
+        self.client = client
+        self.size = size
+        self.slots: list[_Slot] = []
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
+        self.ended = 0
+
+    def put(self, index: int, out: Output) -> None:
+        self.queue.put_nowait((index, out))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Output]]:
+        while self.ended < self.size:
+            index, out = await self.queue.get()
+            if not isinstance(out, TokenDelta):
+                self.ended += 1
+            yield index, out
+
+    def abort(self) -> None:
+        """Cancel the generations that have not ended (no-op for the others)."""
+        for slot in self.slots:
+            self.client.cancel(slot)
+
+
+@dataclass
+class _WorkerHandle:
+    proc: Any  # multiprocessing.Process
+    conn: Any  # multiprocessing.connection.Connection
+    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+
+class EngineClient:
+    def __init__(self, settings: Settings, metrics: AdasdMetrics, on_fatal: Callable[[str], None] | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        self.on_fatal = on_fatal
+        self.state = "starting"  # starting | ready | restarting | failed | stopping
+        self.info: dict | None = None  # from the worker's "ready" message
+        self.last_error: str | None = None
+        self._worker: _WorkerHandle | None = None
+        self._slots: dict[str, _Slot] = {}
+        self._ever_ready = False
+        self._restarts = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._restart_task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self._worker.pid if self._worker else None
+
+    @property
+    def capacity(self) -> int:
+        return self.settings.max_running + self.settings.max_queue
+
+    def check_ready(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "stopping":
+            raise ServiceUnavailableError("the server is shutting down", code="shutting_down")
+        if self.state == "failed":
+            raise ServiceUnavailableError(f"the worker failed to start: {self.last_error}", code="worker_failed")
+        what = "restarting" if self.state == "restarting" else "loading the models"
+        raise ServiceUnavailableError(f"the worker is {what}; retry shortly (GET /ready says when it is up)")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        handle = await asyncio.to_thread(self._start_process)
+        self._worker = handle
+        log.info("started worker pid %s", handle.pid)
+        threading.Thread(target=self._read, args=(handle,), name=f"adasd-reader-{handle.pid}", daemon=True).start()
+        threading.Thread(target=self._send, args=(handle,), name=f"adasd-sender-{handle.pid}", daemon=True).start()
+
+    def _start_process(self) -> _WorkerHandle:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=worker_module.main, args=(self.settings.model_dump(), child),
+                           name="adasd-worker", daemon=True)
+        proc.start()
+        child.close()  # so the parent sees EOF when the worker dies
+        return _WorkerHandle(proc, parent)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new requests, do not restart the worker; in-flight ones go on."""
+        if self.state != "failed":
+            self.state = "stopping"
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        self.state = "stopping"
+        if self._restart_task:
+            self._restart_task.cancel()
+        handle, self._worker = self._worker, None
+        if handle is not None:
+            handle.outbox.put(("shutdown",))
+            await asyncio.to_thread(handle.proc.join, timeout)
+            if handle.proc.is_alive():
+                log.warning("worker pid %s did not exit in %.0fs; killing it", handle.pid, timeout)
+                handle.proc.kill()
+                await asyncio.to_thread(handle.proc.join, 5)
+            handle.outbox.put(None)
+        self.metrics.worker_up.set(0)
+        self._fail_all(ServiceUnavailableError("the server shut down before this request finished", code="shutting_down"))
+
+    # ------------------------------------------------------------------ threads
+
+    def _read(self, handle: _WorkerHandle) -> None:
+        try:
+            while True:
+                msg = handle.conn.recv()
+                self._call(self._on_message, handle, msg)
+        except (EOFError, OSError):
+            pass
+        except Exception:  # a message that cannot be unpickled: treat the worker as broken
+            log.exception("bad message from worker pid %s", handle.pid)
+            handle.proc.kill()
+        handle.proc.join()
+        self._call(self._on_exit, handle)
+
+    def _send(self, handle: _WorkerHandle) -> None:
+        while True:
+            msg = handle.outbox.get()
+            if msg is None:
+                return
+            try:
+                handle.conn.send(msg)
+            except (OSError, EOFError, ValueError):
+                return
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, subs: list[SubRequest], method: str) -> RequestGroup:
+        """Queue a request's generations, or refuse all of them (503 not ready, 429 queue full)."""
+        self.check_ready()
+        if len(subs) > self.capacity:
+            raise InvalidRequestError(
+                f"this request needs {len(subs)} generations (prompts x n) but the server holds at most "
+                f"{self.capacity} at once (max_running + max_queue); send fewer", param="n")
+        if len(self._slots) + len(subs) > self.capacity:
+            for _ in subs:
+                self.metrics.observe_request(method, "rejected", None)
+            raise QueueFullError(f"the request queue is full ({len(self._slots)} generations in flight, "
+                                 f"capacity {self.capacity}); retry later")
+        group = RequestGroup(self, len(subs))
+        now = time.monotonic()
+        for i, sub in enumerate(subs):
+            slot = _Slot(uuid.uuid4().hex, group, i, method, now)
+            self._slots[slot.rid] = slot
+            group.slots.append(slot)
+            self._worker.outbox.put(("submit", slot.rid, sub.prompt_ids, sub.params, sub.spec, now))
+        self._update_gauges()
+        return group
+
+    def cancel(self, slot: _Slot) -> None:
+        if slot.rid in self._slots and not slot.cancelled and self._worker is not None:
+            slot.cancelled = True
+            self._worker.outbox.put(("cancel", slot.rid))
+
+    # ------------------------------------------------------------------ worker messages (event loop)
+
+    def _on_message(self, handle: _WorkerHandle, msg: tuple) -> None:
+        if handle is not self._worker:
+            return  # from a worker that has been replaced
+        kind = msg[0]
+        if kind == "ready":
+            self.info = msg[1]
+            self.state = "ready" if self.state != "stopping" else self.state
+            self._ever_ready, self._restarts = True, 0
+            self.metrics.worker_up.set(1)
+            log.info("worker pid %s ready (context %s tokens)", handle.pid, self.info["context_length"])
+            return
+        if kind == "fatal":
+            self.last_error = msg[1]
+            return
+        slot = self._slots.get(msg[1])
+        if slot is None:
+            return
+        if kind == "started":
+            slot.state = "running"
+            self.metrics.queue_time.observe(msg[2])
+            self._update_gauges()
+        elif kind == "delta":
+            _, _, text, token_ids, finish_reason, logprobs = msg
+            self._observe_tokens(slot, len(token_ids))
+            slot.group.put(slot.index, TokenDelta(text, token_ids, finish_reason, logprobs))
+        elif kind == "done":
+            _, _, status, stats = msg
+            self._release(slot)
+            if status == "success":
+                self.metrics.e2e.observe(time.monotonic() - slot.arrival)
+            self.metrics.observe_request(slot.method, status, stats)
+            slot.group.put(slot.index, Finished(status, stats))
+        elif kind == "error":
+            _, _, status_code, message, param, code = msg
+            self._release(slot)
+            self.metrics.observe_request(slot.method, "error", None)
+            slot.group.put(slot.index, Failed(_worker_error(status_code, message, param, code)))
+        else:
+            log.error("unknown worker message %r", kind)
+
+    def _observe_tokens(self, slot: _Slot, n: int) -> None:
+        if not n:
+            return
+        now = time.monotonic()
+        if slot.last_token_at is None:
+            self.metrics.ttft.observe(now - slot.arrival)
+        else:
+            gap = (now - slot.last_token_at) / n
+            for _ in range(n):
+                self.metrics.itl.observe(gap)
+        slot.last_token_at = now
+
+    def _on_exit(self, handle: _WorkerHandle) -> None:
+        handle.outbox.put(None)
+        if handle is not self._worker:
+            return
+        self._worker = None
+        self.info = None
+        self.metrics.worker_up.set(0)
+        code = handle.proc.exitcode
+        self._fail_all(EngineDeadError())
+        if self.state == "stopping":
+            return
+        if not self._ever_ready:
+            self.state = "failed"
+            self.last_error = self.last_error or f"the worker exited with code {code} while loading"
+            log.error("worker pid %s failed to start: %s", handle.pid, self.last_error)
+            if self.on_fatal:
+                self.on_fatal(self.last_error)
+            return
+        self.state = "restarting"
+        log.error("worker pid %s exited with code %s; restarting it", handle.pid, code)
+        self._restart_task = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        while self.state == "restarting":
+            delay = min(MAX_RESTART_DELAY_S, 0.5 * 2 ** self._restarts)
+            self._restarts += 1
+            await asyncio.sleep(delay)
+            if self.state != "restarting":
+                return
+            try:
+                await self._spawn()
+                return
+            except Exception:
+                log.exception("could not start a new worker; retrying")
+
+    def _release(self, slot: _Slot) -> None:
+        self._slots.pop(slot.rid, None)
+        self._update_gauges()
+
+    def _fail_all(self, error: AdasdError) -> None:
+        for slot in list(self._slots.values()):
+            self._release(slot)
+            self.metrics.observe_request(slot.method, "cancelled" if slot.cancelled else "error", None)
+            slot.group.put(slot.index, Failed(error))
+
+    def _update_gauges(self) -> None:
+        running = sum(1 for s in self._slots.values() if s.state == "running")
+        self.metrics.running.set(running)
+        self.metrics.waiting.set(len(self._slots) - running)
+
+
+def _worker_error(status_code: int, message: str, param: str | None, code: str | None) -> AdasdError:
+    if status_code >= 500:
+        return InternalError(message)
+    err = InvalidRequestError(message, param=param, code=code)
+    err.status_code = status_code
+    return err

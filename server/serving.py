@@ -1,0 +1,235 @@
+"""What both endpoints share: model and readiness checks, the tokenizer, request -> SamplingParams
+and SpecConfig, length checks, usage with speculative statistics, SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from typing import Any, Awaitable, TypeVar
+
+from fastapi import Request
+
+from adasd_core.errors import AdasdError, ContextLengthError, InvalidRequestError
+from adasd_core.stats import GenerationStats
+from server.engine_client import EngineClient
+from server.errors import ModelNotFoundError, ServiceUnavailableError, UnsupportedError, error_dict
+from server.protocol import AdasdOptions, SamplingFields, UsageInfo
+from server.settings import Settings
+
+log = logging.getLogger("adasd.server")
+
+T = TypeVar("T")
+
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def load_tokenizer(settings: Settings):
+    from transformers import AutoTokenizer
+
+    from adasd_core.models import _fix_tokenizer, resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings.target, "target"),
+                                              trust_remote_code=settings.trust_remote_code)
+    _fix_tokenizer(tokenizer)
+    return tokenizer
+
+
+class Tokenizer:
+    """The target's tokenizer in the front end. Calls run on one thread, off the event loop."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.tokenizer = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="adasd-tokenizer")
+
+    async def load(self) -> None:
+        self.tokenizer = await self._run(load_tokenizer, self.settings)
+
+    @property
+    def loaded(self) -> bool:
+        return self.tokenizer is not None
+
+    def _run(self, fn, *args) -> Awaitable:
+        return asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self._run(lambda: self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    async def decode(self, ids: list[int]) -> str:
+        return await self._run(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
+        def render() -> list[int]:
+            template = None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+            try:
+                text = self.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                          tokenize=False)
+            except Exception as exc:  # a template that raises on these messages (e.g. role order)
+                raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        return await self._run(render)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class OpenAIServing:
+    def __init__(self, settings: Settings, client: EngineClient, tokenizer: Tokenizer):
+        self.settings = settings
+        self.client = client
+        self.tokenizer = tokenizer
+        self.model_name = settings.served_model_name
+
+    # ------------------------------------------------------------------ checks
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ModelNotFoundError(model, self.model_name)
+
+    def check_ready(self) -> None:
+        self.client.check_ready()
+        if not self.tokenizer.loaded:
+            raise ServiceUnavailableError("the tokenizer is still loading; retry shortly")
+
+    def check_unsupported(self, request: SamplingFields) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(request, name):
+                raise UnsupportedError(name, f"{name} (non-zero)")
+        if request.logit_bias:
+            raise UnsupportedError("logit_bias")
+
+    @property
+    def context_length(self) -> int:
+        return self.client.info["context_length"]
+
+    def check_prompt(self, ids: list[int], max_tokens: int | None, param: str = "prompt") -> int:
+        """Validate a tokenized prompt; returns max_tokens (None: up to the context)."""
+        if not ids:
+            raise InvalidRequestError(f"the {param} is empty: send at least one token", param=param)
+        vocab = self.client.info["vocab_size"]
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
+        context, n = self.context_length, len(ids)
+        if n >= context:
+            raise ContextLengthError(f"the {param} has {n} tokens but this model's context is {context} tokens "
+                                     f"and at least one must be left for the completion; shorten it", param=param)
+        if max_tokens is None:
+            return context - n
+        if n + max_tokens > context:
+            raise ContextLengthError(f"this model's context is {context} tokens, but the {param} has {n} and "
+                                     f"max_tokens is {max_tokens} ({n + max_tokens} in all); shorten the {param} "
+                                     f"or lower max_tokens", param="max_tokens")
+        return max_tokens
+
+    # ------------------------------------------------------------------ engine parameters
+
+    def spec_config(self, opts: AdasdOptions | None):
+        from adasd_core.engine import SpecConfig
+
+        s = self.settings
+        opts = opts or AdasdOptions()
+        try:
+            return SpecConfig(method=opts.method or s.method, k=opts.k if opts.k is not None else s.k,
+                              verification=opts.verification or s.verification)
+        except AdasdError as exc:
+            exc.param = f"adasd.{exc.param}" if exc.param else "adasd"
+            raise
+
+    def sampling_params(self, request: SamplingFields, max_tokens: int, logprobs: int | None, choice: int):
+        from adasd_core.sampling import SamplingParams
+
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        seed = request.seed + choice if request.seed is not None else None  # n > 1: distinct, reproducible
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=max(0, request.top_k or 0),
+            seed=seed,
+            stop=stop,
+            ignore_eos=request.ignore_eos,
+            logprobs=logprobs,
+        )
+
+
+# ---------------------------------------------------------------------------- usage
+
+
+def merge_stats(stats: list[dict]) -> dict[str, Any]:
+    """GenerationStats dicts of several choices -> one dict of the same shape (counts summed)."""
+    if len(stats) == 1:
+        return stats[0]
+    names = {f.name for f in fields(GenerationStats)} - {"trace"}
+    total = GenerationStats(method=stats[0].get("method", ""))
+    for s in stats:
+        for name in names:
+            value = s.get(name)
+            if name in ("method", "target_step_s", "entropy_threshold", "js_threshold") or value is None:
+                continue
+            if isinstance(value, list):
+                acc = getattr(total, name)
+                acc.extend([0] * (len(value) - len(acc)))
+                for i, v in enumerate(value):
+                    acc[i] += v
+            else:
+                setattr(total, name, (getattr(total, name) or 0) + value)
+    last = stats[-1]
+    total.target_step_s = last.get("target_step_s", 0.0)
+    total.entropy_threshold, total.js_threshold = last.get("entropy_threshold"), last.get("js_threshold")
+    out = total.to_dict()
+    out["choices"] = len(stats)
+    return out
+
+
+def make_usage(prompt_tokens: int, stats: list[dict | None]) -> UsageInfo:
+    done = [s for s in stats if s]
+    completion = sum(s.get("generated_tokens", 0) for s in done)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion,
+                     speculative=merge_stats(done) if done else None)
+
+
+# ---------------------------------------------------------------------------- SSE and disconnects
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(exc: AdasdError) -> str:
+    return sse(error_dict(exc))
+
+
+async def _wait_disconnect(raw_request: Request) -> None:
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def cancel_on_disconnect(raw_request: Request, coro: Awaitable[T]) -> T | None:
+    """Await `coro`, cancelling it if the client goes away first (its cleanup cancels the generations)."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_disconnect(raw_request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    log.info("client disconnected from %s; request cancelled", raw_request.url.path)
+    return None

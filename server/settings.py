@@ -1,0 +1,134 @@
+"""Server settings: one flat model read from, in order of precedence,
+
+    command-line flags  >  ADASD_* environment variables  >  YAML file  >  defaults
+
+The YAML file is named by `--config` or by the ADASD_CONFIG environment variable; it uses exactly
+the flat keys below (configs/*.yaml). Unknown keys are an error, so a typo does not pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from adasd_core.drafting import WINDOW
+
+CONFIG_ENV = "ADASD_CONFIG"
+DEMO_SERVED_NAME = "adasd-demo"
+
+# mirrors adasd_core.engine.METHODS / VERIFICATIONS (kept here so settings load without torch;
+# tests/server/test_settings.py checks they agree)
+Method = Literal["ar", "vanilla", "gen-only", "verify-only", "adasd"]
+Verification = Literal["bayes", "threshold", "none"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+_yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_data", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADASD_", extra="forbid", validate_default=True)
+
+    # models
+    target: str = "demo"
+    draft: str | None = "demo"
+    served_model_name: str | None = None  # default: "adasd-demo" for the demo pair, else the target id
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: Literal["auto"] | None = None
+    trust_remote_code: bool = False
+    max_model_len: int | None = Field(None, ge=2)
+    # speculative decoding defaults (a request may override them in its `adasd` object)
+    method: Method = "adasd"
+    k: int = Field(5, ge=1, le=WINDOW)
+    verification: Verification = "bayes"
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    max_queue: int = Field(64, ge=0)  # requests waiting for a slot beyond the running ones
+    max_running: int = Field(8, ge=1)  # generations the worker interleaves
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    shutdown_timeout: float = Field(30.0, ge=0)
+    log_level: LogLevel = "info"
+
+    @field_validator("draft", "served_model_name", "device_map", "api_key", "max_model_len", mode="before")
+    @classmethod
+    def _none_words(cls, v: Any) -> Any:
+        # lets env vars and flags say "none": ADASD_DRAFT=none serves the target alone
+        if isinstance(v, str) and v.strip().lower() in ("", "none", "null"):
+            return None
+        return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "Settings":
+        if self.served_model_name is None:
+            self.served_model_name = DEMO_SERVED_NAME if self.target == "demo" else self.target
+        if self.draft is None and self.method != "ar":
+            raise ValueError(f"method {self.method!r} needs a draft model: set `draft` or use method 'ar'")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        data = _yaml_data.get()
+        if data:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=data))
+        return tuple(sources)
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "Settings":
+        """Settings from a YAML file; `overrides` (command-line flags) and ADASD_* env vars win."""
+        token = _yaml_data.set(read_yaml(path))
+        try:
+            return cls(**_given(overrides))
+        finally:
+            _yaml_data.reset(token)
+
+    @classmethod
+    def load(cls, config: str | os.PathLike | None = None, **overrides: Any) -> "Settings":
+        """What `adasd serve` uses: `config` (or $ADASD_CONFIG) if any, then env, then flags.
+
+        Overrides whose value is None (flags not given) are ignored.
+        """
+        path = config or os.environ.get(CONFIG_ENV)
+        if path:
+            return cls.from_yaml(path, **overrides)
+        return cls(**_given(overrides))
+
+    @property
+    def is_demo(self) -> bool:
+        return self.target == "demo"
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(p)!r} must be a mapping of flat keys (target: ..., port: ...)")
+    return data
+
+
+def _given(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in overrides.items() if v is not None}

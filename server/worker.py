@@ -1,0 +1,232 @@
+"""The worker process: loads the target and draft once and runs the speculative loop.
+
+It talks to the front end over one duplex multiprocessing pipe, with tuples:
+
+    front end -> worker                         worker -> front end
+    ("submit", rid, prompt_ids, params, spec,   ("ready", info)            loaded; info has pid, context...
+               submitted_at)                    ("fatal", message)         could not load; exits
+    ("cancel", rid)                             ("started", rid, queue_s)  admitted to the running set
+    ("shutdown",)                               ("delta", rid, text, token_ids, finish_reason, logprobs)
+                                                ("done", rid, status, stats)    status: success | cancelled
+                                                ("error", rid, status_code, message, param, code)
+
+Every submitted rid ends with exactly one "done" or "error". The loop admits waiting requests up to
+`max_running`, then runs one round for each running request in turn (round-robin), then reads
+the pipe again, so a cancel stops its request within one round. `step_all` is the one place that
+runs rounds: a batched engine step can replace its per-request loop without touching the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from adasd_core.errors import AdasdError
+
+log = logging.getLogger("adasd.worker")
+
+POLL_IDLE_S = 0.5
+
+
+@dataclass
+class Request:
+    """One generation as the worker sees it."""
+
+    rid: str
+    prompt_ids: list[int]
+    params: Any  # adasd_core.sampling.SamplingParams
+    spec: Any  # adasd_core.engine.SpecConfig
+    submitted_at: float  # time.monotonic() in the front end (one clock per host)
+    gen: Any = None  # adasd_core.engine.Generation once admitted
+
+
+def step_all(gens: list) -> list:
+    """One round for each generation: a Delta, or the exception that round raised."""
+    out = []
+    for gen in gens:
+        try:
+            out.append(gen.step())
+        except Exception as exc:  # one broken request must not take the others down
+            out.append(exc)
+    return out
+
+
+class TokenText:
+    """Token ids -> display strings for logprobs (cached; the vocabulary is small and reused)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self.cache.get(token_id)
+        if s is None:
+            s = self.cache[token_id] = self.tokenizer.decode([token_id])
+        return s
+
+    def payload(self, logprobs) -> list | None:
+        if logprobs is None:
+            return None
+        return [(self(lp.token_id), lp.logprob, [(self(t), v) for t, v in lp.top]) for lp in logprobs]
+
+
+class Worker:
+    def __init__(self, engine, conn, max_running: int):
+        self.engine = engine
+        self.conn = conn
+        self.max_running = max_running
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, Request] = {}  # insertion order is the round-robin order
+        self.token_text = TokenText(engine.pair.tokenizer)
+        self.stopping = False
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        while not self.stopping:
+            busy = bool(self.running or self.waiting)
+            self.poll(0.0 if busy else POLL_IDLE_S)
+            if self.stopping:
+                break
+            self.admit()
+            if self.running:
+                self.step(list(self.running.values()))
+        self.cancel_all()
+
+    def poll(self, timeout: float) -> None:
+        """Handle every message already in the pipe (waiting up to `timeout` for the first)."""
+        try:
+            while self.conn.poll(timeout):
+                self.handle(self.conn.recv())
+                timeout = 0.0
+        except (EOFError, OSError):  # the front end is gone
+            self.stopping = True
+
+    def handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "submit":
+            _, rid, prompt_ids, params, spec, submitted_at = msg
+            self.waiting.append(Request(rid, prompt_ids, params, spec, submitted_at))
+        elif kind == "cancel":
+            self.cancel(msg[1])
+        elif kind == "shutdown":
+            self.stopping = True
+        else:
+            log.error("unknown message %r", kind)
+
+    def admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_running:
+            req = self.waiting.popleft()
+            try:
+                req.gen = self.engine.start(req.prompt_ids, req.params, req.spec)  # prefill
+            except AdasdError as exc:
+                self.send("error", req.rid, exc.status_code, exc.message, exc.param, exc.code)
+                continue
+            except Exception:
+                log.exception("request %s failed to start", req.rid)
+                self.send("error", req.rid, 500, "internal error in the worker (see the server log)", None, "internal_error")
+                continue
+            self.send("started", req.rid, max(0.0, time.monotonic() - req.submitted_at))
+            self.running[req.rid] = req
+
+    def step(self, batch: list[Request]) -> None:
+        results = step_all([req.gen for req in batch])
+        for req, result in zip(batch, results):
+            if isinstance(result, BaseException):
+                log.error("request %s failed", req.rid, exc_info=result)
+                self.finish(req)
+                self.send("error", req.rid, 500, "internal error in the worker (see the server log)", None, "internal_error")
+                continue
+            self.send("delta", req.rid, result.text, result.token_ids, result.finish_reason,
+                      self.token_text.payload(result.logprobs))
+            if req.gen.finished:
+                self.finish(req)
+                self.send("done", req.rid, "success", req.gen.stats.to_dict())
+
+    # ------------------------------------------------------------------ endings
+
+    def finish(self, req: Request) -> None:
+        self.running.pop(req.rid, None)
+        req.gen.close()
+
+    def cancel(self, rid: str) -> None:
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self.send("done", rid, "cancelled", None)
+                return
+        req = self.running.get(rid)
+        if req is not None:  # an unknown rid has already finished
+            self.finish(req)
+            self.send("done", rid, "cancelled", req.gen.stats.to_dict())
+
+    def cancel_all(self) -> None:
+        for rid in [r.rid for r in self.waiting] + list(self.running):
+            self.cancel(rid)
+
+    def send(self, *msg) -> None:
+        try:
+            self.conn.send(msg)
+        except (BrokenPipeError, EOFError, OSError):
+            self.stopping = True
+
+
+# ---------------------------------------------------------------------------- process entry
+
+
+def load_engine(settings: dict):
+    from adasd_core.engine import SpecConfig, SpeculativeEngine
+    from adasd_core.models import load_pair
+
+    pair = load_pair(
+        target=settings["target"], draft=settings["draft"], device=settings["device"], dtype=settings["dtype"],
+        device_map=settings["device_map"], trust_remote_code=settings["trust_remote_code"],
+        max_model_len=settings["max_model_len"],
+    )
+    spec = SpecConfig(method=settings["method"], k=settings["k"], verification=settings["verification"])
+    return SpeculativeEngine(pair, default_spec=spec)
+
+
+def main(settings: dict, conn) -> None:
+    """Process entry point (multiprocessing, spawn start method)."""
+    # the front end orchestrates shutdown; a Ctrl-C or SIGTERM to the process group must not
+    # kill the worker under requests that are still draining
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=settings["log_level"].upper() if settings["log_level"] != "trace" else "DEBUG",
+                        format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(message)s")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        t0 = time.perf_counter()
+        engine = load_engine(settings)
+    except BaseException as exc:
+        log.exception("could not load the models")
+        try:
+            conn.send(("fatal", f"could not load the models: {type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+        return
+    pair = engine.pair
+    info = {
+        "pid": os.getpid(),
+        "context_length": pair.context_length,
+        "vocab_size": pair.vocab_size,
+        "device": str(pair.device),
+        "dtype": str(pair.dtype).removeprefix("torch."),
+        "target_step_s": engine.target_step_s,
+        "load_s": round(time.perf_counter() - t0, 3),
+    }
+    log.info("loaded target=%s draft=%s on %s in %.1fs", settings["target"], settings["draft"], info["device"], info["load_s"])
+    try:
+        conn.send(("ready", info))
+    except OSError:
+        return
+    Worker(engine, conn, settings["max_running"]).run()
+    conn.close()
