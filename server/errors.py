@@ -88,9 +88,11 @@ class InternalError(ServerError):
 
 
 class UnsupportedError(InvalidRequestError):
-    def __init__(self, param: str, what: str | None = None):
-        super().__init__(f"{what or param} is not supported by this server; omit it or send its neutral value",
-                         param=param, code="unsupported_parameter")
+    """A field OpenAI defines that this server cannot honour (at a non-neutral value)."""
+
+    def __init__(self, param: str, message: str | None = None):
+        super().__init__(message or f"{param} is not supported by this server: omit it", param=param,
+                         code="unsupported_parameter")
 
 
 def error_body(status: int, message: str, type_: str | None = None, param: str | None = None,
@@ -116,6 +118,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
+    loc0 = next((str(x) for x in first.get("loc", ()) if x != "body"), None)
+    if loc0 == "prompt" and len(first.get("loc", ())) <= 3:  # the union's members each complain: say it once
+        return "prompt: must be a string, a list of strings, a list of token ids or a list of token-id lists", "prompt"
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON ({detail})".replace(" ()", ""), None
@@ -130,7 +135,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         if err.get("type") == "missing":
             msg = "this field is required"
         elif err.get("type") == "model_attributes_type" and not name:
-            msg = "the request body must be a JSON object"
+            msg = "the request body must be a JSON object (sent with Content-Type: application/json)"
         parts.append(f"{name}: {msg}" if name else msg)
     return "; ".join(dict.fromkeys(parts)), param
 

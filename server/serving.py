@@ -101,7 +101,7 @@ class OpenAIServing:
     def check_unsupported(self, request: SamplingFields) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(request, name):
-                raise UnsupportedError(name, f"{name} (non-zero)")
+                raise UnsupportedError(name, f"{name} is not supported by this server: send 0 or omit it")
         if request.logit_bias:
             raise UnsupportedError("logit_bias")
 
@@ -110,22 +110,22 @@ class OpenAIServing:
         return self.client.info["context_length"]
 
     def check_prompt(self, ids: list[int], max_tokens: int | None, param: str = "prompt") -> int:
-        """Validate a tokenized prompt; returns max_tokens (None: up to the context)."""
+        """Validate a tokenized prompt (from the field `param`); returns max_tokens (None: up to the context)."""
         if not ids:
-            raise InvalidRequestError(f"the {param} is empty: send at least one token", param=param)
+            raise InvalidRequestError("the prompt is empty: send at least one token", param=param)
         vocab = self.client.info["vocab_size"]
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
         context, n = self.context_length, len(ids)
         if n >= context:
-            raise ContextLengthError(f"the {param} has {n} tokens but this model's context is {context} tokens "
+            raise ContextLengthError(f"the prompt has {n} tokens but this model's context is {context} tokens "
                                      f"and at least one must be left for the completion; shorten it", param=param)
         if max_tokens is None:
             return context - n
         if n + max_tokens > context:
-            raise ContextLengthError(f"this model's context is {context} tokens, but the {param} has {n} and "
-                                     f"max_tokens is {max_tokens} ({n + max_tokens} in all); shorten the {param} "
+            raise ContextLengthError(f"this model's context is {context} tokens, but the prompt has {n} and "
+                                     f"max_tokens is {max_tokens} ({n + max_tokens} in all); shorten the prompt "
                                      f"or lower max_tokens", param="max_tokens")
         return max_tokens
 

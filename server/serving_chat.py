@@ -30,9 +30,9 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(request.model)
         self.check_unsupported(request)
         if request.tools:
-            raise UnsupportedError("tools")
+            raise UnsupportedError("tools", "tools (function calling) are not supported by this server: omit them")
         if request.response_format and request.response_format.get("type", "text") != "text":
-            raise UnsupportedError("response_format", "response_format other than text")
+            raise UnsupportedError("response_format", 'only response_format {"type": "text"} is supported')
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         self.check_ready()
@@ -122,7 +122,8 @@ def _messages(request: ChatCompletionRequest) -> list[dict]:
             parts = []
             for part in content:
                 if part.type != "text" or part.text is None:
-                    raise UnsupportedError(f"messages.{i}.content", f"content of type {part.type!r} (only text)")
+                    raise UnsupportedError(f"messages.{i}.content",
+                                           f"only text content parts are supported (got type {part.type!r})")
                 parts.append(part.text)
             content = "".join(parts)
         out.append({"role": m.role, "content": content or ""})

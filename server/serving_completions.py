@@ -20,11 +20,11 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_model(request.model)
         self.check_unsupported(request)
         if request.best_of not in (None, request.n):
-            raise UnsupportedError("best_of", "best_of (other than n)")
+            raise UnsupportedError("best_of", "best_of must equal n (or be omitted): this server returns every sample")
         if request.suffix:
             raise UnsupportedError("suffix")
         if request.echo and request.logprobs is not None:
-            raise UnsupportedError("echo", "echo together with logprobs")
+            raise UnsupportedError("echo", "echo together with logprobs is not supported: drop one of them")
         self.check_ready()
         spec = self.spec_config(request.adasd)
 
