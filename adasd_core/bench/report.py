@@ -1,0 +1,86 @@
+"""The Markdown report of `adasd bench` (bench.md), from the result dict that bench.json holds."""
+
+from __future__ import annotations
+
+COLUMNS = ("method", "tok/s", "accuracy", "vs vanilla", "vs target", "#cand", "#match", "accept", "fidelity")
+
+DEFINITIONS = """\
+- **tok/s**: generated tokens / seconds, each request timed end to end (prompt token ids in, token ids out,
+  prefill included); the median over repeats of (all prompts' tokens / all prompts' seconds).
+- **accuracy**: share of correct completions (%), scored tasks only.
+- **vs vanilla / vs target**: tok/s over vanilla SD's / over the target alone's (our loop), same task and mode.
+- **#cand / #match**: candidates drafted / candidates accepted per round (per target forward), over all requests.
+  For HF assisted generation: assistant forward calls / target forward calls, and (tokens - rounds) / rounds.
+- **accept**: accepted candidates / drafted candidates.
+- **fidelity** (greedy only): over the prompts, the share of positions i < n of the target alone's greedy output
+  (n tokens, our loop) where the row's token i equals the target's token i (positional match, token-weighted).
+  Lossless rows must show 1.00; sampled runs show -.
+"""
+
+
+def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    for r in rows:
+        cells = [
+            r["label"], _fmt(r["tokens_per_s"], ".1f"), _fmt(r["accuracy"], ".1f", "%"),
+            _fmt(r["speedup_vs_vanilla"], ".2f", "x"), _fmt(r["speedup_vs_target"], ".2f", "x"),
+            _fmt(r["cand_per_round"]), _fmt(r["match_per_round"]), _fmt(r["acceptance_rate"]),
+            _fmt(r["fidelity"], ".3f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    cfg, machine, models = result["config"], result["machine"], result["models"]
+    out = [
+        "# adasd bench",
+        "",
+        f"{result['created']}; {result['wall_s']} s in all.",
+        "",
+        f"- Models: target `{models['target']}`, draft `{models['draft']}` on {models['device']} ({models['dtype']}); "
+        f"one decode step: target {models['decode_step'].get('target_ms', '?')} ms, "
+        f"draft {models['decode_step'].get('draft_ms', '?')} ms (median)",
+        "- Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
+        f"- Greedy: temperature 0. Sampled: temperature {cfg['temperature']}, top-p 1, top-k off; "
+        "the same seed for every method on a given prompt and repeat.",
+    ]
+    for m in result["methods"]:
+        if "assistant_schedule" in m:
+            s = m["assistant_schedule"]
+            out.append(
+                f"- HF assisted generation runs transformers' defaults: num_assistant_tokens "
+                f"{s['num_assistant_tokens']}, schedule `{s['num_assistant_tokens_schedule']}`, assistant confidence "
+                f"threshold {s['assistant_confidence_threshold']} "
+                f"({'re-fitted every round' if s['confidence_threshold_adapts'] else 'fixed: scikit-learn is not installed'})"
+            )
+    out.append("")
+    for t in result["tasks"]:
+        skipped = f", {t['skipped']} skipped (too long for the context)" if t["skipped"] else ""
+        out.append(f"- Task **{t['name']}**: {t['prompts']} prompts{skipped}, up to {t['max_tokens']} new tokens, "
+                   f"{t['repeats']} repeat(s). {t['notes']}")
+    out.append("")
+    for t in result["tasks"]:
+        for mode in cfg["modes"]:
+            rows = [r for r in result["rows"] if r["task"] == t["name"] and r["mode"] == mode]
+            temp = "temperature 0" if mode == "greedy" else f"temperature {cfg['temperature']}"
+            out += [f"## {t['name']}, {mode} ({temp})", "", table(rows), ""]
+    if result["targets"]:
+        out += ["## Targets (issue 4), measured in this run", "", "| target | task | mode | value | goal | met |",
+                "|---|---|---|---:|---|---|"]
+        for t in result["targets"]:
+            value = f"{t['value']:+.2f} points" if t["target"].startswith("accuracy") else f"{t['value']:.2f}x"
+            out.append(f"| {t['target']} | {t['task']} | {t['mode']} | {value} | {t['goal']} | "
+                       f"{'yes' if t['met'] else '**no**'} |")
+        out.append("")
+    out += ["## Definitions", "", DEFINITIONS]
+    files = result.get("files", {})
+    pngs = [p for k, p in files.items() if p.endswith(".png")]
+    if pngs:
+        out += ["## Plots", ""] + [f"![{k}]({p.rsplit('/', 1)[-1]})" for k, p in files.items() if p.endswith(".png")]
+        out.append("")
+    return "\n".join(out)
