@@ -128,7 +128,7 @@ def _mmlu_fields(row: dict, path, n: int) -> tuple[str, list[str], str, str]:
 
 
 def mmlu_question(question: str, choices: list[str]) -> str:
-    return question.strip() + "\n" + "".join(f"{l}. {c}\n" for l, c in zip(LETTERS, choices)) + "Answer:"
+    return question.strip() + "\n" + "".join(f"{letter}. {c}\n" for letter, c in zip(LETTERS, choices)) + "Answer:"
 
 
 def mmlu_prompts(rows: list[dict], n_shot: int = 0, path="mmlu") -> list[tuple[str, str, str]]:

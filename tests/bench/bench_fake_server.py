@@ -1,0 +1,83 @@
+"""A tiny OpenAI-compatible streaming server for bench-serve tests, on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+MODEL = "fake-model"
+
+
+def make_app(tokens_per_chunk: int = 2, delay_s: float = 0.002) -> FastAPI:
+    app = FastAPI()
+    app.state.bodies = []
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        app.state.bodies.append(body)
+        if body.get("fail") == "http":
+            return JSONResponse({"error": {"message": "refused", "type": "invalid_request_error"}}, status_code=400)
+        n = int(body["max_tokens"])
+
+        async def events():
+            sent = 0
+            while sent < n:
+                k = min(tokens_per_chunk, n - sent)
+                sent += k
+                chunk = {"id": "cmpl-1", "object": "text_completion", "model": MODEL,
+                         "choices": [{"index": 0, "text": " tok" * k, "finish_reason": "length" if sent == n else None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                if body.get("fail") == "stream":
+                    yield f"data: {json.dumps({'error': {'message': 'worker died', 'code': 500}})}\n\n"
+                    break
+                await asyncio.sleep(delay_s)
+            if body.get("stream_options", {}).get("include_usage") and body.get("fail") != "stream":
+                usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": n + 3}
+                yield f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeServer:
+    """Runs the app in a background thread; `with FakeServer() as url: ...`."""
+
+    def __init__(self, **app_kwargs):
+        self.app = make_app(**app_kwargs)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the fake server did not start")
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
