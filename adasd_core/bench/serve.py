@@ -50,6 +50,7 @@ class ServeBenchConfig:
     dtype: str = "auto"
     seed: int = 0
     timeout_s: float = 600.0
+    ready_timeout_s: float = 600.0  # how long to wait for a server that is still loading (503 on /ready)
     threads: int | None = None
     out_dir: str = "bench_results"
     plots: bool = True
@@ -105,6 +106,21 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def _headers(cfg: ServeBenchConfig) -> dict:
     return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+
+
+def wait_until_ready(cfg: ServeBenchConfig, poll_s: float = 2.0) -> None:
+    """Poll GET /ready (adasd's readiness probe) while it answers 503; a server without the
+    endpoint (404) counts as ready. An unreachable server raises at once."""
+    import httpx
+
+    deadline = time.monotonic() + cfg.ready_timeout_s
+    while True:
+        r = httpx.get(f"{cfg.base_url}/ready", headers=_headers(cfg), timeout=30)
+        if r.status_code != 503:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{cfg.base_url} was not ready after {cfg.ready_timeout_s:g} s: {r.text[:200]}")
+        time.sleep(poll_s)
 
 
 def server_model(cfg: ServeBenchConfig) -> str:
@@ -329,6 +345,7 @@ def run_bench_serve(cfg: ServeBenchConfig, progress: bool = True, pair=None) -> 
         prompts = demo_prompts(tokenizer, cfg.prompts, cfg.prompt_tokens, cfg.max_tokens, context)
     count_tokens = (lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])) if tokenizer else None
 
+    wait_until_ready(cfg)
     model = cfg.model or server_model(cfg)
     # warm-up (not counted): the server's first request pays for lazy initialisation
     warm = asyncio.run(run_level(cfg, [request_body(cfg, model, prompts[0], 0)], 1, count_tokens))[0][0]

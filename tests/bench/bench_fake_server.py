@@ -15,9 +15,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 MODEL = "fake-model"
 
 
-def make_app(tokens_per_chunk: int = 2, delay_s: float = 0.002) -> FastAPI:
+def make_app(tokens_per_chunk: int = 2, delay_s: float = 0.002, loading_polls: int | None = None) -> FastAPI:
+    """loading_polls: None serves no /ready (404); n answers 503 to the first n polls of /ready."""
     app = FastAPI()
     app.state.bodies = []
+    app.state.polls = 0
+
+    if loading_polls is not None:
+        @app.get("/ready")
+        async def ready():
+            app.state.polls += 1
+            if app.state.polls <= loading_polls:
+                return JSONResponse({"status": "starting"}, status_code=503)
+            return {"status": "ready"}
 
     @app.get("/v1/models")
     async def models():

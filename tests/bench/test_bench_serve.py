@@ -5,7 +5,7 @@ import json
 import pytest
 from bench_fake_server import MODEL, FakeServer
 
-from adasd_core.bench.serve import ServeBenchConfig, percentile, run_bench_serve
+from adasd_core.bench.serve import ServeBenchConfig, percentile, run_bench_serve, wait_until_ready
 from adasd_core.models import load_pair
 
 
@@ -74,3 +74,16 @@ def test_errors_are_counted(tmp_path):
             lv = res["levels"][0]
             assert lv["errors"] == 3 and lv["tokens"] == 0 and any(expect in m for m in lv["error_messages"])
             assert not res["server"]["warm_up_ok"]
+
+
+def test_waits_for_a_loading_server(tmp_path):
+    server = FakeServer(loading_polls=2)
+    with server as url:
+        cfg = ServeBenchConfig(base_url=url, concurrency=(1,), requests=1, max_tokens=2, in_process=False,
+                               prompts_file=_prompts_file(tmp_path), out_dir=str(tmp_path), plots=False)
+        wait_until_ready(cfg, poll_s=0.01)
+        assert server.app.state.polls == 3
+        cfg.ready_timeout_s = 0.0
+        server.app.state.polls = 0
+        with pytest.raises(TimeoutError, match="not ready"):
+            wait_until_ready(cfg, poll_s=0.01)
