@@ -143,6 +143,24 @@ def build_demo(
     console.print_json(json.dumps({k: v for k, v in report.items() if k != "samples"}))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def serve(ctx: typer.Context):
+    """Serve the OpenAI-compatible API (flags: `adasd serve --help`)."""
+    from server.__main__ import main as serve_main
+
+    serve_main(list(ctx.args))
+
+
+def _register_bench() -> None:
+    from adasd_core.bench.cli import bench, bench_serve
+
+    app.command("bench")(bench)
+    app.command("bench-serve")(bench_serve)
+
+
+_register_bench()
+
+
 def main() -> None:  # pragma: no cover
     app()
 
