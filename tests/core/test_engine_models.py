@@ -9,7 +9,7 @@ import torch
 from adasd_core.demo.data import load_corpus
 from adasd_core.engine import SpecConfig, SpeculativeEngine
 from adasd_core.errors import IncompatiblePairError
-from adasd_core.models import DEMO_DIR, load_pair
+from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
 
 LOSSLESS = [
@@ -50,7 +50,6 @@ def test_greedy_equivalence_random_pair(random_engine):
     assert out.stats.acceptance_rate < 0.5  # random weights: the draft is mostly rejected
 
 
-@pytest.mark.skipif(not (DEMO_DIR / "target" / "model.safetensors").exists(), reason="demo pair not built")
 def test_greedy_equivalence_demo_pair():
     engine = SpeculativeEngine(load_pair(device="cpu"), calibrate=False)
     check_greedy_equivalence(engine, held_out_prompts(engine.pair.tokenizer, n=3, length=64), 64)
