@@ -13,9 +13,19 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.engine_client import EngineClient
-from server.errors import AuthenticationError, PayloadTooLargeError, error_response, install_error_handlers
+from server.errors import (
+    AuthenticationError,
+    PayloadTooLargeError,
+    error_response,
+    install_error_handlers,
+)
 from server.metrics import AdasdMetrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
 from server.serving import Tokenizer
 from server.serving_chat import OpenAIServingChat
 from server.serving_completions import OpenAIServingCompletion
@@ -206,7 +216,9 @@ def run(settings: Settings) -> None:
     app = build_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=level, log_config=None,
                             timeout_graceful_shutdown=settings.shutdown_timeout, lifespan="on")
-    server = _Server(config, on_signal=app.state.client.begin_drain)
+    # in-flight requests are ended by the engine client just before uvicorn would cancel them
+    grace_s = max(0.0, settings.shutdown_timeout - 0.5)
+    server = _Server(config, on_signal=lambda: app.state.client.begin_drain(grace_s))
     app.state.uvicorn_server = server
     log.info("adasd serving %r (target=%s, draft=%s, method=%s) on http://%s:%s", settings.served_model_name,
              settings.target, settings.draft, settings.method, settings.host, settings.port)

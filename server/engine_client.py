@@ -11,6 +11,7 @@ the server).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing as mp
 import queue
@@ -22,7 +23,12 @@ from typing import Any, AsyncIterator, Callable
 
 from adasd_core.errors import AdasdError, InvalidRequestError
 from server import worker as worker_module
-from server.errors import EngineDeadError, InternalError, QueueFullError, ServiceUnavailableError
+from server.errors import (
+    EngineDeadError,
+    InternalError,
+    QueueFullError,
+    ServiceUnavailableError,
+)
 from server.metrics import AdasdMetrics
 from server.settings import Settings
 
@@ -154,7 +160,16 @@ class EngineClient:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # the worker ignores SIGTERM (so a signal to the whole process group still drains), so
+        # multiprocessing's own exit handler could not stop it: kill it if it outlives us
+        atexit.register(self._kill_worker)
         await self._spawn()
+
+    def _kill_worker(self) -> None:
+        handle = self._worker
+        if handle is not None and handle.proc.is_alive():
+            handle.proc.kill()
+            handle.proc.join(5)
 
     async def _spawn(self) -> None:
         handle = await asyncio.to_thread(self._start_process)
@@ -172,10 +187,24 @@ class EngineClient:
         child.close()  # so the parent sees EOF when the worker dies
         return _WorkerHandle(proc, parent)
 
-    def begin_drain(self) -> None:
-        """SIGTERM: refuse new requests, do not restart the worker; in-flight ones go on."""
-        if self.state != "failed":
-            self.state = "stopping"
+    def begin_drain(self, grace_s: float) -> None:
+        """SIGTERM: refuse new requests and stop restarting the worker; in-flight requests get
+        `grace_s` seconds, then end with a 503 (in-stream for streams) so every response completes.
+        Safe to call from a signal handler."""
+        if self.state == "failed":
+            return
+        self.state = "stopping"
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: self._loop.call_later(grace_s, self._abort_in_flight))
+
+    def _abort_in_flight(self) -> None:
+        if not self._slots:
+            return
+        log.warning("shutdown: cancelling %d generations that did not finish in time", len(self._slots))
+        for slot in list(self._slots.values()):
+            self.cancel(slot)
+        self._fail_all(ServiceUnavailableError("the server is shutting down; this request was cancelled",
+                                               code="shutting_down"), status="cancelled")
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         self.state = "stopping"
@@ -191,7 +220,8 @@ class EngineClient:
                 await asyncio.to_thread(handle.proc.join, 5)
             handle.outbox.put(None)
         self.metrics.worker_up.set(0)
-        self._fail_all(ServiceUnavailableError("the server shut down before this request finished", code="shutting_down"))
+        self._fail_all(ServiceUnavailableError("the server shut down before this request finished", code="shutting_down"),
+                       status="cancelled")
 
     # ------------------------------------------------------------------ threads
 
@@ -346,10 +376,10 @@ class EngineClient:
         self._slots.pop(slot.rid, None)
         self._update_gauges()
 
-    def _fail_all(self, error: AdasdError) -> None:
+    def _fail_all(self, error: AdasdError, status: str = "error") -> None:
         for slot in list(self._slots.values()):
             self._release(slot)
-            self.metrics.observe_request(slot.method, "cancelled" if slot.cancelled else "error", None)
+            self.metrics.observe_request(slot.method, "cancelled" if slot.cancelled else status, None)
             slot.group.put(slot.index, Failed(error))
 
     def _update_gauges(self) -> None:

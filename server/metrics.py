@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 REQUEST_STATUSES = ("success", "cancelled", "error", "rejected")
 
@@ -52,6 +60,7 @@ class AdasdMetrics:
     """
 
     def __init__(self, model_name: str, default_method: str = "adasd"):
+        disable_created_metrics()  # no *_created series (process-wide; the front end exports only these)
         self.model_name = model_name
         self.registry = registry = CollectorRegistry(auto_describe=True)
         label = ["model_name"]
@@ -64,6 +73,9 @@ class AdasdMetrics:
 
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, label, registry=registry).labels(model_name)
+
+        def lazy_gauge(name: str, doc: str) -> Gauge:  # the series appears with its first value
+            return Gauge(name, doc, label, registry=registry)
 
         self.requests = counter("adasd_requests_total", "Finished generations by method and outcome "
                                 "(success, cancelled, error, rejected).", ("method", "status"))
@@ -81,7 +93,8 @@ class AdasdMetrics:
         self.itl = histogram("adasd_inter_token_latency_seconds", "Time between tokens (a round's wait "
                              "divided over the tokens it produced).", LATENCY_BUCKETS)
         self.e2e = histogram("adasd_e2e_request_latency_seconds", "Arrival to last token of successful generations.", E2E_BUCKETS)
-        self.queue_time = histogram("adasd_request_queue_time_seconds", "Time a generation waited for a worker slot.", E2E_BUCKETS)
+        self.queue_time = histogram("adasd_request_queue_time_seconds", "Time a generation waited for a worker slot.",
+                                    E2E_BUCKETS)
         self.acceptance_rate = histogram("adasd_request_acceptance_rate", "Per-request accepted / drafted tokens.", RATE_BUCKETS)
         self.speedup = histogram("adasd_request_speedup", "Per-request estimated speedup over the target alone.", SPEEDUP_BUCKETS)
         self.mean_draft_length = histogram("adasd_request_mean_draft_length", "Per-request mean candidates per round.",
@@ -90,8 +103,8 @@ class AdasdMetrics:
         self.running = gauge("adasd_num_requests_running", "Generations the worker is interleaving.")
         self.waiting = gauge("adasd_num_requests_waiting", "Generations waiting for a worker slot.")
         self.worker_up = gauge("adasd_worker_up", "1 while the worker process is loaded and serving, else 0.")
-        self.entropy_threshold = gauge("adasd_entropy_threshold", "T_G at the end of the most recently finished request.")
-        self.js_threshold = gauge("adasd_js_threshold", "T_V at the end of the most recently finished request "
+        self.entropy_threshold = lazy_gauge("adasd_entropy_threshold", "T_G at the end of the most recently finished request.")
+        self.js_threshold = lazy_gauge("adasd_js_threshold", "T_V at the end of the most recently finished request "
                                   "(threshold verification).")
 
         for status in REQUEST_STATUSES:  # make the common series exist at 0
@@ -117,9 +130,9 @@ class AdasdMetrics:
         if stats.get("estimated_speedup"):
             self.speedup.observe(stats["estimated_speedup"])
         if stats.get("entropy_threshold") is not None:
-            self.entropy_threshold.set(stats["entropy_threshold"])
+            self.entropy_threshold.labels(self.model_name).set(stats["entropy_threshold"])
         if stats.get("js_threshold") is not None:
-            self.js_threshold.set(stats["js_threshold"])
+            self.js_threshold.labels(self.model_name).set(stats["js_threshold"])
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -15,7 +15,12 @@ from fastapi import Request
 from adasd_core.errors import AdasdError, ContextLengthError, InvalidRequestError
 from adasd_core.stats import GenerationStats
 from server.engine_client import EngineClient
-from server.errors import ModelNotFoundError, ServiceUnavailableError, UnsupportedError, error_dict
+from server.errors import (
+    ModelNotFoundError,
+    ServiceUnavailableError,
+    UnsupportedError,
+    error_dict,
+)
 from server.protocol import AdasdOptions, SamplingFields, UsageInfo
 from server.settings import Settings
 
@@ -106,18 +111,23 @@ class OpenAIServing:
             raise UnsupportedError("logit_bias")
 
     @property
-    def context_length(self) -> int:
-        return self.client.info["context_length"]
+    def model_info(self) -> dict:
+        info = self.client.info
+        if info is None:  # the worker died while this request was being prepared
+            self.client.check_ready()
+            raise ServiceUnavailableError("the worker is not ready; retry shortly")
+        return info
 
     def check_prompt(self, ids: list[int], max_tokens: int | None, param: str = "prompt") -> int:
         """Validate a tokenized prompt (from the field `param`); returns max_tokens (None: up to the context)."""
         if not ids:
             raise InvalidRequestError("the prompt is empty: send at least one token", param=param)
-        vocab = self.client.info["vocab_size"]
+        info = self.model_info
+        vocab = info["vocab_size"]
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
-        context, n = self.context_length, len(ids)
+        context, n = info["context_length"], len(ids)
         if n >= context:
             raise ContextLengthError(f"the prompt has {n} tokens but this model's context is {context} tokens "
                                      f"and at least one must be left for the completion; shorten it", param=param)

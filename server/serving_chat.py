@@ -22,7 +22,15 @@ from server.protocol import (
     TopLogprob,
     random_id,
 )
-from server.serving import SSE_DONE, OpenAIServing, cancel_on_disconnect, log, make_usage, sse, sse_error
+from server.serving import (
+    SSE_DONE,
+    OpenAIServing,
+    cancel_on_disconnect,
+    log,
+    make_usage,
+    sse,
+    sse_error,
+)
 
 
 class OpenAIServingChat(OpenAIServing):

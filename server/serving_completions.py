@@ -11,8 +11,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from adasd_core.errors import AdasdError, InvalidRequestError
 from server.engine_client import Failed, Finished, RequestGroup, SubRequest, TokenDelta
 from server.errors import InternalError, UnsupportedError
-from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, random_id
-from server.serving import SSE_DONE, OpenAIServing, cancel_on_disconnect, log, make_usage, sse, sse_error
+from server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    random_id,
+)
+from server.serving import (
+    SSE_DONE,
+    OpenAIServing,
+    cancel_on_disconnect,
+    log,
+    make_usage,
+    sse,
+    sse_error,
+)
 
 
 class OpenAIServingCompletion(OpenAIServing):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from adasd_core.errors import AdasdError
 log = logging.getLogger("adasd.worker")
 
 POLL_IDLE_S = 0.5
+# For tests and demos: sleep this long after each round of the loop, to make a tiny model
+# behave like a slow one (requests that reliably outlive a disconnect, a kill or a full queue).
+ROUND_DELAY_ENV = "ADASD_DEBUG_ROUND_DELAY_S"
 
 
 @dataclass
@@ -76,10 +80,11 @@ class TokenText:
 
 
 class Worker:
-    def __init__(self, engine, conn, max_running: int):
+    def __init__(self, engine, conn, max_running: int, round_delay_s: float = 0.0):
         self.engine = engine
         self.conn = conn
         self.max_running = max_running
+        self.round_delay_s = round_delay_s
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # insertion order is the round-robin order
         self.token_text = TokenText(engine.pair.tokenizer)
@@ -96,6 +101,8 @@ class Worker:
             self.admit()
             if self.running:
                 self.step(list(self.running.values()))
+                if self.round_delay_s:
+                    time.sleep(self.round_delay_s)
         self.cancel_all()
 
     def poll(self, timeout: float) -> None:
@@ -115,6 +122,7 @@ class Worker:
         elif kind == "cancel":
             self.cancel(msg[1])
         elif kind == "shutdown":
+            log.info("shutting down (%d running, %d waiting are cancelled)", len(self.running), len(self.waiting))
             self.stopping = True
         else:
             log.error("unknown message %r", kind)
@@ -228,5 +236,13 @@ def main(settings: dict, conn) -> None:
         conn.send(("ready", info))
     except OSError:
         return
-    Worker(engine, conn, settings["max_running"]).run()
+    delay = float(os.environ.get(ROUND_DELAY_ENV) or 0.0)
+    if delay:
+        log.warning("%s=%s: every round is slowed down on purpose", ROUND_DELAY_ENV, delay)
+    Worker(engine, conn, settings["max_running"], round_delay_s=delay).run()
     conn.close()
+    log.info("stopped")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # nothing left to clean up; skips a slow interpreter teardown (torch, tokenizers)

@@ -6,8 +6,7 @@ import json
 
 import httpx
 import pytest
-
-from conftest import API_KEY
+from server_support import API_KEY
 
 GOOD = {"model": "tiny", "prompt": "x = 1\n", "max_tokens": 1}
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}

@@ -32,7 +32,8 @@ def test_sse_framing(server, endpoint):
         path, body, obj = "/v1/completions", {"prompt": ["a = 1\n", "import sys\n"], **common}, "text_completion"
         n_choices = 4
     else:
-        path, body, obj = "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **common}, "chat.completion.chunk"
+        path, obj = "/v1/chat/completions", "chat.completion.chunk"
+        body = {"messages": [{"role": "user", "content": "hi"}], **common}
         n_choices = 2
     data = events(post_stream(server, path, body))
     assert data[-1] == "[DONE]" and data.count("[DONE]") == 1
