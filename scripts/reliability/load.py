@@ -111,7 +111,7 @@ async def one_request(http: httpx.AsyncClient, body: dict, stream: bool, stats: 
             stats.tokens += usage["completion_tokens"] if usage else 0
             stats.e2e.append(time.perf_counter() - t0)
     except httpx.HTTPError as exc:
-        stats.fail(type(exc).__name__)
+        stats.fail(f"{type(exc).__name__}: {exc}"[:120])
 
 
 async def client_loop(i: int, base_url: str, headers: dict, model: str, deadline: float, max_tokens: int,

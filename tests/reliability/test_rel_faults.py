@@ -35,7 +35,7 @@ def test_sigterm_during_load_is_graceful(rel_start):
 
 def test_sigterm_cuts_what_outlives_the_timeout_cleanly(rel_start):
     srv = rel_start(shutdown_timeout=1)
-    res = asyncio.run(faults.sigterm(srv, clients=4, max_tokens=400, shutdown_timeout=1))
+    res = asyncio.run(faults.sigterm(srv, clients=4, max_tokens=120, shutdown_timeout=1))
     print(res)
     assert res["ok"], res
     assert "error:shutting_down" in res["client_outcomes"] or "http 503 shutting_down" in res["client_outcomes"], res

@@ -41,3 +41,33 @@ def test_openapi_operations(case, fuzz_server):
     case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])
     if response.status_code >= 400:
         assert not any(m in response.text for m in TRACE_MARKERS), response.text
+
+
+# Found by this fuzzer (19:26 UTC, 2025-11-25 build): top_p below float32's smallest subnormal
+# becomes 0.0 in adasd_core.sampling.logits_to_probs, every token is dropped, the probabilities are
+# 0/0 = NaN and torch.multinomial raises in the worker: a 500 `internal_error`. Reported; the fix
+# belongs in adasd_core (keep the top token: `drop[..., 0] = False`). Until then this is an xfail.
+@pytest.mark.xfail(reason="adasd_core.sampling: top_p < float32 tiny -> NaN probabilities -> 500", strict=False)
+@pytest.mark.parametrize("path,payload", [
+    ("/v1/completions", {"prompt": "x"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+])
+def test_denormal_top_p_is_not_a_server_error(fuzz_server, path, payload):
+    import httpx
+
+    r = httpx.post(fuzz_server.base_url + path, headers=fuzz_server.headers, timeout=60,
+                   json={"model": fuzz_server.model, "max_tokens": 4, "top_p": 5e-324, "temperature": 1.0, **payload})
+    assert r.status_code < 500, r.text
+
+
+@pytest.mark.parametrize("field,value", [
+    # also found here: logits / 1e-320 overflow to inf, softmax gives NaN, the worker raises (500). Reported.
+    pytest.param("temperature", 1e-320, marks=pytest.mark.xfail(
+        reason="adasd_core.sampling: denormal temperature -> inf logits -> NaN -> 500", strict=False)),
+    ("temperature", 1e308), ("top_p", 1e-30)])
+def test_extreme_sampling_values_are_not_server_errors(fuzz_server, field, value):
+    import httpx
+
+    r = httpx.post(fuzz_server.base_url + "/v1/completions", headers=fuzz_server.headers, timeout=60,
+                   json={"model": fuzz_server.model, "prompt": "x", "max_tokens": 4, field: value})
+    assert r.status_code < 500, r.text
