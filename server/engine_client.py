@@ -173,6 +173,10 @@ class EngineClient:
 
     async def _spawn(self) -> None:
         handle = await asyncio.to_thread(self._start_process)
+        if self.state == "stopping":  # shut down while it was starting
+            handle.proc.kill()
+            await asyncio.to_thread(handle.proc.join, 5)
+            return
         self._worker = handle
         log.info("started worker pid %s", handle.pid)
         threading.Thread(target=self._read, args=(handle,), name=f"adasd-reader-{handle.pid}", daemon=True).start()
