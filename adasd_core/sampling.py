@@ -58,6 +58,7 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # drop a token once the mass before it already reaches top_p; the top token always stays
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        drop[..., 0] = False  # a top_p below float32's smallest value would drop it too
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
