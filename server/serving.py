@@ -28,6 +28,8 @@ log = logging.getLogger("adasd.server")
 
 T = TypeVar("T")
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
@@ -157,10 +159,13 @@ class OpenAIServing:
         from adasd_core.sampling import SamplingParams
 
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        temperature = 1.0 if request.temperature is None else request.temperature
+        if temperature < GREEDY_BELOW:  # as vLLM: dividing logits by ~1e-320 gives inf, then NaN
+            temperature = 0.0
         seed = request.seed + choice if request.seed is not None else None  # n > 1: distinct, reproducible
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if request.temperature is None else request.temperature,
+            temperature=temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=max(0, request.top_k or 0),
             seed=seed,

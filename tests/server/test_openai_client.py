@@ -151,12 +151,14 @@ def test_echo_and_logprobs(client):
     assert len(content) == 3 and all(len(t.top_logprobs) == 3 for t in content)
 
 
-def test_tiny_top_p_keeps_the_top_token(client):
+def test_tiny_top_p_and_temperature_are_greedy(client):
     kw = dict(model="tiny", prompt=PROMPT, max_tokens=8)
     body = {"adasd": {"method": "vanilla"}, **IGNORE_EOS}
     greedy = client.completions.create(temperature=0, extra_body=body, **kw).choices[0].text
     for top_p in (5e-324, 1e-9):  # the first is 0 in float32
         assert client.completions.create(temperature=1.0, top_p=top_p, extra_body=body, **kw).choices[0].text == greedy
+    for temperature in (1e-320, 1e-7):  # sampled greedily
+        assert client.completions.create(temperature=temperature, extra_body=body, **kw).choices[0].text == greedy
 
 
 @pytest.mark.parametrize("method", ["ar", "vanilla", "gen-only", "verify-only", "adasd"])
