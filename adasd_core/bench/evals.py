@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from adasd_core.bench.tasks import Prompt, Task
+from adasd_core.bench.tasks import Prompt, Task, cut_at_stop
 
 LETTERS = "ABCD"
 
@@ -92,8 +92,11 @@ def gsm8k_extract(completion: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
+GSM8K_STOP = ["\n\nQuestion:", "Question:", "\n\n\n"]
+
+
 def score_gsm8k(prompt: Prompt, completion: str) -> float:
-    return float(gsm8k_extract(completion) == prompt.reference)
+    return float(gsm8k_extract(cut_at_stop(completion, GSM8K_STOP)) == prompt.reference)
 
 
 def gsm8k_prompts(rows: list[dict], n_shot: int = 4, path="gsm8k") -> tuple[list[tuple[str, str, str]], str]:
@@ -216,8 +219,9 @@ def humaneval_program(prompt_text: str, completion: str, test: str, entry_point:
     return f"{body}\n\n{test}\n\ncheck({entry_point})\n"
 
 
-def make_humaneval_scorer(timeout_s: float = 10.0):
+def make_humaneval_scorer(timeout_s: float = 10.0, stop: list[str] = HUMANEVAL_STOP):
     def score(prompt: Prompt, completion: str) -> float:
+        completion = cut_at_stop(completion, stop)
         program = humaneval_program(prompt.meta["prompt"], completion, prompt.meta["test"], prompt.meta["entry_point"])
         return float(run_program(program, timeout_s).passed)
     return score
@@ -264,7 +268,7 @@ def gsm8k_task(path, tokenizer, context_length: int, n_prompts: int | None = Non
     items, _ = gsm8k_prompts(rows, n_shot=min(n_shot, len(rows) - 1), path=path)
     prompts, skipped = _fit([(i, t, r, {}) for i, t, r in items], tokenizer, chat, max_tokens, context_length, n_prompts)
     return Task(name="gsm8k", prompts=prompts, max_tokens=max_tokens, repeats=repeats, score=score_gsm8k,
-                stop=["\n\nQuestion:", "Question:", "\n\n\n"], skipped=skipped,
+                stop=GSM8K_STOP, skipped=skipped,
                 notes=f"{n_shot}-shot; exact match of the final number")
 
 
@@ -284,5 +288,6 @@ def humaneval_task(path, tokenizer, context_length: int, n_prompts: int | None =
     prompts, skipped = _fit([(i, t, None, m) for i, t, m in items], tokenizer, chat, max_tokens, context_length,
                             n_prompts)
     return Task(name="humaneval", prompts=prompts, max_tokens=max_tokens, repeats=repeats,
-                score=make_humaneval_scorer(timeout_s), stop=[] if chat else HUMANEVAL_STOP, skipped=skipped,
+                score=make_humaneval_scorer(timeout_s, [] if chat else HUMANEVAL_STOP),
+                stop=[] if chat else HUMANEVAL_STOP, skipped=skipped,
                 notes=f"pass@1; tests run in a subprocess with a {timeout_s:g} s timeout")

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from adasd_core.engine import SpecConfig, SpeculativeEngine
 from adasd_core.models import ModelPair
@@ -145,7 +146,7 @@ class HFMethod(Method):
         self._target_calls = _Counter(self.model)
         self._draft_calls = _Counter(assistant) if assistant is not None else None
 
-    def _kwargs(self, params: SamplingParams) -> dict:
+    def _kwargs(self, params: SamplingParams, prompt_len: int) -> dict:
         kw = dict(max_new_tokens=params.max_tokens, pad_token_id=self.pad_id, eos_token_id=None if params.ignore_eos
                   else self.eos)
         if params.greedy:
@@ -153,7 +154,7 @@ class HFMethod(Method):
         else:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
         if params.stop:
-            kw.update(stop_strings=list(params.stop), tokenizer=self.pair.tokenizer)
+            kw["stopping_criteria"] = StoppingCriteriaList([_StopText(self.pair.tokenizer, list(params.stop), prompt_len)])
         if self.assistant is not None:
             kw["assistant_model"] = self.assistant
         return kw
@@ -161,7 +162,7 @@ class HFMethod(Method):
     @torch.inference_mode()
     def run(self, prompt_ids: list[int], params: SamplingParams, trace: bool = False) -> Run:
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.pair.input_device)
-        kw = self._kwargs(params)
+        kw = self._kwargs(params, ids.shape[1])
         if params.seed is not None:
             torch.manual_seed(params.seed)
         with self._target_calls.counting(), (self._draft_calls.counting() if self._draft_calls else _null()):
@@ -181,6 +182,23 @@ class HFMethod(Method):
         if self.assistant is not None:
             d["assistant_schedule"] = hf_assistant_schedule(self.assistant)
         return d
+
+
+class _StopText(StoppingCriteria):
+    """Stop once the generated text contains a stop string, wherever it completed.
+
+    transformers' own `stop_strings` cannot be combined with `assistant_model` (the assistant's
+    inner generate() gets the stop strings but no tokenizer, transformers#48039) and only sees a
+    stop string that completes on the last token of an accepted block; this criterion decodes the
+    whole generated text instead, for both HF rows alike.
+    """
+
+    def __init__(self, tokenizer, stop: list[str], prompt_len: int):
+        self.tokenizer, self.stop, self.prompt_len = tokenizer, stop, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
 
 
 @contextmanager

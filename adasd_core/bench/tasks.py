@@ -1,14 +1,15 @@
 """Benchmark tasks: prompts (token ids), how long to generate, and how to score a completion.
 
 Two tasks are built from the demo pair's held-out standard-library modules (adasd_core.demo.data):
-- next-line: the prompt ends at the end of a source line; a completion is correct iff it starts
-  with the line break and its first line equals the file's next line exactly (accuracy task);
+- next-line: the prompt ends where a source line's code starts (after its indentation); a
+  completion is correct iff it is exactly the rest of that line, ended by a line break (accuracy);
 - continuation: a window of a module, continued for a fixed number of tokens (speed and fidelity).
 GSM8K, HumanEval and MMLU come from local JSONL files (adasd_core.bench.evals).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,7 +28,9 @@ class Task:
     prompts: list[Prompt]
     max_tokens: int
     repeats: int
-    score: Callable[[Prompt, str], float] | None = None  # completion text -> 0..1; None: speed only
+    # (prompt, completion) -> 0..1, None: speed only. The completion runs up to and including the
+    # first stop string (the scorer cuts it off), or to the last token when no stop string came.
+    score: Callable[[Prompt, str], float] | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     skipped: int = 0  # prompts left out because prompt + max_tokens exceed the context
@@ -36,6 +39,12 @@ class Task:
     @property
     def scored(self) -> bool:
         return self.score is not None
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """The text before the first stop string."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(hits)] if hits else text
 
 
 def _encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -55,49 +64,49 @@ def _evenly(items: list, n: int) -> list:
 
 
 def score_next_line(prompt: Prompt, completion: str) -> float:
-    """1.0 iff the completion is '\\n' + the reference line + a line break (the line is finished)."""
-    if not completion.startswith("\n"):
-        return 0.0
-    body = completion[1:]
-    if "\n" not in body:
+    """1.0 iff the completion is the rest of the line, then a line break (the line is finished)."""
+    if "\n" not in completion:
         return 0.0  # cut off before the line ended: it could still differ
-    return float(body.split("\n", 1)[0] == prompt.reference)
+    return float(completion.split("\n", 1)[0] == prompt.reference)
 
 
 def next_line_task(tokenizer, sources: list[tuple[str, str]], n_prompts: int, context_tokens: int, max_tokens: int,
                    context_length: int, repeats: int = 1) -> Task:
-    """Prompts that end at the end of a line (before its line break) of a held-out module.
-
-    The prompt stops on a token boundary of the whole file's tokenization, so the model sees the
-    tokens it was trained on; the line break (and the next line's indentation) is the model's to
-    produce. Lines kept: non-blank, no trailing space, after a non-blank line, and short enough that
-    '\\n' + line + '\\n' fits in max_tokens - 1 tokens.
+    """Prompts that end where a held-out module's line starts, as an editor's cursor would: after
+    the line break and the indentation, on a token boundary of the whole file's tokenization (so
+    the model sees the tokens it was trained on; with a byte-level BPE the last indentation space
+    belongs to the first word). The reference is the rest of the line; generation stops at the
+    line break. Lines kept: at least 4 non-blank characters, no trailing space, and short enough
+    that the rest of the line plus the line break fits in max_tokens - 1 tokens.
     """
     context_tokens = min(context_tokens, context_length - max_tokens)
     candidates: list[Prompt] = []
     for path, text in sources:
         ids, offsets = _encode_with_offsets(tokenizer, text)
         starts = {s: i for i, (s, e) in enumerate(offsets) if e > s}
+        first = [s for s, _ in offsets]
+
+        def token_at(c: int) -> int | None:  # the token that covers character c
+            i = bisect.bisect_right(first, c) - 1
+            return i if i >= 0 and offsets[i][0] <= c < offsets[i][1] else None
+
         lines = text.split("\n")
         pos = 0
         for n, line in enumerate(lines):
             line_start = pos
             pos += len(line) + 1
-            if n == 0 or n + 1 >= len(lines):
+            if n == 0 or n + 1 >= len(lines) or line != line.rstrip() or len(line.strip()) < 4:
                 continue
-            prev = lines[n - 1]
-            if not prev.strip() or prev != prev.rstrip() or line != line.rstrip() or len(line.strip()) < 4:
-                continue
-            cut = line_start - 1  # the '\n' that ends the previous line
-            j = starts.get(cut)
+            j = token_at(line_start + len(line) - len(line.lstrip()))  # the token of the first code character
             end = starts.get(line_start + len(line))  # the token that starts with the line's own '\n'
-            if j is None or end is None or j < 8 or (end - j) + 2 > max_tokens - 1:
+            if j is None or end is None or j < 8 or offsets[j][0] < line_start or (end - j) + 1 > max_tokens - 1:
                 continue
-            candidates.append(Prompt(id=f"{path}:{n + 1}", ids=ids[max(0, j - context_tokens) : j], reference=line))
+            reference = text[offsets[j][0] : line_start + len(line)]
+            candidates.append(Prompt(id=f"{path}:{n + 1}", ids=ids[max(0, j - context_tokens) : j], reference=reference))
     return Task(name="next-line", prompts=_evenly(candidates, n_prompts), max_tokens=max_tokens, repeats=repeats,
-                score=score_next_line,
-                notes="exact match of the first generated line with the module's next line "
-                      "(the completion must start with the line break and finish the line)")
+                score=score_next_line, stop=["\n"],
+                notes="exact match of the generated rest of the line (the prompt ends after the line break and the "
+                      "indentation; generation stops at the next line break)")
 
 
 # ----------------------------------------------------------------------------- continuation

@@ -70,8 +70,11 @@ def test_humaneval_pass_fail_timeout(tmp_path):
     assert score(p, "    return a + b\n") == 1.0
     assert score(p, "    return a - b\n") == 0.0
     assert score(p, "    while True:\n        pass\n") == 0.0  # killed at the timeout
-    # a chat-style answer that rewrites the whole function in a fenced block
-    assert score(p, "Sure:\n```python\ndef add(a, b):\n    return b + a\n```\n") == 1.0
+    # the completion is cut at the first stop string (here a new top-level def)
+    assert score(p, "    return a + b\ndef add(a, b):\n    return 0\n") == 1.0
+    # a chat answer (no stop strings) that rewrites the whole function in a fenced block
+    chat_score = evals.make_humaneval_scorer(timeout_s=3.0, stop=[])
+    assert chat_score(p, "Sure:\n```python\ndef add(a, b):\n    return b + a\n```\n") == 1.0
 
 
 def test_run_program_statuses():
@@ -120,21 +123,29 @@ def tokenizer(quick_pair_dir):
     return AutoTokenizer.from_pretrained(quick_pair_dir / "target")
 
 
-def test_next_line_prompts_end_at_a_line(tokenizer):
+def test_next_line_prompts_end_where_the_code_starts(tokenizer):
     task = next_line_task(tokenizer, [("box.py", SOURCE)], n_prompts=50, context_tokens=64, max_tokens=24,
                           context_length=128)
-    assert task.prompts and task.score is score_next_line
+    assert task.prompts and task.score is score_next_line and task.stop == ["\n"]
     lines = SOURCE.split("\n")
+    full = tokenizer(SOURCE, add_special_tokens=False)["input_ids"]
     for p in task.prompts:
-        text = tokenizer.decode(p.ids)
-        line_no = int(p.id.rsplit(":", 1)[1])
-        assert p.reference == lines[line_no - 1]
-        assert SOURCE.split("\n" + p.reference + "\n")[0].endswith(text)  # the prompt stops right before '\n'
+        line = lines[int(p.id.rsplit(":", 1)[1]) - 1]
+        # the prompt + the reference is the source up to the end of the line, and the reference is
+        # the line's code (at most the last indentation space joins the first word)
+        head = tokenizer.decode(p.ids)
+        assert (head + p.reference + "\n") in SOURCE and line.endswith(p.reference)
+        assert p.reference.strip() == line.strip() and len(p.reference) - len(p.reference.lstrip()) <= 1
+        assert head.endswith("\n" + line[: len(line) - len(p.reference)])
+        # a token boundary of the whole file
+        k = next(i for i in range(len(full)) if full[i : i + len(p.ids)] == p.ids)
+        assert tokenizer.decode(full[: k + len(p.ids)]).endswith(head)
     ref = task.prompts[0]
-    assert score_next_line(ref, "\n" + ref.reference + "\n    x") == 1.0
-    assert score_next_line(ref, "\n" + ref.reference) == 0.0  # the line is not finished
-    assert score_next_line(ref, ref.reference + "\n") == 0.0  # no line break first
-    assert score_next_line(ref, "\n" + ref.reference + "x\n") == 0.0
+    assert score_next_line(ref, ref.reference + "\n") == 1.0
+    assert score_next_line(ref, ref.reference + "\n    x = 1") == 1.0
+    assert score_next_line(ref, ref.reference) == 0.0  # the line is not finished
+    assert score_next_line(ref, ref.reference + "x\n") == 0.0
+    assert score_next_line(ref, "\n" + ref.reference + "\n") == 0.0
 
 
 def test_continuation_windows(tokenizer):

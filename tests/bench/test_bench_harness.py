@@ -5,8 +5,9 @@ import json
 import pytest
 from bench_fixtures import GSM8K, HUMANEVAL, write_jsonl
 
-from adasd_core.bench.harness import BenchConfig, _useful_length, completion_text, cut_at_stop, run_bench
+from adasd_core.bench.harness import BenchConfig, _useful_length, completion_text, run_bench
 from adasd_core.bench.methods import METHOD_KEYS
+from adasd_core.bench.tasks import cut_at_stop
 from adasd_core.models import load_pair
 
 
@@ -88,7 +89,8 @@ def test_targets_section(result):
     res, _ = result
     names = {(t["target"], t["mode"]) for t in res["targets"]}
     for mode in ("greedy", "sampled"):
-        for name in ("adasd_vs_vanilla", "adasd_vs_hf_assisted", "adasd_vs_target", "accuracy_vs_target"):
+        for name in ("adasd_vs_vanilla", "adasd_vs_hf_assisted", "adasd_vs_target", "accuracy_vs_target",
+                     "our_target_vs_hf_generate"):
             assert (name, mode) in names
     for t in res["targets"]:
         assert isinstance(t["met"], bool)
