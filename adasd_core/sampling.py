@@ -38,7 +38,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # a denormal temperature would overflow the logits; below 1e-5 sampling is argmax anyway
+        return self.temperature < 1e-5
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -43,11 +43,8 @@ def test_openapi_operations(case, fuzz_server):
         assert not any(m in response.text for m in TRACE_MARKERS), response.text
 
 
-# Found by this fuzzer (19:26 UTC, 2025-11-25 build): top_p below float32's smallest subnormal
-# becomes 0.0 in adasd_core.sampling.logits_to_probs, every token is dropped, the probabilities are
-# 0/0 = NaN and torch.multinomial raises in the worker: a 500 `internal_error`. Reported; the fix
-# belongs in adasd_core (keep the top token: `drop[..., 0] = False`). Until then this is an xfail.
-@pytest.mark.xfail(reason="adasd_core.sampling: top_p < float32 tiny -> NaN probabilities -> 500", strict=False)
+# Found by this fuzzer: a top_p below float32's smallest subnormal became 0.0, every token was
+# dropped and the NaN probabilities made the worker raise (a 500). Fixed in adasd_core.sampling.
 @pytest.mark.parametrize("path,payload", [
     ("/v1/completions", {"prompt": "x"}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
@@ -61,9 +58,8 @@ def test_denormal_top_p_is_not_a_server_error(fuzz_server, path, payload):
 
 
 @pytest.mark.parametrize("field,value", [
-    # also found here: logits / 1e-320 overflow to inf, softmax gives NaN, the worker raises (500). Reported.
-    pytest.param("temperature", 1e-320, marks=pytest.mark.xfail(
-        reason="adasd_core.sampling: denormal temperature -> inf logits -> NaN -> 500", strict=False)),
+    # also found here: logits / 1e-320 overflowed to inf (a 500); such temperatures are greedy now
+    ("temperature", 1e-320),
     ("temperature", 1e308), ("top_p", 1e-30)])
 def test_extreme_sampling_values_are_not_server_errors(fuzz_server, field, value):
     import httpx
