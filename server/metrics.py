@@ -74,8 +74,11 @@ class AdasdMetrics:
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, label, registry=registry).labels(model_name)
 
-        def lazy_gauge(name: str, doc: str) -> Gauge:  # the series appears with its first value
-            return Gauge(name, doc, label, registry=registry)
+        def lazy_gauge(name: str, doc: str) -> Gauge:
+            # NaN until a request reports a value, so the series exists for dashboards from the start
+            g = Gauge(name, doc, label, registry=registry)
+            g.labels(model_name).set(float("nan"))
+            return g
 
         self.requests = counter("adasd_requests_total", "Finished generations by method and outcome "
                                 "(success, cancelled, error, rejected).", ("method", "status"))
