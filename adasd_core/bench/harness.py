@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -192,6 +193,7 @@ def run_bench(cfg: BenchConfig, pair: ModelPair | None = None, progress: bool = 
     from adasd_core.models import load_pair
 
     started = time.time()
+    load_start = _load_average()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     verbosity = hf_logging.get_verbosity()
@@ -233,6 +235,8 @@ def run_bench(cfg: BenchConfig, pair: ModelPair | None = None, progress: bool = 
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(time.time() - started, 1),
         "machine": machine_info(),
+        # other work on the machine during the run skews every timing: 1-minute load average
+        "load_average": {"start": load_start, "end": _load_average()},
         "models": {"target": pair.target_name or cfg.target, "draft": pair.draft_name or cfg.draft,
                    "device": str(pair.device), "dtype": str(pair.dtype).replace("torch.", ""),
                    "context_length": pair.context_length, "decode_step": steps},
@@ -247,6 +251,13 @@ def run_bench(cfg: BenchConfig, pair: ModelPair | None = None, progress: bool = 
     }
     write_outputs(result, Path(cfg.out_dir), plots=cfg.plots)
     return result
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        return None
 
 
 def _record_json(r: Record) -> dict:

@@ -45,7 +45,10 @@ def markdown(result: dict) -> str:
         f"- Models: target `{models['target']}`, draft `{models['draft']}` on {models['device']} ({models['dtype']}); "
         f"one decode step: target {models['decode_step'].get('target_ms', '?')} ms, "
         f"draft {models['decode_step'].get('draft_ms', '?')} ms (median)",
-        "- Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()),
+        "- Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items())
+        + (f"; 1-minute load average {result['load_average']['start']} at the start, {result['load_average']['end']} "
+           "at the end (a load above the bench's thread count means other work competed for the CPU)"
+           if result.get("load_average", {}).get("start") is not None else ""),
         f"- Greedy: temperature 0. Sampled: temperature {cfg['temperature']}, top-p 1, top-k off; "
         "the same seed for every method on a given prompt and repeat.",
     ]
