@@ -67,7 +67,7 @@ def bench(
     if as_json:
         print(json.dumps({"rows": result["rows"], "targets": result["targets"], "files": result["files"]}))
         return
-    console.print(open(result["files"]["markdown"]).read(), markup=False, highlight=False)
+    print(open(result["files"]["markdown"]).read())  # plain: a console would re-wrap the table
 
 
 def bench_serve(
@@ -119,4 +119,4 @@ def bench_serve(
     if as_json:
         print(json.dumps({k: result[k] for k in ("levels", "in_process", "overhead", "files")}))
         return
-    console.print(open(result["files"]["markdown"]).read(), markup=False, highlight=False)
+    print(open(result["files"]["markdown"]).read())  # plain: a console would re-wrap the table
