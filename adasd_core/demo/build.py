@@ -61,6 +61,12 @@ class BuildConfig:
     draft_init_layers: tuple[int, ...] = (0, -1)  # target layers copied into the draft before distillation
     target_train: TrainPlan = field(default_factory=lambda: TrainPlan(3600, 8, 1.5e-3, 200))
     draft_train: TrainPlan = field(default_factory=lambda: TrainPlan(1200, 8, 1.5e-3, 100))
+    # second distillation of the draft on the target's own continuations, where decoding happens
+    refine_sequences: int = 1024
+    refine_prompt_tokens: int = 128
+    refine_new_tokens: int = 256
+    refine_temperatures: tuple[float, ...] = (0.0, 0.7, 1.0)  # 0: greedy
+    draft_refine: TrainPlan = field(default_factory=lambda: TrainPlan(1500, 8, 5e-4, 50))
     max_files: int | None = None
     eval_windows: int = 48
 
@@ -75,6 +81,10 @@ class BuildConfig:
             draft_init_layers=(-1,),
             target_train=TrainPlan(40, 4, 3e-3, 5),
             draft_train=TrainPlan(30, 4, 3e-3, 5),
+            refine_sequences=8,
+            refine_prompt_tokens=32,
+            refine_new_tokens=32,
+            draft_refine=TrainPlan(10, 4, 1e-3, 2),
             max_files=30,
             eval_windows=4,
         )
@@ -141,7 +151,11 @@ def llama_config(shape: ModelShape, tokenizer, context: int):
 
 
 def _batches(stream: torch.Tensor, plan: TrainPlan, seq: int, gen: torch.Generator):
-    """Random windows of seq+1 tokens: [B, seq+1]."""
+    """Random windows of seq+1 tokens of a flat stream, or random rows of [N, L] sequences: [B, seq+1]."""
+    if stream.dim() == 2:
+        for _ in range(plan.steps):
+            yield stream[torch.randint(0, stream.size(0), (plan.batch_size,), generator=gen)].long()
+        return
     hi = stream.numel() - seq - 1
     for _ in range(plan.steps):
         starts = torch.randint(0, hi, (plan.batch_size,), generator=gen)
@@ -211,6 +225,38 @@ def held_out_loss(model, stream: torch.Tensor, seq: int, windows: int) -> float:
     return total / count
 
 
+@torch.inference_mode()
+def target_continuations(
+    model, stream: torch.Tensor, cfg: "BuildConfig", batch_size: int = 32, on_batch: Callable[[int], None] | None = None
+) -> torch.Tensor:
+    """The target continues random corpus windows: [refine_sequences, prompt + new] int32.
+
+    Batches cycle through cfg.refine_temperatures (0 = greedy); EOS does not stop a row, as in
+    the corpus stream, where a new file follows."""
+    from adasd_core.kv_cache import forward_batch, new_cache
+
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    p_len, n_new = cfg.refine_prompt_tokens, cfg.refine_new_tokens
+    rows = []
+    for b, start in enumerate(range(0, cfg.refine_sequences, batch_size)):
+        n = min(batch_size, cfg.refine_sequences - start)
+        starts = torch.randint(0, stream.numel() - p_len, (n,), generator=gen).tolist()
+        seqs = torch.stack([stream[s : s + p_len] for s in starts]).long()  # [n, P]
+        temperature = cfg.refine_temperatures[b % len(cfg.refine_temperatures)]
+        cache, feed = new_cache(model, use_lean=False), seqs  # batched: the transformers path
+        for _ in range(n_new):
+            logits = forward_batch(model, feed, cache, logits_to_keep=1)[:, -1].float()
+            if temperature > 0:
+                feed = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
+            else:
+                feed = logits.argmax(-1, keepdim=True)  # [n, 1]
+            seqs = torch.cat([seqs, feed], dim=1)
+        rows.append(seqs.int())
+        if on_batch:
+            on_batch(start + n)
+    return torch.cat(rows)
+
+
 def init_from_teacher(student, teacher, layers: tuple[int, ...]) -> None:
     """Start the draft from the target: its embeddings, final norm and the chosen decoder layers."""
     with torch.no_grad():
@@ -239,7 +285,7 @@ def build(
     out: Path = DEMO_DIR,
     cfg: BuildConfig | None = None,
     force: bool = False,
-    stages: tuple[str, ...] = ("tokenizer", "target", "draft", "report"),
+    stages: tuple[str, ...] = ("tokenizer", "target", "draft", "refine", "report"),
     progress: bool = True,
 ) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -309,6 +355,22 @@ def build(
         if "draft" in stages and (force or not (draft_dir / "model.safetensors").exists()):
             teacher = LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
             run("draft", cfg.draft, cfg.draft_train, draft_dir, teacher=teacher)
+            log.pop("refine", None)
+        if "refine" in stages and (force or "refine" not in log) and cfg.refine_sequences:
+            teacher = LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+            student = LlamaForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
+            student.config._attn_implementation = "sdpa"
+            t0 = time.time()
+            task = bar.add_task("target continuations", total=cfg.refine_sequences, info="")
+            data = target_continuations(teacher, train_stream, cfg, on_batch=lambda n: bar.update(task, completed=n))
+            gen_s = time.time() - t0
+            task = bar.add_task("refine draft", total=cfg.draft_refine.steps, info="")
+            curve = train_model(student, data, cfg.draft_refine, data.size(1) - 1, cfg.seed + 3, teacher,
+                                lambda step, loss: bar.update(task, completed=step + 1, info=f"loss {loss:.3f}"))
+            _save(student, tokenizer, draft_dir)
+            log["refine"] = {"seconds": round(time.time() - t0, 1), "generation_seconds": round(gen_s, 1),
+                             "tokens": data.numel(), "plan": asdict(cfg.draft_refine), "loss_curve": curve}
+            log_path.write_text(json.dumps(log, indent=2))
         if (target_dir / "tokenizer.json").exists():
             shutil.rmtree(tok_dir, ignore_errors=True)
 
