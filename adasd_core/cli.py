@@ -94,6 +94,7 @@ def _compare(engine, prompt, params, k, verification, repeats, as_json):
         "gen-only": SpecConfig(method="gen-only"),
         f"verify-only ({verification})": SpecConfig(method="verify-only", k=k, verification=verification),
         f"adasd ({verification})": SpecConfig(method="adasd", verification=verification),
+        f"hybrid ({verification})": SpecConfig(method="hybrid", k=k, verification=verification),
     }
     runs: dict[str, list] = {name: [] for name in specs}
     engine.generate(prompt, SamplingParams(max_tokens=8), specs["ar"])  # warm-up
@@ -137,7 +138,7 @@ def build_demo(
     from adasd_core.demo.build import DEMO_DIR, BuildConfig, build
 
     cfg = BuildConfig.quick(seed) if quick else BuildConfig(seed=seed)
-    stages = ("report",) if report_only else ("tokenizer", "target", "draft", "report")
+    stages = ("report",) if report_only else ("tokenizer", "target", "draft", "refine", "report")
     log = build(out or DEMO_DIR, cfg, force=force, stages=stages)
     report = log.get("report", {})
     console.print_json(json.dumps({k: v for k, v in report.items() if k != "samples"}))

@@ -18,7 +18,7 @@ class DraftPolicy:
     def keep_drafting(self, entropy: float, n_drafted: int) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def update(self, rejected_entropies: list[float]) -> None:
+    def update(self, rejected_entropies: list[float], all_accepted: bool = False) -> None:
         pass
 
     @property
@@ -59,6 +59,24 @@ class EntropyStop(DraftPolicy):
         t = self.threshold
         return t is None or entropy <= t
 
-    def update(self, rejected_entropies: list[float]) -> None:
+    def update(self, rejected_entropies: list[float], all_accepted: bool = False) -> None:
         self.sum_rejected += sum(rejected_entropies)
         self.n_rejected += len(rejected_entropies)
+
+
+@dataclass
+class CappedEntropyStop(EntropyStop):
+    """The entropy stop under a draft-length cap that follows the outcomes, as transformers'
+    assisted generation schedules its drafts: +2 after a round whose candidates were all
+    accepted, -1 otherwise. It bounds AdaSD's long drafts (the first rounds, before T_G is
+    known, and stretches where the draft is confident but wrong)."""
+
+    name = "capped-entropy"
+    cap: int = 5
+
+    def keep_drafting(self, entropy: float, n_drafted: int) -> bool:
+        return n_drafted < self.cap and super().keep_drafting(entropy, n_drafted)
+
+    def update(self, rejected_entropies: list[float], all_accepted: bool = False) -> None:
+        super().update(rejected_entropies)
+        self.cap = min(self.window, self.cap + 2) if all_accepted else max(1, self.cap - 1)

@@ -6,7 +6,9 @@ accepted in order by the standard check or the relaxed JS check, and the round e
 accepted candidates plus one correction or bonus token. Both caches are then cut back.
 
 Cache invariant between rounds: the target cache holds every token but the last; the draft
-cache holds a prefix of that (it lags by one token after a fully accepted round).
+cache holds a prefix of that (it lags by one token after a fully accepted round). Before the
+first round the target cache holds the whole prompt and its last logits are kept, as a
+transformers generate() prefill does, so no forward is spent on the prompt's last token.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Iterator
 import torch
 
 from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
-from adasd_core.drafting import WINDOW, DraftPolicy, EntropyStop, FixedK
+from adasd_core.drafting import WINDOW, CappedEntropyStop, DraftPolicy, EntropyStop, FixedK
 from adasd_core.errors import ContextLengthError, InvalidRequestError
 from adasd_core.kv_cache import cache_length, forward, new_cache, rollback
 from adasd_core.models import ModelPair
@@ -34,13 +36,14 @@ from adasd_core.verification import (
     standard_check,
 )
 
-METHODS = ("ar", "vanilla", "gen-only", "verify-only", "adasd")
+METHODS = ("ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid")
 VERIFICATIONS = ("bayes", "threshold", "none")
 
 
 @dataclass
 class SpecConfig:
-    """Which method a request runs. `verification` applies to verify-only and adasd."""
+    """Which method a request runs. `verification` applies to verify-only, adasd and hybrid;
+    `k` is the fixed draft length of vanilla and verify-only, and hybrid's first cap."""
 
     method: str = "adasd"
     k: int = 5
@@ -65,10 +68,12 @@ class SpecConfig:
             return None
         if self.method in ("vanilla", "verify-only"):
             return FixedK(self.k)
+        if self.method == "hybrid":
+            return CappedEntropyStop(self.window, cap=min(self.k, self.window))
         return EntropyStop(self.window)
 
     def relaxed_check(self) -> RelaxedCheck:
-        relaxed = self.method in ("verify-only", "adasd")
+        relaxed = self.method in ("verify-only", "adasd", "hybrid")
         return make_relaxed_check(self.verification if relaxed else "none")
 
 
@@ -136,13 +141,14 @@ class Generation:
         t0 = time.perf_counter()
         self.target_cache = new_cache(pair.target)
         self.draft_cache = new_cache(pair.draft) if self.policy is not None else None
-        prefix = torch.tensor(prompt_ids[:-1], dtype=torch.long, device=pair.input_device)
-        if prefix.numel():
-            forward(pair.target, prefix, self.target_cache, logits_to_keep=1)
-            self.stats.target_forwards += 1
-            if self.draft_cache is not None:
-                forward(pair.draft, prefix.to(pair.device), self.draft_cache, logits_to_keep=1)
-                self.stats.draft_forwards += 1
+        prompt = torch.tensor(prompt_ids, dtype=torch.long, device=pair.input_device)
+        # the target reads the whole prompt, so the first round starts from its last logits [1, V];
+        # the draft reads all but the last token, which its first step feeds
+        self._pending_logits = forward(pair.target, prompt, self.target_cache, logits_to_keep=1)
+        self.stats.target_forwards += 1
+        if self.draft_cache is not None and len(prompt_ids) > 1:
+            forward(pair.draft, prompt[:-1].to(pair.device), self.draft_cache, logits_to_keep=1)
+            self.stats.draft_forwards += 1
         self.prefill_s = time.perf_counter() - t0
 
     @property
@@ -216,9 +222,18 @@ class Generation:
         """Score candidates + bonus with one target forward; returns emitted ids and logprobs."""
         pair, params, gen = self.pair, self.params, self.generator
         k = len(candidates)
-        feed = torch.tensor([self.tokens[-1], *candidates], dtype=torch.long, device=pair.input_device)
-        logits = forward(pair.target, feed, self.target_cache)[:, : pair.vocab_size].to(pair.device)  # [k+1, V]
-        self.stats.target_forwards += 1
+        if self._pending_logits is None:  # the cache lacks the last token: feed it before the candidates
+            feed = torch.tensor([self.tokens[-1], *candidates], dtype=torch.long, device=pair.input_device)
+            logits = forward(pair.target, feed, self.target_cache)
+            self.stats.target_forwards += 1
+        else:  # first round: the prefill already scored the position after the prompt
+            logits = self._pending_logits
+            if k:
+                feed = torch.tensor(candidates, dtype=torch.long, device=pair.input_device)
+                logits = torch.cat([logits, forward(pair.target, feed, self.target_cache)])
+                self.stats.target_forwards += 1
+            self._pending_logits = None
+        logits = logits[:, : pair.vocab_size].to(pair.device)  # [k+1, V]
         target_probs = logits_to_probs(logits, params)
 
         n_accepted, n_standard, n_relaxed, flags = 0, 0, 0, []
@@ -226,29 +241,28 @@ class Generation:
             cand = torch.tensor(candidates, device=pair.device)
             std = standard_check(cand, target_probs[:k], draft_probs, params.greedy, gen).tolist()
             use_relaxed = self.relaxed.name != "none"
-            d = js_distance(target_probs[:k], draft_probs).tolist() if use_relaxed else [0.0] * k
-            relax_p = self.relaxed.accept_probability(d) if use_relaxed else [0.0] * k
+            d = js_distance(target_probs[:k], draft_probs).tolist() if use_relaxed else None
             draws = torch.rand(k, generator=gen, device=pair.device).tolist() if (use_relaxed and not params.greedy) else None
-            rejected_entropies = []
+            examined = 0
             for i in range(k):
+                examined += 1
                 if std[i]:
                     ok, n_standard = True, n_standard + 1
-                elif params.greedy:
-                    ok = relax_p[i] > 0.5
+                elif use_relaxed:  # the posterior is only needed where the standard check failed
+                    p_accept = self.relaxed.accept_probability([d[i]])[0]
+                    ok = p_accept > 0.5 if params.greedy else draws[i] < p_accept
                     n_relaxed += ok
                 else:
-                    ok = draws is not None and draws[i] < relax_p[i]
-                    n_relaxed += ok
-                # statistics are labelled by the standard check, over the candidates examined
-                if use_relaxed:
-                    self.relaxed.observe(d[i], bool(std[i]))
-                if not std[i]:
-                    rejected_entropies.append(entropies[i])
+                    ok = False
                 flags.append(bool(ok))
                 if not ok:
                     break
                 n_accepted += 1
-            self.policy.update(rejected_entropies)
+            # the statistics learn after the round, from the candidates examined, labelled by the standard check
+            if use_relaxed:
+                for i in range(examined):
+                    self.relaxed.observe(d[i], bool(std[i]))
+            self.policy.update([entropies[i] for i in range(examined) if not std[i]], all_accepted=n_accepted == k)
 
         if n_accepted < k:
             extra = correction_token(target_probs[n_accepted], draft_probs[n_accepted], params.greedy, gen)

@@ -125,12 +125,18 @@ class ThresholdCheck(RelaxedCheck):
         return {"js_threshold": self.threshold}
 
 
-def _kde(samples: deque, x: float) -> float:
-    """Gaussian KDE density at x, Scott's bandwidth with a floor."""
+def _bandwidth(samples: deque) -> float:
+    """Scott's rule with a floor."""
     n = len(samples)
     mean = sum(samples) / n
     std = math.sqrt(sum((s - mean) ** 2 for s in samples) / max(1, n - 1))
-    h = max(1.06 * std * n ** -0.2, 0.02)
+    return max(1.06 * std * n ** -0.2, 0.02)
+
+
+def _kde(samples: deque, x: float, h: float | None = None) -> float:
+    """Gaussian KDE density at x with bandwidth h (Scott's rule by default)."""
+    n = len(samples)
+    h = h or _bandwidth(samples)
     norm = 1.0 / (n * h * math.sqrt(2 * math.pi))
     return norm * sum(math.exp(-0.5 * ((x - s) / h) ** 2) for s in samples)
 
@@ -150,6 +156,7 @@ class BayesCheck(RelaxedCheck):
     rejected: deque = field(default_factory=deque)
     n_accepted: int = 0
     n_rejected: int = 0
+    _bandwidths: tuple[float, float] | None = field(default=None, repr=False)  # cached until the next observe
 
     def ready(self) -> bool:
         return len(self.accepted) >= self.min_samples and len(self.rejected) >= self.min_samples
@@ -157,9 +164,11 @@ class BayesCheck(RelaxedCheck):
     def posterior(self, d: float) -> float | None:
         if not self.ready():
             return None
+        if self._bandwidths is None:
+            self._bandwidths = (_bandwidth(self.accepted), _bandwidth(self.rejected))
         prior_a = self.n_accepted / (self.n_accepted + self.n_rejected)
-        like_a = _kde(self.accepted, d) * prior_a
-        like_r = _kde(self.rejected, d) * (1.0 - prior_a)
+        like_a = _kde(self.accepted, d, self._bandwidths[0]) * prior_a
+        like_r = _kde(self.rejected, d, self._bandwidths[1]) * (1.0 - prior_a)
         total = like_a + like_r
         return like_a / total if total > 0 else 0.0
 
@@ -173,6 +182,7 @@ class BayesCheck(RelaxedCheck):
         else:
             self.n_rejected += 1
         if 0.0 < d < 1.0:
+            self._bandwidths = None
             group.append(d)
             if len(group) > self.max_samples:
                 group.popleft()

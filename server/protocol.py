@@ -30,7 +30,7 @@ def random_id(prefix: str) -> str:
 class AdasdOptions(OpenAIBaseModel):
     """Extension: which speculative method this request runs (defaults come from the config)."""
 
-    method: str | None = None  # ar | vanilla | gen-only | verify-only | adasd
+    method: str | None = None  # ar | vanilla | gen-only | verify-only | adasd | hybrid
     k: int | None = None  # draft length for vanilla / verify-only
     verification: str | None = None  # bayes | threshold | none
 

@@ -29,7 +29,7 @@ DEMO_SERVED_NAME = "adasd-demo"
 
 # mirrors adasd_core.engine.METHODS / VERIFICATIONS (kept here so settings load without torch;
 # tests/server/test_settings.py checks they agree)
-Method = Literal["ar", "vanilla", "gen-only", "verify-only", "adasd"]
+Method = Literal["ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid"]
 Verification = Literal["bayes", "threshold", "none"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 

@@ -330,7 +330,7 @@ def _traces(methods: list[Method], tasks: list[Task], cfg: BenchConfig) -> dict:
     mode = "sampled" if "sampled" in cfg.modes else "greedy"
     out = {"task": task.name, "mode": mode, "prompt": task.prompts[0].id, "rounds": {}}
     for method in methods:
-        if method.key in ("adasd-bayes", "adasd-threshold"):
+        if method.key in ("adasd-bayes", "adasd-threshold", "hybrid"):
             run = method.run(task.prompts[0].ids, sampling_params(task, mode, cfg, 0, 0), trace=True)
             out["rounds"][method.key] = run.trace or []
     return out
@@ -400,32 +400,36 @@ def _round(x, n):
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, measured in this run (AdaSD = adasd (bayes))."""
+    """The issue's targets, measured in this run, for adasd (bayes) (the paper's method) and for our hybrid."""
     def get(task, mode, method, col):
         return next((r[col] for r in rows if r["task"] == task and r["mode"] == mode and r["method"] == method), None)
 
     speed_task = "continuation" if any(r["task"] == "continuation" for r in rows) else (rows[0]["task"] if rows else None)
     out = []
+    subjects = [m for m in ("adasd-bayes", "hybrid") if any(r["method"] == m for r in rows)]
     for mode in MODES:
-        a = get(speed_task, mode, "adasd-bayes", "tokens_per_s")
-        for name, other in (("adasd_vs_vanilla", "vanilla"), ("adasd_vs_hf_assisted", "hf-assisted"),
-                            ("adasd_vs_target", "target")):
-            b = get(speed_task, mode, other, "tokens_per_s")
-            if a and b:
-                value = a / b
-                out.append({"target": name, "task": speed_task, "mode": mode, "value": round(value, 3),
-                            "goal": f">= {TARGETS[name]}", "met": value >= TARGETS[name]})
+        for subject in subjects:
+            a = get(speed_task, mode, subject, "tokens_per_s")
+            for name, other in (("adasd_vs_vanilla", "vanilla"), ("adasd_vs_hf_assisted", "hf-assisted"),
+                                ("adasd_vs_target", "target")):
+                b = get(speed_task, mode, other, "tokens_per_s")
+                if a and b:
+                    value = a / b
+                    out.append({"target": name, "method": subject, "task": speed_task, "mode": mode,
+                                "value": round(value, 3), "goal": f">= {TARGETS[name]}", "met": value >= TARGETS[name]})
         ours, hf = get(speed_task, mode, "target", "tokens_per_s"), get(speed_task, mode, "hf-target", "tokens_per_s")
         if ours and hf:  # our autoregressive loop must not be slower than transformers' generate()
             name = "our_target_vs_hf_generate"
-            out.append({"target": name, "task": speed_task, "mode": mode, "value": round(ours / hf, 3),
+            out.append({"target": name, "method": "target", "task": speed_task, "mode": mode, "value": round(ours / hf, 3),
                         "goal": f">= {TARGETS[name]}", "met": ours / hf >= TARGETS[name]})
         for task in sorted({r["task"] for r in rows if r["accuracy"] is not None}):
-            acc_a, acc_t = get(task, mode, "adasd-bayes", "accuracy"), get(task, mode, "target", "accuracy")
-            if acc_a is not None and acc_t is not None:
-                diff = acc_a - acc_t
-                out.append({"target": "accuracy_vs_target", "task": task, "mode": mode, "value": round(diff, 2),
-                            "goal": f">= -{TARGETS['accuracy_points']} points", "met": diff >= -TARGETS["accuracy_points"]})
+            for subject in subjects:
+                acc_a, acc_t = get(task, mode, subject, "accuracy"), get(task, mode, "target", "accuracy")
+                if acc_a is not None and acc_t is not None:
+                    diff = acc_a - acc_t
+                    out.append({"target": "accuracy_vs_target", "method": subject, "task": task, "mode": mode,
+                                "value": round(diff, 2), "goal": f">= -{TARGETS['accuracy_points']} points",
+                                "met": diff >= -TARGETS["accuracy_points"]})
     return out
 
 

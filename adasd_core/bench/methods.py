@@ -209,7 +209,7 @@ def _null():
 # ----------------------------------------------------------------------------- the row set
 
 METHOD_KEYS = ("draft", "target", "hf-target", "vanilla", "hf-assisted", "gen-only", "verify-only", "adasd-bayes",
-               "adasd-threshold")
+               "adasd-threshold", "hybrid")
 
 
 def build_methods(pair: ModelPair, keys: tuple[str, ...] = METHOD_KEYS, k: int = 5, engine: SpeculativeEngine | None = None,
@@ -235,6 +235,7 @@ def build_methods(pair: ModelPair, keys: tuple[str, ...] = METHOD_KEYS, k: int =
                         SpecConfig(method="verify-only", k=k, verification=verify_only_check), False),
         "adasd-bayes": ("adasd (bayes)", SpecConfig(method="adasd", verification="bayes"), False),
         "adasd-threshold": ("adasd (threshold)", SpecConfig(method="adasd", verification="threshold"), False),
+        "hybrid": (f"hybrid (bayes, cap from {k})", SpecConfig(method="hybrid", k=k, verification="bayes"), False),
     }
     for key, (label, spec, lossless) in specs.items():
         if key in keys:

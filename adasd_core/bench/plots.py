@@ -99,7 +99,7 @@ def _thresholds(plt, result: dict):
     if not any(traces.values()):
         return None
     fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
-    labels = {"adasd-bayes": "adasd (bayes)", "adasd-threshold": "adasd (threshold)"}
+    labels = {"adasd-bayes": "adasd (bayes)", "adasd-threshold": "adasd (threshold)", "hybrid": "hybrid (bayes)"}
     for key, rounds in traces.items():
         x = list(range(1, len(rounds) + 1))
         tg = [r.get("entropy_threshold") for r in rounds]

@@ -73,11 +73,11 @@ def markdown(result: dict) -> str:
             temp = "temperature 0" if mode == "greedy" else f"temperature {cfg['temperature']}"
             out += [f"## {t['name']}, {mode} ({temp})", "", table(rows), ""]
     if result["targets"]:
-        out += ["## Targets (issue 4), measured in this run", "", "| target | task | mode | value | goal | met |",
-                "|---|---|---|---:|---|---|"]
+        out += ["## Targets (issue 4), measured in this run", "", "| target | method | task | mode | value | goal | met |",
+                "|---|---|---|---|---:|---|---|"]
         for t in result["targets"]:
             value = f"{t['value']:+.2f} points" if t["target"].startswith("accuracy") else f"{t['value']:.2f}x"
-            out.append(f"| {t['target']} | {t['task']} | {t['mode']} | {value} | {t['goal']} | "
+            out.append(f"| {t['target']} | {t.get('method', '')} | {t['task']} | {t['mode']} | {value} | {t['goal']} | "
                        f"{'yes' if t['met'] else '**no**'} |")
         out.append("")
     out += ["## Definitions", "", DEFINITIONS]

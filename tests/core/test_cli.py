@@ -28,7 +28,7 @@ def test_generate_compare(quick_pair_dir):
                                  *_models(quick_pair_dir)])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
-    assert [r["method"].split()[0] for r in rows] == ["ar", "vanilla", "gen-only", "verify-only", "adasd"]
+    assert [r["method"].split()[0] for r in rows] == ["ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid"]
 
 
 def test_generate_bad_input_is_a_clear_error(quick_pair_dir):

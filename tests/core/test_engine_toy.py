@@ -39,12 +39,12 @@ def cyclic_pair(seed: int, v: int = 8):
     return target, draft
 
 
-@pytest.mark.parametrize("method", ["vanilla", "gen-only", "verify-only", "adasd"])
+@pytest.mark.parametrize("method", ["vanilla", "gen-only", "verify-only", "adasd", "hybrid"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_greedy_matches_target_alone(method, seed):
     target, draft = cyclic_pair(seed)
     eng = engine_for(target, draft)
-    verification = "none" if method in ("verify-only", "adasd") else "bayes"
+    verification = "none" if method in ("verify-only", "adasd", "hybrid") else "bayes"
     ref = eng.generate([0, 3], SamplingParams(max_tokens=40), SpecConfig(method="ar"))
     out = eng.generate([0, 3], SamplingParams(max_tokens=40), SpecConfig(method=method, verification=verification))
     assert out.token_ids == ref.token_ids
@@ -71,8 +71,9 @@ def _chi2_pvalue(counts, table, n, temperature, length):
 
 @pytest.mark.parametrize(
     "spec",
-    [SpecConfig(method="vanilla", k=2), SpecConfig(method="adasd", verification="none"), SpecConfig(method="gen-only")],
-    ids=["vanilla", "adasd-relaxed-off", "gen-only"],
+    [SpecConfig(method="vanilla", k=2), SpecConfig(method="adasd", verification="none"), SpecConfig(method="gen-only"),
+     SpecConfig(method="hybrid", k=2, verification="none")],
+    ids=["vanilla", "adasd-relaxed-off", "gen-only", "hybrid-relaxed-off"],
 )
 def test_sampling_reproduces_target_distribution(spec):
     target, draft = random_tables(V, seed=7, sharpness=1.0)
@@ -104,9 +105,10 @@ def test_forward_counts_and_no_prefix_rerun():
     assert s.target_forwards == s.rounds + 1  # prefill + one per round
     assert s.draft_forwards == s.drafted_tokens + 1  # prefill + one per candidate
     target_calls = eng.pair.target.calls
-    assert target_calls[0] == len(prompt) - 1
-    # each round feeds the last token plus its candidates, never the prefix again
-    assert sum(target_calls[1:]) == s.rounds + s.drafted_tokens
+    assert target_calls[0] == len(prompt)
+    # the first round feeds its candidates (the prefill scored the prompt's last token); every later
+    # round feeds the last token plus its candidates, never the prefix again
+    assert sum(target_calls[1:]) == s.rounds - 1 + s.drafted_tokens
 
 
 def test_kv_rollback_holds_exactly_the_accepted_prefix():
@@ -132,7 +134,7 @@ def test_max_tokens_one():
     eng = engine_for(target, draft)
     out = eng.generate([0, 1], SamplingParams(max_tokens=1), SpecConfig(method="adasd"))
     assert len(out.token_ids) == 1 and out.finish_reason == "length"
-    assert out.stats.drafted_tokens == 0 and out.stats.target_forwards == 2
+    assert out.stats.drafted_tokens == 0 and out.stats.target_forwards == 1  # the prefill's logits give the token
 
 
 def test_eos_inside_a_draft_ends_the_generation():

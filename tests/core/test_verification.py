@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adasd_core.drafting import EntropyStop, FixedK
+from adasd_core.drafting import CappedEntropyStop, EntropyStop, FixedK
 from adasd_core.verification import (
     BayesCheck,
     ThresholdCheck,
@@ -126,6 +126,22 @@ def test_entropy_stop_threshold_is_running_mean_of_rejections():
     policy.update([5.0])
     assert policy.threshold == pytest.approx(3.0)  # over all rejections, not a window
     assert policy.keep_drafting(2.9, 1) and not policy.keep_drafting(3.1, 1)
+
+
+def test_capped_entropy_stop_follows_the_outcomes():
+    policy = CappedEntropyStop(window=8, cap=3)
+    assert policy.keep_drafting(50.0, 2) and not policy.keep_drafting(0.0, 3)  # no T_G yet: the cap stops it
+    policy.update([], all_accepted=True)
+    assert policy.cap == 5
+    policy.update([2.0], all_accepted=False)
+    assert policy.cap == 4 and policy.threshold == pytest.approx(2.0)
+    assert policy.keep_drafting(1.9, 3) and not policy.keep_drafting(2.1, 1)  # T_G still stops it
+    for _ in range(10):
+        policy.update([], all_accepted=True)
+    assert policy.cap == 8  # never past the window
+    for _ in range(10):
+        policy.update([4.0], all_accepted=False)
+    assert policy.cap == 1  # and always at least one candidate
 
 
 def test_fixed_k():

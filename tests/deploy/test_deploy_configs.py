@@ -23,7 +23,7 @@ KEYS = {
 CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},
     "device_map": {None, "auto"},
-    "method": {"ar", "vanilla", "gen-only", "verify-only", "adasd"},
+    "method": {"ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid"},
     "verification": {"bayes", "threshold", "none"},
 }
 PAIRS = {

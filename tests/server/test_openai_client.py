@@ -161,7 +161,7 @@ def test_tiny_top_p_and_temperature_are_greedy(client):
         assert client.completions.create(temperature=temperature, extra_body=body, **kw).choices[0].text == greedy
 
 
-@pytest.mark.parametrize("method", ["ar", "vanilla", "gen-only", "verify-only", "adasd"])
+@pytest.mark.parametrize("method", ["ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid"])
 def test_methods(client, method):
     kw = dict(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
     adasd = {"method": method, "k": 3, "verification": "threshold"}
