@@ -66,7 +66,7 @@ class BuildConfig:
     refine_prompt_tokens: int = 128
     refine_new_tokens: int = 256
     refine_temperatures: tuple[float, ...] = (0.0, 0.7, 1.0)  # 0: greedy
-    draft_refine: TrainPlan = field(default_factory=lambda: TrainPlan(1500, 8, 5e-4, 50))
+    draft_refine: TrainPlan = field(default_factory=lambda: TrainPlan(500, 8, 5e-4, 50))
     max_files: int | None = None
     eval_windows: int = 48
 
