@@ -83,6 +83,8 @@ def bench_serve(
     ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos"),
     in_process: bool = typer.Option(True, "--in-process/--no-in-process",
                                     help="Also run the engine in process for the overhead ratio."),
+    overhead_repeats: int = typer.Option(3, "--overhead-repeats",
+                                         help="Passes of the interleaved HTTP / in-process comparison (median)."),
     model: Optional[str] = typer.Option(None, help="Model name to send (default: the first of /v1/models)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY"),
     out: str = typer.Option("bench_results"),
@@ -101,7 +103,8 @@ def bench_serve(
         cfg = ServeBenchConfig(base_url=base_url, concurrency=tuple(int(c) for c in _split(concurrency)),
                                requests=requests or None, max_tokens=max_tokens, temperature=temperature,
                                prompts_file=prompts_file, method=None if method == "server" else method,
-                               ignore_eos=ignore_eos, in_process=in_process, model=model, api_key=api_key,
+                               ignore_eos=ignore_eos, in_process=in_process, overhead_repeats=overhead_repeats,
+                               model=model, api_key=api_key,
                                out_dir=out, threads=threads, plots=plots, target=target, draft=draft, device=device,
                                dtype=dtype)
     except ValueError as exc:

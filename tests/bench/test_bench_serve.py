@@ -34,8 +34,11 @@ def test_levels_and_overhead(quick_pair, tmp_path):
         assert lv["tokens_per_s"] > 0 and lv["tokens_per_chunk"] == 2.0
         assert 0 < lv["ttft_ms"]["p50"] <= lv["ttft_ms"]["p99"] <= lv["latency_ms"]["p99"]
         assert lv["itl_ms"]["p50"] > 0 and lv["chunk_gap_ms"]["p50"] > 0
-    assert res["in_process"]["method"] == "adasd" and res["in_process"]["tokens"] == 4 * 8
+    passes = res["overhead"]["passes"]
+    assert len(passes) == cfg.overhead_repeats == 3
+    assert res["in_process"]["method"] == "adasd" and res["in_process"]["tokens"] == 3 * 4 * 8
     assert res["overhead"]["ratio"] > 0 and isinstance(res["overhead"]["met"], bool)
+    assert res["overhead"]["ratio"] == pytest.approx(sorted(p["http"] / p["local"] for p in passes)[1], rel=1e-3)
     for name in ("bench_serve.json", "bench_serve.md", "bench_serve.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "bench_serve.json").read_text())["levels"] == res["levels"]
