@@ -243,9 +243,7 @@ class Generation:
             use_relaxed = self.relaxed.name != "none"
             d = js_distance(target_probs[:k], draft_probs).tolist() if use_relaxed else None
             draws = torch.rand(k, generator=gen, device=pair.device).tolist() if (use_relaxed and not params.greedy) else None
-            examined = 0
             for i in range(k):
-                examined += 1
                 if std[i]:
                     ok, n_standard = True, n_standard + 1
                 elif use_relaxed:  # the posterior is only needed where the standard check failed
@@ -258,11 +256,13 @@ class Generation:
                 if not ok:
                     break
                 n_accepted += 1
-            # the statistics learn after the round, from the candidates examined, labelled by the standard check
+            # the statistics learn after the round, from the candidates examined (len(flags)), labelled by
+            # the standard check
+            examined = range(len(flags))
             if use_relaxed:
-                for i in range(examined):
+                for i in examined:
                     self.relaxed.observe(d[i], bool(std[i]))
-            self.policy.update([entropies[i] for i in range(examined) if not std[i]], all_accepted=n_accepted == k)
+            self.policy.update([entropies[i] for i in examined if not std[i]], all_accepted=n_accepted == k)
 
         if n_accepted < k:
             extra = correction_token(target_probs[n_accepted], draft_probs[n_accepted], params.greedy, gen)
