@@ -61,13 +61,14 @@ def make_report(out: Path, held_stream: torch.Tensor, cfg: BuildConfig) -> dict:
 def _markdown(r: dict, out: Path) -> str:
     log = json.loads((out / "build_log.json").read_text()) if (out / "build_log.json").exists() else {}
     secs = lambda k: log.get(k, {}).get("seconds", "?")  # noqa: E731
+    refine = f" + {secs('refine')} (again, on the target's continuations)" if "refine" in log else ""
     return f"""# Demo pair report
 
 | | target | draft |
 |---|---|---|
 | parameters | {r['parameters']['target']:,} | {r['parameters']['draft']:,} |
 | size on disk (MiB, bf16) | {r['size_mib']['target']} | {r['size_mib']['draft']} |
-| training time (s) | {secs('target')} | {secs('draft')} (distilled from the target) |
+| training time (s) | {secs('target')} | {secs('draft')} (distilled from the target){refine} |
 | held-out loss (nats/token) | {r['held_out_loss_nats']['target']} | {r['held_out_loss_nats']['draft']} |
 | one decode step (ms, median) | {r['decode_step_ms']['target']} | {r['decode_step_ms']['draft']} |
 
