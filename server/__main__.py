@@ -20,7 +20,7 @@ HELP = {
     "device": "auto | cpu | cuda | cuda:N | mps",
     "dtype": "auto | float32 | bfloat16 | float16",
     "device_map": "'auto' to spread a large target over several GPUs",
-    "method": "default method: ar | vanilla | gen-only | verify-only | adasd",
+    "method": "default method: ar | vanilla | gen-only | verify-only | adasd | hybrid",
     "k": "draft length for vanilla / verify-only",
     "verification": "relaxed check: bayes | threshold | none",
     "max_model_len": "cap the context length",

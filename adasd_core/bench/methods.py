@@ -5,7 +5,7 @@ prefill is included for every row (the engine's own `wall_s` leaves it out; it i
 
 Rows: the draft alone and the target alone (our loop, method `ar`), the target alone through
 transformers' `generate()` (the reference autoregressive loop), vanilla SD, transformers' assisted
-generation with its default candidate schedule, gen-only, verify-only and AdaSD (two checks).
+generation with its default candidate schedule, gen-only, verify-only, AdaSD (two checks) and our hybrid.
 """
 
 from __future__ import annotations
