@@ -39,7 +39,10 @@ def supports(model) -> bool:
     window = getattr(cfg, "sliding_window", None)
     if window and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
         return False
-    if len({p.device for p in model.parameters()}) != 1:
+    # one device and no accelerate offload (offloaded weights sit on "meta" and load in hooks)
+    devices = {p.device.type for p in model.parameters()}
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if len({p.device for p in model.parameters()}) != 1 or "meta" in devices or len(set(device_map.values())) > 1:
         return False
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not layers or hasattr(layers[0].self_attn, "q_norm") or not hasattr(model.model, "rotary_emb"):

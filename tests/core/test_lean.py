@@ -76,6 +76,10 @@ def test_unknown_architectures_keep_the_transformers_forward():
     assert not lean.supports(dynamic_rope)
     windowed = _model(MistralForCausalLM, MistralConfig, num_attention_heads=4, num_key_value_heads=2, sliding_window=32)
     assert not lean.supports(windowed)
+    split = MODELS["llama"]()
+    assert lean.supports(split)
+    split.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": "disk"}  # spread or offloaded
+    assert not lean.supports(split)
 
 
 def test_engine_output_is_the_same_on_either_path(quick_engine, monkeypatch):
