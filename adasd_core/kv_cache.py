@@ -17,7 +17,7 @@ _CACHE_KWARG: dict[type, str] = {}
 
 
 def new_cache(model, use_lean: bool = True):
-    if use_lean and lean.supports(model):
+    if use_lean and lean.supports_cached(model):
         return lean.new_cache(model)
     from transformers import DynamicCache
 

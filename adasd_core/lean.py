@@ -1,9 +1,9 @@
 """A lean forward for Llama-family decoders over a KV buffer written by position.
 
-On a CPU, transformers' per-call machinery (mask building, cache objects, output classes) and
-DynamicCache's concatenation cost more than the matmuls of a small model, and they cost the draft
-as much as the target. This path runs the loaded module's own weights op for op as transformers'
-Llama code does, so the logits are the same; a rejection is undone by lowering the length.
+It skips transformers' per-call machinery (mask building, cache objects, output classes) and
+DynamicCache's concatenation of the whole cache at every step, a fixed cost that weighs most on
+the small draft. It runs the loaded module's own weights op for op as transformers' Llama code
+does, so the logits are the same; a rejection is undone by lowering the length.
 Architectures it does not know, and models split over devices, keep the transformers forward.
 """
 
@@ -40,9 +40,9 @@ def supports(model) -> bool:
     if window and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
         return False
     # one device and no accelerate offload (offloaded weights sit on "meta" and load in hooks)
-    devices = {p.device.type for p in model.parameters()}
+    devices = {p.device for p in model.parameters()}
     device_map = getattr(model, "hf_device_map", None) or {}
-    if len({p.device for p in model.parameters()}) != 1 or "meta" in devices or len(set(device_map.values())) > 1:
+    if len(devices) != 1 or next(iter(devices)).type == "meta" or len(set(device_map.values())) > 1:
         return False
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not layers or hasattr(layers[0].self_attn, "q_norm") or not hasattr(model.model, "rotary_emb"):
@@ -63,7 +63,6 @@ class LeanModel:
         self.scale = self.head_dim**-0.5
         self.act = ACTIVATIONS[getattr(cfg, "hidden_act", "silu")]
         self.eps = cfg.rms_norm_eps
-        self.max_positions = cfg.max_position_embeddings
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
@@ -93,6 +92,16 @@ class LeanModel:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
+
+
+_supported: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def supports_cached(model) -> bool:
+    """supports(), decided once per model (it walks every parameter; caches are made per request)."""
+    if model not in _supported:
+        _supported[model] = supports(model)
+    return _supported[model]
 
 
 def lean_model(model) -> LeanModel:

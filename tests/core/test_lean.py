@@ -91,7 +91,7 @@ def test_engine_output_is_the_same_on_either_path(quick_engine, monkeypatch):
     for method in ("ar", "adasd"):
         spec = SpecConfig(method=method)
         fast = quick_engine.generate(prompt, params, spec).token_ids
-        monkeypatch.setattr(lean, "supports", lambda model: False)
+        monkeypatch.setattr(lean, "supports_cached", lambda model: False)
         slow = quick_engine.generate(prompt, params, spec).token_ids
         monkeypatch.undo()
         assert fast == slow
