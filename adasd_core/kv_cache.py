@@ -1,8 +1,12 @@
-"""KV cache helpers. A cache holds every token of the sequence but the last; a rejection is
-undone by cutting the cache back to the accepted prefix, never by re-running it.
+"""KV caches as a pool of slots, one slot per running request, for one model.
 
-Llama-family models run adasd_core.lean (a buffer written by position, where cutting back is
-lowering a length); other models run transformers' forward over a DynamicCache.
+A slot holds every token of its sequence but the last; a rejection is undone by cutting the slot
+back to the accepted prefix, never by re-running it. `forward` appends a ragged batch of token
+lists to their slots in one call.
+
+Llama-family models on one device run adasd_core.lean over one preallocated buffer (a rollback
+lowers a length). Other models run transformers' forward over a DynamicCache per slot, one
+sequence at a time: correct, not batched.
 """
 
 from __future__ import annotations
@@ -16,31 +20,6 @@ from adasd_core import lean
 _CACHE_KWARG: dict[type, str] = {}
 
 
-def new_cache(model, use_lean: bool = True):
-    if use_lean and lean.supports_cached(model):
-        return lean.new_cache(model)
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # transformers < 4.56
-        return DynamicCache()
-
-
-def cache_length(cache) -> int:
-    return cache.get_seq_length()
-
-
-def rollback(cache, length: int) -> None:
-    """Keep the first `length` positions."""
-    extra = cache.get_seq_length() - length
-    assert extra >= 0, f"cannot roll a cache of {cache.get_seq_length()} forward to {length}"
-    if isinstance(cache, lean.LeanCache):
-        cache.length = length
-    elif extra:
-        cache.crop(-extra)
-
-
 def _cache_kwarg(model) -> str:
     """transformers 5.24 renamed `past_key_values` to `cache`."""
     cls = type(model)
@@ -50,16 +29,155 @@ def _cache_kwarg(model) -> str:
     return _CACHE_KWARG[cls]
 
 
-@torch.inference_mode()
-def forward(model, ids: torch.Tensor, cache, logits_to_keep: int = 0) -> torch.Tensor:
-    """ids [n] appended to the cache -> logits [n or logits_to_keep, V_model]."""
-    if isinstance(cache, lean.LeanCache):
-        return lean.forward(ids, cache, logits_to_keep)
-    return forward_batch(model, ids[None], cache, logits_to_keep)[0]
+def _dynamic_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers < 4.56
+        return DynamicCache()
 
 
-@torch.inference_mode()
-def forward_batch(model, ids: torch.Tensor, cache, logits_to_keep: int = 0) -> torch.Tensor:
-    """transformers' forward: ids [B, n] appended to a DynamicCache -> logits [B, n or logits_to_keep, V]."""
-    kwargs = {_cache_kwarg(model): cache}
-    return model(input_ids=ids, use_cache=True, logits_to_keep=logits_to_keep, **kwargs).logits
+class LeanPool:
+    """K, V [layers, slots, H_kv, capacity, D] for the lean forward, and each slot's length."""
+
+    batched = True
+
+    def __init__(self, model, slots: int, capacity: int):
+        self.lean = lean.lean_model(model)
+        m = self.lean
+        shape = (m.n_layers, slots, m.n_kv, capacity, m.head_dim)
+        self.k = torch.zeros(shape, dtype=m.dtype, device=m.device)
+        self.v = torch.zeros(shape, dtype=m.dtype, device=m.device)
+        self.lengths = [0] * slots
+        self.capacity = capacity
+
+    @torch.inference_mode()
+    def forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool = False) -> torch.Tensor:
+        """feeds[b] appended to slots[b] -> logits [B, V] at each last token, or [sum n_b, V]."""
+        keep = None
+        lo, hi = min(slots), max(slots)
+        if len(slots) > 1 and slots == sorted(slots) and hi - lo + 1 != len(slots) and hi - lo + 1 <= 2 * len(slots):
+            # a few idle slots inside the range: run them on a dummy token (written past their valid
+            # length, then dropped) rather than gather every layer's cache into a copy
+            wanted = dict(zip(slots, feeds))
+            keep = [s - lo for s in slots] if not all_logits else None
+            if all_logits:
+                keep, row = [], 0
+                for s in range(lo, hi + 1):
+                    n = len(wanted.get(s, [0]))
+                    if s in wanted:
+                        keep.extend(range(row, row + n))
+                    row += n
+            slots = list(range(lo, hi + 1))
+            feeds = [wanted.get(s, [0]) for s in slots]
+            fed = [len(wanted[s]) if s in wanted else 0 for s in slots]
+        else:
+            fed = [len(f) for f in feeds]
+        starts = [self.lengths[s] for s in slots]
+        logits = lean.forward(self.lean, self.k, self.v, slots, starts, feeds, all_logits)
+        for s, n in zip(slots, fed):
+            self.lengths[s] += n
+        return logits if keep is None else logits[keep]
+
+    def length(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def rollback(self, slot: int, length: int) -> None:
+        assert 0 <= length <= self.lengths[slot], f"cannot roll slot {slot} of {self.lengths[slot]} forward to {length}"
+        self.lengths[slot] = length
+
+    def swap(self, a: int, b: int) -> None:
+        n = max(self.lengths[a], self.lengths[b])
+        for buf in (self.k, self.v):
+            tmp = buf[:, a, :, :n].clone()
+            buf[:, a, :, :n] = buf[:, b, :, :n]
+            buf[:, b, :, :n] = tmp
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
+
+    def clear(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+
+class HFPool:
+    """transformers' forward over one DynamicCache per slot (models the lean path does not cover)."""
+
+    batched = False
+
+    def __init__(self, model, slots: int, capacity: int):
+        self.model = model
+        self.caches: list = [None] * slots
+        self.capacity = capacity
+
+    @torch.inference_mode()
+    def forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool = False) -> torch.Tensor:
+        device = self.model.get_input_embeddings().weight.device
+        kwarg = _cache_kwarg(self.model)
+        out = []
+        for s, feed in zip(slots, feeds):
+            if self.caches[s] is None:
+                self.caches[s] = _dynamic_cache(self.model)
+            ids = torch.tensor([feed], dtype=torch.long, device=device)
+            logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=0 if all_logits else 1,
+                                **{kwarg: self.caches[s]}).logits[0]
+            out.append(logits)
+        return torch.cat(out)
+
+    def length(self, slot: int) -> int:
+        cache = self.caches[slot]
+        return 0 if cache is None else cache.get_seq_length()
+
+    def rollback(self, slot: int, length: int) -> None:
+        extra = self.length(slot) - length
+        assert extra >= 0, f"cannot roll slot {slot} of {self.length(slot)} forward to {length}"
+        if extra:
+            self.caches[slot].crop(-extra) if length else self.clear(slot)
+
+    def swap(self, a: int, b: int) -> None:
+        self.caches[a], self.caches[b] = self.caches[b], self.caches[a]
+
+    def clear(self, slot: int) -> None:
+        self.caches[slot] = None
+
+
+def make_pool(model, slots: int, capacity: int, use_lean: bool = True):
+    if use_lean and lean.supports_cached(model):
+        return LeanPool(model, slots, capacity)
+    return HFPool(model, slots, capacity)
+
+
+def kv_bytes_per_slot(model, capacity: int) -> int:
+    """KV bytes one slot of `capacity` positions takes for this model."""
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    item = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * heads * capacity * head_dim * item
+
+
+def plan_slots(pair, max_running: int, memory_fraction: float = 0.9) -> tuple[int, int]:
+    """How many KV slots fit: (slots, bytes per slot). On CUDA the pool gets what is left of
+    `memory_fraction` of the card after loading both models; elsewhere half the free RAM.
+    Raises MemoryError when not even one slot fits."""
+    from adasd_core.drafting import WINDOW
+
+    capacity = pair.context_length + WINDOW + 2
+    per_slot = sum(kv_bytes_per_slot(m, capacity) for m in (pair.target, pair.draft) if m is not None)
+    if pair.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(pair.device)
+        budget = free - (1.0 - memory_fraction) * total
+    else:
+        import os
+
+        try:
+            budget = 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            budget = float("inf")
+    fits = int(budget // per_slot) if budget != float("inf") else max_running
+    if fits < 1:
+        raise MemoryError(
+            f"one KV slot of {pair.context_length} tokens needs {per_slot / 2**20:.0f} MiB but only "
+            f"{max(budget, 0) / 2**20:.0f} MiB are left after loading the models: lower max_model_len "
+            "or use a larger memory fraction / device"
+        )
+    return min(max_running, fits), per_slot

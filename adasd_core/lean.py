@@ -1,10 +1,12 @@
-"""A lean forward for Llama-family decoders over a KV buffer written by position.
+"""A lean batched forward for Llama-family decoders over a pool of KV slots written by position.
 
-It skips transformers' per-call machinery (mask building, cache objects, output classes) and
-DynamicCache's concatenation of the whole cache at every step, a fixed cost that weighs most on
-the small draft. It runs the loaded module's own weights op for op as transformers' Llama code
-does, so the logits are the same; a rejection is undone by lowering the length.
-Architectures it does not know, and models split over devices, keep the transformers forward.
+It skips transformers' per-call machinery (mask building, cache objects, output classes) and runs
+the loaded module's own weights op for op as transformers' Llama code does, with q/k/v and
+gate/up each fused into one matmul (the fused weights share storage with the module's, so no
+memory is added). A batch is ragged: sequence b appends n_b tokens at its own length; the batch
+is padded to the longest n and a mask keeps each query to its own slot's keys. A rejection is
+undone by lowering a slot's length. Architectures it does not know, and models split over devices,
+keep the transformers forward (kv_cache.HFPool).
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
-_models: "weakref.WeakKeyDictionary[torch.nn.Module, LeanModel]" = weakref.WeakKeyDictionary()
-
 
 def _rope_type(config) -> str:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -29,7 +29,9 @@ def _rope_type(config) -> str:
 
 def supports(model) -> bool:
     """True when the lean path reproduces this model's forward."""
-    cfg = model.config
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return False
     if getattr(cfg, "model_type", None) not in SUPPORTED_TYPES or _rope_type(cfg) not in STATIC_ROPE:
         return False
     if getattr(cfg, "hidden_act", "silu") not in ACTIVATIONS or getattr(cfg, "pretraining_tp", 1) != 1:
@@ -50,8 +52,38 @@ def supports(model) -> bool:
     return True
 
 
+_supported: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_models: "weakref.WeakKeyDictionary[torch.nn.Module, LeanModel]" = weakref.WeakKeyDictionary()
+
+
+def supports_cached(model) -> bool:
+    """supports(), decided once per model (it walks every parameter)."""
+    if model not in _supported:
+        _supported[model] = supports(model)
+    return _supported[model]
+
+
+def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears over the same input; the modules are rebound to
+    views of it, so the model keeps working and its memory does not grow."""
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears])
+        has_bias = [lin.bias is not None for lin in linears]
+        bias = torch.cat([lin.bias for lin in linears]) if all(has_bias) else None
+        start = 0
+        for lin in linears:
+            n = lin.weight.shape[0]
+            lin.weight = torch.nn.Parameter(weight[start : start + n], requires_grad=False)
+            if bias is not None:
+                lin.bias = torch.nn.Parameter(bias[start : start + n], requires_grad=False)
+            start += n
+    if any(has_bias) and bias is None:  # some but not all have a bias: pad the missing ones with zeros
+        bias = torch.cat([lin.bias if lin.bias is not None else weight.new_zeros(lin.weight.shape[0]) for lin in linears])
+    return weight, bias
+
+
 class LeanModel:
-    """References to one model's weights, plus its rotary table (grown on demand)."""
+    """A model's weights laid out for the lean forward, plus its rotary table (grown on demand)."""
 
     def __init__(self, model):
         cfg = model.config
@@ -67,41 +99,33 @@ class LeanModel:
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.lm_head = model.lm_head
-        self.layers = [
-            (
-                layer.input_layernorm.weight,
-                layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                layer.post_attention_layernorm.weight,
-                layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj,
-            )
-            for layer in inner.layers[: self.n_layers]
-        ]
+        self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.layers = []
+        for layer in inner.layers[: self.n_layers]:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+            gate_up = _fuse(mlp.gate_proj, mlp.up_proj)
+            self.layers.append((layer.input_layernorm.weight, qkv, attn.o_proj, layer.post_attention_layernorm.weight,
+                                gate_up, mlp.down_proj))
+        self.intermediate = self.layers[0][4][0].shape[0] // 2 if self.layers else 0
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.cos = self.sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
 
-    def rotary(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [n, D] for positions start..start+n-1, computed by the model's own rotary module."""
-        if start + n > self.cos.size(0):
-            size = max(start + n, 2 * self.cos.size(0), 256)
-            positions = torch.arange(size, device=self.device)[None]
-            cos, sin = self.model.model.rotary_emb(self.embed[:1][None], positions)
+    def rotary(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [..., D] at `positions`, computed by the model's own rotary module."""
+        if max_position >= self.cos.size(0):
+            size = max(max_position + 1, 2 * self.cos.size(0), 256)
+            table_positions = torch.arange(size, device=self.device)[None]
+            cos, sin = self.model.model.rotary_emb(self.embed[:1][None], table_positions)
             self.cos, self.sin = cos[0], sin[0]
-        return self.cos[start : start + n], self.sin[start : start + n]
+        return self.cos[positions], self.sin[positions]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
-
-
-_supported: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
-def supports_cached(model) -> bool:
-    """supports(), decided once per model (it walks every parameter; caches are made per request)."""
-    if model not in _supported:
-        _supported[model] = supports(model)
-    return _supported[model]
 
 
 def lean_model(model) -> LeanModel:
@@ -111,77 +135,85 @@ def lean_model(model) -> LeanModel:
     return lean
 
 
-class LeanCache:
-    """K and V buffers [layers, 1, H_kv, capacity, D]; the first `length` positions are valid.
-    Rolling back lowers `length`; appending past the capacity doubles it."""
-
-    def __init__(self, lean: LeanModel, capacity: int = 256):
-        self.lean = lean
-        self.length = 0
-        self.k = self.v = None
-        self._alloc(capacity)
-
-    def _alloc(self, capacity: int) -> None:
-        lean = self.lean
-        shape = (lean.n_layers, 1, lean.n_kv, capacity, lean.head_dim)
-        k = torch.empty(shape, dtype=lean.dtype, device=lean.device)
-        v = torch.empty(shape, dtype=lean.dtype, device=lean.device)
-        if self.k is not None and self.length:
-            k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
-            v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
-        self.k, self.v = k, v
-
-    def reserve(self, n: int) -> None:
-        if self.length + n > self.k.size(3):
-            self._alloc(max(self.length + n, 2 * self.k.size(3)))
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-
-def new_cache(model) -> LeanCache:
-    return LeanCache(lean_model(model))
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def forward(ids: torch.Tensor, cache: LeanCache, logits_to_keep: int = 0) -> torch.Tensor:
-    """ids [n] appended to the cache -> logits [n or logits_to_keep, V]."""
-    lean = cache.lean
-    n, start = ids.numel(), cache.length
-    end = start + n
-    cache.reserve(n)
-    cos, sin = lean.rotary(start, n)  # [n, D]
+def forward(
+    lean: LeanModel,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slots: list[int],
+    starts: list[int],
+    feeds: list[list[int]],
+    all_logits: bool,
+) -> torch.Tensor:
+    """Append feeds[b] to slot slots[b] at position starts[b]; k_pool, v_pool [L, S, H_kv, C, D].
+
+    Returns logits [B, V] at each sequence's last fed token, or [sum n_b, V] at every fed token
+    (sequence-major) when all_logits. Pad rows write past their slot's valid length only.
+    """
+    B = len(slots)
+    ns = [len(f) for f in feeds]
+    n = max(ns)
+    dev = lean.device
     H, Hkv, D = lean.n_heads, lean.n_kv, lean.head_dim
-    if n == 1:
+    ids = torch.tensor([f + [0] * (n - len(f)) for f in feeds], dtype=torch.long, device=dev)  # [B, n]
+    start_t = torch.tensor(starts, device=dev)
+    end = max(s + m for s, m in zip(starts, ns))  # keys 0..end-1 cover every real query
+    assert end <= k_pool.size(3), f"KV slot overflow: position {end} past capacity {k_pool.size(3)}"
+    # pad rows write past their slot's valid length; clamped, they stay inside the buffer
+    pos = (start_t[:, None] + torch.arange(n, device=dev)).clamp_(max=k_pool.size(3) - 1)  # [B, n]
+    cos, sin = lean.rotary(pos, k_pool.size(3))  # [B, n, D]
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, n, D]
+
+    contiguous = slots == list(range(slots[0], slots[0] + B))
+    s0 = slots[0]
+    slot_idx = torch.tensor(slots, device=dev)
+    if B == 1 and n == 1:
         mask, causal = None, False
-    elif start == 0:
+    elif B == 1 and starts[0] == 0:
         mask, causal = None, True
-    else:  # query i sits at position start+i and sees keys 0..start+i
-        mask, causal = torch.ones(n, end, dtype=torch.bool, device=lean.device).tril(start), False
-    x = F.embedding(ids, lean.embed)[None]  # [1, n, C]
-    for i, (ln1, q_proj, k_proj, v_proj, o_proj, ln2, gate, up, down) in enumerate(lean.layers):
+    else:  # query j of sequence b sits at position starts[b] + j and sees keys 0..starts[b] + j
+        mask = (torch.arange(end, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, n, end]
+        causal = False
+
+    x = F.embedding(ids, lean.embed)  # [B, n, C]
+    for i, (ln1, (w_qkv, b_qkv), o_proj, ln2, (w_gu, b_gu), down) in enumerate(lean.layers):
         h = lean.rms_norm(x, ln1)
-        q = F.linear(h, q_proj.weight, q_proj.bias).view(1, n, H, D).transpose(1, 2)  # [1, H, n, D]
-        k = F.linear(h, k_proj.weight, k_proj.bias).view(1, n, Hkv, D).transpose(1, 2)
-        v = F.linear(h, v_proj.weight, v_proj.bias).view(1, n, Hkv, D).transpose(1, 2)
+        qkv = F.linear(h, w_qkv, b_qkv)
+        q, k, v = qkv.split((lean.q_size, lean.kv_size, lean.kv_size), dim=-1)
+        q = q.view(B, n, H, D).transpose(1, 2)  # [B, H, n, D]
+        k = k.view(B, n, Hkv, D).transpose(1, 2)
+        v = v.view(B, n, Hkv, D).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        cache.k[i, :, :, start:end] = k
-        cache.v[i, :, :, start:end] = v
+        kc, vc = k_pool[i], v_pool[i]  # [S, H_kv, C, D]
+        if contiguous:
+            kc, vc = kc[s0 : s0 + B], vc[s0 : s0 + B]
+            if B == 1:
+                kc[0, :, starts[0] : starts[0] + n] = k[0]
+                vc[0, :, starts[0] : starts[0] + n] = v[0]
+            else:
+                rows = torch.arange(B, device=dev)[:, None]
+                kc[rows, :, pos] = k.transpose(1, 2)
+                vc[rows, :, pos] = v.transpose(1, 2)
+            keys, values = kc[:, :, :end], vc[:, :, :end]
+        else:
+            kc[slot_idx[:, None], :, pos] = k.transpose(1, 2)
+            vc[slot_idx[:, None], :, pos] = v.transpose(1, 2)
+            keys, values = kc[slot_idx, :, :end], vc[slot_idx, :, :end]
         attn = F.scaled_dot_product_attention(
-            q, cache.k[i, :, :, :end], cache.v[i, :, :, :end], attn_mask=mask, is_causal=causal, scale=lean.scale,
-            enable_gqa=Hkv != H,
-        )  # [1, H, n, D]
-        x = x + F.linear(attn.transpose(1, 2).reshape(1, n, H * D), o_proj.weight, o_proj.bias)
+            q, keys, values, attn_mask=mask, is_causal=causal, scale=lean.scale, enable_gqa=Hkv != H,
+        )  # [B, H, n, D]
+        x = x + F.linear(attn.transpose(1, 2).reshape(B, n, H * D), o_proj.weight, o_proj.bias)
         h = lean.rms_norm(x, ln2)
-        x = x + F.linear(lean.act(F.linear(h, gate.weight, gate.bias)) * F.linear(h, up.weight, up.bias),
-                         down.weight, down.bias)
-    cache.length = end
-    if logits_to_keep:
-        x = x[:, -logits_to_keep:]
+        gate, up = F.linear(h, w_gu, b_gu).chunk(2, dim=-1)
+        x = x + F.linear(lean.act(gate) * up, down.weight, down.bias)
+    if all_logits:
+        x = x[0] if B == 1 else x[torch.arange(n, device=dev)[None, :] < torch.tensor(ns, device=dev)[:, None]]
+    else:
+        x = x[:, -1] if all(m == n for m in ns) else x[torch.arange(B, device=dev), torch.tensor(ns, device=dev) - 1]
     x = lean.rms_norm(x, lean.norm)
-    return F.linear(x, lean.lm_head.weight, lean.lm_head.bias)[0]
+    return F.linear(x, lean.lm_head.weight, lean.lm_head.bias)
