@@ -14,6 +14,12 @@ WINDOW = 20  # hard cap per round (the paper's value)
 class DraftPolicy:
     name = "fixed"
     uses_entropy = False
+    adaptive = False  # its length follows the text, so a batch-aware cap may shorten it
+
+    @property
+    def max_draft(self) -> int:
+        """The most candidates this policy drafts in the next round."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def keep_drafting(self, entropy: float, n_drafted: int) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -34,6 +40,10 @@ class FixedK(DraftPolicy):
         if not 1 <= self.k <= WINDOW:
             raise ValueError(f"k must be between 1 and {WINDOW}")
 
+    @property
+    def max_draft(self) -> int:
+        return self.k
+
     def keep_drafting(self, entropy: float, n_drafted: int) -> bool:
         return n_drafted < self.k
 
@@ -45,9 +55,14 @@ class EntropyStop(DraftPolicy):
 
     name = "entropy"
     uses_entropy = True
+    adaptive = True
     window: int = WINDOW
     sum_rejected: float = 0.0
     n_rejected: int = 0
+
+    @property
+    def max_draft(self) -> int:
+        return self.window
 
     @property
     def threshold(self) -> float | None:
@@ -73,6 +88,10 @@ class CappedEntropyStop(EntropyStop):
 
     name = "capped-entropy"
     cap: int = 5
+
+    @property
+    def max_draft(self) -> int:
+        return self.cap
 
     def keep_drafting(self, entropy: float, n_drafted: int) -> bool:
         return n_drafted < self.cap and super().keep_drafting(entropy, n_drafted)

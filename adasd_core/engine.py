@@ -1,43 +1,44 @@
-"""The round loop that serves all five methods of shared/ADASD.md.
+"""The batched round loop that serves all methods of shared/ADASD.md.
 
-One round: the draft proposes candidates one by one (fixed K, or until its entropy exceeds T_G),
-the target scores all of them plus the bonus position in one forward pass, candidates are
-accepted in order by the standard check or the relaxed JS check, and the round emits the
-accepted candidates plus one correction or bonus token. Both caches are then cut back.
+Every running request advances by one round per engine step, all in one batch:
+- draft: one batched draft forward per draft position; each sequence stops on its own policy
+  (fixed K, the entropy threshold T_G, the hybrid cap), under a batch-aware cap for the adaptive
+  policies, while the others go on;
+- verify: one batched target forward scores every sequence's last token, candidates and bonus
+  position (ragged lengths, padded in kv_cache / lean);
+- per sequence: acceptance (verification.accept_candidates), correction or bonus token,
+  statistics, and rollback of both caches to the accepted prefix.
+`ar` requests ride in the same batch with no candidates.
 
-Cache invariant between rounds: the target cache holds every token but the last; the draft
-cache holds a prefix of that (it lags by one token after a fully accepted round). Before the
-first round the target cache holds the whole prompt and its last logits are kept, as a
-transformers generate() prefill does, so no forward is spent on the prompt's last token.
+Cache invariant between rounds: a sequence's target slot holds every token but the last; its
+draft slot holds a prefix of that. New requests prefill all but their last prompt token in
+chunks between rounds, so a long prompt never freezes the running streams for long.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from adasd_core import costs as step_costs
 from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
 from adasd_core.drafting import WINDOW, CappedEntropyStop, DraftPolicy, EntropyStop, FixedK
 from adasd_core.errors import ContextLengthError, InvalidRequestError
-from adasd_core.kv_cache import cache_length, forward, new_cache, rollback
+from adasd_core.kv_cache import make_pool
 from adasd_core.models import ModelPair
-from adasd_core.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from adasd_core.sampling import SamplingParams, logits_to_probs_rows, make_generator, sample_rows
+from adasd_core.sequence import Delta, Sequence, TokenLogprob
 from adasd_core.stats import GenerationStats
-from adasd_core.verification import (
-    RelaxedCheck,
-    bonus_token,
-    correction_token,
-    entropy,
-    js_distance,
-    make_relaxed_check,
-    standard_check,
-)
+from adasd_core.verification import RelaxedCheck, accept_candidates, entropy, make_relaxed_check
 
 METHODS = ("ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid")
 VERIFICATIONS = ("bayes", "threshold", "none")
+__all__ = ["METHODS", "VERIFICATIONS", "Delta", "GenerationResult", "Sequence", "SpecConfig", "SpeculativeEngine",
+           "TokenLogprob", "decode_step_seconds"]
 
 
 @dataclass
@@ -78,23 +79,6 @@ class SpecConfig:
 
 
 @dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class Delta:
-    """What one round adds to a request's output."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | None
-    logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]
@@ -103,252 +87,50 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None
 
 
-class Generation:
-    """One request's decoding state; `step()` runs one round. Owned by one thread at a time."""
-
-    def __init__(self, engine: "SpeculativeEngine", prompt_ids: list[int], params: SamplingParams, spec: SpecConfig):
-        pair = engine.pair
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty: send at least one token", param="prompt")
-        if len(prompt_ids) >= pair.context_length:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {pair.context_length} tokens "
-                "and at least one must be left for the completion"
-            )
-        bad = [t for t in prompt_ids if not 0 <= t < pair.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{pair.vocab_size - 1})", param="prompt")
-        self.engine = engine
-        self.pair = pair
-        self.params = params
-        self.spec = spec
-        self.policy = spec.draft_policy() if pair.draft is not None else None
-        if spec.method != "ar" and pair.draft is None:
-            raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none", param="method")
-        self.relaxed = spec.relaxed_check()
-        self.generator = make_generator(params.seed, pair.device)
-        self.tokens = list(prompt_ids)
-        self.prompt_len = len(prompt_ids)
-        self.finish_reason: str | None = None
-        self.stats = GenerationStats(method=spec.method, prompt_tokens=len(prompt_ids), target_step_s=engine.target_step_s)
-        if spec.trace:
-            self.stats.trace = []
-        self.detok = IncrementalDetokenizer(pair.tokenizer, prompt_ids)
-        self.stop = StopStringMatcher(params.stop)
-        self.eos = set() if params.ignore_eos else pair.eos_token_ids
-        self._decode_s = 0.0
-
-        t0 = time.perf_counter()
-        self.target_cache = new_cache(pair.target)
-        self.draft_cache = new_cache(pair.draft) if self.policy is not None else None
-        prompt = torch.tensor(prompt_ids, dtype=torch.long, device=pair.input_device)
-        # the target reads the whole prompt, so the first round starts from its last logits [1, V];
-        # the draft reads all but the last token, which its first step feeds
-        self._pending_logits = forward(pair.target, prompt, self.target_cache, logits_to_keep=1)
-        self.stats.target_forwards += 1
-        if self.draft_cache is not None and len(prompt_ids) > 1:
-            forward(pair.draft, prompt[:-1].to(pair.device), self.draft_cache, logits_to_keep=1)
-            self.stats.draft_forwards += 1
-        self.prefill_s = time.perf_counter() - t0
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def generated(self) -> int:
-        return len(self.tokens) - self.prompt_len
-
-    def close(self) -> None:
-        """Free both caches now (a cancelled request must not hold memory until GC)."""
-        self.target_cache = self.draft_cache = None
-        if self.finish_reason is None:
-            self.finish_reason = "abort"
-
-    # ------------------------------------------------------------------ one round
-
-    def step(self) -> Delta:
-        assert not self.finished, "step() after the generation finished"
-        t_start = time.perf_counter()
-        remaining = min(self.params.max_tokens - self.generated, self.pair.context_length - len(self.tokens))
-        assert remaining >= 1
-        max_candidates = remaining - 1  # the round always adds one target token
-        if self.policy is None or max_candidates == 0:
-            candidates, draft_probs, entropies = [], None, []
-        else:
-            candidates, draft_probs, entropies = self._draft(max_candidates)
-        t_drafted = time.perf_counter()
-        emitted, logprobs = self._verify(candidates, draft_probs, entropies)
-        t_verified = time.perf_counter()
-
-        delta = self._emit(emitted, logprobs)
-        t_end = time.perf_counter()
-        s = self.stats
-        s.time_draft_s += t_drafted - t_start
-        s.time_verify_s += t_verified - t_drafted
-        s.time_other_s += t_end - t_verified
-        self._decode_s += t_end - t_start
-        s.wall_s = self._decode_s
-        if self.finished:
-            s.entropy_threshold = self.policy.threshold if self.policy else None
-            s.__dict__.update(self.relaxed.state())
-        return delta
-
-    def _draft(self, max_candidates: int):
-        """Propose up to max_candidates tokens. Returns ids, draft_probs [k, V], entropies."""
-        pair, params, policy = self.pair, self.params, self.policy
-        cap = min(max_candidates, policy.k if isinstance(policy, FixedK) else policy.window)
-        feed = torch.tensor(self.tokens[cache_length(self.draft_cache):], dtype=torch.long, device=pair.device)
-        ids, probs, ents = [], [], []
-        for i in range(cap):
-            logits = forward(pair.draft, feed, self.draft_cache, logits_to_keep=1)[-1:, : pair.vocab_size]
-            self.stats.draft_forwards += 1
-            q = logits_to_probs(logits, params)  # [1, V]
-            x = sample(q, self.generator, params.greedy)  # [1]
-            if policy.uses_entropy:
-                vals = torch.cat([x.float(), entropy(q)]).tolist()  # one host sync
-                token, h = int(vals[0]), vals[1]
-            else:
-                token, h = int(x), 0.0
-            ids.append(token)
-            probs.append(q)
-            ents.append(h)
-            if token in self.eos or not policy.keep_drafting(h, i + 1):
-                break
-            feed = x
-        return ids, torch.cat(probs), ents
-
-    def _verify(self, candidates: list[int], draft_probs, entropies: list[float]):
-        """Score candidates + bonus with one target forward; returns emitted ids and logprobs."""
-        pair, params, gen = self.pair, self.params, self.generator
-        k = len(candidates)
-        if self._pending_logits is None:  # the cache lacks the last token: feed it before the candidates
-            feed = torch.tensor([self.tokens[-1], *candidates], dtype=torch.long, device=pair.input_device)
-            logits = forward(pair.target, feed, self.target_cache)
-            self.stats.target_forwards += 1
-        else:  # first round: the prefill already scored the position after the prompt
-            logits = self._pending_logits
-            if k:
-                feed = torch.tensor(candidates, dtype=torch.long, device=pair.input_device)
-                logits = torch.cat([logits, forward(pair.target, feed, self.target_cache)])
-                self.stats.target_forwards += 1
-            self._pending_logits = None
-        logits = logits[:, : pair.vocab_size].to(pair.device)  # [k+1, V]
-        target_probs = logits_to_probs(logits, params)
-
-        n_accepted, n_standard, n_relaxed, flags = 0, 0, 0, []
-        if k:
-            cand = torch.tensor(candidates, device=pair.device)
-            std = standard_check(cand, target_probs[:k], draft_probs, params.greedy, gen).tolist()
-            use_relaxed = self.relaxed.name != "none"
-            d = js_distance(target_probs[:k], draft_probs).tolist() if use_relaxed else None
-            draws = torch.rand(k, generator=gen, device=pair.device).tolist() if (use_relaxed and not params.greedy) else None
-            for i in range(k):
-                if std[i]:
-                    ok, n_standard = True, n_standard + 1
-                elif use_relaxed:  # the posterior is only needed where the standard check failed
-                    p_accept = self.relaxed.accept_probability([d[i]])[0]
-                    ok = p_accept > 0.5 if params.greedy else draws[i] < p_accept
-                    n_relaxed += ok
-                else:
-                    ok = False
-                flags.append(bool(ok))
-                if not ok:
-                    break
-                n_accepted += 1
-            # the statistics learn after the round, from the candidates examined (len(flags)), labelled by
-            # the standard check
-            examined = range(len(flags))
-            if use_relaxed:
-                for i in examined:
-                    self.relaxed.observe(d[i], bool(std[i]))
-            self.policy.update([entropies[i] for i in examined if not std[i]], all_accepted=n_accepted == k)
-
-        if n_accepted < k:
-            extra = correction_token(target_probs[n_accepted], draft_probs[n_accepted], params.greedy, gen)
-        else:
-            extra = bonus_token(target_probs[k], params.greedy, gen)
-        emitted = candidates[:n_accepted] + [extra]
-        self.stats.observe_round(k, n_standard, n_relaxed, bonus=k > 0 and n_accepted == k, accepted_flags=flags)
-        if self.stats.trace is not None:
-            self.stats.trace.append({"entropy_threshold": self.policy.threshold if self.policy else None, **self.relaxed.state(),
-                                     "drafted": k, "accepted": n_accepted})
-
-        # target cache: keep the sequence up to the last accepted candidate (the new last token is not in it)
-        rollback(self.target_cache, len(self.tokens) + n_accepted)
-        if self.draft_cache is not None:
-            rollback(self.draft_cache, min(cache_length(self.draft_cache), len(self.tokens) + n_accepted))
-
-        logprobs = None
-        if params.logprobs is not None:
-            logprobs = _token_logprobs(logits[: n_accepted + 1], emitted, params.logprobs)
-        return emitted, logprobs
-
-    def _emit(self, emitted: list[int], logprobs) -> Delta:
-        """Append tokens, apply EOS / length / stop strings, and produce the text delta."""
-        for i, t in enumerate(emitted):
-            if t in self.eos:
-                emitted = emitted[: i + 1]
-                logprobs = logprobs[: i + 1] if logprobs is not None else None
-                self.finish_reason = "stop"
-                break
-        self.tokens.extend(emitted)
-        self.stats.generated_tokens = self.generated
-        if self.finish_reason is None and (
-            self.generated >= self.params.max_tokens or len(self.tokens) >= self.pair.context_length
-        ):
-            self.finish_reason = "length"
-        text_ids = [t for t in emitted if t not in self.eos]
-        text = self.detok.push(text_ids)
-        if self.finished:
-            text += self.detok.flush()
-        text, stopped = self.stop.push(text)
-        if stopped:
-            self.finish_reason = "stop"
-        elif self.finished:
-            text += self.stop.flush()
-        if self.finished:
-            self.target_cache = self.draft_cache = None
-        return Delta(text=text, token_ids=emitted, finish_reason=self.finish_reason, logprobs=logprobs)
-
-
 def _token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[TokenLogprob]:
     """Raw target log-probabilities (temperature 1) of emitted tokens, with the top-N alternatives."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None]).squeeze(-1).tolist()
     top_vals, top_ids = (logp.topk(top_n, dim=-1) if top_n else (logp[:, :0], logp[:, :0].long()))
     top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    return [
-        TokenLogprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in zip(tokens, chosen, top_ids, top_vals)
-    ]
+    return [TokenLogprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in zip(tokens, chosen, top_ids, top_vals)]
 
 
-@torch.inference_mode()
-def decode_step_seconds(model, pair: ModelPair, context: int = 64, repeats: int = 9) -> float:
-    """Median wall time of one single-token decode step after `context` cached tokens,
-    including the host sync a real step pays to read its token."""
-    n = min(context, pair.context_length - 2)
-    device = model.get_input_embeddings().weight.device
-    ids = torch.arange(n, device=device) % pair.vocab_size
-    cache = new_cache(model)
-    forward(model, ids, cache, logits_to_keep=1)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        forward(model, ids[:1], cache, logits_to_keep=1)[-1].argmax().item()
-        times.append(time.perf_counter() - t0)
-        rollback(cache, n)
-    times.sort()
-    return times[len(times) // 2]
+@dataclass
+class _Draft:
+    """One sequence's candidates in the current round."""
+
+    ids: list[int]
+    probs: list[torch.Tensor]  # [V] each
+    entropies: list[float]
 
 
 class SpeculativeEngine:
-    """Holds a loaded pair; starts generations. Not thread-safe: one worker thread drives it."""
+    """Holds a loaded pair and its KV pools; runs batched rounds. One thread drives it.
 
-    def __init__(self, pair: ModelPair, default_spec: SpecConfig | None = None, calibrate: bool = True):
+    Serving: `new_sequence` (validates) -> `add` -> `step()` repeatedly (events per sequence)
+    -> `abort` to drop one early. Single requests: `generate`, `stream`, `start`.
+    """
+
+    def __init__(self, pair: ModelPair, default_spec: SpecConfig | None = None, calibrate: bool = True,
+                 max_running: int = 16, batch_aware: bool = True):
         self.pair = pair
         self.default_spec = default_spec or SpecConfig()
-        self.target_step_s = self.calibrate() if calibrate else 0.0
+        self.slots = max_running
+        capacity = pair.context_length + WINDOW + 2  # room for a padded verify past the last position
+        self.target_pool = make_pool(pair.target, max_running, capacity)
+        self.draft_pool = make_pool(pair.draft, max_running, capacity) if pair.draft is not None else None
+        self.owner: list[Sequence | None] = [None] * max_running
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []  # running[i].slot == i: the batch is slots 0..R-1
+        self.prefill_budget = 2048 if pair.device.type == "cuda" else 256  # prompt tokens per step
+        self.batch_aware = batch_aware
+        self.acceptance_prior: dict[str, float] = {}  # per method, from finished rounds of all requests
+        self.costs = step_costs.StepCosts.nominal()
+        self.target_step_s = 0.0
+        if calibrate:
+            self.calibrate()
 
     # ---------------------------------------------------------------- helpers
 
@@ -359,15 +141,292 @@ class SpeculativeEngine:
         return self.pair.tokenizer.decode(ids, skip_special_tokens=True)
 
     def calibrate(self) -> float:
-        """Measure one single-token target decode step: the unit of the speedup estimate."""
-        self.target_step_s = decode_step_seconds(self.pair.target, self.pair)
+        """Measure the step costs (the unit of the speedup estimate and the batch-aware cap)."""
+        assert not (self.running or self.prefilling), "calibrate() while requests run"
+        self.costs = step_costs.measure(self.target_pool, self.draft_pool, self.pair.vocab_size, self.slots)
+        self.target_step_s = self.costs.target_cost(1, 1)
         return self.target_step_s
 
-    # ---------------------------------------------------------------- API
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self.prefilling or self.running)
 
-    def start(self, prompt: str | list[int], params: SamplingParams | None = None, spec: SpecConfig | None = None) -> Generation:
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.running) - len(self.prefilling) - len(self.waiting)
+
+    # ---------------------------------------------------------------- requests
+
+    def new_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     spec: SpecConfig | None = None, request_id: str = "") -> Sequence:
+        """Validate a request and build its state (no model work)."""
+        pair, params, spec = self.pair, params or SamplingParams(), spec or self.default_spec
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return Generation(self, ids, params or SamplingParams(), spec or self.default_spec)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty: send at least one token", param="prompt")
+        if len(ids) >= pair.context_length:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens; this model's context is {pair.context_length} tokens "
+                "and at least one must be left for the completion"
+            )
+        bad = [t for t in ids if not 0 <= t < pair.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{pair.vocab_size - 1})", param="prompt")
+        if spec.method != "ar" and pair.draft is None:
+            raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none", param="method")
+        stats = GenerationStats(method=spec.method, prompt_tokens=len(ids), target_step_s=self.target_step_s)
+        if spec.trace:
+            stats.trace = []
+        return Sequence(
+            prompt_ids=ids, params=params, method=spec.method, policy=spec.draft_policy(), relaxed=spec.relaxed_check(),
+            generator=make_generator(params.seed, pair.device), eos=set() if params.ignore_eos else pair.eos_token_ids,
+            detok=IncrementalDetokenizer(pair.tokenizer, ids), stop=StopStringMatcher(params.stop), stats=stats,
+            context_length=pair.context_length, request_id=request_id,
+        )
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; it gets a slot and prefills in the next steps."""
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is and free its slot now."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.prefilling:
+            self.prefilling.remove(seq)
+            self._clear_slot(seq)
+        elif seq in self.running:
+            self._release(seq)
+        if seq.finish_reason is None:
+            seq.finish_reason = "abort"
+
+    # ---------------------------------------------------------------- one engine step
+
+    def step(self) -> list[tuple[Sequence, Delta | Exception]]:
+        """Admit, prefill one chunk, run one round for every running sequence.
+        Returns each affected sequence's Delta, or the exception that ended it."""
+        events: list[tuple[Sequence, Delta | Exception]] = []
+        self._admit()
+        if self.prefilling:
+            events += self._prefill_chunk()
+        if self.running:
+            events += self._round(list(self.running))
+        return events
+
+    def _admit(self) -> None:
+        while self.waiting and None in self.owner:
+            seq = self.waiting.popleft()
+            slot = len(self.owner) - 1 - self.owner[::-1].index(None)  # from the top: running grows from 0
+            self.owner[slot], seq.slot = seq, slot
+            self.prefilling.append(seq)
+
+    def _prefill_chunk(self) -> list[tuple[Sequence, Delta | Exception]]:
+        """Feed up to prefill_budget prompt tokens (all but each prompt's last) in one batched forward."""
+        budget, batch = self.prefill_budget, []
+        for seq in self.prefilling:
+            n = min(seq.prompt_len - 1 - seq.prefilled, budget)
+            if n > 0:
+                batch.append((seq, n))
+                budget -= n
+            if budget <= 0:
+                break
+        events = []
+        if batch:
+            t0 = time.perf_counter()
+            try:
+                feeds = [seq.prompt_ids[seq.prefilled : seq.prefilled + n] for seq, n in batch]
+                self.target_pool.forward([seq.slot for seq, _ in batch], feeds)
+                drafting = [(seq, f) for (seq, _), f in zip(batch, feeds) if seq.policy is not None]
+                if drafting:
+                    self.draft_pool.forward([seq.slot for seq, _ in drafting], [f for _, f in drafting])
+            except Exception as exc:  # the batch's requests end; the running ones go on
+                for seq, _ in batch:
+                    self.prefilling.remove(seq)
+                    self._clear_slot(seq)
+                    seq.finish_reason = "error"
+                    events.append((seq, exc))
+                return events
+            elapsed = time.perf_counter() - t0
+            for seq, n in batch:
+                seq.prefilled += n
+                seq.stats.target_forwards += 1
+                seq.stats.draft_forwards += seq.policy is not None
+                seq.stats.time_prefill_s += elapsed
+        for seq in [s for s in self.prefilling if s.prefilled == s.prompt_len - 1]:
+            self.prefilling.remove(seq)
+            self._move(seq, len(self.running))
+            self.running.append(seq)
+        return events
+
+    # ---------------------------------------------------------------- one round
+
+    def _draft_cap(self, seq: Sequence, batch: int) -> int:
+        if seq.policy is None:
+            return 0
+        cap = min(seq.remaining - 1, seq.policy.max_draft)  # the round always adds one target token
+        if self.batch_aware and seq.policy.adaptive and cap > 0:
+            # a seeded request plans as if alone, so its output does not depend on its batch mates
+            seeded = seq.params.seed is not None
+            prior = 0.5 if seeded else self.acceptance_prior.get(seq.method, 0.5)
+            cap = min(cap, self.costs.best_draft_length(1 if seeded else batch, seq.acceptance_estimate(prior), cap))
+        return cap
+
+    def _round(self, seqs: list[Sequence]) -> list[tuple[Sequence, Delta | Exception]]:
+        lengths = [(self.target_pool.length(s.slot), self.draft_pool.length(s.slot) if self.draft_pool else 0)
+                   for s in seqs]
+        try:
+            return self._round_batch(seqs)
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._release(seqs[0])
+                seqs[0].finish_reason = "error"
+                return [(seqs[0], exc)]
+        # the batch failed before any sequence changed: undo its cache writes, then run one sequence
+        # at a time so that only the one that fails ends
+        for seq, (t_len, d_len) in zip(seqs, lengths):
+            self.target_pool.rollback(seq.slot, t_len)
+            if self.draft_pool is not None:
+                self.draft_pool.rollback(seq.slot, min(d_len, self.draft_pool.length(seq.slot)))
+        events = []
+        for seq in list(seqs):
+            events += self._round([seq])
+        return events
+
+    def _round_batch(self, seqs: list[Sequence]) -> list[tuple[Sequence, Delta | Exception]]:
+        t0 = time.perf_counter()
+        caps = [self._draft_cap(s, len(seqs)) for s in seqs]
+        drafts = self._draft([s for s, c in zip(seqs, caps) if c > 0], [c for c in caps if c > 0])
+        t1 = time.perf_counter()
+
+        # verify: every sequence feeds its last token and its candidates -> k+1 rows of logits
+        feeds = [[s.tokens[-1]] + (drafts[s].ids if s in drafts else []) for s in seqs]
+        logits = self.target_pool.forward([s.slot for s in seqs], feeds, all_logits=True)
+        logits = logits[:, : self.pair.vocab_size].to(self.pair.device)  # [sum k_b + 1, V]
+        row_params = [s.params for s, f in zip(seqs, feeds) for _ in f]
+        target_probs = logits_to_probs_rows(logits, row_params).split([len(f) for f in feeds])
+        logits = logits.split([len(f) for f in feeds])
+        t2 = time.perf_counter()
+
+        events = []
+        for i, seq in enumerate(seqs):
+            try:
+                delta = self._finish_round(seq, drafts.get(seq), target_probs[i], logits[i])
+            except Exception as exc:  # one broken request must not take the others down
+                seq.finish_reason = "error"
+                delta = exc
+            events.append((seq, delta))
+        t3 = time.perf_counter()
+        for seq in seqs:
+            s = seq.stats
+            s.time_draft_s += t1 - t0
+            s.time_verify_s += t2 - t1
+            s.time_other_s += t3 - t2
+            s.wall_s += t3 - t0
+            s.batch_size_sum += len(seqs)
+            if seq.finished:
+                self._release(seq)
+        return events
+
+    def _draft(self, seqs: list[Sequence], caps: list[int]) -> dict[Sequence, _Draft]:
+        """Batched draft steps; a sequence leaves the batch when its policy stops it."""
+        V = self.pair.vocab_size
+        out = {s: _Draft([], [], []) for s in seqs}
+        active = list(zip(seqs, caps))
+        feeds = [s.tokens[self.draft_pool.length(s.slot):] for s in seqs]  # the draft slot may lag
+        while active:
+            logits = self.draft_pool.forward([s.slot for s, _ in active], feeds)[:, :V].to(self.pair.device)
+            params = [s.params for s, _ in active]
+            q = logits_to_probs_rows(logits, params)  # [A, V]
+            x = sample_rows(q, params, [s.generator for s, _ in active])
+            vals = torch.stack([x.to(q.dtype), entropy(q)]).tolist()  # one host sync per draft step
+            still = []
+            for i, (seq, cap) in enumerate(active):
+                token, h = int(vals[0][i]), vals[1][i]
+                d = out[seq]
+                d.ids.append(token)
+                d.probs.append(q[i])
+                d.entropies.append(h)
+                seq.stats.draft_forwards += 1
+                if token not in seq.eos and len(d.ids) < cap and seq.policy.keep_drafting(h, len(d.ids)):
+                    still.append((seq, cap))
+            active = still
+            feeds = [[out[s].ids[-1]] for s, _ in active]
+        return out
+
+    def _finish_round(self, seq: Sequence, draft: _Draft | None, target_probs: torch.Tensor,
+                      logits: torch.Tensor) -> Delta:
+        """Acceptance, statistics, cache rollback and output for one sequence."""
+        candidates = draft.ids if draft else []
+        draft_probs = torch.stack(draft.probs) if draft else None
+        verdict = accept_candidates(candidates, target_probs, draft_probs, seq.params.greedy, seq.generator, seq.relaxed)
+        k, n_acc = len(candidates), verdict.n_accepted
+        seq.stats.target_forwards += 1
+        if k:
+            # the statistics learn after the round, from the candidates examined, labelled by the standard check
+            if verdict.distances is not None:
+                for d, std in zip(verdict.distances, verdict.standard):
+                    seq.relaxed.observe(d, std)
+            seq.policy.update([h for h, std in zip(draft.entropies, verdict.standard) if not std], all_accepted=n_acc == k)
+            prior = self.acceptance_prior.get(seq.method, 0.5)
+            self.acceptance_prior[seq.method] = 0.98 * prior + 0.02 * (n_acc / k)
+        n_standard = sum(verdict.standard[:n_acc])
+        seq.stats.observe_round(k, n_standard, n_acc - n_standard, bonus=k > 0 and n_acc == k,
+                                accepted_flags=[True] * n_acc + ([False] if n_acc < k else []))
+        if seq.stats.trace is not None:
+            seq.stats.trace.append({"entropy_threshold": seq.policy.threshold if seq.policy else None,
+                                    **seq.relaxed.state(), "drafted": k, "accepted": n_acc})
+
+        # caches: keep the sequence up to the last accepted candidate (the new last token is not in them)
+        self.target_pool.rollback(seq.slot, len(seq.tokens) + n_acc)
+        if self.draft_pool is not None:
+            self.draft_pool.rollback(seq.slot, min(self.draft_pool.length(seq.slot), len(seq.tokens) + n_acc))
+
+        emitted = candidates[:n_acc] + [verdict.token]
+        logprobs = _token_logprobs(logits[: n_acc + 1], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
+        delta = seq.emit(emitted, logprobs)
+        if seq.finished:
+            seq.stats.record_thresholds(seq.policy.threshold if seq.policy else None, seq.relaxed.state())
+        return delta
+
+    # ---------------------------------------------------------------- slots
+
+    def _move(self, seq: Sequence, slot: int) -> None:
+        """Put seq's caches in `slot`, swapping with whoever holds it."""
+        if seq.slot == slot:
+            return
+        other = self.owner[slot]
+        for pool in (self.target_pool, self.draft_pool):
+            if pool is not None:
+                pool.swap(seq.slot, slot)
+        self.owner[seq.slot], self.owner[slot] = other, seq
+        if other is not None:
+            other.slot = seq.slot
+        seq.slot = slot
+
+    def _clear_slot(self, seq: Sequence) -> None:
+        for pool in (self.target_pool, self.draft_pool):
+            if pool is not None:
+                pool.clear(seq.slot)
+        self.owner[seq.slot] = None
+        seq.slot = -1
+
+    def _release(self, seq: Sequence) -> None:
+        """Free a running sequence's slot; the last running sequence moves into it (slots stay 0..R-1)."""
+        i = self.running.index(seq)
+        last = self.running.pop()
+        if last is not seq:
+            self._move(last, i)
+            self.running[i] = last
+        self._clear_slot(seq)
+
+    # ---------------------------------------------------------------- single requests
+
+    def start(self, prompt: str | list[int], params: SamplingParams | None = None, spec: SpecConfig | None = None) -> "Generation":
+        if not self.idle:
+            raise RuntimeError("start()/generate() need an idle engine; a server drives it with add() and step()")
+        seq = self.new_sequence(prompt, params, spec)
+        self.add(seq)
+        return Generation(self, seq)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None, spec: SpecConfig | None = None) -> Iterator[Delta]:
         gen = self.start(prompt, params, spec)
@@ -378,12 +437,66 @@ class SpeculativeEngine:
             gen.close()
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, spec: SpecConfig | None = None) -> GenerationResult:
-        gen = self.start(prompt, params, spec)
         text, ids, logprobs = [], [], [] if (params and params.logprobs is not None) else None
-        while not gen.finished:
-            d = gen.step()
-            text.append(d.text)
-            ids.extend(d.token_ids)
-            if logprobs is not None and d.logprobs:
-                logprobs.extend(d.logprobs)
-        return GenerationResult("".join(text), ids, gen.finish_reason, gen.stats, logprobs)
+        gen = self.start(prompt, params, spec)
+        try:
+            while not gen.finished:
+                d = gen.step()
+                text.append(d.text)
+                ids.extend(d.token_ids)
+                if logprobs is not None and d.logprobs:
+                    logprobs.extend(d.logprobs)
+        finally:
+            gen.close()
+        return GenerationResult("".join(text), ids, gen.seq.finish_reason, gen.stats, logprobs)
+
+
+class Generation:
+    """One request driven alone through the engine; `step()` returns its next round's Delta."""
+
+    def __init__(self, engine: SpeculativeEngine, seq: Sequence):
+        self.engine = engine
+        self.seq = seq
+
+    @property
+    def finished(self) -> bool:
+        return self.seq.finished
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.seq.stats
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.seq.tokens
+
+    def step(self) -> Delta:
+        assert not self.finished, "step() after the generation finished"
+        while True:
+            for seq, event in self.engine.step():
+                if seq is self.seq:
+                    if isinstance(event, Exception):
+                        raise event
+                    return event
+
+    def close(self) -> None:
+        """Free the slot now (a cancelled request must not hold memory)."""
+        self.engine.abort(self.seq)
+
+
+@torch.inference_mode()
+def decode_step_seconds(model, pair: ModelPair, context: int = 64, repeats: int = 9) -> float:
+    """Median wall time of one single-token decode step after `context` cached tokens,
+    including the host sync a real step pays to read its token."""
+    n = min(context, pair.context_length - 2)
+    pool = make_pool(model, 1, n + 2)
+    ids = (torch.arange(n) % pair.vocab_size).tolist()
+    pool.forward([0], [ids])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pool.forward([0], [ids[:1]])[-1].argmax().item()
+        times.append(time.perf_counter() - t0)
+        pool.rollback(0, n)
+    times.sort()
+    return times[len(times) // 2]

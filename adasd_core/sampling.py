@@ -80,3 +80,33 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         gen.manual_seed(seed)
     return gen
+
+
+def _processing_key(params: SamplingParams) -> tuple:
+    return (True,) if params.greedy else (False, params.temperature, params.top_k, params.top_p)
+
+
+def logits_to_probs_rows(logits: torch.Tensor, row_params: list[SamplingParams]) -> torch.Tensor:
+    """[N, V] logits, one request's params per row -> [N, V] probabilities, each row exactly as
+    logits_to_probs would give it alone (rows with the same processing run together)."""
+    assert logits.shape[0] == len(row_params)
+    keys = [_processing_key(p) for p in row_params]
+    if all(k == keys[0] for k in keys):
+        return logits_to_probs(logits, row_params[0])
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    groups: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    for rows in groups.values():
+        idx = torch.tensor(rows, device=logits.device)
+        out[idx] = logits_to_probs(logits[idx], row_params[rows[0]])
+    return out
+
+
+def sample_rows(probs: torch.Tensor, row_params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """[N, V] -> [N] token ids; sampled rows draw from their own request's generator."""
+    out = probs.argmax(-1)
+    for i, (params, gen) in enumerate(zip(row_params, generators)):
+        if not params.greedy:
+            out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+    return out

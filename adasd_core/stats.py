@@ -20,6 +20,8 @@ class GenerationStats:
     time_draft_s: float = 0.0
     time_verify_s: float = 0.0
     time_other_s: float = 0.0
+    time_prefill_s: float = 0.0
+    batch_size_sum: int = 0  # sum over rounds of the batch size the round ran in
     wall_s: float = 0.0
     target_step_s: float = 0.0  # measured cost of one single-token target decode step
     entropy_threshold: float | None = None  # final T_G
@@ -45,6 +47,13 @@ class GenerationStats:
             self.drafted_by_position[i] += 1
             self.accepted_by_position[i] += int(i < len(accepted_flags) and accepted_flags[i])
 
+    def record_thresholds(self, entropy_threshold: float | None, relaxed_state: dict) -> None:
+        """The final T_G and the relaxed check's state (RelaxedCheck.state())."""
+        self.entropy_threshold = entropy_threshold
+        self.js_threshold = relaxed_state.get("js_threshold")
+        self.kde_accepted = relaxed_state.get("kde_accepted")
+        self.kde_rejected = relaxed_state.get("kde_rejected")
+
     @property
     def accepted_tokens(self) -> int:
         return self.accepted_standard + self.accepted_relaxed
@@ -62,6 +71,10 @@ class GenerationStats:
         return self.generated_tokens / self.rounds if self.rounds else 0.0
 
     @property
+    def mean_batch_size(self) -> float:
+        return self.batch_size_sum / self.rounds if self.rounds else 0.0
+
+    @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
@@ -77,8 +90,8 @@ class GenerationStats:
         if out["trace"] is None:
             del out["trace"]
         for name in ("accepted_tokens", "acceptance_rate", "mean_draft_length", "tokens_per_round",
-                     "tokens_per_second", "estimated_speedup"):
+                     "tokens_per_second", "estimated_speedup", "mean_batch_size"):
             out[name] = round(getattr(self, name), 4) if isinstance(getattr(self, name), float) else getattr(self, name)
-        for name in ("time_draft_s", "time_verify_s", "time_other_s", "wall_s", "target_step_s"):
+        for name in ("time_draft_s", "time_verify_s", "time_other_s", "time_prefill_s", "wall_s", "target_step_s"):
             out[name] = round(out[name], 6)
         return out

@@ -74,6 +74,66 @@ def bonus_token(target_probs: torch.Tensor, greedy: bool, generator: torch.Gener
     return int(torch.multinomial(target_probs, 1, generator=generator))
 
 
+@dataclass
+class Verdict:
+    """One sequence's round after verification."""
+
+    n_accepted: int  # candidates kept (standard or relaxed)
+    token: int  # the correction token (n_accepted < k) or the bonus token
+    standard: list[bool]  # standard-check outcome of each examined candidate
+    distances: list[float] | None  # JS distance of each examined candidate (relaxed check on)
+    n_relaxed: int
+
+    @property
+    def examined(self) -> int:
+        return len(self.standard)
+
+
+def accept_candidates(
+    candidates: list[int],
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    greedy: bool,
+    generator: torch.Generator | None,
+    relaxed: "RelaxedCheck",
+) -> Verdict:
+    """Accept candidates in order; the first that fails both checks ends the round.
+
+    candidates [k], target_probs [k+1, V] (the last row is the bonus position), draft_probs [k, V].
+    Random draws, in this order from the request's generator: the standard check's k uniforms,
+    the relaxed check's k uniforms (sampled requests with a relaxed check), the last token.
+    """
+    k = len(candidates)
+    assert target_probs.shape[0] == k + 1 and (k == 0 or draft_probs.shape[0] == k)
+    standard, distances, n_accepted, n_relaxed = [], None, 0, 0
+    if k:
+        device = target_probs.device
+        cand = torch.tensor(candidates, device=device)
+        std = standard_check(cand, target_probs[:k], draft_probs, greedy, generator).tolist()
+        use_relaxed = relaxed.name != "none"
+        d = js_distance(target_probs[:k], draft_probs).tolist() if use_relaxed else None
+        draws = torch.rand(k, generator=generator, device=device).tolist() if (use_relaxed and not greedy) else None
+        for i in range(k):
+            if std[i]:
+                ok = True
+            elif use_relaxed:  # the posterior is only needed where the standard check failed
+                p_accept = relaxed.accept_probability([d[i]])[0]
+                ok = p_accept > 0.5 if greedy else draws[i] < p_accept
+                n_relaxed += ok
+            else:
+                ok = False
+            standard.append(bool(std[i]))
+            if not ok:
+                break
+            n_accepted += 1
+        distances = d[: len(standard)] if use_relaxed else None
+    if n_accepted < k:
+        token = correction_token(target_probs[n_accepted], draft_probs[n_accepted], greedy, generator)
+    else:
+        token = bonus_token(target_probs[k], greedy, generator)
+    return Verdict(n_accepted, token, standard, distances, n_relaxed)
+
+
 # --------------------------------------------------------------------------- relaxed checks
 
 

@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = None
     max_queue: int = Field(64, ge=0)  # requests waiting for a slot beyond the running ones
-    max_running: int = Field(8, ge=1)  # generations the worker interleaves
+    max_running: int = Field(8, ge=1)  # generations batched together (KV slots; fewer if memory is short)
+    gpu_memory_fraction: float = Field(0.9, gt=0.0, le=1.0)  # share of the GPU the models and KV slots may use
+    batch_aware: bool = True  # cap adaptive drafts by what pays at the current batch size (off: experiments)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     shutdown_timeout: float = Field(30.0, ge=0)
     log_level: LogLevel = "info"

@@ -10,10 +10,10 @@ It talks to the front end over one duplex multiprocessing pipe, with tuples:
                                                 ("done", rid, status, stats)    status: success | cancelled
                                                 ("error", rid, status_code, message, param, code)
 
-Every submitted rid ends with exactly one "done" or "error". The loop admits waiting requests up to
-`max_running`, then runs one round for each running request in turn (round-robin), then reads
-the pipe again, so a cancel stops its request within one round. `step_all` is the one place that
-runs rounds: a batched engine step can replace its per-request loop without touching the rest.
+Every submitted rid ends with exactly one "done" or "error". The loop hands waiting requests to the
+engine while it has free KV slots, then runs one engine step (a chunk of prefill for new requests
+and one batched round for every running one), then reads the pipe again, so a cancel stops its
+request within one round and frees its slot.
 """
 
 from __future__ import annotations
@@ -46,18 +46,7 @@ class Request:
     params: Any  # adasd_core.sampling.SamplingParams
     spec: Any  # adasd_core.engine.SpecConfig
     submitted_at: float  # time.monotonic() in the front end (one clock per host)
-    gen: Any = None  # adasd_core.engine.Generation once admitted
-
-
-def step_all(gens: list) -> list:
-    """One round for each generation: a Delta, or the exception that round raised."""
-    out = []
-    for gen in gens:
-        try:
-            out.append(gen.step())
-        except Exception as exc:  # one broken request must not take the others down
-            out.append(exc)
-    return out
+    seq: Any = None  # adasd_core.sequence.Sequence once admitted
 
 
 class TokenText:
@@ -80,13 +69,12 @@ class TokenText:
 
 
 class Worker:
-    def __init__(self, engine, conn, max_running: int, round_delay_s: float = 0.0):
+    def __init__(self, engine, conn, round_delay_s: float = 0.0):
         self.engine = engine
         self.conn = conn
-        self.max_running = max_running
         self.round_delay_s = round_delay_s
         self.waiting: deque[Request] = deque()
-        self.running: dict[str, Request] = {}  # insertion order is the round-robin order
+        self.running: dict[str, Request] = {}
         self.token_text = TokenText(engine.pair.tokenizer)
         self.stopping = False
 
@@ -100,7 +88,7 @@ class Worker:
                 break
             self.admit()
             if self.running:
-                self.step(list(self.running.values()))
+                self.step()
                 if self.round_delay_s:
                     time.sleep(self.round_delay_s)
         self.cancel_all()
@@ -128,10 +116,11 @@ class Worker:
             log.error("unknown message %r", kind)
 
     def admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_running:
+        """Waiting requests -> the engine, while it has free KV slots (a full pool queues, never fails)."""
+        while self.waiting and self.engine.free_slots > 0:
             req = self.waiting.popleft()
             try:
-                req.gen = self.engine.start(req.prompt_ids, req.params, req.spec)  # prefill
+                req.seq = self.engine.new_sequence(req.prompt_ids, req.params, req.spec, request_id=req.rid)
             except AdasdError as exc:
                 self.send("error", req.rid, exc.status_code, exc.message, exc.param, exc.code)
                 continue
@@ -139,12 +128,23 @@ class Worker:
                 log.exception("request %s failed to start", req.rid)
                 self.send("error", req.rid, 500, "internal error in the worker (see the server log)", None, "internal_error")
                 continue
+            self.engine.add(req.seq)
             self.send("started", req.rid, max(0.0, time.monotonic() - req.submitted_at))
             self.running[req.rid] = req
 
-    def step(self, batch: list[Request]) -> None:
-        results = step_all([req.gen for req in batch])
-        for req, result in zip(batch, results):
+    def step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception:  # a bug outside any one sequence: end every running request, keep serving
+            log.exception("engine step failed")
+            for req in list(self.running.values()):
+                self.finish(req)
+                self.send("error", req.rid, 500, "internal error in the worker (see the server log)", None, "internal_error")
+            return
+        for seq, result in events:
+            req = self.running.get(seq.request_id)
+            if req is None:
+                continue
             if isinstance(result, BaseException):
                 log.error("request %s failed", req.rid, exc_info=result)
                 self.finish(req)
@@ -152,15 +152,15 @@ class Worker:
                 continue
             self.send("delta", req.rid, result.text, result.token_ids, result.finish_reason,
                       self.token_text.payload(result.logprobs))
-            if req.gen.finished:
+            if seq.finished:
                 self.finish(req)
-                self.send("done", req.rid, "success", req.gen.stats.to_dict())
+                self.send("done", req.rid, "success", seq.stats.to_dict())
 
     # ------------------------------------------------------------------ endings
 
     def finish(self, req: Request) -> None:
         self.running.pop(req.rid, None)
-        req.gen.close()
+        self.engine.abort(req.seq)  # frees the slot (no-op once the engine has released it)
 
     def cancel(self, rid: str) -> None:
         for req in self.waiting:
@@ -171,7 +171,7 @@ class Worker:
         req = self.running.get(rid)
         if req is not None:  # an unknown rid has already finished
             self.finish(req)
-            self.send("done", rid, "cancelled", req.gen.stats.to_dict())
+            self.send("done", rid, "cancelled", req.seq.stats.to_dict())
 
     def cancel_all(self) -> None:
         for rid in [r.rid for r in self.waiting] + list(self.running):
@@ -189,6 +189,7 @@ class Worker:
 
 def load_engine(settings: dict):
     from adasd_core.engine import SpecConfig, SpeculativeEngine
+    from adasd_core.kv_cache import plan_slots
     from adasd_core.models import load_pair
 
     pair = load_pair(
@@ -196,8 +197,14 @@ def load_engine(settings: dict):
         device_map=settings["device_map"], trust_remote_code=settings["trust_remote_code"],
         max_model_len=settings["max_model_len"],
     )
+    slots, per_slot = plan_slots(pair, settings["max_running"], settings.get("gpu_memory_fraction", 0.9))
+    if slots < settings["max_running"]:
+        log.warning("max_running=%d does not fit in memory: %d KV slots (%.1f MiB each)", settings["max_running"],
+                    slots, per_slot / 2**20)
     spec = SpecConfig(method=settings["method"], k=settings["k"], verification=settings["verification"])
-    return SpeculativeEngine(pair, default_spec=spec)
+    engine = SpeculativeEngine(pair, default_spec=spec, max_running=slots, batch_aware=settings.get("batch_aware", True))
+    engine.kv_bytes_per_slot = per_slot
+    return engine
 
 
 def main(settings: dict, conn) -> None:
@@ -229,9 +236,15 @@ def main(settings: dict, conn) -> None:
         "device": str(pair.device),
         "dtype": str(pair.dtype).removeprefix("torch."),
         "target_step_s": engine.target_step_s,
+        "slots": engine.slots,
+        "kv_mib_per_slot": round(engine.kv_bytes_per_slot / 2**20, 2),
+        "batched": bool(engine.target_pool.batched),
+        "step_costs": engine.costs.summary(),
         "load_s": round(time.perf_counter() - t0, 3),
     }
-    log.info("loaded target=%s draft=%s on %s in %.1fs", settings["target"], settings["draft"], info["device"], info["load_s"])
+    log.info("loaded target=%s draft=%s on %s in %.1fs; %d KV slots of %s tokens (%.1f MiB each), %s engine",
+             settings["target"], settings["draft"], info["device"], info["load_s"], info["slots"], info["context_length"],
+             info["kv_mib_per_slot"], "batched" if info["batched"] else "unbatched (no lean path for this model)")
     try:
         conn.send(("ready", info))
     except OSError:
@@ -239,7 +252,7 @@ def main(settings: dict, conn) -> None:
     delay = float(os.environ.get(ROUND_DELAY_ENV) or 0.0)
     if delay:
         log.warning("%s=%s: every round is slowed down on purpose", ROUND_DELAY_ENV, delay)
-    Worker(engine, conn, settings["max_running"], round_delay_s=delay).run()
+    Worker(engine, conn, round_delay_s=delay).run()
     conn.close()
     log.info("stopped")
     logging.shutdown()

@@ -1,4 +1,4 @@
-"""The worker loop in-process, with a fake engine: round-robin, admission, cancel, error isolation."""
+"""The worker loop in-process, with a fake engine: batched steps, admission, cancel, error isolation."""
 
 from __future__ import annotations
 
@@ -12,47 +12,68 @@ from server.worker import Worker
 
 
 class FakeStats:
-    def __init__(self, gen):
-        self.gen = gen
+    def __init__(self, seq):
+        self.seq = seq
 
     def to_dict(self) -> dict:
-        return {"generated_tokens": self.gen.done_rounds}
+        return {"generated_tokens": self.seq.done_rounds}
 
 
-class FakeGen:
-    def __init__(self, rounds: int, fail_at: int | None = None):
-        self.rounds, self.fail_at = rounds, fail_at
+class FakeSeq:
+    def __init__(self, request_id: str, rounds: int, fail_at: int | None = None):
+        self.request_id, self.rounds, self.fail_at = request_id, rounds, fail_at
         self.done_rounds = 0
-        self.closed = False
+        self.finish_reason = None
         self.stats = FakeStats(self)
 
     @property
     def finished(self) -> bool:
-        return self.done_rounds >= self.rounds or self.closed
-
-    def step(self):
-        if self.fail_at is not None and self.done_rounds == self.fail_at:
-            raise RuntimeError("boom")
-        self.done_rounds += 1
-        return SimpleNamespace(text="x", token_ids=[1], finish_reason="length" if self.finished else None, logprobs=None)
-
-    def close(self) -> None:
-        self.closed = True
+        return self.finish_reason is not None
 
 
 class FakeEngine:
-    """prompt_ids[0] = rounds to run; prompt_ids[1] (optional) = round at which step() raises; [] -> 400."""
+    """The engine's serving interface over `slots` KV slots. prompt_ids[0] = rounds to run;
+    prompt_ids[1] (optional) = round at which that sequence fails; [] -> 400."""
 
-    def __init__(self):
+    def __init__(self, slots: int):
         self.pair = SimpleNamespace(tokenizer=SimpleNamespace(decode=lambda ids: "x"))
-        self.gens: dict[int, FakeGen] = {}
+        self.slots = slots
+        self.running: list[FakeSeq] = []
+        self.aborted: list[str] = []
 
-    def start(self, prompt_ids, params, spec):
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.running)
+
+    def new_sequence(self, prompt_ids, params, spec, request_id=""):
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        gen = FakeGen(prompt_ids[0], prompt_ids[1] if len(prompt_ids) > 1 else None)
-        self.gens[id(gen)] = gen
-        return gen
+        return FakeSeq(request_id, prompt_ids[0], prompt_ids[1] if len(prompt_ids) > 1 else None)
+
+    def add(self, seq) -> None:
+        assert self.free_slots > 0, "the worker must not overfill the pool"
+        self.running.append(seq)
+
+    def step(self):
+        events = []
+        for seq in list(self.running):  # one batched round: every running sequence advances
+            if seq.fail_at is not None and seq.done_rounds == seq.fail_at:
+                seq.finish_reason = "error"
+                self.running.remove(seq)
+                events.append((seq, RuntimeError("boom")))
+                continue
+            seq.done_rounds += 1
+            if seq.done_rounds >= seq.rounds:
+                seq.finish_reason = "length"
+                self.running.remove(seq)
+            events.append((seq, SimpleNamespace(text="x", token_ids=[1], finish_reason=seq.finish_reason, logprobs=None)))
+        return events
+
+    def abort(self, seq) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            self.aborted.append(seq.request_id)
+        seq.finish_reason = seq.finish_reason or "abort"
 
 
 class FakeConn:
@@ -84,7 +105,7 @@ def submit(rid: str, *prompt) -> tuple:
 
 def run(inbox, max_running=8, on_send=None) -> list[tuple]:
     conn = FakeConn(inbox, on_send)
-    Worker(FakeEngine(), conn, max_running).run()
+    Worker(FakeEngine(max_running), conn).run()
     return conn.sent
 
 
@@ -152,3 +173,21 @@ def test_every_request_ends_exactly_once(max_running):
 def test_shutdown_cancels_everything_in_flight():
     sent = run([submit("a", 100), submit("b", 100), ("shutdown",)], max_running=1)
     assert {rid: ms[0][2] for rid, ms in endings(sent).items()} == {"a": "cancelled", "b": "cancelled"}
+
+
+def test_slots_are_freed_on_finish_cancel_and_error_and_a_full_pool_queues():
+    def cancel_a_after_first_delta(msg, conn):
+        if msg[:2] == ("delta", "a") and not any(m[:2] == ("cancel", "a") for m in conn.inbox):
+            conn.inbox.append(("cancel", "a"))
+
+    engine = FakeEngine(slots=2)
+    conn = FakeConn([submit("a", 50), submit("b", 3, 1), submit("c", 2), submit("d", 2)], cancel_a_after_first_delta)
+    Worker(engine, conn).run()  # FakeEngine.add asserts the worker never overfills the pool
+    ends = endings(conn.sent)
+    assert {rid: ms[0][0] for rid, ms in ends.items()} == {"a": "done", "b": "error", "c": "done", "d": "done"}
+    assert engine.aborted == ["a"] and engine.running == [] and engine.free_slots == 2
+    started = [m[1] for m in conn.sent if m[0] == "started"]
+    assert started == ["a", "b", "c", "d"]
+    # c waited for a freed slot: it starts only after a or b ended
+    first_end = min(i for i, m in enumerate(conn.sent) if m[0] in ("done", "error"))
+    assert next(i for i, m in enumerate(conn.sent) if m[:2] == ("started", "c")) > first_end

@@ -1,0 +1,123 @@
+"""Step costs of the loaded pair, measured at start, and the draft length that pays at a batch size.
+
+A round at batch size B that drafts k tokens per sequence costs about k draft steps plus one
+target forward over k+1 tokens per sequence; with a per-token acceptance rate a it yields
+(1 - a^(k+1)) / (1 - a) tokens per sequence. Plain decoding yields one token per target forward
+of one token. The best k maximises tokens per second; k = 0 means plain batched decoding.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+LENGTHS = (1, 2, 4, 8, 12, 16, 21)
+
+
+def _interp(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise linear in x, extrapolated linearly past the ends."""
+    if len(xs) == 1:
+        return ys[0]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(1e-9, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+@dataclass
+class StepCosts:
+    """Seconds per target forward of (B sequences x n tokens) and per draft step of B sequences."""
+
+    batch_sizes: list[int]
+    lengths: list[int]
+    target: list[list[float]]  # [batch size][length]
+    draft: list[float]  # [batch size]
+    measured: bool = True
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def target_cost(self, batch: int, n: int) -> float:
+        per_b = [_interp(self.lengths, row, n) for row in self.target]
+        return _interp(self.batch_sizes, per_b, batch)
+
+    def draft_cost(self, batch: int) -> float:
+        return _interp(self.batch_sizes, self.draft, batch)
+
+    def best_draft_length(self, batch: int, acceptance: float, k_max: int) -> int:
+        """The draft length (0..k_max) with the most tokens per second at this batch size."""
+        a = min(max(acceptance, 0.0), 0.99)
+        key = (batch, round(a, 2), k_max)
+        if key not in self._cache:
+            c_d = self.draft_cost(batch)
+            best_k, best = 0, 1.0 / self.target_cost(batch, 1)
+            for k in range(1, k_max + 1):
+                rate = (1 - a ** (k + 1)) / (1 - a) / (k * c_d + self.target_cost(batch, k + 1))
+                if rate > best:
+                    best_k, best = k, rate
+            self._cache[key] = best_k
+        return self._cache[key]
+
+    @classmethod
+    def nominal(cls) -> "StepCosts":
+        """A fixed model for engines that do not measure (tests): a draft step costs 0.15 of a
+        target step, and a target forward grows by 3% per extra token in the batch."""
+        bs, ns = [1, 32], [1, 21]
+        target = [[1.0 + 0.03 * (b * n - 1) for n in ns] for b in bs]
+        return cls(bs, ns, target, [0.15 * t[0] for t in target], measured=False)
+
+    def summary(self) -> dict:
+        return {
+            "target_step_s": round(self.target_cost(1, 1), 6),
+            "draft_step_s": round(self.draft_cost(1), 6),
+            "target_b8_s": round(self.target_cost(8, 1), 6),
+        }
+
+
+@torch.inference_mode()
+def measure(target_pool, draft_pool, vocab: int, max_batch: int, context: int = 64, repeats: int = 3) -> StepCosts:
+    """Time the target over (B, n) and the draft over B on the pools' first slots, then free them.
+
+    Each draft step is timed right after a target forward, as in a round (the target's weights
+    have just evicted the draft's from the caches)."""
+    batch_sizes = [b for b in BATCH_SIZES if b <= max_batch] or [1]
+    lengths = [n for n in LENGTHS if context + n < target_pool.capacity]
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
+    slots = list(range(max(batch_sizes)))
+    for pool in (target_pool, draft_pool):
+        if pool is not None:
+            pool.forward(slots, [prompt] * len(slots))
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn().argmax(-1).tolist()  # the host sync a round pays to read its tokens
+        return time.perf_counter() - t0
+
+    def target_step(b: int, n: int) -> float:
+        t = timed(lambda: target_pool.forward(slots[:b], [prompt[:n]] * b, all_logits=True))
+        for s in slots[:b]:
+            target_pool.rollback(s, context)
+        return t
+
+    def draft_step(b: int) -> float:
+        target_step(b, 4)
+        t = timed(lambda: draft_pool.forward(slots[:b], [prompt[:1]] * b))
+        for s in slots[:b]:
+            draft_pool.rollback(s, context)
+        return t
+
+    target_step(1, 1)  # warm-up
+    target, draft = [], []
+    for b in batch_sizes:
+        target.append([sorted(target_step(b, n) for _ in range(repeats))[repeats // 2] for n in lengths])
+        if draft_pool is not None:
+            draft.append(sorted(draft_step(b) for _ in range(repeats))[repeats // 2])
+        else:
+            draft.append(float("inf"))
+    for pool in (target_pool, draft_pool):
+        if pool is not None:
+            for s in slots:
+                pool.clear(s)
+    return StepCosts(batch_sizes, lengths, target, draft)

@@ -1,0 +1,98 @@
+"""One request's decoding state: its tokens, sampling, drafting policy, relaxed check, output
+processing (EOS, length, stop strings, detokenising) and statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
+from adasd_core.drafting import DraftPolicy
+from adasd_core.sampling import SamplingParams
+from adasd_core.stats import GenerationStats
+from adasd_core.verification import RelaxedCheck
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Delta:
+    """What one round adds to a request's output."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    method: str
+    policy: DraftPolicy | None  # None: no drafting (ar)
+    relaxed: RelaxedCheck
+    generator: torch.Generator
+    eos: set[int]
+    detok: IncrementalDetokenizer
+    stop: StopStringMatcher
+    stats: GenerationStats
+    context_length: int
+    request_id: str = ""
+    tokens: list[int] = field(default_factory=list)
+    slot: int = -1  # KV slot in both pools while admitted
+    prefilled: int = 0  # prompt tokens already in the caches (all but the last are prefilled)
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def remaining(self) -> int:
+        """Tokens this request may still add."""
+        return min(self.params.max_tokens - self.generated, self.context_length - len(self.tokens))
+
+    def acceptance_estimate(self, prior: float, weight: float = 4.0) -> float:
+        """Per-candidate acceptance so far, shrunk towards `prior` while the history is short."""
+        s = self.stats
+        return (s.accepted_tokens + weight * prior) / (s.drafted_tokens + weight)
+
+    def emit(self, emitted: list[int], logprobs: list[TokenLogprob] | None) -> Delta:
+        """Append tokens, apply EOS / length / stop strings, and produce the text delta."""
+        for i, t in enumerate(emitted):
+            if t in self.eos:
+                emitted = emitted[: i + 1]
+                logprobs = logprobs[: i + 1] if logprobs is not None else None
+                self.finish_reason = "stop"
+                break
+        self.tokens.extend(emitted)
+        self.stats.generated_tokens = self.generated
+        if self.finish_reason is None and self.remaining <= 0:
+            self.finish_reason = "length"
+        text = self.detok.push([t for t in emitted if t not in self.eos])
+        if self.finished:
+            text += self.detok.flush()
+        text, stopped = self.stop.push(text)
+        if stopped:
+            self.finish_reason = "stop"
+        elif self.finished:
+            text += self.stop.flush()
+        return Delta(text=text, token_ids=emitted, finish_reason=self.finish_reason, logprobs=logprobs)

@@ -1,0 +1,196 @@
+"""The batched engine: mixed batches give each request what it gets alone, seeded requests ignore
+their batch mates, slots are freed on every ending, one failure ends one request."""
+
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from toy import markov_pair, random_tables, sequence_probability
+
+from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.sampling import SamplingParams
+from adasd_core.verification import BayesCheck, RelaxedCheck, accept_candidates
+
+LOSSLESS = [SpecConfig(method="ar"), SpecConfig(method="vanilla", k=3), SpecConfig(method="vanilla", k=7),
+            SpecConfig(method="gen-only"), SpecConfig(method="adasd", verification="none"),
+            SpecConfig(method="hybrid", verification="none")]
+
+
+def run_batch(engine, requests) -> list[list[int]]:
+    """Add every (prompt, params, spec) at once and step until all end; tokens per request."""
+    seqs = [engine.new_sequence(p, params, spec) for p, params, spec in requests]
+    for s in seqs:
+        engine.add(s)
+    out = {id(s): [] for s in seqs}
+    while not engine.idle:
+        for seq, event in engine.step():
+            assert not isinstance(event, Exception), event
+            out[id(seq)].extend(event.token_ids)
+    assert engine.free_slots == engine.slots and all(o is None for o in engine.owner)
+    return [out[id(s)] for s in seqs]
+
+
+def mixed_requests(prompts, max_tokens):
+    return [(p, SamplingParams(max_tokens=max_tokens + 7 * (i % 3), ignore_eos=True), LOSSLESS[i % len(LOSSLESS)])
+            for i, p in enumerate(prompts)]
+
+
+def test_mixed_greedy_batch_on_toy_models_matches_each_alone():
+    target, draft = random_tables(8, seed=11)
+    engine = SpeculativeEngine(markov_pair(target, draft), calibrate=False, max_running=4)
+    prompts = [[i % 8, (3 * i) % 8][: 1 + i % 2] for i in range(9)]  # more requests than slots: some queue
+    requests = mixed_requests(prompts, 20)
+    alone = [engine.generate(*r).token_ids for r in requests]
+    assert run_batch(engine, requests) == alone
+
+
+@pytest.mark.parametrize("pair_name", ["random", "demo"])
+def test_mixed_greedy_batch_on_llama_pairs_matches_each_alone(pair_name, random_pair_dir):
+    from adasd_core.models import load_pair
+
+    pair = load_pair(str(random_pair_dir / "target"), str(random_pair_dir / "draft"), device="cpu") \
+        if pair_name == "random" else load_pair("demo", "demo", device="cpu")
+    engine = SpeculativeEngine(pair, calibrate=False, max_running=6)
+    assert engine.target_pool.batched
+    prompts = ["def parse(line):", "import os\nimport sys\n\nclass Config:\n    def __init__(self", "x = [",
+               "    return self._data[key]\n\ndef ", "for i in range(10):\n", "# a comment\n"]
+    requests = mixed_requests(prompts, 16)
+    alone = [engine.generate(*r).token_ids for r in requests]
+    assert run_batch(engine, requests) == alone
+
+
+def test_sampled_lossless_batch_keeps_the_target_distribution():
+    """The chi-square test of test_engine_toy, with every sample drawn inside a batch of 8 mixed methods."""
+    v, n, temperature = 5, 4000, 0.9
+    target, draft = random_tables(v, seed=7, sharpness=1.0)
+    engine = SpeculativeEngine(markov_pair(target, draft), calibrate=False, max_running=8)
+    specs = [SpecConfig(method="vanilla", k=2), SpecConfig(method="gen-only"), SpecConfig(method="ar"),
+             SpecConfig(method="adasd", verification="none")]
+    requests = [([0], SamplingParams(max_tokens=3, temperature=temperature, seed=s), specs[s % len(specs)])
+                for s in range(n)]
+    counts = Counter()
+    for i in range(0, n, 8):
+        counts.update(tuple(t) for t in run_batch(engine, requests[i : i + 8]))
+    cells = [(a, b, c) for a in range(v) for b in range(v) for c in range(v)]
+    for table, expect_fit in ((target, True), (draft, False)):
+        expected = [n * sequence_probability(table, 0, list(c), temperature) for c in cells]
+        p = chisquare([counts[c] for c in cells], expected).pvalue
+        assert (p > 1e-3) if expect_fit else (p < 1e-6)
+
+
+def test_a_seeded_request_does_not_depend_on_its_batch_mates(random_pair_dir):
+    from adasd_core.models import load_pair
+
+    pair = load_pair(str(random_pair_dir / "target"), str(random_pair_dir / "draft"), device="cpu")
+    engine = SpeculativeEngine(pair, calibrate=False, max_running=4)
+    mine = ("def f(x):", SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True), SpecConfig(method="adasd"))
+    alone = engine.generate(*mine[:2], mine[2]).token_ids
+    others = [(p, SamplingParams(max_tokens=m, temperature=0.7, ignore_eos=True), SpecConfig(method=meth))
+              for p, m, meth in [("import", 40, "hybrid"), ("class A:", 12, "ar"), ("x", 25, "vanilla")]]
+    assert run_batch(engine, [others[0], mine, others[1], others[2]])[1] == alone
+    assert run_batch(engine, [mine, others[2]])[0] == alone
+
+
+def test_abort_frees_the_slot_and_the_others_finish():
+    target, draft = random_tables(8, seed=12)
+    engine = SpeculativeEngine(markov_pair(target, draft), calibrate=False, max_running=2)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    seqs = [engine.new_sequence([i], params, SpecConfig(method="vanilla")) for i in range(4)]
+    for s in seqs:
+        engine.add(s)
+    engine.step()
+    assert len(engine.running) == 2 and len(engine.waiting) == 2  # a full pool queues
+    engine.abort(seqs[0])  # running
+    engine.abort(seqs[3])  # waiting
+    assert seqs[0].finish_reason == "abort" and seqs[0].slot == -1
+    done = Counter()
+    while not engine.idle:
+        for seq, event in engine.step():
+            done[seq.request_id or id(seq)] += bool(event.finish_reason)
+    assert all(s.finished for s in seqs) and [s.generated for s in seqs[1:3]] == [30, 30]
+    assert engine.free_slots == 2 and engine.owner == [None, None]
+
+
+def test_a_failing_sequence_ends_alone(monkeypatch):
+    target, draft = random_tables(8, seed=13)
+    engine = SpeculativeEngine(markov_pair(target, draft), calibrate=False, max_running=4)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    seqs = [engine.new_sequence([i], params, SpecConfig(method="vanilla")) for i in range(3)]
+    ref = [engine.generate([i], params, SpecConfig(method="vanilla")).token_ids for i in range(3)]
+    for s in seqs:
+        engine.add(s)
+
+    def broken_emit(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(seqs[1], "emit", broken_emit)
+    out, errors = {i: [] for i in range(3)}, []
+    while not engine.idle:
+        for seq, event in engine.step():
+            if isinstance(event, Exception):
+                errors.append(seqs.index(seq))
+            else:
+                out[seqs.index(seq)].extend(event.token_ids)
+    assert errors == [1] and seqs[1].finish_reason == "error"
+    assert out[0] == ref[0] and out[2] == ref[2]
+    assert engine.free_slots == 4
+
+
+def test_a_failing_batched_forward_is_retried_one_sequence_at_a_time(monkeypatch):
+    """A forward that breaks only when a given sequence is in the batch ends that sequence alone."""
+    target, draft = random_tables(8, seed=14)
+    engine = SpeculativeEngine(markov_pair(target, draft), calibrate=False, max_running=4)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    ref = [engine.generate([i], params, SpecConfig(method="vanilla")).token_ids for i in range(3)]
+    seqs = [engine.new_sequence([i], params, SpecConfig(method="vanilla")) for i in range(3)]
+    for s in seqs:
+        engine.add(s)
+    forward = engine.target_pool.forward
+
+    def fragile(slots, feeds, all_logits=False):
+        if seqs[2].slot in slots and engine.running and seqs[2].generated >= 3:
+            raise RuntimeError("bad input")
+        return forward(slots, feeds, all_logits)
+
+    monkeypatch.setattr(engine.target_pool, "forward", fragile)
+    out, errors = {i: [] for i in range(3)}, []
+    while not engine.idle:
+        for seq, event in engine.step():
+            if isinstance(event, Exception):
+                errors.append(seqs.index(seq))
+            else:
+                out[seqs.index(seq)].extend(event.token_ids)
+    assert errors == [2]
+    assert out[0] == ref[0] and out[1] == ref[1]
+
+
+def test_sampled_relaxed_check_accepts_with_the_posterior_probability():
+    """Candidates the standard check must reject (target probability 0) are accepted by the
+    relaxed check in the share P(A|d) says, within binomial bounds."""
+    v = 6
+    target_probs = torch.tensor([[0.0, 0.5, 0.5, 0, 0, 0], [1 / v] * v])  # candidate 0 is impossible for the target
+    draft_probs = torch.tensor([[0.6, 0.2, 0.2, 0, 0, 0]])
+
+    class Fixed(RelaxedCheck):
+        name = "fixed"
+
+        def accept_probability(self, d):
+            return [0.3] * len(d)
+
+    from adasd_core.verification import js_distance
+
+    d = float(js_distance(target_probs[:1], draft_probs))
+    bayes = BayesCheck()  # accepted distances a little below d, rejected a little above: P(A|d) is mid-range
+    for offset in (-0.08, -0.05, -0.03, -0.01):
+        bayes.observe(d + offset, True)
+    for offset in (0.0, 0.02, 0.04, 0.07, 0.1):
+        bayes.observe(d + offset, False)
+    posterior = bayes.posterior(d)
+    assert 0.05 < posterior < 0.95  # a state where the draw decides
+    n = 4000
+    for check, p in ((Fixed(), 0.3), (bayes, posterior)):
+        gen = torch.Generator().manual_seed(0)
+        accepted = sum(accept_candidates([0], target_probs, draft_probs, False, gen, check).n_accepted for _ in range(n))
+        sd = (n * p * (1 - p)) ** 0.5
+        assert abs(accepted - n * p) < 4 * sd, (accepted, n * p)
