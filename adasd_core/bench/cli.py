@@ -72,14 +72,28 @@ def bench(
 
 def bench_serve(
     base_url: str = typer.Argument("http://127.0.0.1:8000", help="The server's base URL."),
-    concurrency: str = typer.Option("1,4,8,16", help="Comma-separated concurrency levels."),
-    requests: int = typer.Option(0, help="Requests per level (0: max(8, 2 x concurrency))."),
+    concurrency: str = typer.Option("1,2,4,8,16", help="Comma-separated concurrency levels."),
+    methods: str = typer.Option("ar,adasd,hybrid", help="Comma-separated rows, each sent as the adasd.method "
+                                "extension ('server': none, the server's default)."),
+    requests: int = typer.Option(0, help="Requests per level, row and repeat (0: max(8, 2 x concurrency))."),
+    repeats: int = typer.Option(3, help="Passes over levels x rows, interleaved (aggregate tok/s: the median)."),
     max_tokens: int = typer.Option(128, "--max-tokens"),
     temperature: float = typer.Option(0.0),
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="JSONL of {\"prompt\": ...} "
                                                "(default: windows of the held-out demo modules)."),
-    method: str = typer.Option("adasd", help="Sent as the adasd.method extension and run in process; "
-                               "'server' leaves the server's default (and the engine's) in place."),
+    external: Optional[str] = typer.Option(None, help="Another OpenAI-compatible server's base URL (llama-server, "
+                                           "vLLM...): a row of its own, plain OpenAI requests, same prompts."),
+    external_name: str = typer.Option("external", "--external-name", help="The external server's row name."),
+    external_model: Optional[str] = typer.Option(None, "--external-model",
+                                                 help="Model name to send it (default: the first of its /v1/models)."),
+    external_api_key: Optional[str] = typer.Option(None, "--external-api-key"),
+    arrival_rate: float = typer.Option(0.0, "--arrival-rate", help="Requests/s of the arrivals-while-streaming "
+                                       "rows (ITL p99, stalls of running streams); 0: none."),
+    arrival_pattern: str = typer.Option("poisson", "--arrival-pattern", help="poisson or fixed (every 1/rate s)."),
+    arrival_requests: int = typer.Option(16, "--arrival-requests", help="Requests per arrivals row and repeat."),
+    baseline: Optional[str] = typer.Option(None, help="An earlier bench_serve.json: adasd at 1 client must be "
+                                           "no slower (a target row)."),
+    method: str = typer.Option("adasd", help="The method the overhead ratio runs (over HTTP and in process)."),
     ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos"),
     in_process: bool = typer.Option(True, "--in-process/--no-in-process",
                                     help="Also run the engine in process for the overhead ratio."),
@@ -96,13 +110,20 @@ def bench_serve(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
 ):
-    """Benchmark a running server over HTTP: tokens/s, TTFT, inter-token latency, errors, overhead."""
+    """Benchmark a running server over HTTP: a sweep of concurrency levels x methods (aggregate and
+    per-request tokens/s, TTFT, inter-token latency, speedup over ar), arrivals while others stream,
+    an external server's row, and the HTTP overhead."""
     from adasd_core.bench.serve import ServeBenchConfig, run_bench_serve
 
+    externals = [{"name": external_name, "base_url": external, "model": external_model,
+                  "api_key": external_api_key}] if external else []
     try:
         cfg = ServeBenchConfig(base_url=base_url, concurrency=tuple(int(c) for c in _split(concurrency)),
-                               requests=requests or None, max_tokens=max_tokens, temperature=temperature,
-                               prompts_file=prompts_file, method=None if method == "server" else method,
+                               methods=tuple(m for m in _split(methods)), requests=requests or None, repeats=repeats,
+                               max_tokens=max_tokens, temperature=temperature, prompts_file=prompts_file,
+                               method=None if method == "server" else method, externals=externals,
+                               arrival_rate=arrival_rate, arrival_pattern=arrival_pattern,
+                               arrival_requests=arrival_requests, baseline=baseline,
                                ignore_eos=ignore_eos, in_process=in_process, overhead_repeats=overhead_repeats,
                                model=model, api_key=api_key,
                                out_dir=out, threads=threads, plots=plots, target=target, draft=draft, device=device,
@@ -116,10 +137,15 @@ def bench_serve(
         import httpx
 
         if isinstance(exc, httpx.HTTPError):
-            console.print(f"[red]error:[/red] cannot reach {cfg.base_url}: {exc}")
+            try:
+                url = exc.request.url
+            except RuntimeError:  # an error raised without a request
+                url = cfg.base_url
+            console.print(f"[red]error:[/red] cannot reach {url}: {exc}")
             raise typer.Exit(2)
         raise
     if as_json:
-        print(json.dumps({k: result[k] for k in ("levels", "in_process", "overhead", "files")}))
+        print(json.dumps({k: result[k] for k in ("rows", "levels", "arrivals", "targets", "in_process", "overhead",
+                                                 "files")}))
         return
     print(open(result["files"]["markdown"]).read())  # plain: a console would re-wrap the table

@@ -15,8 +15,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 MODEL = "fake-model"
 
 
-def make_app(tokens_per_chunk: int = 2, delay_s: float = 0.002, loading_polls: int | None = None) -> FastAPI:
-    """loading_polls: None serves no /ready (404); n answers 503 to the first n polls of /ready."""
+def fake_speculative(method: str | None, tokens: int, tokens_per_chunk: int) -> dict:
+    """usage.speculative as adasd's server sends it (the fields bench-serve reads): one round per chunk;
+    `ar` drafts nothing, every other method drafts 3 candidates a round and accepts tokens_per_chunk - 1."""
+    rounds = -(-tokens // tokens_per_chunk)
+    drafted = 0 if method == "ar" else 3 * rounds
+    accepted = 0 if method == "ar" else (tokens_per_chunk - 1) * rounds
+    return {"method": method or "adasd", "generated_tokens": tokens, "rounds": rounds, "drafted_tokens": drafted,
+            "accepted_standard": accepted, "accepted_relaxed": 0,
+            "mean_draft_length": drafted / rounds if rounds else 0.0}
+
+
+def make_app(tokens_per_chunk: int = 2, delay_s: float = 0.002, loading_polls: int | None = None,
+             speculative: bool = False) -> FastAPI:
+    """loading_polls: None serves no /ready (404); n answers 503 to the first n polls of /ready.
+    speculative: the final usage carries `speculative` statistics, as adasd's server sends."""
     app = FastAPI()
     app.state.bodies = []
     app.state.polls = 0
@@ -55,6 +68,9 @@ def make_app(tokens_per_chunk: int = 2, delay_s: float = 0.002, loading_polls: i
                 await asyncio.sleep(delay_s)
             if body.get("stream_options", {}).get("include_usage") and body.get("fail") != "stream":
                 usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": n + 3}
+                if speculative:
+                    usage["speculative"] = fake_speculative((body.get("adasd") or {}).get("method"), n,
+                                                            tokens_per_chunk)
                 yield f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 

@@ -28,7 +28,7 @@ def test_levels_and_overhead(quick_pair, tmp_path):
         res = run_bench_serve(cfg, progress=False, pair=quick_pair)
     assert res["server"]["model"] == MODEL and res["server"]["warm_up_ok"]
     assert [lv["concurrency"] for lv in res["levels"]] == [1, 3]
-    for lv in res["levels"]:
+    for lv in res["rows"]:
         assert lv["requests"] == 4 and lv["errors"] == 0
         assert lv["tokens"] == 4 * 8 and lv["token_count_source"] == ["usage"]
         assert lv["tokens_per_s"] > 0 and lv["tokens_per_chunk"] == 2.0
@@ -41,7 +41,7 @@ def test_levels_and_overhead(quick_pair, tmp_path):
     assert res["overhead"]["ratio"] == pytest.approx(sorted(p["http"] / p["local"] for p in passes)[1], rel=1e-3)
     for name in ("bench_serve.json", "bench_serve.md", "bench_serve.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert json.loads((tmp_path / "bench_serve.json").read_text())["levels"] == res["levels"]
+    assert json.loads((tmp_path / "bench_serve.json").read_text())["rows"] == res["rows"]
     assert "| concurrency |" in (tmp_path / "bench_serve.md").read_text()
 
 
@@ -58,7 +58,7 @@ def test_request_bodies_are_openai_streaming(tmp_path):
                                prompts_file=_prompts_file(tmp_path), in_process=False, out_dir=str(tmp_path),
                                plots=False)
         res = run_bench_serve(cfg, progress=False)
-    assert res["overhead"] is None and res["levels"][0]["errors"] == 0
+    assert res["overhead"] is None and res["rows"][0]["errors"] == 0
     bodies = server.app.state.bodies[1:]  # after the warm-up request
     assert {b["prompt"] for b in bodies} == {"def f(x):", "import os"}
     for b in bodies:
@@ -74,7 +74,7 @@ def test_errors_are_counted(tmp_path):
                                    prompts_file=_prompts_file(tmp_path), out_dir=str(tmp_path), plots=False,
                                    extra_body={"fail": fail})
             res = run_bench_serve(cfg, progress=False)
-            lv = res["levels"][0]
+            lv = res["rows"][0]
             assert lv["errors"] == 3 and lv["tokens"] == 0 and any(expect in m for m in lv["error_messages"])
             assert not res["server"]["warm_up_ok"]
 
