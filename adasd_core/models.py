@@ -15,7 +15,6 @@ from adasd_core.model_files import DEMO, ModelSource, host_available_bytes, huma
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
-__all__ = ["DEMO", "DEMO_DIR", "ModelPair", "load_pair", "resolve_model_path"]
 
 
 def locate_model(name: str, role: str) -> ModelSource:
