@@ -2,20 +2,74 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import os
 import statistics
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from adasd_core.engine import METHODS, VERIFICATIONS, SpecConfig
 
 app = typer.Typer(help="Adaptive Speculative Decoding: generate, benchmark and serve.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LOG_LEVEL_ENV = "ADASD_LOG_LEVEL"
+_log_level: Optional[str] = None  # set by --log-level (or $ADASD_LOG_LEVEL)
+
+
+def _set_log_level(level: Optional[str], reset: bool = False) -> None:
+    global _log_level
+    if reset:
+        _log_level = None
+    if not level:
+        return
+    level = level.lower()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"use one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
+    _log_level = level
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _debug() -> bool:
+    return (_log_level or os.environ.get(LOG_LEVEL_ENV, "")).lower() in ("debug", "trace")
+
+
+def model_errors(fn):
+    """A model that cannot be loaded (not found, incomplete folder, out of memory) is one message on
+    stderr and exit status 1; the traceback only at --log-level debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from adasd_core.errors import ModelLoadError
+
+        try:
+            return fn(*args, **kwargs)
+        except ModelLoadError as exc:
+            if _debug():
+                traceback.print_exc()
+            err_console.print(Text.assemble(("error: ", "red"), exc.message))
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+LogLevelOpt = typer.Option(None, "--log-level", envvar=LOG_LEVEL_ENV,
+                           help=f"{', '.join(LOG_LEVELS)}; debug also prints tracebacks.")
+
+
+@app.callback()
+def _options(log_level: Optional[str] = LogLevelOpt):
+    _set_log_level(log_level, reset=True)
 
 
 def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: Optional[str], trust_remote_code: bool,
@@ -35,6 +89,7 @@ ModelOpts = dict(
 
 
 @app.command()
+@model_errors
 def generate(
     prompt: str = typer.Argument(..., help="Prompt text."),
     method: str = typer.Option("adasd", help=f"One of: {', '.join(METHODS)}."),
@@ -55,8 +110,10 @@ def generate(
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto' spreads the target over GPUs."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    log_level: Optional[str] = LogLevelOpt,
 ):
     """Generate a completion with one method, or compare all methods."""
+    _set_log_level(log_level)
     from adasd_core.errors import AdasdError
     from adasd_core.sampling import SamplingParams
 
@@ -155,8 +212,8 @@ def serve(ctx: typer.Context):
 def _register_bench() -> None:
     from adasd_core.bench.cli import bench, bench_serve
 
-    app.command("bench")(bench)
-    app.command("bench-serve")(bench_serve)
+    app.command("bench")(model_errors(bench))
+    app.command("bench-serve")(model_errors(bench_serve))
 
 
 _register_bench()

@@ -27,3 +27,17 @@ class ContextLengthError(InvalidRequestError):
 
 class IncompatiblePairError(AdasdError):
     """Target and draft cannot be paired (different vocabularies)."""
+
+
+class ModelLoadError(Exception):
+    """A model named on the command line or in the settings cannot be loaded: not found, an incomplete
+    folder, or too large for the device. The message says what was looked for, where, and what to do;
+    front ends print it alone (a traceback only at debug level)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """No such local folder, cached snapshot or hub model."""

@@ -9,22 +9,23 @@ from pathlib import Path
 import torch
 
 from adasd_core.device import resolve_device, resolve_dtype
-from adasd_core.errors import IncompatiblePairError
+from adasd_core.errors import IncompatiblePairError, ModelLoadError
+from adasd_core.model_files import DEMO, ModelSource, host_available_bytes, human_bytes, locate, parameter_count
 
 log = logging.getLogger(__name__)
 
-DEMO = "demo"
 DEMO_DIR = Path(__file__).parent / "demo" / "weights"
 
 
+def locate_model(name: str, role: str) -> ModelSource:
+    """`demo` names the embedded pair; anything else a local folder, a cached snapshot or a hub id
+    (adasd_core.model_files.locate). Raises ModelLoadError with one actionable message."""
+    return locate(name, role, demo_dir=DEMO_DIR)
+
+
 def resolve_model_path(name: str, role: str) -> str:
-    """`demo` names the embedded pair; anything else is a hub id or a local path."""
-    if name == DEMO:
-        path = DEMO_DIR / role
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"the embedded demo {role} is missing at {path}: run `adasd build-demo`")
-        return str(path)
-    return name
+    """What from_pretrained gets for `name`: a folder, or a hub id to download."""
+    return locate_model(name, role).path
 
 
 @dataclass
@@ -81,6 +82,75 @@ def _fix_tokenizer(tokenizer) -> None:
         log.warning("the tokenizer has no EOS token: generation stops only at max_tokens or a stop string")
 
 
+_MEMORY_WORDS = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory",
+                 "failed to allocate", "allocation failed")
+
+
+def _is_memory_error(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _MEMORY_WORDS)
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type == "cpu":
+        return host_available_bytes()
+    return None
+
+
+class _Sizes:
+    """Weight bytes of the pair at the load dtype, from local files (None where unknown), for the
+    memory pre-check and the out-of-memory message."""
+
+    def __init__(self, sources: dict[str, ModelSource], dtype: torch.dtype, device: torch.device):
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.bytes = {}
+        for role, src in sources.items():
+            n = parameter_count(src.path)
+            self.bytes[role] = None if n is None else n * elem
+        self.dtype, self.device = str(dtype).removeprefix("torch."), device
+
+    def text(self) -> str:
+        parts = [f"{role} {human_bytes(b)}" for role, b in self.bytes.items() if b is not None]
+        return f"weights in {self.dtype}: {', '.join(parts)}" if parts else f"weights in {self.dtype}: size unknown"
+
+    def total(self) -> int | None:
+        known = [b for b in self.bytes.values() if b is not None]
+        return sum(known) if known and len(known) == len(self.bytes) else None
+
+    def advice(self) -> str:
+        smaller = " --dtype bfloat16 halves float32 weights;" if self.dtype == "float32" else ""
+        gpus = " --device-map auto spreads the target over several GPUs;" if self.device.type == "cuda" else ""
+        return f"use a smaller pair or another --device;{smaller}{gpus} or free some memory"
+
+
+def _check_memory(sizes: _Sizes, device: torch.device, names: dict[str, str]) -> None:
+    need, free = sizes.total(), _free_bytes(device)
+    if need is None or free is None or need <= free:
+        return
+    pair = " and ".join(f"{role} {names[role]!r}" for role in sizes.bytes)
+    raise ModelLoadError(
+        f"the {pair} do not fit on {device}: {sizes.text()} (together {human_bytes(need)}, before the KV cache), "
+        f"but {human_bytes(free)} is free. To fix: {sizes.advice()}.")
+
+
+def _load_failed(role: str, name: str, source: ModelSource, what: str, exc: BaseException, sizes=None) -> ModelLoadError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if _is_memory_error(exc):
+        size = f" ({sizes.text()})" if sizes else ""
+        return ModelLoadError(f"out of memory on {sizes.device if sizes else 'the device'} while loading the {role} "
+                              f"model {name!r}{size}: {first}. To fix: "
+                              f"{sizes.advice() if sizes else 'use a smaller pair or another device'}.")
+    return ModelLoadError(f"could not load the {role} {what} {name!r} from {source.describe()}: {type(exc).__name__}: "
+                          f"{first}. Check that it is a causal language model saved by transformers "
+                          f"(--trust-remote-code for custom code), or pass 'demo' for the embedded pair.")
+
+
 def load_model(name: str, device: torch.device, dtype: torch.dtype, device_map: str | None, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -112,17 +182,34 @@ def load_pair(
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    target_path = resolve_model_path(target, "target")
-    draft_path = resolve_model_path(draft, "draft") if draft else None
+    sources = {"target": locate_model(target, "target")}
+    if draft:
+        sources["draft"] = locate_model(draft, "draft")
+    names = {"target": target, "draft": draft or ""}
 
-    tokenizer = AutoTokenizer.from_pretrained(target_path, trust_remote_code=trust_remote_code)
-    if draft_path:
-        draft_tok = AutoTokenizer.from_pretrained(draft_path, trust_remote_code=trust_remote_code)
-        check_vocabularies(tokenizer, draft_tok, target, draft)  # before loading any weights
+    def tokenizer_of(role: str):
+        try:
+            return AutoTokenizer.from_pretrained(sources[role].path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise _load_failed(role, names[role], sources[role], "tokenizer", exc) from exc
+
+    tokenizer = tokenizer_of("target")
+    if draft:
+        check_vocabularies(tokenizer, tokenizer_of("draft"), target, draft)  # before loading any weights
     _fix_tokenizer(tokenizer)
 
-    target_model = load_model(target_path, dev, dt, device_map, trust_remote_code)
-    draft_model = load_model(draft_path, dev, dt, None, trust_remote_code) if draft_path else None
+    sizes = _Sizes(sources, dt, dev)
+    if not device_map:  # a device map may spread the target over GPUs and the host: no single budget
+        _check_memory(sizes, dev, names)
+
+    def model_of(role: str, role_map: str | None):
+        try:
+            return load_model(sources[role].path, dev, dt, role_map, trust_remote_code)
+        except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+            raise _load_failed(role, names[role], sources[role], "model", exc, sizes) from exc
+
+    target_model = model_of("target", device_map)
+    draft_model = model_of("draft", None) if draft else None
 
     # Some families pad the embedding differently per size (e.g. Qwen2.5); ids past the
     # tokenizer are never produced, so both logits are cut to the common width.

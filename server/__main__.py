@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from pydantic import ValidationError
 
@@ -56,12 +57,28 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     return Settings.load(config, **args)
 
 
+def check_models(settings: Settings) -> None:
+    """Refuse, before the worker starts, a target or draft that cannot be found or lacks files: one
+    message and exit status 1 (the traceback too at --log-level debug). Cheap: no torch, no weights."""
+    from adasd_core.errors import ModelLoadError
+    from adasd_core.model_files import check_pair
+
+    try:
+        check_pair(settings.target, settings.draft)
+    except ModelLoadError as exc:
+        if settings.log_level in ("debug", "trace"):
+            traceback.print_exc()
+        print(f"adasd serve: error: {exc.message}", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = settings_from_args(argv)
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"adasd serve: invalid settings:\n{exc}", file=sys.stderr)
         raise SystemExit(2)
+    check_models(settings)
     from server.app import run
 
     run(settings)

@@ -171,6 +171,12 @@ def build_app(settings: Settings) -> FastAPI:
         try:
             await tokenizer.load()
         except Exception as exc:
+            from adasd_core.errors import ModelLoadError
+
+            if isinstance(exc, ModelLoadError):  # its message says it all; the traceback at debug level
+                log.debug("could not load the tokenizer", exc_info=True)
+                on_fatal(exc.message)
+                return
             log.exception("could not load the tokenizer")
             on_fatal(f"could not load the tokenizer of {settings.target!r}: {exc}")
 

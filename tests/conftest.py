@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# Where the shared engines below run: cpu / float32 unless set (scripts/gpu_check.sh sets cuda).
+TEST_DEVICE = os.environ.get("ADASD_TEST_DEVICE", "cpu")
+TEST_DTYPE = os.environ.get("ADASD_TEST_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +48,8 @@ def quick_engine(quick_pair_dir):
     from adasd_core.engine import SpeculativeEngine
     from adasd_core.models import load_pair
 
-    return SpeculativeEngine(load_pair(str(quick_pair_dir / "target"), str(quick_pair_dir / "draft"), device="cpu"))
+    return SpeculativeEngine(load_pair(str(quick_pair_dir / "target"), str(quick_pair_dir / "draft"), device=TEST_DEVICE,
+                                       dtype=TEST_DTYPE))
 
 
 @pytest.fixture(scope="session")
@@ -51,4 +57,5 @@ def random_engine(random_pair_dir):
     from adasd_core.engine import SpeculativeEngine
     from adasd_core.models import load_pair
 
-    return SpeculativeEngine(load_pair(str(random_pair_dir / "target"), str(random_pair_dir / "draft"), device="cpu"))
+    return SpeculativeEngine(load_pair(str(random_pair_dir / "target"), str(random_pair_dir / "draft"), device=TEST_DEVICE,
+                                       dtype=TEST_DTYPE))
