@@ -222,9 +222,16 @@ def main(settings: dict, conn) -> None:
         t0 = time.perf_counter()
         engine = load_engine(settings)
     except BaseException as exc:
-        log.exception("could not load the models")
+        from adasd_core.errors import ModelLoadError
+
+        if isinstance(exc, ModelLoadError):  # its message says what, where and what to do
+            log.debug("could not load the models", exc_info=True)
+            message = exc.message
+        else:
+            log.exception("could not load the models")
+            message = f"could not load the models: {type(exc).__name__}: {exc}"
         try:
-            conn.send(("fatal", f"could not load the models: {type(exc).__name__}: {exc}"))
+            conn.send(("fatal", message))
         except OSError:
             pass
         return
