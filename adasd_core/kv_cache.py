@@ -158,8 +158,9 @@ def kv_bytes_per_slot(model, capacity: int) -> int:
 def plan_slots(pair, max_running: int, memory_fraction: float = 0.9) -> tuple[int, int]:
     """How many KV slots fit: (slots, bytes per slot). On CUDA the pool gets what is left of
     `memory_fraction` of the card after loading both models; elsewhere half the free RAM.
-    Raises MemoryError when not even one slot fits."""
+    Raises ModelLoadError when not even one slot fits."""
     from adasd_core.drafting import WINDOW
+    from adasd_core.errors import ModelLoadError
 
     capacity = pair.context_length + WINDOW + 2
     per_slot = sum(kv_bytes_per_slot(m, capacity) for m in (pair.target, pair.draft) if m is not None)
@@ -175,9 +176,9 @@ def plan_slots(pair, max_running: int, memory_fraction: float = 0.9) -> tuple[in
             budget = float("inf")
     fits = int(budget // per_slot) if budget != float("inf") else max_running
     if fits < 1:
-        raise MemoryError(
+        raise ModelLoadError(
             f"one KV slot of {pair.context_length} tokens needs {per_slot / 2**20:.0f} MiB but only "
             f"{max(budget, 0) / 2**20:.0f} MiB are left after loading the models: lower max_model_len "
-            "or use a larger memory fraction / device"
+            "or raise gpu_memory_fraction, or use a larger device"
         )
     return min(max_running, fits), per_slot
