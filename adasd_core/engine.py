@@ -110,10 +110,12 @@ class SpeculativeEngine:
 
     Serving: `new_sequence` (validates) -> `add` -> `step()` repeatedly (events per sequence)
     -> `abort` to drop one early. Single requests: `generate`, `stream`, `start`.
+    `batch_aware` caps the adaptive methods' drafts by what pays at the batch size (the server
+    turns it on); off, every method drafts as shared/ADASD.md defines it (benchmarks, the CLI).
     """
 
     def __init__(self, pair: ModelPair, default_spec: SpecConfig | None = None, calibrate: bool = True,
-                 max_running: int = 16, batch_aware: bool = True):
+                 max_running: int = 16, batch_aware: bool = False):
         self.pair = pair
         self.default_spec = default_spec or SpecConfig()
         self.slots = max_running

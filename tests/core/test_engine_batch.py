@@ -194,3 +194,34 @@ def test_sampled_relaxed_check_accepts_with_the_posterior_probability():
         accepted = sum(accept_candidates([0], target_probs, draft_probs, False, gen, check).n_accepted for _ in range(n))
         sd = (n * p * (1 - p)) ** 0.5
         assert abs(accepted - n * p) < 4 * sd, (accepted, n * p)
+
+
+def test_best_draft_length_follows_costs_and_acceptance():
+    from adasd_core.costs import StepCosts
+
+    # draft step 0.1 of a target step; a target forward grows 2% per token alone, 30% per token at B=16
+    bs, ns = [1, 16], [1, 21]
+    costs = StepCosts(bs, ns, [[1.0, 1.4], [3.0, 3.0 + 0.3 * 20 * 16]], [0.1, 0.3])
+    assert costs.best_draft_length(1, 0.9, 20) > costs.best_draft_length(1, 0.5, 20) > costs.best_draft_length(1, 0.1, 20)
+    assert costs.best_draft_length(1, 0.8, 20) > costs.best_draft_length(16, 0.8, 20)
+    assert costs.best_draft_length(16, 0.3, 20) == 0  # plain batched decoding wins
+    assert costs.best_draft_length(1, 0.99, 3) == 3  # never past the policy's own cap
+    free_draft_expensive_verify = StepCosts(bs, ns, [[1.0, 21.0], [1.0, 21.0]], [1.0, 1.0])
+    assert free_draft_expensive_verify.best_draft_length(1, 0.9, 20) == 0
+
+
+def test_batch_aware_cap_turns_drafting_off_where_it_does_not_pay():
+    from adasd_core.costs import StepCosts
+
+    target, draft = random_tables(8, seed=15)
+    engine = SpeculativeEngine(markov_pair(target, draft), calibrate=False, max_running=4, batch_aware=True)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    ar = engine.generate([1], params, SpecConfig(method="ar")).token_ids
+    out = engine.generate([1], params, SpecConfig(method="gen-only"))
+    assert out.stats.drafted_tokens > 0  # the nominal costs make drafting pay alone
+    engine.costs = StepCosts([1, 4], [1, 21], [[1.0, 30.0], [1.0, 30.0]], [1.0, 1.0])  # a draft step costs a target step
+    for method in ("gen-only", "adasd", "hybrid"):
+        out = engine.generate([1], params, SpecConfig(method=method))
+        assert out.stats.drafted_tokens == 0 and out.token_ids == ar
+    # fixed-K methods are explicit baselines: the cap leaves them alone
+    assert engine.generate([1], params, SpecConfig(method="vanilla", k=3)).stats.mean_draft_length > 2
