@@ -138,12 +138,12 @@ def _field_path(err: dict) -> str:
 
 
 def _closest_member(errors: list[dict]) -> list[dict]:
-    """A union's errors (all of one field): those of the member that failed least."""
+    """A union's errors (all of one field): those of the member that failed least (then deepest)."""
     by_member: dict[str, list[dict]] = {}
     for err in errors:
         loc = [x for x in err.get("loc", ()) if x != "body"]
         by_member.setdefault(str(loc[1]) if len(loc) > 1 else "", []).append(err)
-    return min(by_member.values(), key=len)
+    return min(by_member.values(), key=lambda errs: (len(errs), -len(errs[0].get("loc", ()))))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
