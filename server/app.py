@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from server.engine_client import EngineClient
 from server.errors import (
     AuthenticationError,
+    LastResortGuard,
     PayloadTooLargeError,
     error_response,
     install_error_handlers,
@@ -200,6 +201,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.serving_chat = OpenAIServingChat(settings, client, tokenizer)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(LastResortGuard)  # added last: the outermost of ours
     app.include_router(router)
     return app
 

@@ -3,58 +3,106 @@
 Unknown request fields are ignored, as vLLM does. Fields OpenAI defines but adasd cannot honour
 (penalties, logit_bias, best_of, suffix, tools) are accepted at their neutral value and refused
 otherwise by the serving layer, with a message that says so.
+
+Below the schema, requests are checked here too, so that no such input reaches the tokenizer or
+the engine: every string field must be valid Unicode (JSON allows a lone UTF-16 surrogate such as
+"\\udc80", which the tokenizer cannot encode), numbers must be finite (Python's JSON accepts NaN and
+Infinity), token ids are non-negative JSON integers (not booleans, floats or strings), and chat
+roles are the ones OpenAI accepts. Each failure is a 400 naming the field (server/errors.py).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from pydantic_core import PydanticCustomError
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+INT_MAX = 2**31 - 1  # bound of counts and lengths: Python ints are unbounded (a 4300-digit max_tokens was a 500)
 
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class RequestModel(OpenAIBaseModel):
+    """Request bodies: NaN and +-Infinity are refused in every float field."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# error types of the checks below; server/errors.py reports them before a union's other complaints
+OWN_ERROR_TYPES = frozenset({"invalid_unicode", "invalid_token_id"})
+TOKEN_ID_MAX = INT_MAX  # beyond any vocabulary; the model's own bound is checked once it is known
+
+
+def check_text(value: str) -> str:
+    """Refuse strings that are not valid Unicode: they hold a lone (unpaired) UTF-16 surrogate."""
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "invalid_unicode",
+            "not valid Unicode: a lone UTF-16 surrogate ({char}) at character {pos}; send text as valid "
+            "UTF-8 or surrogate pairs",
+            {"char": f"\\u{ord(value[exc.start]):04x}", "pos": exc.start},
+        ) from None
+    return value
+
+
+def check_token_id(value: int) -> int:
+    if not 0 <= value <= TOKEN_ID_MAX:
+        shown = str(value) if len(str(value)) <= 24 else f"a {len(str(value))}-digit number"
+        raise PydanticCustomError("invalid_token_id", "token ids are integers from 0 to the vocabulary size - 1 "
+                                  "(got {shown})", {"shown": shown})
+    return value
+
+
+Text = Annotated[str, AfterValidator(check_text)]
+TokenId = Annotated[StrictInt, AfterValidator(check_token_id)]  # StrictInt: no true, 2.0 or "2"
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]  # as OpenAI ("function": deprecated)
 
 
 # ---------------------------------------------------------------------------- requests
 
 
-class AdasdOptions(OpenAIBaseModel):
+class AdasdOptions(RequestModel):
     """Extension: which speculative method this request runs (defaults come from the config)."""
 
-    method: str | None = None  # ar | vanilla | gen-only | verify-only | adasd | hybrid
-    k: int | None = None  # draft length for vanilla / verify-only
-    verification: str | None = None  # bayes | threshold | none
+    method: Text | None = None  # ar | vanilla | gen-only | verify-only | adasd | hybrid
+    k: int | None = Field(None, le=INT_MAX)  # draft length for vanilla / verify-only
+    verification: Text | None = None  # bayes | threshold | none
 
 
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingFields(OpenAIBaseModel):
+class SamplingFields(RequestModel):
     """Fields both endpoints share."""
 
-    model: str | None = None
+    model: Text | None = None
     temperature: float | None = Field(1.0, ge=0.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)  # extension; 0 or -1 disables it
+    top_k: int | None = Field(None, ge=-1, le=INT_MAX)  # extension; 0 or -1 disables it
     n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: dict[Text, float] | None = None
+    user: Text | None = None
     ignore_eos: bool = False  # extension (vLLM)
     adasd: AdasdOptions | None = None
 
@@ -64,29 +112,29 @@ class SamplingFields(OpenAIBaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: list[int] | list[list[int]] | str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: list[TokenId] | list[list[TokenId]] | Text | list[Text]
+    max_tokens: int | None = Field(16, ge=1, le=INT_MAX)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=INT_MAX)
+    suffix: Text | None = None
 
 
-class ContentPart(OpenAIBaseModel):
-    type: str
-    text: str | None = None
+class ContentPart(RequestModel):
+    type: Text
+    text: Text | None = None
 
 
-class ChatMessage(OpenAIBaseModel):
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+class ChatMessage(RequestModel):
+    role: Role
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)  # None: up to the context
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT_MAX)  # None: up to the context
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None

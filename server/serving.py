@@ -28,8 +28,6 @@ log = logging.getLogger("adasd.server")
 
 T = TypeVar("T")
 
-GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
-
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
@@ -159,9 +157,8 @@ class OpenAIServing:
         from adasd_core.sampling import SamplingParams
 
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        # tiny temperatures (e.g. 1e-320) are greedy: SamplingParams.greedy is the one place that decides
         temperature = 1.0 if request.temperature is None else request.temperature
-        if temperature < GREEDY_BELOW:  # as vLLM: dividing logits by ~1e-320 gives inf, then NaN
-            temperature = 0.0
         seed = request.seed + choice if request.seed is not None else None  # n > 1: distinct, reproducible
         return SamplingParams(
             max_tokens=max_tokens,

@@ -41,6 +41,12 @@ class OpenAIServingCompletion(OpenAIServing):
             raise UnsupportedError("echo", "echo together with logprobs is not supported: drop one of them")
         self.check_ready()
         spec = self.spec_config(request.adasd)
+        count = len(request.prompt) if isinstance(request.prompt, list) and request.prompt and \
+            not isinstance(request.prompt[0], int) else 1
+        if count * request.n > self.client.capacity:  # before tokenizing them all (150k prompts: 16 s)
+            raise InvalidRequestError(
+                f"this request needs {count * request.n} generations (prompts x n) but the server holds at most "
+                f"{self.client.capacity} at once (max_running + max_queue); send fewer", param="prompt" if count > 1 else "n")
 
         prompts = await self._prompt_ids(request.prompt)
         subs, prompt_tokens = [], 0

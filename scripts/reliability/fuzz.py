@@ -6,7 +6,8 @@
 Every operation, checks `not_a_server_error` and `response_schema_conformance` (our responses
 match what we declare), all phases (examples, coverage, fuzzing, stateful), bounded by
 --max-examples per operation and --max-time overall. Loopback only. Exit status: schemathesis'.
-The CI short form is tests/reliability/test_rel_fuzz.py.
+The CI short form is tests/reliability/test_rel_fuzz.py. schemathesis only sends valid Unicode in
+well-formed JSON; scripts/reliability/bytefuzz.py fuzzes below that (bytes, escapes, numbers, nesting).
 """
 
 from __future__ import annotations

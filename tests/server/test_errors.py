@@ -129,3 +129,174 @@ def test_error_shape_from_openai_client(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="x", max_tokens=1, presence_penalty=1.0)
     assert "presence_penalty" in e.value.message and json.dumps(e.value.body)
+
+
+# ---------------------------------------------------------------------------- below the schema (issue 11)
+# Bodies the JSON parser accepts but that are not valid input: lone UTF-16 surrogates (valid JSON,
+# invalid Unicode: the tokenizer raised, a 500, and the next request on the connection was reset),
+# unknown chat roles (were a 200), token ids that are not non-negative JSON integers, non-finite and
+# overlong numbers, and bodies that do not parse at all. Each is a 400 naming the field (param is
+# its dotted path) on a connection that then serves a normal request.
+
+BAD = "__BAD__"
+LONE = '"abc \\udc80 def"'  # JSON text: a lone low surrogate
+
+
+def raw(body: dict, literal: str | bytes) -> bytes:
+    """`body` as JSON with the string BAD replaced by the raw JSON text `literal`."""
+    literal = literal.encode() if isinstance(literal, str) else literal
+    return json.dumps(body).encode().replace(json.dumps(BAD).encode(), literal)
+
+
+def chat(messages: list | None = None, **changes) -> dict:
+    return {**CHAT, "messages": messages or CHAT["messages"], **changes}
+
+
+def user(content) -> list:
+    return [{"role": "user", "content": content}]
+
+
+# id: (path, raw body, expected param, text the message must mention)
+BELOW_SCHEMA = {
+    "prompt-lone-low-surrogate": ("/v1/completions", raw(comp(prompt=BAD), LONE), "prompt", "unicode"),
+    "prompt-lone-high-surrogate": ("/v1/completions", raw(comp(prompt=BAD), '"abc\\ud800"'), "prompt", "\\ud800"),
+    "prompt-reversed-pair": ("/v1/completions", raw(comp(prompt=BAD), '"\\ude00\\ud83d"'), "prompt", "surrogate"),
+    "prompt-raw-surrogate-bytes": ("/v1/completions", raw(comp(prompt=BAD), b'"a\xed\xb2\x80b"'), "prompt", "unicode"),
+    "prompt-list-lone-surrogate": ("/v1/completions", raw(comp(prompt=["ok", BAD]), LONE), "prompt.1", "unicode"),
+    "chat-content-surrogate": ("/v1/chat/completions", raw(chat(user(BAD)), LONE), "messages.0.content", "unicode"),
+    "chat-part-surrogate": ("/v1/chat/completions", raw(chat(user([{"type": "text", "text": BAD}])), LONE),
+                            "messages.0.content.0.text", "unicode"),
+    "chat-name-surrogate": ("/v1/chat/completions",
+                            raw(chat([{"role": "user", "content": "hi", "name": BAD}]), LONE), "messages.0.name", "unicode"),
+    "chat-role-wizard": ("/v1/chat/completions", raw(chat([{"role": "wizard", "content": "hi"}]), ""),
+                         "messages.0.role", "'user'"),
+    "chat-role-empty": ("/v1/chat/completions", raw(chat([{"role": "", "content": "hi"}]), ""), "messages.0.role", "'system'"),
+    "chat-role-number": ("/v1/chat/completions", raw(chat([{"role": 5, "content": "hi"}]), ""), "messages.0.role", "'user'"),
+    "chat-role-surrogate": ("/v1/chat/completions", raw(chat([{"role": BAD, "content": "hi"}]), LONE),
+                            "messages.0.role", "role"),
+    "chat-second-message-role": ("/v1/chat/completions",
+                                 raw(chat([{"role": "user", "content": "a"}, {"role": "User", "content": "b"}]), ""),
+                                 "messages.1.role", "'user'"),
+    "stop-surrogate": ("/v1/completions", raw(comp(stop=BAD), LONE), "stop", "unicode"),
+    "stop-list-surrogate": ("/v1/completions", raw(comp(stop=["a", BAD]), LONE), "stop.1", "unicode"),
+    "chat-stop-surrogate": ("/v1/chat/completions", raw(chat(stop=[BAD]), LONE), "stop.0", "unicode"),
+    "model-surrogate": ("/v1/completions", raw(comp(model=BAD), LONE), "model", "unicode"),
+    "chat-model-surrogate": ("/v1/chat/completions", raw(chat(model=BAD), LONE), "model", "unicode"),
+    "user-surrogate": ("/v1/completions", raw(comp(user=BAD), LONE), "user", "unicode"),
+    "chat-user-surrogate": ("/v1/chat/completions", raw(chat(user=BAD), LONE), "user", "unicode"),
+    "suffix-surrogate": ("/v1/completions", raw(comp(suffix=BAD), LONE), "suffix", "unicode"),
+    "adasd-method-surrogate": ("/v1/completions", raw(comp(adasd={"method": BAD}), LONE), "adasd.method", "unicode"),
+    "logit-bias-key-surrogate": ("/v1/completions", raw(comp(logit_bias={BAD: 1}), LONE), "logit_bias", "unicode"),
+    "token-id-negative": ("/v1/completions", raw(comp(prompt=[1, -3]), ""), "prompt.1", "-3"),
+    "token-id-huge": ("/v1/completions", raw(comp(prompt=[1, 2**70]), ""), "prompt.1", "vocabulary"),
+    "token-id-int64-overflow": ("/v1/completions", raw(comp(prompt=[2**63]), ""), "prompt.0", "vocabulary"),
+    "token-id-4000-digits": ("/v1/completions", raw(comp(prompt=[BAD]), "9" * 4000), "prompt.0", "4000-digit"),
+    "token-id-float": ("/v1/completions", raw(comp(prompt=[1, 2.5]), ""), "prompt.1", "integer"),
+    "token-id-integral-float": ("/v1/completions", raw(comp(prompt=[1, 2.0]), ""), "prompt.1", "integer"),
+    "token-id-bool": ("/v1/completions", raw(comp(prompt=[True, 2]), ""), "prompt.0", "integer"),
+    "token-id-string": ("/v1/completions", raw(comp(prompt=["1", 2]), ""), "prompt.0", "integer"),
+    "token-id-nested-negative": ("/v1/completions", raw(comp(prompt=[[1, 2], [-1]]), ""), "prompt.1.0", "-1"),
+    "token-id-nested-float": ("/v1/completions", raw(comp(prompt=[[1.5]]), ""), "prompt.0.0", "integer"),
+    "max-tokens-1e400": ("/v1/completions", raw(comp(max_tokens=BAD), "1e400"), "max_tokens", "finite"),
+    "max-tokens-4300-digits": ("/v1/chat/completions", raw(chat(max_tokens=BAD), "9" * 4300), "max_tokens", "less than"),
+    "max-completion-tokens-huge": ("/v1/chat/completions", raw(chat(max_completion_tokens=2**64), ""),
+                                   "max_completion_tokens", "less than"),
+    "temperature-nan": ("/v1/completions", raw(comp(temperature=BAD), "NaN"), "temperature", "finite"),
+    "temperature-minus-infinity": ("/v1/completions", raw(comp(temperature=BAD), "-Infinity"), "temperature", "finite"),
+    "top-p-infinity": ("/v1/chat/completions", raw(chat(top_p=BAD), "Infinity"), "top_p", "finite"),
+    "seed-1e400": ("/v1/completions", raw(comp(seed=BAD), "1e400"), "seed", "finite"),
+    "top-k-huge": ("/v1/completions", raw(comp(top_k=10**30), ""), "top_k", "less than"),
+    "n-huge": ("/v1/completions", raw(comp(n=10**30), ""), "n", "less than"),
+    "too-many-prompts": ("/v1/completions", raw(comp(prompt=["a"] * 5000), ""), "prompt", "generations"),
+    "body-invalid-utf8": ("/v1/completions", raw(comp(prompt=BAD), b'"a\xff\xfeb"'), None, "UTF-8"),
+    "body-overlong-utf8": ("/v1/completions", raw(comp(prompt=BAD), b'"a\xc0\xafb"'), None, "UTF-8"),
+    "body-deep-nesting": ("/v1/completions", raw(comp(prompt=BAD), b"[" * 100_000 + b"]" * 100_000), None, "nested"),
+    "body-5000-digit-number": ("/v1/completions", raw(comp(max_tokens=BAD), "9" * 5000), None, "digits"),
+    "body-raw-nul": ("/v1/completions", raw(comp(prompt=BAD), b'"a\x00b"'), None, "JSON"),
+    "body-empty": ("/v1/completions", b"", None, "empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BELOW_SCHEMA), ids=list(BELOW_SCHEMA))
+def test_bad_input_below_the_schema(server, case):
+    path, body, param, mention = BELOW_SCHEMA[case]
+    with server.http() as http:
+        r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+        err = check_error(r, 400, mention)
+        assert err["param"] == param, err
+        assert err["type"] == "invalid_request_error"
+        conn = r.extensions["network_stream"].get_extra_info("client_addr")
+        good = http.post("/v1/completions", json=GOOD)
+        assert good.status_code == 200, good.text
+        assert good.extensions["network_stream"].get_extra_info("client_addr") == conn  # the same connection
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", raw(comp(prompt=BAD), '"a\\u0000b"')),  # NUL is valid Unicode: the tokenizer takes it
+    ("/v1/chat/completions", raw(chat(user(BAD)), '"a\\u0000b"')),
+    ("/v1/completions", raw(comp(prompt=BAD), '"smile \\ud83d\\ude00"')),  # a surrogate pair is one character
+    ("/v1/completions", raw(comp(stop=[BAD]), '"\\ud83d\\ude00"')),
+    ("/v1/chat/completions", raw(chat([{"role": r, "content": "x"} for r in
+                                       ("system", "developer", "user", "assistant", "tool", "function", "user")]), "")),
+], ids=["nul-prompt", "nul-chat", "surrogate-pair", "surrogate-pair-stop", "every-role"])
+def test_valid_unicode_and_roles_are_accepted(server, path, body):
+    with server.http() as http:
+        r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 200, r.text
+
+
+def test_an_unexpected_exception_is_an_openai_500_and_does_not_escape():
+    """The last-resort guard: nothing reaches uvicorn, which would close the connection (the next
+    request on it was reset). Before the response starts: the OpenAI 500; after: nothing more."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    from server.errors import LastResortGuard, install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(LastResortGuard)
+
+    @app.post("/boom")
+    async def boom():
+        raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+
+    @app.get("/stream")
+    async def stream():
+        async def chunks():
+            yield "data: 1\n\n"
+            raise RuntimeError("mid-stream")
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    async def call(method: str, path: str) -> list[dict]:
+        """One request straight into the ASGI app, as uvicorn makes it: an escaping exception fails the test."""
+        sent, first = [], True
+
+        async def receive():
+            nonlocal first
+            if first:
+                first = False
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.Event().wait()  # the client stays
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+                 "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+        await app(scope, receive, send)
+        return sent
+
+    async def main():
+        sent = await call("POST", "/boom")
+        assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 500
+        body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+        assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == "internal_error"
+        assert "TextEncodeInput" not in json.dumps(body)
+        sent = await call("GET", "/stream")  # started: nothing more can be said, but nothing escapes either
+        assert sent[0]["status"] == 200 and sent[1]["body"] == b"data: 1\n\n"
+
+    asyncio.run(main())
