@@ -27,12 +27,13 @@ import torch
 from adasd_core import costs as step_costs
 from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
 from adasd_core.drafting import WINDOW, CappedEntropyStop, DraftPolicy, EntropyStop, FixedK
-from adasd_core.errors import ContextLengthError, InvalidRequestError
+from adasd_core.errors import InvalidRequestError
 from adasd_core.kv_cache import make_pool
 from adasd_core.models import ModelPair
 from adasd_core.sampling import SamplingParams, logits_to_probs_rows, make_generator, sample_rows
 from adasd_core.sequence import Delta, Sequence, TokenLogprob
 from adasd_core.stats import GenerationStats
+from adasd_core.validation import check_prompt_ids
 from adasd_core.verification import RelaxedCheck, accept_candidates, entropy, make_relaxed_check
 
 METHODS = ("ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid")
@@ -164,16 +165,7 @@ class SpeculativeEngine:
         """Validate a request and build its state (no model work)."""
         pair, params, spec = self.pair, params or SamplingParams(), spec or self.default_spec
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty: send at least one token", param="prompt")
-        if len(ids) >= pair.context_length:
-            raise ContextLengthError(
-                f"the prompt has {len(ids)} tokens; this model's context is {pair.context_length} tokens "
-                "and at least one must be left for the completion"
-            )
-        bad = [t for t in ids if not 0 <= t < pair.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{pair.vocab_size - 1})", param="prompt")
+        check_prompt_ids(ids, pair.vocab_size, pair.context_length)
         if spec.method != "ar" and pair.draft is None:
             raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none", param="method")
         stats = GenerationStats(method=spec.method, prompt_tokens=len(ids), target_step_s=self.target_step_s)

@@ -14,6 +14,7 @@ from fastapi import Request
 
 from adasd_core.errors import AdasdError, ContextLengthError, InvalidRequestError
 from adasd_core.stats import GenerationStats
+from adasd_core.validation import check_prompt_ids
 from server.engine_client import EngineClient
 from server.errors import (
     ModelNotFoundError,
@@ -120,17 +121,9 @@ class OpenAIServing:
 
     def check_prompt(self, ids: list[int], max_tokens: int | None, param: str = "prompt") -> int:
         """Validate a tokenized prompt (from the field `param`); returns max_tokens (None: up to the context)."""
-        if not ids:
-            raise InvalidRequestError("the prompt is empty: send at least one token", param=param)
         info = self.model_info
-        vocab = info["vocab_size"]
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
+        check_prompt_ids(ids, info["vocab_size"], info["context_length"], param)
         context, n = info["context_length"], len(ids)
-        if n >= context:
-            raise ContextLengthError(f"the prompt has {n} tokens but this model's context is {context} tokens "
-                                     f"and at least one must be left for the completion; shorten it", param=param)
         if max_tokens is None:
             return context - n
         if n + max_tokens > context:
