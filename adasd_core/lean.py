@@ -151,69 +151,73 @@ def forward(
 ) -> torch.Tensor:
     """Append feeds[b] to slot slots[b] at position starts[b]; k_pool, v_pool [L, S, H_kv, C, D].
 
-    Returns logits [B, V] at each sequence's last fed token, or [sum n_b, V] at every fed token
-    (sequence-major) when all_logits. Pad rows write past their slot's valid length only.
+    Returns logits [B, V] at each sequence's last fed token, or [T = sum n_b, V] at every fed
+    token (sequence-major) when all_logits. The T tokens run packed through every matmul; only
+    attention pads them to [B, n_max] (with a mask), so ragged drafts cost no padded matmul rows.
     """
     B = len(slots)
     ns = [len(f) for f in feeds]
-    n = max(ns)
+    n, T = max(ns), sum(ns)
+    ragged = n * B != T
     dev = lean.device
     H, Hkv, D = lean.n_heads, lean.n_kv, lean.head_dim
-    ids = torch.tensor([f + [0] * (n - len(f)) for f in feeds], dtype=torch.long, device=dev)  # [B, n]
+    ids = torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=dev)  # [T]
     start_t = torch.tensor(starts, device=dev)
-    end = max(s + m for s, m in zip(starts, ns))  # keys 0..end-1 cover every real query
+    b_idx = torch.tensor([b for b, m in enumerate(ns) for _ in range(m)], device=dev)  # [T] sequence of each token
+    j_idx = torch.tensor([j for m in ns for j in range(m)], device=dev)  # [T] its column
+    pos = start_t[b_idx] + j_idx  # [T]
+    end = max(s + m for s, m in zip(starts, ns))  # keys 0..end-1 cover every query
     assert end <= k_pool.size(3), f"KV slot overflow: position {end} past capacity {k_pool.size(3)}"
-    # pad rows write past their slot's valid length; clamped, they stay inside the buffer
-    pos = (start_t[:, None] + torch.arange(n, device=dev)).clamp_(max=k_pool.size(3) - 1)  # [B, n]
-    cos, sin = lean.rotary(pos, k_pool.size(3))  # [B, n, D]
-    cos, sin = cos[:, None], sin[:, None]  # [B, 1, n, D]
+    cos, sin = lean.rotary(pos, end)  # [T, D]
+    cos, sin = cos[:, None], sin[:, None]  # [T, 1, D]
 
     contiguous = slots == list(range(slots[0], slots[0] + B))
     s0 = slots[0]
     slot_idx = torch.tensor(slots, device=dev)
+    slot_tok = slot_idx[b_idx]  # [T]
     if B == 1 and n == 1:
         mask, causal = None, False
     elif B == 1 and starts[0] == 0:
         mask, causal = None, True
-    else:  # query j of sequence b sits at position starts[b] + j and sees keys 0..starts[b] + j
-        mask = (torch.arange(end, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, n, end]
+    else:  # column j of sequence b sits at position starts[b] + j and sees keys 0..starts[b] + j
+        pos_bn = start_t[:, None] + torch.arange(n, device=dev)  # [B, n]
+        mask = (torch.arange(end, device=dev)[None, None, :] <= pos_bn[:, :, None])[:, None]  # [B, 1, n, end]
         causal = False
 
-    x = F.embedding(ids, lean.embed)  # [B, n, C]
+    x = F.embedding(ids, lean.embed)  # [T, C]
     for i, (ln1, (w_qkv, b_qkv), o_proj, ln2, (w_gu, b_gu), down) in enumerate(lean.layers):
         h = lean.rms_norm(x, ln1)
-        qkv = F.linear(h, w_qkv, b_qkv)
-        q, k, v = qkv.split((lean.q_size, lean.kv_size, lean.kv_size), dim=-1)
-        q = q.view(B, n, H, D).transpose(1, 2)  # [B, H, n, D]
-        k = k.view(B, n, Hkv, D).transpose(1, 2)
-        v = v.view(B, n, Hkv, D).transpose(1, 2)
+        q, k, v = F.linear(h, w_qkv, b_qkv).split((lean.q_size, lean.kv_size, lean.kv_size), dim=-1)
+        q = q.view(T, H, D)
+        k = k.view(T, Hkv, D)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         kc, vc = k_pool[i], v_pool[i]  # [S, H_kv, C, D]
-        if contiguous:
-            kc, vc = kc[s0 : s0 + B], vc[s0 : s0 + B]
-            if B == 1:
-                kc[0, :, starts[0] : starts[0] + n] = k[0]
-                vc[0, :, starts[0] : starts[0] + n] = v[0]
-            else:
-                rows = torch.arange(B, device=dev)[:, None]
-                kc[rows, :, pos] = k.transpose(1, 2)
-                vc[rows, :, pos] = v.transpose(1, 2)
-            keys, values = kc[:, :, :end], vc[:, :, :end]
+        if B == 1:
+            kc[s0, :, starts[0] : end] = k.transpose(0, 1)
+            vc[s0, :, starts[0] : end] = v.view(T, Hkv, D).transpose(0, 1)
         else:
-            kc[slot_idx[:, None], :, pos] = k.transpose(1, 2)
-            vc[slot_idx[:, None], :, pos] = v.transpose(1, 2)
+            kc[slot_tok, :, pos] = k
+            vc[slot_tok, :, pos] = v.view(T, Hkv, D)
+        if contiguous:
+            keys, values = kc[s0 : s0 + B, :, :end], vc[s0 : s0 + B, :, :end]
+        else:
             keys, values = kc[slot_idx, :, :end], vc[slot_idx, :, :end]
+        if not ragged:
+            q = q.view(B, n, H, D).transpose(1, 2)  # [B, H, n, D]
+        else:
+            q_pad = q.new_zeros(B, n, H, D)
+            q_pad[b_idx, j_idx] = q
+            q = q_pad.transpose(1, 2)
         attn = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=causal, scale=lean.scale, enable_gqa=Hkv != H,
-        )  # [B, H, n, D]
-        x = x + F.linear(attn.transpose(1, 2).reshape(B, n, H * D), o_proj.weight, o_proj.bias)
+        ).transpose(1, 2)  # [B, n, H, D]
+        attn = attn[b_idx, j_idx] if ragged else attn
+        x = x + F.linear(attn.reshape(T, H * D), o_proj.weight, o_proj.bias)
         h = lean.rms_norm(x, ln2)
         gate, up = F.linear(h, w_gu, b_gu).chunk(2, dim=-1)
         x = x + F.linear(lean.act(gate) * up, down.weight, down.bias)
-    if all_logits:
-        x = x[0] if B == 1 else x[torch.arange(n, device=dev)[None, :] < torch.tensor(ns, device=dev)[:, None]]
-    else:
-        x = x[:, -1] if all(m == n for m in ns) else x[torch.arange(B, device=dev), torch.tensor(ns, device=dev) - 1]
+    if not all_logits:
+        x = x[-1:] if B == 1 else x[torch.tensor(ns, device=dev).cumsum(0) - 1]
     x = lean.rms_norm(x, lean.norm)
     return F.linear(x, lean.lm_head.weight, lean.lm_head.bias)
