@@ -5,7 +5,7 @@ Every running request advances by one round per engine step, all in one batch:
   (fixed K, the entropy threshold T_G, the hybrid cap), under a batch-aware cap for the adaptive
   policies, while the others go on;
 - verify: one batched target forward scores every sequence's last token, candidates and bonus
-  position (ragged lengths, padded in kv_cache / lean);
+  position (ragged lengths, packed by kv_cache / lean);
 - per sequence: acceptance (verification.accept_candidates), correction or bonus token,
   statistics, and rollback of both caches to the accepted prefix.
 `ar` requests ride in the same batch with no candidates.
@@ -120,7 +120,7 @@ class SpeculativeEngine:
         self.pair = pair
         self.default_spec = default_spec or SpecConfig()
         self.slots = max_running
-        capacity = pair.context_length + WINDOW + 2  # room for a padded verify past the last position
+        capacity = pair.context_length + WINDOW + 2  # idle slots run a dummy token past their length
         self.target_pool = make_pool(pair.target, max_running, capacity)
         self.draft_pool = make_pool(pair.draft, max_running, capacity) if pair.draft is not None else None
         self.owner: list[Sequence | None] = [None] * max_running

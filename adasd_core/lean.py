@@ -3,9 +3,9 @@
 It skips transformers' per-call machinery (mask building, cache objects, output classes) and runs
 the loaded module's own weights op for op as transformers' Llama code does, with q/k/v and
 gate/up each fused into one matmul (the fused weights share storage with the module's, so no
-memory is added). A batch is ragged: sequence b appends n_b tokens at its own length; the batch
-is padded to the longest n and a mask keeps each query to its own slot's keys. A rejection is
-undone by lowering a slot's length. Architectures it does not know, and models split over devices,
+memory is added). A batch is ragged: sequence b appends n_b tokens at its own length; the tokens
+run packed through the matmuls, and attention pads them per sequence with a mask that keeps each
+query to its own slot's keys. A rejection is undone by lowering a slot's length. Architectures it does not know, and models split over devices,
 keep the transformers forward (kv_cache.HFPool).
 """
 
