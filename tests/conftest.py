@@ -75,3 +75,21 @@ def random_engine(random_pair_dir):
     from adasd_core.models import load_pair
 
     return SpeculativeEngine(load_pair(str(random_pair_dir / "target"), str(random_pair_dir / "draft"), device="cpu"))
+
+
+# ---------------------------------------------------------------------------- no silent skips
+# `make test` must run everything the README promises: a skipped test fails the run.
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} test(s) skipped: this suite allows no skip; install what they "
+                                    "need (make test does) or make them fail loudly", red=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and reporter.stats.get("skipped") and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
