@@ -141,19 +141,33 @@ def measure(target_pool, draft_pool, vocab: int, max_batch: int, context: int = 
             draft_pool.rollback(s, context)
         return t
 
-    def median(fn) -> float:
-        fn()  # a new shape's first run pays for kernel selection and allocation
-        return sorted(fn() for _ in range(repeats))[repeats // 2]
+    def fastest(fn) -> float:
+        # the minimum: another process on the same cores (the server's front end starting up) only
+        # ever adds time, and a new shape's first run pays for kernel selection and allocation
+        fn()
+        return min(fn() for _ in range(repeats))
 
-    target, draft, warm = [], [], []
-    for b in batch_sizes:
-        target.append([median(lambda: target_step(b, n)) for n in lengths])
-        if draft_pool is not None:
-            draft.append(median(lambda: draft_step(b)))
-            warm.append(median(lambda: draft_step(b, warm=True)))
-        else:
-            draft.append(float("inf"))
-            warm.append(float("inf"))
+    def one_pass() -> tuple[list[list[float]], list[float], list[float]]:
+        target, draft, warm = [], [], []
+        for b in batch_sizes:
+            target.append([fastest(lambda: target_step(b, n)) for n in lengths])
+            has_draft = draft_pool is not None
+            draft.append(fastest(lambda: draft_step(b)) if has_draft else float("inf"))
+            warm.append(fastest(lambda: draft_step(b, warm=True)) if has_draft else float("inf"))
+        return target, draft, warm
+
+    # two passes a little apart, cell by cell the faster: a burst of load rarely covers both
+    (t1, d1, w1), (t2, d2, w2) = one_pass(), one_pass()
+    target = [[min(a, b) for a, b in zip(r1, r2)] for r1, r2 in zip(t1, t2)]
+    draft, warm = [min(a, b) for a, b in zip(d1, d2)], [min(a, b) for a, b in zip(w1, w2)]
+    # more work never costs less: a cell above a larger shape's time was disturbed; take that time
+    for i in reversed(range(len(batch_sizes))):
+        for j in reversed(range(len(lengths))):
+            later = [target[i][j + 1]] if j + 1 < len(lengths) else []
+            later += [target[i + 1][j]] if i + 1 < len(batch_sizes) else []
+            target[i][j] = min([target[i][j], *later])
+        if i + 1 < len(batch_sizes):
+            draft[i], warm[i] = min(draft[i], draft[i + 1]), min(warm[i], warm[i + 1])
     for pool in (target_pool, draft_pool):
         if pool is not None:
             for s in slots:
