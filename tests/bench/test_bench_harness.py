@@ -141,3 +141,45 @@ def test_stop_handling(random_pair):
     n = _useful_length(tok, prompt, gen, ["\n\n\n"])
     assert "\n\n\n" in completion_text(tok, prompt, gen[:n]) and "\n\n\n" not in completion_text(tok, prompt, gen[: n - 1])
     assert _useful_length(tok, prompt, gen, []) == len(gen)
+
+
+def test_quality_columns_agree_with_records(result):
+    """Issue 12: per-request means of the target's log-probability and excess surprisal, the gap to
+    the target alone paired by prompt and repeat, standard errors and sample sizes."""
+    import statistics
+
+    res, out = result
+    for mode in ("greedy", "sampled"):
+        recs = [r for r in res["records"] if r["task"] == "continuation" and r["mode"] == mode]
+        rows = rows_of(res, "continuation", mode)
+        for key, row in rows.items():
+            mine = [r for r in recs if r["method"] == key and r["scored"]]
+            assert row["quality_requests"] == len(mine) and row["quality_tokens"] == sum(r["tokens"] for r in mine)
+            ex = [r["excess_sum"] / r["scored"] for r in mine]
+            assert row["excess_surprisal"] == pytest.approx(statistics.fmean(ex), abs=1e-4)
+            assert row["excess_surprisal_se"] == pytest.approx(statistics.stdev(ex) / len(ex) ** 0.5, abs=1e-4)
+            lp = {(r["repeat"], r["prompt"]): r["logprob_sum"] / r["scored"] for r in mine}
+            ref = {(r["repeat"], r["prompt"]): r["logprob_sum"] / r["scored"] for r in recs
+                   if r["method"] == "target" and r["scored"]}
+            gap = statistics.fmean(v - ref[k] for k, v in lp.items())
+            assert row["logprob_gap"] == pytest.approx(gap, abs=1e-4)
+            assert row["target_logprob"] <= 0
+            if key == "target":
+                assert row["logprob_gap"] == 0.0
+            relaxed = [r["relaxed"] for r in recs if r["method"] == key and r["relaxed"] is not None]
+            if key in ("vanilla", "gen-only"):
+                assert row["relaxed_share"] == 0.0
+            elif not relaxed:
+                assert row["relaxed_share"] is None
+    md = (out / "bench.md").read_text()
+    assert "Quality, continuation, sampled" in md and "excess surprisal" in md
+    assert (out / "speed_quality.png").stat().st_size > 0
+    assert any(t["target"] == "excess_surprisal" for t in res["targets"])
+
+
+def test_greedy_rows_of_lossless_methods_score_like_the_target(result):
+    res, _ = result
+    rows = rows_of(res, "continuation", "greedy")
+    # the same tokens give the same target log-probabilities
+    for key in ("vanilla", "gen-only", "hf-target"):
+        assert rows[key]["target_logprob"] == pytest.approx(rows["target"]["target_logprob"], abs=1e-3)
