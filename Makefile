@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: install serve test demo bench clean
+.PHONY: install serve test test-tools demo bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,27 @@ install: $(BIN)/.installed
 serve: install
 	$(BIN)/adasd serve --host $(HOST) --port $(PORT)
 
-test: install
+# The whole suite; no test may skip. Besides .venv it needs prometheus and promtool (the server
+# tests scrape a real Prometheus, the deployment tests run promtool): test-tools installs them.
+test: install test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# prometheus + promtool: the Debian/Ubuntu package `prometheus`, installed with apt-get when
+# running as root; otherwise make stops here with the command to run.
+test-tools:
+	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "make test: installing prometheus and promtool (apt-get install prometheus)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+		else \
+			echo "make test needs prometheus and promtool on PATH. Install them with:" >&2; \
+			echo "    sudo apt-get install -y prometheus" >&2; \
+			echo "(or any Prometheus release: https://prometheus.io/download/), then run make test again." >&2; \
+			exit 1; \
+		fi; \
+		command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+			{ echo "make test: prometheus / promtool still not on PATH after apt-get" >&2; exit 1; }; \
+	fi
 
 demo: install
 	$(BIN)/adasd build-demo

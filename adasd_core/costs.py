@@ -1,9 +1,13 @@
 """Step costs of the loaded pair, measured at start, and the draft length that pays at a batch size.
 
-A round at batch size B that drafts k tokens per sequence costs about k draft steps plus one
+A round at batch size B that drafts k tokens per sequence costs one draft step just after the
+target's forward (its weights have evicted the draft's: "cold"), k - 1 warm draft steps, and one
 target forward over k+1 tokens per sequence; with a per-token acceptance rate a it yields
 (1 - a^(k+1)) / (1 - a) tokens per sequence. Plain decoding yields one token per target forward
 of one token. The best k maximises tokens per second; k = 0 means plain batched decoding.
+What the table misses (per-sequence work of a speculative round, ragged batches) is learned
+online: `observe` keeps, per batch size, the ratio of measured to predicted round times, for
+rounds with and without drafting, and the choice scales each side by its ratio.
 """
 
 from __future__ import annotations
@@ -34,26 +38,48 @@ class StepCosts:
     batch_sizes: list[int]
     lengths: list[int]
     target: list[list[float]]  # [batch size][length]
-    draft: list[float]  # [batch size]
+    draft: list[float]  # [batch size], a cold step (right after a target forward)
+    draft_warm: list[float] | None = None  # [batch size], the steps after it
     measured: bool = True
+    # per batch-size bucket: measured / predicted round time, with and without drafting
+    ratio: dict = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def target_cost(self, batch: int, n: int) -> float:
         per_b = [_interp(self.lengths, row, n) for row in self.target]
         return _interp(self.batch_sizes, per_b, batch)
 
-    def draft_cost(self, batch: int) -> float:
-        return _interp(self.batch_sizes, self.draft, batch)
+    def draft_cost(self, batch: int, warm: bool = False) -> float:
+        return _interp(self.batch_sizes, self.draft_warm if (warm and self.draft_warm) else self.draft, batch)
+
+    def round_cost(self, batch: int, draft_steps: int, tokens_per_sequence: float) -> float:
+        """Predicted seconds of a round: its batched draft steps and a target forward over
+        `tokens_per_sequence` tokens per sequence (k+1 when every sequence drafts k)."""
+        drafting = self.draft_cost(batch) + (draft_steps - 1) * self.draft_cost(batch, warm=True) if draft_steps else 0.0
+        return drafting + self.target_cost(batch, tokens_per_sequence)
+
+    def _bucket(self, batch: int) -> int:
+        return 1 << max(0, batch - 1).bit_length()  # 1, 2, 4, 8, 16, ...
+
+    def observe(self, batch: int, draft_steps: int, tokens_per_sequence: float, seconds: float) -> None:
+        """A round's measured time against the table's prediction for the work it did."""
+        key = (self._bucket(batch), draft_steps > 0)
+        r = seconds / self.round_cost(batch, draft_steps, tokens_per_sequence)
+        old = self.ratio.get(key)
+        self.ratio[key] = r if old is None else 0.9 * old + 0.1 * r
+        if old is None or abs(self.ratio[key] - old) > 0.02 * old:
+            self._cache.clear()
 
     def best_draft_length(self, batch: int, acceptance: float, k_max: int) -> int:
         """The draft length (0..k_max) with the most tokens per second at this batch size."""
         a = min(max(acceptance, 0.0), 0.99)
         key = (batch, round(a, 2), k_max)
         if key not in self._cache:
-            c_d = self.draft_cost(batch)
-            best_k, best = 0, 1.0 / self.target_cost(batch, 1)
+            bucket = self._bucket(batch)
+            spec, plain = self.ratio.get((bucket, True), 1.0), self.ratio.get((bucket, False), 1.0)
+            best_k, best = 0, 1.0 / (plain * self.target_cost(batch, 1))
             for k in range(1, k_max + 1):
-                rate = (1 - a ** (k + 1)) / (1 - a) / (k * c_d + self.target_cost(batch, k + 1))
+                rate = (1 - a ** (k + 1)) / (1 - a) / (spec * self.round_cost(batch, k, k + 1))
                 if rate > best:
                     best_k, best = k, rate
             self._cache[key] = best_k
@@ -67,10 +93,15 @@ class StepCosts:
         target = [[1.0 + 0.03 * (b * n - 1) for n in ns] for b in bs]
         return cls(bs, ns, target, [0.15 * t[0] for t in target], measured=False)
 
+    def frozen(self) -> "StepCosts":
+        """The table alone, without the online ratios (plans that must not depend on the server's history)."""
+        return StepCosts(self.batch_sizes, self.lengths, self.target, self.draft, self.draft_warm, self.measured)
+
     def summary(self) -> dict:
         return {
             "target_step_s": round(self.target_cost(1, 1), 6),
             "draft_step_s": round(self.draft_cost(1), 6),
+            "draft_warm_step_s": round(self.draft_cost(1, warm=True), 6),
             "target_b8_s": round(self.target_cost(8, 1), 6),
         }
 
@@ -101,8 +132,10 @@ def measure(target_pool, draft_pool, vocab: int, max_batch: int, context: int = 
             target_pool.rollback(s, context)
         return t
 
-    def draft_step(b: int) -> float:
+    def draft_step(b: int, warm: bool = False) -> float:
         target_step(b, 4)
+        if warm:
+            draft_pool.forward(slots[:b], [prompt[:1]] * b)
         t = timed(lambda: draft_pool.forward(slots[:b], [prompt[:1]] * b))
         for s in slots[:b]:
             draft_pool.rollback(s, context)
@@ -112,15 +145,17 @@ def measure(target_pool, draft_pool, vocab: int, max_batch: int, context: int = 
         fn()  # a new shape's first run pays for kernel selection and allocation
         return sorted(fn() for _ in range(repeats))[repeats // 2]
 
-    target, draft = [], []
+    target, draft, warm = [], [], []
     for b in batch_sizes:
         target.append([median(lambda: target_step(b, n)) for n in lengths])
         if draft_pool is not None:
             draft.append(median(lambda: draft_step(b)))
+            warm.append(median(lambda: draft_step(b, warm=True)))
         else:
             draft.append(float("inf"))
+            warm.append(float("inf"))
     for pool in (target_pool, draft_pool):
         if pool is not None:
             for s in slots:
                 pool.clear(s)
-    return StepCosts(batch_sizes, lengths, target, draft)
+    return StepCosts(batch_sizes, lengths, target, draft, warm)

@@ -38,6 +38,7 @@ from adasd_core.verification import RelaxedCheck, accept_candidates, entropy, ma
 from adasd_core.warm import SharedStats, family_key
 
 METHODS = ("ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid")
+PRIOR_ACCEPTANCE = 0.6  # assumed before a method has any history: optimistic, so new requests draft and learn
 VERIFICATIONS = ("bayes", "threshold", "none")
 __all__ = ["METHODS", "VERIFICATIONS", "Delta", "GenerationResult", "Sequence", "SpecConfig", "SpeculativeEngine",
            "TokenLogprob", "decode_step_seconds"]
@@ -139,9 +140,10 @@ class SpeculativeEngine:
         self.running: list[Sequence] = []  # running[i].slot == i: the batch is slots 0..R-1
         self.prefill_budget = 2048 if pair.device.type == "cuda" else 256  # prompt tokens per step
         self.batch_aware = batch_aware
+        self.rounds = 0
         self.acceptance_prior: dict[str, float] = {}  # per method, from finished rounds of all requests
         self.shared: dict[str, SharedStats] = {}  # warm start: per family, from finished rounds of all requests
-        self.costs = step_costs.StepCosts.nominal()
+        self.costs = self.frozen_costs = step_costs.StepCosts.nominal()
         self.target_step_s = 0.0
         if calibrate:
             self.calibrate()
@@ -158,6 +160,7 @@ class SpeculativeEngine:
         """Measure the step costs (the unit of the speedup estimate and the batch-aware cap)."""
         assert not (self.running or self.prefilling), "calibrate() while requests run"
         self.costs = step_costs.measure(self.target_pool, self.draft_pool, self.pair.vocab_size, self.slots)
+        self.frozen_costs = self.costs.frozen()
         self.target_step_s = self.costs.target_cost(1, 1)
         return self.target_step_s
 
@@ -277,10 +280,14 @@ class SpeculativeEngine:
             return 0
         cap = min(seq.remaining - 1, seq.policy.max_draft)  # the round always adds one target token
         if self.batch_aware and seq.policy.adaptive and cap > 0:
-            # a seeded request plans as if alone, so its output does not depend on its batch mates
-            seeded = seq.params.seed is not None
-            prior = 0.5 if seeded else self.acceptance_prior.get(seq.method, 0.5)
-            cap = min(cap, self.costs.best_draft_length(1 if seeded else batch, seq.acceptance_estimate(prior), cap))
+            if seq.params.seed is not None:  # plans as if alone, so its output does not depend on its batch mates
+                best = self.frozen_costs.best_draft_length(1, seq.acceptance_estimate(PRIOR_ACCEPTANCE), cap)
+            else:
+                prior = self.acceptance_prior.get(seq.method, PRIOR_ACCEPTANCE)
+                best = self.costs.best_draft_length(batch, seq.acceptance_estimate(prior), cap)
+            # no probing where drafting does not pay: a probe must first feed the draft every token since
+            # its last draft, which costs as much as drafting all along
+            cap = best
         return cap
 
     def _round(self, seqs: list[Sequence]) -> list[tuple[Sequence, Delta | Exception]]:
@@ -306,6 +313,7 @@ class SpeculativeEngine:
 
     def _round_batch(self, seqs: list[Sequence]) -> list[tuple[Sequence, Delta | Exception]]:
         t0 = time.perf_counter()
+        self.rounds += 1
         caps = [self._draft_cap(s, len(seqs)) for s in seqs]
         drafts = self._draft([s for s, c in zip(seqs, caps) if c > 0], [c for c in caps if c > 0])
         t1 = time.perf_counter()
@@ -328,6 +336,9 @@ class SpeculativeEngine:
                 delta = exc
             events.append((seq, delta))
         t3 = time.perf_counter()
+        if self.costs.measured:
+            draft_steps = max((len(d.ids) for d in drafts.values()), default=0)
+            self.costs.observe(len(seqs), draft_steps, sum(len(f) for f in feeds) / len(seqs), t3 - t0)
         for seq in seqs:
             s = seq.stats
             s.time_draft_s += t1 - t0
@@ -383,7 +394,7 @@ class SpeculativeEngine:
             if seq.family is not None:  # the server's state learns from every request's rounds
                 self.shared[seq.family].observe(verdict.distances, verdict.standard, rejected_h)
             prior = self.acceptance_prior.get(seq.method, 0.5)
-            self.acceptance_prior[seq.method] = 0.98 * prior + 0.02 * (n_acc / k)
+            self.acceptance_prior[seq.method] = 0.98 * prior + 0.02 * (n_acc / (n_acc + (n_acc < k)))
         n_standard = sum(verdict.standard[:n_acc])
         seq.stats.observe_round(k, n_standard, n_acc - n_standard, bonus=k > 0 and n_acc == k,
                                 accepted_flags=[True] * n_acc + ([False] if n_acc < k else []))

@@ -38,6 +38,14 @@ def _dynamic_cache(model):
         return DynamicCache()
 
 
+@torch.inference_mode()
+def hf_forward(model, ids: torch.Tensor, cache=None, logits_to_keep: int = 1):
+    """transformers' forward: ids [B, n] appended to a DynamicCache (new if None) -> (logits, cache)."""
+    cache = cache if cache is not None else _dynamic_cache(model)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=logits_to_keep, **{_cache_kwarg(model): cache})
+    return out.logits, cache
+
+
 class LeanPool:
     """K, V [layers, slots, H_kv, capacity, D] for the lean forward, and each slot's length."""
 
@@ -112,15 +120,11 @@ class HFPool:
     @torch.inference_mode()
     def forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool = False) -> torch.Tensor:
         device = self.model.get_input_embeddings().weight.device
-        kwarg = _cache_kwarg(self.model)
         out = []
         for s, feed in zip(slots, feeds):
-            if self.caches[s] is None:
-                self.caches[s] = _dynamic_cache(self.model)
             ids = torch.tensor([feed], dtype=torch.long, device=device)
-            logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=0 if all_logits else 1,
-                                **{kwarg: self.caches[s]}).logits[0]
-            out.append(logits)
+            logits, self.caches[s] = hf_forward(self.model, ids, self.caches[s], 0 if all_logits else 1)
+            out.append(logits[0])
         return torch.cat(out)
 
     def length(self, slot: int) -> int:

@@ -72,9 +72,12 @@ class Sequence:
         return min(self.params.max_tokens - self.generated, self.context_length - len(self.tokens))
 
     def acceptance_estimate(self, prior: float, weight: float = 4.0) -> float:
-        """Per-candidate acceptance so far, shrunk towards `prior` while the history is short."""
+        """P(a candidate is accepted | the ones before it were): accepted / examined candidates (each
+        round examines its accepted ones plus at most one rejection), shrunk towards `prior` while
+        the history is short."""
         s = self.stats
-        return (s.accepted_tokens + weight * prior) / (s.drafted_tokens + weight)
+        rejections = (s.drafted_by_position[0] if s.drafted_by_position else 0) - s.bonus_tokens
+        return (s.accepted_tokens + weight * prior) / (s.accepted_tokens + rejections + weight)
 
     def emit(self, emitted: list[int], logprobs: list[TokenLogprob] | None) -> Delta:
         """Append tokens, apply EOS / length / stop strings, and produce the text delta."""

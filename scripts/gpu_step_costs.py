@@ -75,24 +75,23 @@ def timed(fn, device: torch.device, iters: int, warmup: int) -> dict:
 @torch.inference_mode()
 def measure(model, context: int, blocks: list[int], batches: list[int], iters: int, warmup: int,
             device: torch.device) -> dict:
-    """transformers' forward over a DynamicCache (every shape), and the engine's own single-sequence
-    path (adasd_core.kv_cache: the lean forward where the model supports it) for step and verify."""
+    """transformers' forward over a DynamicCache (every shape), and the engine's own path (a KV pool:
+    the lean batched forward where the model supports it) for step, verify blocks and batches."""
     from adasd_core import kv_cache
 
     vocab = model.config.vocab_size
     out: dict = {"parameters": sum(p.numel() for p in model.parameters())}
 
     def hf(batch: int):
-        cache = kv_cache.new_cache(model, use_lean=False)
-        kv_cache.forward_batch(model, torch.randint(0, vocab, (batch, context), device=device), cache)
+        _, cache = kv_cache.hf_forward(model, torch.randint(0, vocab, (batch, context), device=device))
         return cache
 
     def hf_call(cache, batch: int, tokens: int):
         ids = torch.randint(0, vocab, (batch, tokens), device=device)
 
         def run():
-            kv_cache.forward_batch(model, ids, cache, logits_to_keep=tokens)
-            kv_cache.rollback(cache, context)
+            kv_cache.hf_forward(model, ids, cache, logits_to_keep=tokens)
+            cache.crop(context - cache.get_seq_length())
 
         return run
 
@@ -106,25 +105,29 @@ def measure(model, context: int, blocks: list[int], batches: list[int], iters: i
         out[f"batch_{b}"] = timed(hf_call(cache, b, 1), device, iters, warmup)
         del cache
 
-    # the engine's path for one sequence: lean where supported (kv_cache may change under it: guarded)
+    # the engine's path: a KV pool (lean and batched where the model supports it)
     try:
-        cache = kv_cache.new_cache(model)
-        engine: dict = {"cache": type(cache).__name__}
-        kv_cache.forward(model, torch.randint(0, vocab, (context,), device=device), cache)
+        pool = kv_cache.make_pool(model, max(batches), context + max(blocks) + 2)
+        engine: dict = {"pool": type(pool).__name__}
+        prompt = torch.randint(0, vocab, (context,)).tolist()
+        pool.forward(list(range(max(batches))), [prompt] * max(batches))
 
-        def engine_call(tokens: int):
-            ids = torch.randint(0, vocab, (tokens,), device=device)
+        def engine_call(batch: int, tokens: int):
+            feeds = [prompt[:tokens]] * batch
 
             def run():
-                kv_cache.forward(model, ids, cache, logits_to_keep=tokens)
-                kv_cache.rollback(cache, context)
+                pool.forward(list(range(batch)), feeds, all_logits=True)
+                for s in range(batch):
+                    pool.rollback(s, context)
 
             return run
 
-        engine["step"] = timed(engine_call(1), device, iters, warmup)
+        engine["step"] = timed(engine_call(1, 1), device, iters, warmup)
         for k in blocks:
-            engine[f"verify_{k}"] = timed(engine_call(k), device, iters, warmup)
-        del cache
+            engine[f"verify_{k}"] = timed(engine_call(1, k), device, iters, warmup)
+        for b in batches:
+            engine[f"batch_{b}"] = timed(engine_call(b, 1), device, iters, warmup)
+            engine[f"batch_{b}_verify_{blocks[0]}"] = timed(engine_call(b, blocks[0]), device, iters, warmup)
     except Exception as exc:  # noqa: BLE001 - report it, keep the transformers figures
         engine = {"error": f"{type(exc).__name__}: {exc}"}
     out["engine_path"] = engine
@@ -145,8 +148,9 @@ def markdown(result: dict) -> str:
         rows.append("| " + " | ".join(cells) + " |")
         e = m["engine_path"]
         if "step" in e:
-            cells = [f"{role} (engine path, {e['cache']})", "", f"{e['step']['median_ms']:.3f}"]
-            cells += [f"{e[f'verify_{k}']['median_ms']:.3f}" for k in result["blocks"]] + [""] * len(result["batches"])
+            cells = [f"{role} (engine path, {e['pool']})", "", f"{e['step']['median_ms']:.3f}"]
+            cells += [f"{e[f'verify_{k}']['median_ms']:.3f}" for k in result["blocks"]]
+            cells += [f"{e[f'batch_{b}']['median_ms']:.3f}" for b in result["batches"]]
             rows.append("| " + " | ".join(cells) + " |")
     r = result["ratios"]
     rows.append("")

@@ -27,7 +27,9 @@ HELP = {
     "max_model_len": "cap the context length",
     "api_key": "require `Authorization: Bearer KEY` on /v1/* (prefer ADASD_API_KEY: flags show in ps)",
     "max_queue": "generations that may wait for a slot before requests get 429",
-    "max_running": "generations the worker interleaves",
+    "max_running": "generations batched together: one KV slot each (fewer if memory is short)",
+    "gpu_memory_fraction": "share of the GPU the models and KV slots may use",
+    "batch_aware": "cap adaptive drafts by what pays at the current batch size (off: for experiments)",
     "max_body_bytes": "largest request body (413 beyond)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
 }

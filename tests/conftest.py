@@ -44,6 +44,29 @@ def random_pair_dir(quick_pair_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tempered_pair_dir(random_pair_dir, tmp_path_factory) -> Path:
+    """The random target, and as draft the same model at twice the temperature (lm_head halved).
+
+    Unlike a trained pair, what happens to candidates does not depend on how training went on this
+    machine: the draft ranks tokens as the target does but spreads its mass wider, so at
+    temperature 1 a candidate is accepted with probability 1 - TV(p, q), about 0.4 here, and
+    rejected otherwise. A few dozen tokens fill both groups of the statistics (T_G and T_V known)
+    except with a vanishing probability, on any machine."""
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tempered_pair")
+    shutil.copytree(random_pair_dir / "target", out / "target")
+    model = LlamaForCausalLM.from_pretrained(out / "target")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    model.save_pretrained(out / "draft")
+    AutoTokenizer.from_pretrained(out / "target").save_pretrained(out / "draft")
+    return out
+
+
+@pytest.fixture(scope="session")
 def quick_engine(quick_pair_dir):
     from adasd_core.engine import SpeculativeEngine
     from adasd_core.models import load_pair
@@ -59,3 +82,21 @@ def random_engine(random_pair_dir):
 
     return SpeculativeEngine(load_pair(str(random_pair_dir / "target"), str(random_pair_dir / "draft"), device=TEST_DEVICE,
                                        dtype=TEST_DTYPE))
+
+
+# ---------------------------------------------------------------------------- no silent skips
+# `make test` must run everything the README promises: a skipped test fails the run.
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} test(s) skipped: this suite allows no skip; install what they "
+                                    "need (make test does) or make them fail loudly", red=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and reporter.stats.get("skipped") and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -233,7 +233,7 @@ def target_continuations(
 
     Batches cycle through cfg.refine_temperatures (0 = greedy); EOS does not stop a row, as in
     the corpus stream, where a new file follows."""
-    from adasd_core.kv_cache import forward_batch, new_cache
+    from adasd_core.kv_cache import hf_forward
 
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     p_len, n_new = cfg.refine_prompt_tokens, cfg.refine_new_tokens
@@ -243,9 +243,10 @@ def target_continuations(
         starts = torch.randint(0, stream.numel() - p_len, (n,), generator=gen).tolist()
         seqs = torch.stack([stream[s : s + p_len] for s in starts]).long()  # [n, P]
         temperature = cfg.refine_temperatures[b % len(cfg.refine_temperatures)]
-        cache, feed = new_cache(model, use_lean=False), seqs  # batched: the transformers path
+        cache, feed = None, seqs  # equal lengths: transformers' own batched forward
         for _ in range(n_new):
-            logits = forward_batch(model, feed, cache, logits_to_keep=1)[:, -1].float()
+            logits, cache = hf_forward(model, feed, cache)
+            logits = logits[:, -1].float()
             if temperature > 0:
                 feed = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
             else:

@@ -47,7 +47,8 @@ class ServerProcess:
         args = [sys.executable, "-m", "server", "--target", str(target), "--draft", str(draft or "none"),
                 "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", served_model_name]
         for name, value in settings.items():
-            args += [f"--{name.replace('_', '-')}", str(value)]
+            flag = name.replace("_", "-")
+            args += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ADASD_")}
         env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
         if api_key:

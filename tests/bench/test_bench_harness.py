@@ -5,7 +5,7 @@ import json
 import pytest
 from bench_fixtures import GSM8K, HUMANEVAL, write_jsonl
 
-from adasd_core.bench.harness import BenchConfig, _useful_length, completion_text, run_bench
+from adasd_core.bench.harness import TARGETS, BenchConfig, _useful_length, check_targets, completion_text, run_bench
 from adasd_core.bench.methods import METHOD_KEYS
 from adasd_core.bench.tasks import cut_at_stop
 from adasd_core.models import load_pair
@@ -92,8 +92,43 @@ def test_targets_section(result):
         for name in ("adasd_vs_vanilla", "adasd_vs_hf_assisted", "adasd_vs_target", "accuracy_vs_target",
                      "our_target_vs_hf_generate"):
             assert (name, mode) in names
-    for t in res["targets"]:
-        assert isinstance(t["met"], bool)
+    assert_verdicts(res["targets"], res["rows"])
+
+
+def assert_verdicts(targets, rows):
+    """Each target's value is the ratio (or difference) of its rows, and met is value >= goal."""
+    rows = {(r["task"], r["mode"], r["method"]): r for r in rows}
+    versus = {"adasd_vs_vanilla": "vanilla", "adasd_vs_hf_assisted": "hf-assisted", "adasd_vs_target": "target",
+              "our_target_vs_hf_generate": "hf-target"}
+    for t in targets:
+        row = rows[(t["task"], t["mode"], t["method"])]
+        if t["target"] == "accuracy_vs_target":
+            exact = row["accuracy"] - rows[(t["task"], t["mode"], "target")]["accuracy"]
+            goal, rounding = -TARGETS["accuracy_points"], 0.005
+        else:  # a speed ratio of two rows
+            exact = row["tokens_per_s"] / rows[(t["task"], t["mode"], versus[t["target"]])]["tokens_per_s"]
+            goal, rounding = TARGETS[t["target"]], 0.0005
+        assert abs(t["value"] - exact) <= rounding + 1e-12, t
+        assert t["met"] is (exact >= goal), t
+        assert float(t["goal"].split()[1]) == goal
+
+
+def test_verdicts_on_hand_made_rows():
+    """Both sides of every goal: adasd 2.5x vanilla but 1.1x HF assisted, our loop slower than generate(),
+    0.5 accuracy points lost on one task and 1.5 on another."""
+    tps = {"target": 10.0, "hf-target": 10.5, "vanilla": 16.0, "hf-assisted": 36.4, "adasd-bayes": 40.0}
+    accuracy = {"target": 50.0, "adasd-bayes": 49.5, "vanilla": 50.0, "hf-target": 50.0, "hf-assisted": 50.0}  # %
+    rows = [{"task": "continuation", "mode": mode, "method": m, "tokens_per_s": v, "accuracy": accuracy[m]}
+            for mode in ("greedy", "sampled") for m, v in tps.items()]
+    rows.append({"task": "gsm8k", "mode": "greedy", "method": "target", "tokens_per_s": 1.0, "accuracy": 60.0})
+    rows.append({"task": "gsm8k", "mode": "greedy", "method": "adasd-bayes", "tokens_per_s": 1.0, "accuracy": 58.5})
+    targets = check_targets(rows)
+    assert_verdicts(targets, rows)
+    met = {(t["target"], t["task"], t["mode"]): t["met"] for t in targets}
+    assert met == {(name, "continuation", mode): ok for mode in ("greedy", "sampled") for name, ok in (
+        ("adasd_vs_vanilla", True), ("adasd_vs_hf_assisted", False), ("adasd_vs_target", True),
+        ("our_target_vs_hf_generate", False), ("accuracy_vs_target", True))} | {
+        ("accuracy_vs_target", "gsm8k", "greedy"): False}
 
 
 def test_records_are_interleaved(result):

@@ -220,8 +220,10 @@ def test_batch_aware_cap_turns_drafting_off_where_it_does_not_pay():
     out = engine.generate([1], params, SpecConfig(method="gen-only"))
     assert out.stats.drafted_tokens > 0  # the nominal costs make drafting pay alone
     engine.costs = StepCosts([1, 4], [1, 21], [[1.0, 30.0], [1.0, 30.0]], [1.0, 1.0])  # a draft step costs a target step
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    ar = engine.generate([1], params, SpecConfig(method="ar")).token_ids
     for method in ("gen-only", "adasd", "hybrid"):
-        out = engine.generate([1], params, SpecConfig(method=method))
+        out = engine.generate([1], params, SpecConfig(method=method, verification="none"))
         assert out.stats.drafted_tokens == 0 and out.token_ids == ar
     # fixed-K methods are explicit baselines: the cap leaves them alone
     assert engine.generate([1], params, SpecConfig(method="vanilla", k=3)).stats.mean_draft_length > 2

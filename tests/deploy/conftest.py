@@ -28,16 +28,12 @@ from deploy_support import (  # noqa: E402
     http,
     image_cmd,
     localize_cmd,
-    require_module,
     server_env,
 )
 
 @pytest.fixture(scope="session")
 def deploy_server(tmp_path_factory) -> Server:
     """The image's default command (Dockerfile CMD) serving the demo config on the CPU."""
-    require_module("adasd_core.cli", "the engine's CLI serves the API")
-    require_module("server.metrics", "the server's exporter")
-    require_module("server.settings", "the server's settings model")
     port = free_port()
     cmd = localize_cmd(image_cmd(), port)
     log = tmp_path_factory.mktemp("adasd-server") / "server.log"

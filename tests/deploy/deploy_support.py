@@ -33,12 +33,8 @@ if str(REPO) not in sys.path:
 READY_TIMEOUT_S = float(os.environ.get("ADASD_TEST_READY_TIMEOUT", "300"))
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def require_tool(name: str, hint: str) -> str:
-    """Path of an executable; a missing one skips the test locally and fails it in CI."""
+    """Path of an executable; a missing one fails the test (`make test` installs them all)."""
     found = shutil.which(name)
     if found is None:
         # Console scripts of the running interpreter's environment, even when not on PATH.
@@ -46,32 +42,16 @@ def require_tool(name: str, hint: str) -> str:
         if candidate.exists():
             found = str(candidate)
     if found is None:
-        message = f"{name} is not installed ({hint})"
-        if in_ci():
-            pytest.fail(message + ": CI must install it")
-        pytest.skip(message)
+        pytest.fail(f"{name} is not installed: run `make test`, which installs it, or {hint}")
     return found
 
 
 def require_package(module: str, hint: str):
-    """Import a checking tool; a missing one skips the test locally and fails it in CI."""
+    """Import a checking tool; a missing one fails the test (`make test` installs them all)."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        message = f"{module} is not installed ({hint})"
-        if in_ci():
-            pytest.fail(message + ": CI must install it")
-        pytest.skip(message)
-
-
-def require_module(name: str, why: str) -> None:
-    """Skip when a module of the project that a check needs has not landed yet."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except ModuleNotFoundError:
-        spec = None
-    if spec is None:
-        pytest.skip(f"{name} is not importable yet ({why})")
+        pytest.fail(f"{module} is not installed: run `make test`, which installs it, or {hint}")
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

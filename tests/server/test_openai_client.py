@@ -88,9 +88,11 @@ def test_chat_seeded_stream_equals_non_streamed_with_n(client):
 
 
 def test_n_choices(client):
-    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=5, n=3)
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=6, temperature=1.0)
+    r = client.completions.create(seed=5, n=3, **kw)
     assert [c.index for c in r.choices] == [0, 1, 2]
-    assert len({c.text for c in r.choices}) > 1  # distinct seeds per choice
+    # choice i is sampled with seed + i: distinct and reproducible
+    assert [c.text for c in r.choices] == [client.completions.create(seed=5 + i, **kw).choices[0].text for i in range(3)]
     spec = check_usage(r.usage)
     assert spec["choices"] == 3
     texts, finishes, usage = stream_text(client.completions.create(
@@ -106,16 +108,17 @@ def test_seed_reproducibility(client):
     b = client.completions.create(seed=1234, **kw).choices[0].text
     others = {client.completions.create(seed=s, **kw).choices[0].text for s in (1, 2, 3)}
     assert a == b
-    assert len(others | {a}) > 1
+    assert len(others | {a}) > 1  # the quick pair samples from ~5 nats per token: 10 tokens never coincide
 
 
 def test_stop_string(client):
     kw = dict(model="tiny", prompt=PROMPT, max_tokens=16, temperature=1.0, seed=7, extra_body=IGNORE_EOS)
     text = client.completions.create(**kw).choices[0].text
-    stop = text[6:8]
-    assert stop.strip(), f"pick another seed: {text!r}"
+    # the first two characters past the start that are not blank and occur there first: no seed to pick
+    at = next(i for i in range(2, len(text) - 1) if text[i : i + 2].strip() and text.find(text[i : i + 2]) == i)
+    stop = text[at : at + 2]
     r = client.completions.create(stop=[stop, "@@never@@"], **kw)
-    assert r.choices[0].text == text[: text.find(stop)]
+    assert r.choices[0].text == text[:at]
     assert r.choices[0].finish_reason == "stop"
     texts, finishes, _ = stream_text(client.completions.create(stop=stop, stream=True, **kw))
     assert texts == [r.choices[0].text] and finishes == [["stop"]]
