@@ -54,7 +54,9 @@ class SpecConfig:
     verification: str = "bayes"
     window: int = WINDOW
     trace: bool = False
-    warm_start: bool = True  # start from the statistics of earlier requests (adasd_core.warm)
+    # start from the statistics of earlier requests (adasd_core.warm); off here (the CLI, benchmarks: the
+    # per-request semantics of shared/ADASD.md, seeded runs independent of history), on by default in the server
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

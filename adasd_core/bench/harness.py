@@ -460,7 +460,7 @@ def _round(x, n):
 def check_targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, measured in this run, for adasd (bayes) (the paper's method) and for our hybrid."""
     def get(task, mode, method, col):
-        return next((r[col] for r in rows if r["task"] == task and r["mode"] == mode and r["method"] == method), None)
+        return next((r.get(col) for r in rows if r["task"] == task and r["mode"] == mode and r["method"] == method), None)
 
     speed_task = "continuation" if any(r["task"] == "continuation" for r in rows) else (rows[0]["task"] if rows else None)
     out = []

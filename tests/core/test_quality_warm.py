@@ -1,5 +1,6 @@
 """Issue 12: excess surprisal (the price of the relaxed check) and the warm start across requests."""
 
+import dataclasses
 import math
 
 import torch
@@ -55,7 +56,8 @@ def test_excess_surprisal_is_positive_when_failed_candidates_are_accepted():
 
 def test_excess_surprisal_reaches_usage_dict():
     engine = engine_for()
-    res = engine.generate([0], SamplingParams(max_tokens=8, temperature=1.0, seed=1), SpecConfig(method="adasd"))
+    res = engine.generate([0], SamplingParams(max_tokens=8, temperature=1.0, seed=1),
+                          SpecConfig(method="adasd", warm_start=True))
     d = res.stats.to_dict()
     assert d["excess_surprisal"] == round(res.stats.surprisal_sum / res.stats.surprisal_count, 5)
     assert d["surprisal_count"] == len(res.token_ids) and d["warm_start"] is True
@@ -75,7 +77,7 @@ def test_min_posterior_gates_the_bayes_check():
 
 def test_second_request_starts_from_the_first_requests_statistics():
     engine = engine_for()
-    spec = SpecConfig(method="adasd", verification="threshold")
+    spec = SpecConfig(method="adasd", verification="threshold", warm_start=True)
     params = SamplingParams(max_tokens=30, temperature=1.0, seed=3, ignore_eos=True)
     engine.generate([0], params, spec)
     shared = engine.shared[family_key("adasd", "threshold", greedy=False)]
@@ -90,7 +92,8 @@ def test_second_request_starts_from_the_first_requests_statistics():
 
 def test_cold_start_starts_empty_and_is_reproducible():
     engine = engine_for()
-    warm, cold = SpecConfig(method="adasd"), SpecConfig(method="adasd", warm_start=False)
+    warm, cold = SpecConfig(method="adasd", warm_start=True), SpecConfig(method="adasd", warm_start=False)
+    assert SpecConfig(method="adasd").warm_start is False  # the engine's default; the server's is warm
     params = SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True)
     first = engine.generate([0], params, cold).token_ids
     engine.generate([1], params, warm)  # the server learns more
@@ -122,9 +125,11 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
     assert load_state(tmp_path / "missing.json", ident) == {}
     (tmp_path / "bad.json").write_text("{not json")
     assert load_state(tmp_path / "bad.json", ident) == {}
-    other = engine_for(seed=9)
-    assert pair_identity(other.pair, {"window": 20}) != ident or torch.equal(other.pair.target.table,
-                                                                             engine.pair.target.table)
+    # the identity covers the models' names and configs and the settings (not the weights)
+    renamed = dataclasses.replace(engine.pair, target_name="another-target")
+    assert pair_identity(renamed, {"window": 20}) != ident
+    assert pair_identity(engine.pair, {"window": 10}) != ident
+    assert pair_identity(engine_for(seed=9).pair, {"window": 20}) == ident
 
 
 def test_loaded_state_warms_new_requests():
@@ -133,5 +138,6 @@ def test_loaded_state_warms_new_requests():
     for d in (0.1, 0.2, 0.7, 0.8):
         state.relaxed.observe(d, d < 0.5)
     engine.shared[family_key("adasd", "bayes", False)] = SharedStats.from_json(state.to_json())
-    seq = engine.new_sequence([0], SamplingParams(max_tokens=4, temperature=1.0), SpecConfig(method="adasd"))
+    seq = engine.new_sequence([0], SamplingParams(max_tokens=4, temperature=1.0),
+                              SpecConfig(method="adasd", warm_start=True))
     assert seq.policy.threshold == 2.0 and list(seq.relaxed.accepted) == [0.1, 0.2]

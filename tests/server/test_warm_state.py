@@ -66,7 +66,7 @@ def test_gauges_show_the_servers_state_and_the_file_keeps_it(tmp_path):
     engine2 = SpeculativeEngine(markov_pair(target, draft), calibrate=False)
     engine2.shared.update(load_state(path, ident))
     params = SamplingParams(max_tokens=4, temperature=1.0)
-    seq = engine2.new_sequence([0], params, SpecConfig(method="adasd", verification="threshold"))
+    seq = engine2.new_sequence([0], params, SpecConfig(method="adasd", verification="threshold", warm_start=True))
     assert seq.relaxed.threshold == shared.relaxed.threshold
     cold = engine2.new_sequence([0], params, SpecConfig(method="adasd", verification="threshold", warm_start=False))
     assert cold.relaxed.threshold is None
@@ -76,10 +76,13 @@ def test_request_field_and_usage():
     serving = SimpleNamespace(settings=Settings())
     assert OpenAIServing.spec_config(serving, AdasdOptions(warm_start=False)).warm_start is False
     assert OpenAIServing.spec_config(serving, AdasdOptions()).warm_start is True
+    # n > 1: the merged excess surprisal is per token over all choices (5.0 / 8), not the mean of their means (0.5)
     stats = [{"generated_tokens": 2, "surprisal_sum": 0.5, "surprisal_sq_sum": 0.25, "surprisal_count": 2,
-              "warm_start": True}] * 2
+              "warm_start": True},
+             {"generated_tokens": 6, "surprisal_sum": 4.5, "surprisal_sq_sum": 4.0, "surprisal_count": 6,
+              "warm_start": True}]
     merged = merge_stats(stats)
-    assert merged["excess_surprisal"] == 0.5 and merged["warm_start"] is True and merged["surprisal_count"] == 4
+    assert merged["excess_surprisal"] == 0.625 and merged["warm_start"] is True and merged["surprisal_count"] == 8
 
 
 def test_state_path_setting(tmp_path, monkeypatch):
