@@ -35,6 +35,7 @@ from adasd_core.sequence import Delta, Sequence, TokenLogprob
 from adasd_core.stats import GenerationStats
 from adasd_core.validation import check_prompt_ids
 from adasd_core.verification import RelaxedCheck, accept_candidates, entropy, make_relaxed_check
+from adasd_core.warm import SharedStats, family_key
 
 METHODS = ("ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid")
 PRIOR_ACCEPTANCE = 0.6  # assumed before a method has any history: optimistic, so new requests draft and learn
@@ -53,6 +54,9 @@ class SpecConfig:
     verification: str = "bayes"
     window: int = WINDOW
     trace: bool = False
+    # start from the statistics of earlier requests (adasd_core.warm); off here (the CLI, benchmarks: the
+    # per-request semantics of shared/ADASD.md, seeded runs independent of history), on by default in the server
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -98,6 +102,14 @@ def _token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list
     return [TokenLogprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in zip(tokens, chosen, top_ids, top_vals)]
 
 
+def _excess_surprisal(probs: torch.Tensor, tokens: list[int]) -> list[float]:
+    """-log p(x) - H(p) of each emitted token under its position's processed target distribution
+    (zero in expectation for a lossless method)."""
+    p = probs.float()
+    p_x = p.gather(-1, torch.tensor(tokens, device=p.device)[:, None]).squeeze(-1)
+    return (-torch.log(p_x.clamp_min(1e-30)) - entropy(p)).tolist()
+
+
 @dataclass
 class _Draft:
     """One sequence's candidates in the current round."""
@@ -132,6 +144,7 @@ class SpeculativeEngine:
         self.batch_aware = batch_aware
         self.rounds = 0
         self.acceptance_prior: dict[str, float] = {}  # per method, from finished rounds of all requests
+        self.shared: dict[str, SharedStats] = {}  # warm start: per family, from finished rounds of all requests
         self.costs = self.frozen_costs = step_costs.StepCosts.nominal()
         self.target_step_s = 0.0
         if calibrate:
@@ -174,11 +187,18 @@ class SpeculativeEngine:
         stats = GenerationStats(method=spec.method, prompt_tokens=len(ids), target_step_s=self.target_step_s)
         if spec.trace:
             stats.trace = []
+        policy, relaxed = spec.draft_policy(), spec.relaxed_check()
+        family = family_key(spec.method, spec.verification, params.greedy)
+        if family is not None:
+            shared = self.shared.setdefault(family, SharedStats(kind=relaxed.name))
+            stats.warm_start = spec.warm_start
+            if spec.warm_start:
+                relaxed = shared.seed(policy, relaxed)
         return Sequence(
-            prompt_ids=ids, params=params, method=spec.method, policy=spec.draft_policy(), relaxed=spec.relaxed_check(),
+            prompt_ids=ids, params=params, method=spec.method, policy=policy, relaxed=relaxed,
             generator=make_generator(params.seed, pair.device), eos=set() if params.ignore_eos else pair.eos_token_ids,
             detok=IncrementalDetokenizer(pair.tokenizer, ids), stop=StopStringMatcher(params.stop), stats=stats,
-            context_length=pair.context_length, request_id=request_id,
+            context_length=pair.context_length, request_id=request_id, family=family,
         )
 
     def add(self, seq: Sequence) -> None:
@@ -371,7 +391,10 @@ class SpeculativeEngine:
             if verdict.distances is not None:
                 for d, std in zip(verdict.distances, verdict.standard):
                     seq.relaxed.observe(d, std)
-            seq.policy.update([h for h, std in zip(draft.entropies, verdict.standard) if not std], all_accepted=n_acc == k)
+            rejected_h = [h for h, std in zip(draft.entropies, verdict.standard) if not std]
+            seq.policy.update(rejected_h, all_accepted=n_acc == k)
+            if seq.family is not None:  # the server's state learns from every request's rounds
+                self.shared[seq.family].observe(verdict.distances, verdict.standard, rejected_h)
             prior = self.acceptance_prior.get(seq.method, 0.5)
             self.acceptance_prior[seq.method] = 0.98 * prior + 0.02 * (n_acc / (n_acc + (n_acc < k)))
         n_standard = sum(verdict.standard[:n_acc])
@@ -388,7 +411,9 @@ class SpeculativeEngine:
 
         emitted = candidates[:n_acc] + [verdict.token]
         logprobs = _token_logprobs(logits[: n_acc + 1], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
+        excess = _excess_surprisal(target_probs[: n_acc + 1], emitted)  # one host sync
         delta = seq.emit(emitted, logprobs)
+        seq.stats.observe_surprisal(excess[: len(delta.token_ids)])  # EOS may cut the round short
         if seq.finished:
             seq.stats.record_thresholds(seq.policy.threshold if seq.policy else None, seq.relaxed.state())
         return delta

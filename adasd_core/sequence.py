@@ -45,6 +45,7 @@ class Sequence:
     stats: GenerationStats
     context_length: int
     request_id: str = ""
+    family: str | None = None  # warm-start statistics family (adasd_core.warm); None: learns nothing
     tokens: list[int] = field(default_factory=list)
     slot: int = -1  # KV slot in both pools while admitted
     prefilled: int = 0  # prompt tokens already in the caches (all but the last are prefilled)

@@ -31,6 +31,12 @@ class GenerationStats:
     # accepted / drafted counts by position in the draft (index 0 is the first candidate)
     accepted_by_position: list[int] = field(default_factory=list)
     drafted_by_position: list[int] = field(default_factory=list)
+    # excess surprisal of each emitted token, -log p(x) - H(p) under the request's processed target
+    # distribution p at its position: zero in expectation for a lossless method (sampled requests)
+    surprisal_sum: float = 0.0
+    surprisal_sq_sum: float = 0.0
+    surprisal_count: int = 0
+    warm_start: bool | None = None  # None: no statistics to warm (ar and the lossless fixed-K rows)
     # (T_G, T_V or P(A) summary) after each round, when tracing is on
     trace: list[dict] | None = None
 
@@ -53,6 +59,16 @@ class GenerationStats:
         self.js_threshold = relaxed_state.get("js_threshold")
         self.kde_accepted = relaxed_state.get("kde_accepted")
         self.kde_rejected = relaxed_state.get("kde_rejected")
+
+    def observe_surprisal(self, excess: list[float]) -> None:
+        self.surprisal_sum += sum(excess)
+        self.surprisal_sq_sum += sum(e * e for e in excess)
+        self.surprisal_count += len(excess)
+
+    @property
+    def excess_surprisal(self) -> float | None:
+        """Mean excess surprisal per emitted token (nats); None before any token."""
+        return self.surprisal_sum / self.surprisal_count if self.surprisal_count else None
 
     @property
     def accepted_tokens(self) -> int:
@@ -92,6 +108,10 @@ class GenerationStats:
         for name in ("accepted_tokens", "acceptance_rate", "mean_draft_length", "tokens_per_round",
                      "tokens_per_second", "estimated_speedup", "mean_batch_size"):
             out[name] = round(getattr(self, name), 4) if isinstance(getattr(self, name), float) else getattr(self, name)
+        es = self.excess_surprisal
+        out["excess_surprisal"] = None if es is None else round(es, 5)
+        for name in ("surprisal_sum", "surprisal_sq_sum"):
+            out[name] = round(out[name], 6)
         for name in ("time_draft_s", "time_verify_s", "time_other_s", "time_prefill_s", "wall_s", "target_step_s"):
             out[name] = round(out[name], 6)
         return out

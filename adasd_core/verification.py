@@ -152,12 +152,19 @@ class RelaxedCheck:
     def state(self) -> dict:
         return {}
 
+    def to_json(self) -> dict:
+        return {}
+
+    def load_json(self, data: dict) -> None:
+        pass
+
 
 @dataclass
 class ThresholdCheck(RelaxedCheck):
     """v1: accept iff d < T_V, T_V = (mean d of accepted + mean d of rejected) / 2."""
 
     name = "threshold"
+    position: float = 0.5  # T_V's place between the two means (0: the accepted mean, 0.5: the paper's midpoint)
     sum_accepted: float = 0.0
     n_accepted: int = 0
     sum_rejected: float = 0.0
@@ -167,7 +174,8 @@ class ThresholdCheck(RelaxedCheck):
     def threshold(self) -> float | None:
         if not (self.n_accepted and self.n_rejected):
             return None
-        return 0.5 * (self.sum_accepted / self.n_accepted + self.sum_rejected / self.n_rejected)
+        mean_a, mean_r = self.sum_accepted / self.n_accepted, self.sum_rejected / self.n_rejected
+        return mean_a + self.position * (mean_r - mean_a)
 
     def accept_probability(self, d: list[float]) -> list[float]:
         t = self.threshold
@@ -183,6 +191,14 @@ class ThresholdCheck(RelaxedCheck):
 
     def state(self) -> dict:
         return {"js_threshold": self.threshold}
+
+    def to_json(self) -> dict:
+        return {"sum_accepted": self.sum_accepted, "n_accepted": self.n_accepted, "sum_rejected": self.sum_rejected,
+                "n_rejected": self.n_rejected}
+
+    def load_json(self, data: dict) -> None:
+        self.sum_accepted, self.n_accepted = float(data["sum_accepted"]), int(data["n_accepted"])
+        self.sum_rejected, self.n_rejected = float(data["sum_rejected"]), int(data["n_rejected"])
 
 
 def _bandwidth(samples: deque) -> float:
@@ -212,6 +228,9 @@ class BayesCheck(RelaxedCheck):
     name = "bayes"
     max_samples: int = 256
     min_samples: int = 2
+    # a failed candidate may be relaxed only where P(A|d) >= this (ours; 0 is the paper's rule; 0.7 from the
+    # measured frontier in the README, "Calibrating the relaxed check")
+    min_posterior: float = 0.7
     accepted: deque = field(default_factory=deque)
     rejected: deque = field(default_factory=deque)
     n_accepted: int = 0
@@ -233,7 +252,11 @@ class BayesCheck(RelaxedCheck):
         return like_a / total if total > 0 else 0.0
 
     def accept_probability(self, d: list[float]) -> list[float]:
-        return [self.posterior(x) or 0.0 for x in d]
+        out = []
+        for x in d:
+            p = self.posterior(x) or 0.0
+            out.append(p if p >= self.min_posterior else 0.0)
+        return out
 
     def observe(self, d: float, accepted: bool) -> None:
         group = self.accepted if accepted else self.rejected
@@ -249,6 +272,16 @@ class BayesCheck(RelaxedCheck):
 
     def state(self) -> dict:
         return {"kde_accepted": len(self.accepted), "kde_rejected": len(self.rejected)}
+
+    def to_json(self) -> dict:
+        return {"accepted": list(self.accepted), "rejected": list(self.rejected), "n_accepted": self.n_accepted,
+                "n_rejected": self.n_rejected}
+
+    def load_json(self, data: dict) -> None:
+        self.accepted = deque(float(x) for x in data["accepted"][-self.max_samples:])
+        self.rejected = deque(float(x) for x in data["rejected"][-self.max_samples:])
+        self.n_accepted, self.n_rejected = int(data["n_accepted"]), int(data["n_rejected"])
+        self._bandwidths = None
 
 
 def make_relaxed_check(kind: str) -> RelaxedCheck:

@@ -298,6 +298,7 @@ class EngineClient:
             self.state = "ready" if self.state != "stopping" else self.state
             self._ever_ready, self._restarts = True, 0
             self.metrics.worker_up.set(1)
+            self.metrics.observe_warm_state(self.info.pop("warm_state", None))
             log.info("worker pid %s ready (context %s tokens)", handle.pid, self.info["context_length"])
             return
         if kind == "fatal":
@@ -316,6 +317,9 @@ class EngineClient:
             slot.group.put(slot.index, TokenDelta(text, token_ids, finish_reason, logprobs))
         elif kind == "done":
             _, _, status, stats = msg
+            if stats:
+                stats = dict(stats)
+                self.metrics.observe_warm_state(stats.pop("warm_state", None))
             self._release(slot)
             if status == "success":
                 self.metrics.e2e.observe(time.monotonic() - slot.arrival)

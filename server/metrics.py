@@ -110,6 +110,19 @@ class AdasdMetrics:
         self.js_threshold = lazy_gauge("adasd_js_threshold", "T_V at the end of the most recently finished request "
                                   "(threshold verification).")
 
+        # the server's warm-start statistics (adasd_core.warm), per family "method/check/greedy|sampled":
+        # what the next request of that family starts from
+        family = ["model_name", "family"]
+        self.warm_entropy_threshold = Gauge("adasd_warm_entropy_threshold", "T_G of the server's warm-start "
+                                            "statistics (mean entropy of every rejected candidate so far).", family,
+                                            registry=registry)
+        self.warm_js_threshold = Gauge("adasd_warm_js_threshold", "T_V of the server's warm-start statistics "
+                                       "(threshold verification).", family, registry=registry)
+        self.warm_kde_samples = Gauge("adasd_warm_kde_samples", "Distances in the server's warm-start KDEs "
+                                      "(bayes verification), by group.", family + ["group"], registry=registry)
+        self.warm_rounds = Gauge("adasd_warm_rounds", "Rounds the server's warm-start statistics have learned from.",
+                                 family, registry=registry)
+
         for status in REQUEST_STATUSES:  # make the common series exist at 0
             self.requests.labels(model_name, default_method, status)
 
@@ -136,6 +149,19 @@ class AdasdMetrics:
             self.entropy_threshold.labels(self.model_name).set(stats["entropy_threshold"])
         if stats.get("js_threshold") is not None:
             self.js_threshold.labels(self.model_name).set(stats["js_threshold"])
+
+    def observe_warm_state(self, state: dict[str, dict] | None) -> None:
+        """The worker's warm-start summary: {family: SharedStats.summary()}."""
+        for family, s in (state or {}).items():
+            labels = (self.model_name, family)
+            self.warm_rounds.labels(*labels).set(s.get("rounds", 0))
+            if s.get("entropy_threshold") is not None:
+                self.warm_entropy_threshold.labels(*labels).set(s["entropy_threshold"])
+            if s.get("js_threshold") is not None:
+                self.warm_js_threshold.labels(*labels).set(s["js_threshold"])
+            for group in ("accepted", "rejected"):
+                if s.get(f"kde_{group}") is not None:
+                    self.warm_kde_samples.labels(*labels, group).set(s[f"kde_{group}"])
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -81,6 +81,7 @@ class AdasdOptions(RequestModel):
     method: Text | None = None  # ar | vanilla | gen-only | verify-only | adasd | hybrid
     k: int | None = Field(None, le=INT_MAX)  # draft length for vanilla / verify-only
     verification: Text | None = None  # bayes | threshold | none
+    warm_start: bool | None = None  # False: start from empty statistics (reproducible seeded runs)
 
 
 class StreamOptions(RequestModel):

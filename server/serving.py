@@ -141,7 +141,8 @@ class OpenAIServing:
         opts = opts or AdasdOptions()
         try:
             return SpecConfig(method=opts.method or s.method, k=opts.k if opts.k is not None else s.k,
-                              verification=opts.verification or s.verification)
+                              verification=opts.verification or s.verification,
+                              warm_start=opts.warm_start if opts.warm_start is not None else True)
         except AdasdError as exc:
             exc.param = f"adasd.{exc.param}" if exc.param else "adasd"
             raise
@@ -177,7 +178,7 @@ def merge_stats(stats: list[dict]) -> dict[str, Any]:
     for s in stats:
         for name in names:
             value = s.get(name)
-            if name in ("method", "target_step_s", "entropy_threshold", "js_threshold") or value is None:
+            if name in ("method", "target_step_s", "entropy_threshold", "js_threshold", "warm_start") or value is None:
                 continue
             if isinstance(value, list):
                 acc = getattr(total, name)
@@ -189,6 +190,7 @@ def merge_stats(stats: list[dict]) -> dict[str, Any]:
     last = stats[-1]
     total.target_step_s = last.get("target_step_s", 0.0)
     total.entropy_threshold, total.js_threshold = last.get("entropy_threshold"), last.get("js_threshold")
+    total.warm_start = last.get("warm_start")
     out = total.to_dict()
     out["choices"] = len(stats)
     return out

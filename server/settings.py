@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     method: Method = "adasd"
     k: int = Field(5, ge=1, le=WINDOW)
     verification: Verification = "bayes"
+    # warm start: where the server's learned statistics are saved (a directory or a .json file);
+    # empty: $HF_HOME/adasd (default ~/.cache/huggingface/adasd); "none": kept in memory only
+    warm_state_path: str | None = ""
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

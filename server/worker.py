@@ -68,11 +68,19 @@ class TokenText:
         return [(self(lp.token_id), lp.logprob, [(self(t), v) for t, v in lp.top]) for lp in logprobs]
 
 
+SAVE_EVERY_S = 30.0  # warm-start state: saved at most this often while serving, and at shutdown
+
+
 class Worker:
-    def __init__(self, engine, conn, round_delay_s: float = 0.0):
+    def __init__(self, engine, conn, round_delay_s: float = 0.0, state_path: str | None = None,
+                 state_identity: str = ""):
         self.engine = engine
         self.conn = conn
         self.round_delay_s = round_delay_s
+        self.state_path = state_path  # None: the warm-start state lives only as long as the process
+        self.state_identity = state_identity
+        self.saved_at = time.monotonic()
+        self.dirty = False
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}
         self.token_text = TokenText(engine.pair.tokenizer)
@@ -91,7 +99,26 @@ class Worker:
                 self.step()
                 if self.round_delay_s:
                     time.sleep(self.round_delay_s)
+            if self.dirty and time.monotonic() - self.saved_at > SAVE_EVERY_S:
+                self.save_state()
         self.cancel_all()
+        if self.dirty:
+            self.save_state()
+
+    def warm_state(self) -> dict:
+        """{family: summary} of the engine's warm-start statistics (the gauges show it)."""
+        return {k: v.summary() for k, v in getattr(self.engine, "shared", {}).items()}
+
+    def save_state(self) -> None:
+        self.saved_at, self.dirty = time.monotonic(), False
+        if not self.state_path:
+            return
+        from adasd_core.warm import save_state
+
+        try:
+            save_state(self.state_path, self.state_identity, self.engine.shared)
+        except OSError as exc:
+            log.warning("could not save the warm-start state to %s: %s", self.state_path, exc)
 
     def poll(self, timeout: float) -> None:
         """Handle every message already in the pipe (waiting up to `timeout` for the first)."""
@@ -154,7 +181,8 @@ class Worker:
                       self.token_text.payload(result.logprobs))
             if seq.finished:
                 self.finish(req)
-                self.send("done", req.rid, "success", seq.stats.to_dict())
+                self.dirty = True
+                self.send("done", req.rid, "success", {**seq.stats.to_dict(), "warm_state": self.warm_state()})
 
     # ------------------------------------------------------------------ endings
 
@@ -204,7 +232,32 @@ def load_engine(settings: dict):
     spec = SpecConfig(method=settings["method"], k=settings["k"], verification=settings["verification"])
     engine = SpeculativeEngine(pair, default_spec=spec, max_running=slots, batch_aware=settings.get("batch_aware", True))
     engine.kv_bytes_per_slot = per_slot
+    engine.state_path, engine.state_identity = None, ""
+    path = warm_state_path(settings)
+    if path is not None:
+        from adasd_core.warm import load_state, pair_identity
+
+        # what the statistics depend on besides the models: the algorithm's settings
+        engine.state_identity = pair_identity(pair, {"window": spec.window})
+        engine.state_path = f"{path}/warm_stats_{engine.state_identity}.json" if os.path.isdir(path) or not path.endswith(
+            ".json") else path
+        engine.shared.update(load_state(engine.state_path, engine.state_identity))
+        if engine.shared:
+            log.info("warm start: loaded the statistics of %d method families from %s", len(engine.shared),
+                     engine.state_path)
     return engine
+
+
+def warm_state_path(settings: dict) -> str | None:
+    """Where the warm-start state is saved: settings' warm_state_path (a directory or a .json file;
+    "none" turns saving off), else a directory next to the Hugging Face cache."""
+    path = settings.get("warm_state_path", "")
+    if path is None or str(path).lower() == "none":
+        return None
+    if path:
+        return str(path)
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.path.join(hf_home, "adasd")
 
 
 def main(settings: dict, conn) -> None:
@@ -248,6 +301,7 @@ def main(settings: dict, conn) -> None:
         "batched": bool(engine.target_pool.batched),
         "step_costs": engine.costs.summary(),
         "load_s": round(time.perf_counter() - t0, 3),
+        "warm_state": {k: v.summary() for k, v in engine.shared.items()},
     }
     log.info("loaded target=%s draft=%s on %s in %.1fs; %d KV slots of %s tokens (%.1f MiB each), %s engine",
              settings["target"], settings["draft"], info["device"], info["load_s"], info["slots"], info["context_length"],
@@ -259,7 +313,7 @@ def main(settings: dict, conn) -> None:
     delay = float(os.environ.get(ROUND_DELAY_ENV) or 0.0)
     if delay:
         log.warning("%s=%s: every round is slowed down on purpose", ROUND_DELAY_ENV, delay)
-    Worker(engine, conn, round_delay_s=delay).run()
+    Worker(engine, conn, round_delay_s=delay, state_path=engine.state_path, state_identity=engine.state_identity).run()
     conn.close()
     log.info("stopped")
     logging.shutdown()

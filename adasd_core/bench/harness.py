@@ -29,7 +29,7 @@ from adasd_core.sampling import SamplingParams
 TASKS = ("next-line", "continuation", "gsm8k", "humaneval", "mmlu")
 MODES = ("greedy", "sampled")
 TARGETS = {"adasd_vs_vanilla": 1.5, "adasd_vs_hf_assisted": 1.2, "adasd_vs_target": 2.0, "accuracy_points": 1.0,
-           "our_target_vs_hf_generate": 1.0}
+           "our_target_vs_hf_generate": 1.0, "excess_surprisal": 0.15}
 
 
 @dataclass
@@ -111,6 +111,34 @@ class Record:
     fidelity_total: int | None = None
     accepted_by_position: list[int] | None = field(default=None, repr=False)
     drafted_by_position: list[int] | None = field(default=None, repr=False)
+    # quality, from one target forward over prompt + output after the timed run (see _quality)
+    scored: int = 0  # tokens scored (the `tokens` counted above)
+    logprob_sum: float | None = None  # sum of log p(x) under the target's plain softmax (temperature 1)
+    excess_sum: float | None = None  # sum of -log p(x) - H(p) under the request's processed distribution
+    excess_sq_sum: float | None = None
+    relaxed: int | None = None  # candidates only the relaxed check accepted
+
+
+@torch.inference_mode()
+def _quality(pair: ModelPair, prompt_ids: list[int], gen_ids: list[int], params: SamplingParams) -> dict:
+    """The target's view of an output, at the contexts the output itself created: the mean
+    log-probability of each generated token (plain softmax, what `logprobs` reports) and its excess
+    surprisal -log p(x) - H(p) under the request's processed distribution p (temperature, top-k,
+    top-p; the plain softmax for greedy). A lossless method's excess surprisal is zero in
+    expectation at every position; a lossy one's is the price of what it accepted."""
+    from adasd_core.sampling import logits_to_probs
+    from adasd_core.verification import entropy
+
+    if not gen_ids:
+        return {"scored": 0}
+    ids = torch.tensor([prompt_ids + gen_ids], device=pair.input_device)
+    logits = pair.target(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1, : pair.vocab_size].float()
+    x = torch.tensor(gen_ids, device=logits.device)[:, None]
+    lp = torch.log_softmax(logits, -1).gather(-1, x).squeeze(-1)
+    probs = logits_to_probs(logits, params)
+    ex = -torch.log(probs.gather(-1, x).squeeze(-1).clamp_min(1e-30)) - entropy(probs)
+    lp_sum, ex_sum, ex_sq = torch.stack([lp.sum(), ex.sum(), (ex * ex).sum()]).tolist()
+    return {"scored": len(gen_ids), "logprob_sum": lp_sum, "excess_sum": ex_sum, "excess_sq_sum": ex_sq}
 
 
 # ----------------------------------------------------------------------------- text helpers
@@ -304,7 +332,8 @@ def _one(method: Method, task: Task, mode: str, r: int, i: int, prompt: Prompt, 
                   seconds=round(run.seconds, 6), decode_s=None if run.decode_s is None else round(run.decode_s, 6),
                   score=score, rounds=run.rounds, drafted=run.drafted, accepted=run.accepted,
                   finish_reason=run.finish_reason, accepted_by_position=run.accepted_by_position,
-                  drafted_by_position=run.drafted_by_position)
+                  drafted_by_position=run.drafted_by_position, relaxed=run.relaxed,
+                  **_quality(pair, prompt.ids, run.token_ids[:n], params))
 
 
 def _fill_fidelity(records: list[Record], references: dict, keys: tuple[str, ...]) -> None:
@@ -384,6 +413,7 @@ def aggregate(records: list[Record], tasks: list[Task], methods: list[Method], c
                     if fid else None,
                     "lossless": m.lossless,
                     "by_position": _by_position(recs),
+                    **quality_columns(recs, [r for r in group if r.method == "target"]),
                 }
             van = by_method.get("vanilla", {}).get("tokens_per_s")
             tgt = by_method.get("target", {}).get("tokens_per_s")
@@ -395,6 +425,34 @@ def aggregate(records: list[Record], tasks: list[Task], methods: list[Method], c
     return rows
 
 
+def _mean_se(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else None
+    return statistics.fmean(xs), se
+
+
+def quality_columns(recs: list[Record], reference: list[Record] | None) -> dict:
+    """Per-request means, their mean and standard error (requests are the samples): the target's
+    log-probability per token, its gap to the target alone's on the same prompt and repeat (paired),
+    and the excess surprisal; plus the relaxed acceptances' share of the generated tokens."""
+    scored = [r for r in recs if r.scored]
+    lp = {(r.repeat, r.prompt): r.logprob_sum / r.scored for r in scored}
+    ref = {(r.repeat, r.prompt): r.logprob_sum / r.scored for r in (reference or []) if r.scored}
+    lp_m, lp_se = _mean_se(list(lp.values()))
+    gap_m, gap_se = _mean_se([v - ref[k] for k, v in lp.items() if k in ref])
+    ex_m, ex_se = _mean_se([r.excess_sum / r.scored for r in scored])
+    tokens = sum(r.scored for r in scored)
+    relaxed = [r.relaxed for r in recs if r.relaxed is not None]
+    return {
+        "quality_requests": len(scored), "quality_tokens": tokens,
+        "target_logprob": _round(lp_m, 4), "target_logprob_se": _round(lp_se, 4),
+        "logprob_gap": _round(gap_m, 4), "logprob_gap_se": _round(gap_se, 4),
+        "excess_surprisal": _round(ex_m, 4), "excess_surprisal_se": _round(ex_se, 4),
+        "relaxed_share": _round(sum(relaxed) / tokens, 4) if relaxed and tokens else None,
+    }
+
+
 def _round(x, n):
     return None if x is None else round(x, n)
 
@@ -402,7 +460,7 @@ def _round(x, n):
 def check_targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, measured in this run, for adasd (bayes) (the paper's method) and for our hybrid."""
     def get(task, mode, method, col):
-        return next((r[col] for r in rows if r["task"] == task and r["mode"] == mode and r["method"] == method), None)
+        return next((r.get(col) for r in rows if r["task"] == task and r["mode"] == mode and r["method"] == method), None)
 
     speed_task = "continuation" if any(r["task"] == "continuation" for r in rows) else (rows[0]["task"] if rows else None)
     out = []
@@ -417,6 +475,13 @@ def check_targets(rows: list[dict]) -> list[dict]:
                     value = a / b
                     out.append({"target": name, "method": subject, "task": speed_task, "mode": mode,
                                 "value": round(value, 3), "goal": f">= {TARGETS[name]}", "met": value >= TARGETS[name]})
+        if mode == "sampled":  # issue 12: the price of the relaxed check, at the contexts each output made
+            for subject in subjects:
+                es = get(speed_task, mode, subject, "excess_surprisal")
+                if es is not None:
+                    out.append({"target": "excess_surprisal", "method": subject, "task": speed_task, "mode": mode,
+                                "value": es, "goal": f"<= {TARGETS['excess_surprisal']} nats/token",
+                                "met": es <= TARGETS["excess_surprisal"]})
         ours, hf = get(speed_task, mode, "target", "tokens_per_s"), get(speed_task, mode, "hf-target", "tokens_per_s")
         if ours and hf:  # our autoregressive loop must not be slower than transformers' generate()
             name = "our_target_vs_hf_generate"

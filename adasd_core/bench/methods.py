@@ -38,6 +38,7 @@ class Run:
     drafted_by_position: list[int] | None = None
     trace: list[dict] | None = None
     finish_reason: str | None = None
+    relaxed: int | None = None  # candidates only the relaxed check accepted (engine rows)
 
 
 class Method:
@@ -73,7 +74,7 @@ class EngineMethod(Method):
             accepted=s.accepted_tokens if spec_row else None,
             accepted_by_position=list(s.accepted_by_position) if spec_row else None,
             drafted_by_position=list(s.drafted_by_position) if spec_row else None,
-            trace=s.trace,
+            trace=s.trace, relaxed=s.accepted_relaxed if spec_row else None,
         )
 
     def describe(self) -> dict:

@@ -22,7 +22,8 @@ def _pyplot():
 def write_plots(result: dict, out_dir: Path) -> dict[str, Path]:
     plt = _pyplot()
     paths = {}
-    for name, fn in (("speedup", _speedup), ("acceptance_by_position", _acceptance), ("thresholds", _thresholds)):
+    for name, fn in (("speedup", _speedup), ("acceptance_by_position", _acceptance), ("thresholds", _thresholds),
+                     ("speed_quality", _speed_quality)):
         fig = fn(plt, result)
         if fig is None:
             continue
@@ -127,4 +128,30 @@ def _thresholds(plt, result: dict):
     axes[2].legend(fontsize=7)
     t = result["traces"]
     fig.suptitle(f"One request: {t['task']} prompt {t['prompt']}, {t['mode']}")
+    return fig
+
+
+def _speed_quality(plt, result: dict):
+    """Speedup over vanilla SD against the quality cost (excess surprisal, ± 1 s.e.), sampled runs of
+    the speed task: one point per method and verification mode."""
+    task = _speed_task(result)
+    rows = [r for r in result["rows"] if r["task"] == task and r["mode"] == "sampled"
+            and r.get("excess_surprisal") is not None and r.get("speedup_vs_vanilla")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        marker = "o" if r["lossless"] else "s"
+        ax.errorbar(r["excess_surprisal"], r["speedup_vs_vanilla"], xerr=r.get("excess_surprisal_se") or 0,
+                    fmt=marker, capsize=3, label=r["label"])
+        ax.annotate(r["label"], (r["excess_surprisal"], r["speedup_vs_vanilla"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.axvline(0.0, color="grey", lw=0.8)
+    ax.axvline(0.15, color="tab:red", lw=0.8, ls="--", label="quality target (0.15 nats/token)")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    temp = result["config"]["temperature"]
+    ax.set_xlabel("excess surprisal, nats/token (-log p(x) - H(p) under the target; 0 = lossless)")
+    ax.set_ylabel("speedup over vanilla SD (tok/s)")
+    ax.set_title(f"Speed against quality cost: {task}, sampled (T={temp})")
+    ax.legend(fontsize=7, loc="best")
     return fig

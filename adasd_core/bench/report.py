@@ -15,7 +15,17 @@ DEFINITIONS = """\
 - **fidelity** (greedy only): over the prompts, the share of positions i < n of the target alone's greedy output
   (n tokens, our loop) where the row's token i equals the target's token i (positional match, token-weighted).
   Lossless rows must show 1.00; sampled runs show -.
+- **Quality** (sampled runs; after each timed request, one target forward over prompt + output): **log p/token**,
+  the target's mean log-probability (plain softmax, temperature 1, what `logprobs` reports) of each generated
+  token; **gap vs target**, its difference from the target alone's on the same prompt and repeat (paired; noisy:
+  each sample drifts into its own contexts); **excess surprisal**, the mean of -log p(x) - H(p) under the
+  request's processed distribution p at the contexts the output itself made: zero in expectation for a lossless
+  method, so it measures the price of the relaxed check at low variance. Means of per-request means, ± one
+  standard error over the n requests. **relaxed**: candidates only the relaxed check accepted / generated tokens.
 """
+
+QUALITY_COLUMNS = ("method", "n req", "tokens", "log p/token", "gap vs target", "excess surprisal", "relaxed",
+                   "vs vanilla")
 
 
 def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
@@ -31,6 +41,24 @@ def table(rows: list[dict]) -> str:
             _fmt(r["cand_per_round"]), _fmt(r["match_per_round"]), _fmt(r["acceptance_rate"]),
             _fmt(r["fidelity"], ".3f"),
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pm(value, se, spec: str = "+.3f") -> str:
+    if value is None:
+        return "-"
+    return f"{value:{spec}}" + ("" if se is None else f" ± {se:.3f}")
+
+
+def quality_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(QUALITY_COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(QUALITY_COLUMNS) - 1)) + "|"]
+    for r in rows:
+        cells = [r["label"], str(r.get("quality_requests", "-")), str(r.get("quality_tokens", "-")),
+                 _pm(r.get("target_logprob"), r.get("target_logprob_se"), ".3f"),
+                 _pm(r.get("logprob_gap"), r.get("logprob_gap_se")),
+                 _pm(r.get("excess_surprisal"), r.get("excess_surprisal_se")),
+                 _fmt(r.get("relaxed_share"), ".3f"), _fmt(r["speedup_vs_vanilla"], ".2f", "x")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -72,11 +100,14 @@ def markdown(result: dict) -> str:
             rows = [r for r in result["rows"] if r["task"] == t["name"] and r["mode"] == mode]
             temp = "temperature 0" if mode == "greedy" else f"temperature {cfg['temperature']}"
             out += [f"## {t['name']}, {mode} ({temp})", "", table(rows), ""]
+            if mode == "sampled" and any(r.get("quality_requests") for r in rows):
+                out += [f"Quality, {t['name']}, sampled (nats per token):", "", quality_table(rows), ""]
     if result["targets"]:
         out += ["## Targets (issue 4), measured in this run", "", "| target | method | task | mode | value | goal | met |",
                 "|---|---|---|---|---:|---|---|"]
         for t in result["targets"]:
-            value = f"{t['value']:+.2f} points" if t["target"].startswith("accuracy") else f"{t['value']:.2f}x"
+            value = (f"{t['value']:+.2f} points" if t["target"].startswith("accuracy") else
+                     f"{t['value']:.3f} nats" if t["target"] == "excess_surprisal" else f"{t['value']:.2f}x")
             out.append(f"| {t['target']} | {t.get('method', '')} | {t['task']} | {t['mode']} | {value} | {t['goal']} | "
                        f"{'yes' if t['met'] else '**no**'} |")
         out.append("")

@@ -96,7 +96,8 @@ def test_targets_section(result):
 
 
 def assert_verdicts(targets, rows):
-    """Each target's value is the ratio (or difference) of its rows, and met is value >= goal."""
+    """Each target's value is the ratio (or difference) of its rows, and met is value >= goal (<= for the
+    excess surprisal)."""
     rows = {(r["task"], r["mode"], r["method"]): r for r in rows}
     versus = {"adasd_vs_vanilla": "vanilla", "adasd_vs_hf_assisted": "hf-assisted", "adasd_vs_target": "target",
               "our_target_vs_hf_generate": "hf-target"}
@@ -105,6 +106,11 @@ def assert_verdicts(targets, rows):
         if t["target"] == "accuracy_vs_target":
             exact = row["accuracy"] - rows[(t["task"], t["mode"], "target")]["accuracy"]
             goal, rounding = -TARGETS["accuracy_points"], 0.005
+        elif t["target"] == "excess_surprisal":  # a ceiling on the row's own column
+            exact, goal = row["excess_surprisal"], TARGETS["excess_surprisal"]
+            assert t["mode"] == "sampled" and t["value"] == exact and t["met"] is (exact <= goal), t
+            assert float(t["goal"].split()[1]) == goal
+            continue
         else:  # a speed ratio of two rows
             exact = row["tokens_per_s"] / rows[(t["task"], t["mode"], versus[t["target"]])]["tokens_per_s"]
             goal, rounding = TARGETS[t["target"]], 0.0005
@@ -115,20 +121,27 @@ def assert_verdicts(targets, rows):
 
 def test_verdicts_on_hand_made_rows():
     """Both sides of every goal: adasd 2.5x vanilla but 1.1x HF assisted, our loop slower than generate(),
-    0.5 accuracy points lost on one task and 1.5 on another."""
+    0.5 accuracy points lost on one task and 1.5 on another, an excess surprisal above the ceiling
+    (then below it)."""
     tps = {"target": 10.0, "hf-target": 10.5, "vanilla": 16.0, "hf-assisted": 36.4, "adasd-bayes": 40.0}
     accuracy = {"target": 50.0, "adasd-bayes": 49.5, "vanilla": 50.0, "hf-target": 50.0, "hf-assisted": 50.0}  # %
     rows = [{"task": "continuation", "mode": mode, "method": m, "tokens_per_s": v, "accuracy": accuracy[m]}
             for mode in ("greedy", "sampled") for m, v in tps.items()]
     rows.append({"task": "gsm8k", "mode": "greedy", "method": "target", "tokens_per_s": 1.0, "accuracy": 60.0})
     rows.append({"task": "gsm8k", "mode": "greedy", "method": "adasd-bayes", "tokens_per_s": 1.0, "accuracy": 58.5})
+    sampled_adasd = next(r for r in rows if r["mode"] == "sampled" and r["method"] == "adasd-bayes")
+    sampled_adasd["excess_surprisal"] = TARGETS["excess_surprisal"] + 0.05
     targets = check_targets(rows)
     assert_verdicts(targets, rows)
     met = {(t["target"], t["task"], t["mode"]): t["met"] for t in targets}
     assert met == {(name, "continuation", mode): ok for mode in ("greedy", "sampled") for name, ok in (
         ("adasd_vs_vanilla", True), ("adasd_vs_hf_assisted", False), ("adasd_vs_target", True),
         ("our_target_vs_hf_generate", False), ("accuracy_vs_target", True))} | {
-        ("accuracy_vs_target", "gsm8k", "greedy"): False}
+        ("accuracy_vs_target", "gsm8k", "greedy"): False, ("excess_surprisal", "continuation", "sampled"): False}
+    sampled_adasd["excess_surprisal"] = TARGETS["excess_surprisal"] - 0.05
+    targets = check_targets(rows)
+    assert_verdicts(targets, rows)
+    assert [t["met"] for t in targets if t["target"] == "excess_surprisal"] == [True]
 
 
 def test_records_are_interleaved(result):
@@ -176,3 +189,45 @@ def test_stop_handling(random_pair):
     n = _useful_length(tok, prompt, gen, ["\n\n\n"])
     assert "\n\n\n" in completion_text(tok, prompt, gen[:n]) and "\n\n\n" not in completion_text(tok, prompt, gen[: n - 1])
     assert _useful_length(tok, prompt, gen, []) == len(gen)
+
+
+def test_quality_columns_agree_with_records(result):
+    """Issue 12: per-request means of the target's log-probability and excess surprisal, the gap to
+    the target alone paired by prompt and repeat, standard errors and sample sizes."""
+    import statistics
+
+    res, out = result
+    for mode in ("greedy", "sampled"):
+        recs = [r for r in res["records"] if r["task"] == "continuation" and r["mode"] == mode]
+        rows = rows_of(res, "continuation", mode)
+        for key, row in rows.items():
+            mine = [r for r in recs if r["method"] == key and r["scored"]]
+            assert row["quality_requests"] == len(mine) and row["quality_tokens"] == sum(r["tokens"] for r in mine)
+            ex = [r["excess_sum"] / r["scored"] for r in mine]
+            assert row["excess_surprisal"] == pytest.approx(statistics.fmean(ex), abs=1e-4)
+            assert row["excess_surprisal_se"] == pytest.approx(statistics.stdev(ex) / len(ex) ** 0.5, abs=1e-4)
+            lp = {(r["repeat"], r["prompt"]): r["logprob_sum"] / r["scored"] for r in mine}
+            ref = {(r["repeat"], r["prompt"]): r["logprob_sum"] / r["scored"] for r in recs
+                   if r["method"] == "target" and r["scored"]}
+            gap = statistics.fmean(v - ref[k] for k, v in lp.items())
+            assert row["logprob_gap"] == pytest.approx(gap, abs=1e-4)
+            assert row["target_logprob"] <= 0
+            if key == "target":
+                assert row["logprob_gap"] == 0.0
+            relaxed = [r["relaxed"] for r in recs if r["method"] == key and r["relaxed"] is not None]
+            if key in ("vanilla", "gen-only"):
+                assert row["relaxed_share"] == 0.0
+            elif not relaxed:
+                assert row["relaxed_share"] is None
+    md = (out / "bench.md").read_text()
+    assert "Quality, continuation, sampled" in md and "excess surprisal" in md
+    assert (out / "speed_quality.png").stat().st_size > 0
+    assert any(t["target"] == "excess_surprisal" for t in res["targets"])
+
+
+def test_greedy_rows_of_lossless_methods_score_like_the_target(result):
+    res, _ = result
+    rows = rows_of(res, "continuation", "greedy")
+    # the same tokens give the same target log-probabilities
+    for key in ("vanilla", "gen-only", "hf-target"):
+        assert rows[key]["target_logprob"] == pytest.approx(rows["target"]["target_logprob"], abs=1e-3)

@@ -181,7 +181,8 @@ def test_sampled_relaxed_check_accepts_with_the_posterior_probability():
     from adasd_core.verification import js_distance
 
     d = float(js_distance(target_probs[:1], draft_probs))
-    bayes = BayesCheck()  # accepted distances a little below d, rejected a little above: P(A|d) is mid-range
+    bayes = BayesCheck(min_posterior=0.0)  # the paper's rule; accepted distances a little below d, rejected a
+    # little above: P(A|d) is mid-range
     for offset in (-0.08, -0.05, -0.03, -0.01):
         bayes.observe(d + offset, True)
     for offset in (0.0, 0.02, 0.04, 0.07, 0.1):

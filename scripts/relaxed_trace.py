@@ -1,0 +1,149 @@
+"""Traces of the relaxed check on the demo pair (issue 12): what each relaxed acceptance costs.
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/relaxed_trace.py [--prompts 12] [--seeds 3]
+        [--tokens 96] [--temperature 1.0] [--methods vanilla,adasd-bayes,...] [--out trace.json]
+
+Every request runs in process (SpeculativeEngine, calibrate=False) on held-out continuation
+windows, seeds 0..S-1 for every method. Per method: mean excess surprisal per emitted token
+(-log p(x) - H(p), processed target distribution) with its standard error over requests, mean
+target log-prob per token (temperature-1 softmax, as `logprobs` reports it), acceptance, relaxed
+share; per relaxed acceptance: d, P(A|d), its round, the group sizes and the token's excess surprisal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+from adasd_core import engine as engine_mod  # noqa: E402
+from adasd_core.bench.tasks import continuation_task, demo_sources  # noqa: E402
+from adasd_core.engine import SpecConfig, SpeculativeEngine  # noqa: E402
+from adasd_core.models import load_pair  # noqa: E402
+from adasd_core.sampling import SamplingParams  # noqa: E402
+from adasd_core.verification import entropy, js_distance  # noqa: E402
+
+ROWS = {
+    "ar": SpecConfig(method="ar"),
+    "vanilla": SpecConfig(method="vanilla"),
+    "gen-only": SpecConfig(method="gen-only"),
+    "verify-only": SpecConfig(method="verify-only"),
+    "adasd-bayes": SpecConfig(method="adasd"),
+    "adasd-threshold": SpecConfig(method="adasd", verification="threshold"),
+    "hybrid": SpecConfig(method="hybrid"),
+}
+
+EVENTS: list[dict] = []
+_original = engine_mod.accept_candidates
+
+
+KNOBS: dict = {}
+
+
+def _traced(candidates, target_probs, draft_probs, greedy, generator, relaxed):
+    """accept_candidates, plus one event per examined candidate (no effect on the draws)."""
+    for name, value in KNOBS.items():  # experiment settings of the relaxed check
+        if hasattr(relaxed, name):
+            setattr(relaxed, name, value)
+    state = {"n_a": getattr(relaxed, "n_accepted", None), "n_r": getattr(relaxed, "n_rejected", None),
+             "kde_a": len(getattr(relaxed, "accepted", ()) or ()), "kde_r": len(getattr(relaxed, "rejected", ()) or ())}
+    posts = None
+    if candidates and relaxed.name != "none":
+        d = js_distance(target_probs[: len(candidates)], draft_probs).tolist()
+        posts = relaxed.accept_probability(d)
+    v = _original(candidates, target_probs, draft_probs, greedy, generator, relaxed)
+    if candidates:
+        k = len(candidates)
+        idx = torch.tensor(candidates)[:, None]
+        p_x = target_probs[:k].gather(-1, idx).squeeze(-1)
+        q_x = draft_probs.gather(-1, idx).squeeze(-1)
+        ex = (-torch.log(p_x.clamp_min(1e-30)) - entropy(target_probs[:k])).tolist()
+        d = js_distance(target_probs[:k], draft_probs).tolist()
+        for i, std in enumerate(v.standard):
+            EVENTS.append({"pos": i, "d": d[i], "std": std, "kept": i < v.n_accepted, "p": float(p_x[i]),
+                           "q": float(q_x[i]), "excess": ex[i], "post": None if posts is None else posts[i], **state})
+    return v
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--methods", default=",".join(ROWS))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cold", action="store_true", help="warm_start=False: every request starts empty")
+    ap.add_argument("--min-posterior", type=float, default=None)
+    ap.add_argument("--tv-position", type=float, default=None)
+    args = ap.parse_args(argv)
+    if args.min_posterior is not None:
+        KNOBS["min_posterior"] = args.min_posterior
+    if args.tv_position is not None:
+        KNOBS["position"] = args.tv_position
+
+    engine_mod.accept_candidates = _traced
+    pair = load_pair("demo", "demo", device="cpu")
+    engine = SpeculativeEngine(pair, calibrate=False)
+    task = continuation_task(pair.tokenizer, demo_sources(), args.prompts, 128, args.tokens, pair.context_length)
+    results = {}
+    for key in args.methods.split(","):
+        spec = dataclasses.replace(ROWS[key], warm_start=not args.cold)
+        per_req, events_all, round_no = [], [], []
+        for seed in range(args.seeds):
+            for i, prompt in enumerate(task.prompts):
+                EVENTS.clear()
+                params = SamplingParams(max_tokens=args.tokens, temperature=args.temperature, seed=1000 * seed + i,
+                                        ignore_eos=True, logprobs=0)
+                res = engine.generate(prompt.ids, params, spec)
+                s = res.stats
+                lp = [t.logprob for t in res.logprobs]
+                per_req.append({"excess": s.excess_surprisal, "logprob": sum(lp) / len(lp), "n": s.surprisal_count,
+                                "drafted": s.drafted_tokens, "relaxed": s.accepted_relaxed, "std": s.accepted_standard,
+                                "rounds": s.rounds})
+                for e in EVENTS:
+                    e["request"] = len(per_req) - 1
+                events_all += list(EVENTS)
+        n = len(per_req)
+
+        def mean_se(xs):
+            return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
+
+        ex_m, ex_se = mean_se([r["excess"] for r in per_req])
+        lp_m, lp_se = mean_se([r["logprob"] for r in per_req])
+        drafted = sum(r["drafted"] for r in per_req)
+        relaxed = [e for e in events_all if e["kept"] and not e["std"]]
+        fails = [e for e in events_all if not e["std"]]
+        row = {"requests": n, "tokens": sum(r["n"] for r in per_req), "excess": ex_m, "excess_se": ex_se,
+               "logprob": lp_m, "logprob_se": lp_se, "drafted": drafted,
+               "std_accepted": sum(r["std"] for r in per_req), "relaxed_accepted": len(relaxed),
+               "relaxed_share_of_drafted": len(relaxed) / drafted if drafted else None,
+               "relaxed_share_of_failures": len(relaxed) / len(fails) if fails else None,
+               "cand_per_round": drafted / max(1, sum(r["rounds"] for r in per_req))}
+        if relaxed:
+            row["relaxed_excess_mean"] = statistics.fmean(e["excess"] for e in relaxed)
+            row["relaxed_post_mean"] = statistics.fmean(e["post"] for e in relaxed)
+            row["relaxed_d_mean"] = statistics.fmean(e["d"] for e in relaxed)
+            row["relaxed_with_kde_le_10"] = sum(1 for e in relaxed if min(e["kde_a"], e["kde_r"]) <= 10) / len(relaxed)
+            row["fail_d_mean"] = statistics.fmean(e["d"] for e in fails)
+            acc = [e for e in events_all if e["std"]]
+            row["std_d_mean"] = statistics.fmean(e["d"] for e in acc) if acc else None
+            row["fail_post_mean"] = statistics.fmean((e["post"] or 0.0) for e in fails)
+        results[key] = row
+        print(key, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        if args.out:
+            results[key]["events"] = events_all
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

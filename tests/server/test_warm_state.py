@@ -1,0 +1,93 @@
+"""Issue 12 in the server: the worker's warm-start state, its gauges, its file, the request field."""
+
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/toy.py
+
+from toy import markov_pair, random_tables  # noqa: E402
+
+from adasd_core.engine import SpecConfig, SpeculativeEngine  # noqa: E402
+from adasd_core.sampling import SamplingParams  # noqa: E402
+from adasd_core.warm import load_state, pair_identity  # noqa: E402
+from server.metrics import AdasdMetrics  # noqa: E402
+from server.protocol import AdasdOptions  # noqa: E402
+from server.serving import OpenAIServing, merge_stats  # noqa: E402
+from server.settings import Settings  # noqa: E402
+from server.worker import Worker, warm_state_path  # noqa: E402
+
+
+class Conn:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+    def poll(self, timeout):
+        return False
+
+
+def run_one(worker, rid, spec):
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=1, ignore_eos=True)
+    worker.handle(("submit", rid, [0, 1], params, spec, time.monotonic()))
+    worker.admit()
+    while rid in worker.running:
+        worker.step()
+    return next(m for m in worker.conn.sent if m[0] == "done" and m[1] == rid)
+
+
+def test_gauges_show_the_servers_state_and_the_file_keeps_it(tmp_path):
+    target, draft = random_tables(6, 0)
+    engine = SpeculativeEngine(markov_pair(target, draft), calibrate=False)
+    ident = pair_identity(engine.pair, {"window": 20})
+    path = tmp_path / "state.json"
+    worker = Worker(engine, Conn(), state_path=str(path), state_identity=ident)
+    done = run_one(worker, "a", SpecConfig(method="adasd", verification="threshold"))
+    state = done[3]["warm_state"]
+    family = "adasd/threshold/sampled"
+    shared = engine.shared[family]
+    assert state[family]["rounds"] == shared.rounds > 0
+    assert state[family]["js_threshold"] == shared.relaxed.threshold
+
+    metrics = AdasdMetrics("m")
+    metrics.observe_warm_state(state)
+    text = metrics.render()[0].decode()
+    assert f'adasd_warm_rounds{{family="{family}",model_name="m"}} {float(shared.rounds)}' in text
+    assert f'adasd_warm_entropy_threshold{{family="{family}",model_name="m"}}' in text
+
+    assert worker.dirty
+    worker.save_state()
+    assert not worker.dirty and load_state(path, ident)[family].to_json() == shared.to_json()
+
+    # a restarted worker on the same pair resumes; a request may still ask for a cold start
+    engine2 = SpeculativeEngine(markov_pair(target, draft), calibrate=False)
+    engine2.shared.update(load_state(path, ident))
+    params = SamplingParams(max_tokens=4, temperature=1.0)
+    seq = engine2.new_sequence([0], params, SpecConfig(method="adasd", verification="threshold", warm_start=True))
+    assert seq.relaxed.threshold == shared.relaxed.threshold
+    cold = engine2.new_sequence([0], params, SpecConfig(method="adasd", verification="threshold", warm_start=False))
+    assert cold.relaxed.threshold is None
+
+
+def test_request_field_and_usage():
+    serving = SimpleNamespace(settings=Settings())
+    assert OpenAIServing.spec_config(serving, AdasdOptions(warm_start=False)).warm_start is False
+    assert OpenAIServing.spec_config(serving, AdasdOptions()).warm_start is True
+    # n > 1: the merged excess surprisal is per token over all choices (5.0 / 8), not the mean of their means (0.5)
+    stats = [{"generated_tokens": 2, "surprisal_sum": 0.5, "surprisal_sq_sum": 0.25, "surprisal_count": 2,
+              "warm_start": True},
+             {"generated_tokens": 6, "surprisal_sum": 4.5, "surprisal_sq_sum": 4.0, "surprisal_count": 6,
+              "warm_start": True}]
+    merged = merge_stats(stats)
+    assert merged["excess_surprisal"] == 0.625 and merged["warm_start"] is True and merged["surprisal_count"] == 8
+
+
+def test_state_path_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert warm_state_path({"warm_state_path": ""}) == str(tmp_path / "adasd")
+    assert warm_state_path({"warm_state_path": "none"}) is None
+    assert warm_state_path({"warm_state_path": "/x/s.json"}) == "/x/s.json"
+    assert Settings(warm_state_path="none").warm_state_path == "none"
