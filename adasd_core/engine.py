@@ -395,7 +395,7 @@ class SpeculativeEngine:
             seq.policy.update(rejected_h, all_accepted=n_acc == k)
             if seq.family is not None:  # the server's state learns from every request's rounds
                 self.shared[seq.family].observe(verdict.distances, verdict.standard, rejected_h)
-            prior = self.acceptance_prior.get(seq.method, 0.5)
+            prior = self.acceptance_prior.get(seq.method, PRIOR_ACCEPTANCE)
             self.acceptance_prior[seq.method] = 0.98 * prior + 0.02 * (n_acc / (n_acc + (n_acc < k)))
         n_standard = sum(verdict.standard[:n_acc])
         seq.stats.observe_round(k, n_standard, n_acc - n_standard, bonus=k > 0 and n_acc == k,
