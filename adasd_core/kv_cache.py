@@ -69,17 +69,16 @@ class LeanPool:
             # a few idle slots inside the range: run them on a dummy token (written past their valid
             # length, then dropped) rather than gather every layer's cache into a copy
             wanted = dict(zip(slots, feeds))
-            keep = [s - lo for s in slots] if not all_logits else None
-            if all_logits:
-                keep, row = [], 0
-                for s in range(lo, hi + 1):
-                    n = len(wanted.get(s, [0]))
-                    if s in wanted:
-                        keep.extend(range(row, row + n))
-                    row += n
             slots = list(range(lo, hi + 1))
             feeds = [wanted.get(s, [0]) for s in slots]
             fed = [len(wanted[s]) if s in wanted else 0 for s in slots]
+            # the rows to return: one per slot, or every fed token of the wanted slots
+            keep, row = [], 0
+            for s, f in zip(slots, feeds):
+                n = len(f) if all_logits else 1
+                if s in wanted:
+                    keep.extend(range(row, row + n))
+                row += n
         else:
             fed = [len(f) for f in feeds]
         starts = [self.lengths[s] for s in slots]

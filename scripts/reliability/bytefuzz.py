@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from scripts.reliability.serverproc import ServerProcess, check_loopback
+from scripts.reliability.serverproc import attach_or_start, check_loopback
 
 TRACE_MARKERS = ("Traceback (most recent call last)", 'File "/')
 MAX_BODY = 1 << 20  # the server's default max_body_bytes; a few mutations go past it on purpose (413)
@@ -383,18 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-dir", default=None, help="write each failing body here")
     args = p.parse_args(argv)
 
-    srv = None
-    if args.url:
-        base, model = check_loopback(args.url), args.model
-    else:
-        srv = ServerProcess(args.target, args.draft, api_key=args.api_key, log_dir=args.log_dir, device="cpu",
-                            log_level="warning")
-        try:
-            srv.wait_ready(timeout=600)
-        except BaseException:
-            srv.stop()
-            raise
-        base, model = srv.base_url, srv.model
+    srv, base, model = attach_or_start(args)
     try:
         report = run(base, {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}, model, args.cases,
                      args.max_time, seed=args.seed, save_dir=args.save_dir, progress=True)

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 
-from scripts.reliability.serverproc import ServerProcess, check_loopback
+from scripts.reliability.serverproc import attach_or_start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,18 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-dir", default=None, help="also write schemathesis' junit + ndjson reports here")
     args = p.parse_args(argv)
 
-    srv = None
-    if args.url:
-        base = check_loopback(args.url)
-    else:
-        srv = ServerProcess(args.target, args.draft, api_key=args.api_key, log_dir=args.log_dir, device="cpu",
-                            log_level="warning")
-        try:
-            srv.wait_ready(timeout=600)
-        except BaseException:
-            srv.stop()
-            raise
-        base = srv.base_url
+    srv, base, _ = attach_or_start(args)
     st = shutil.which("st") or shutil.which("schemathesis")
     cmd = [st, "run", base + "/openapi.json", "--url", base, "-H", f"Authorization: Bearer {args.api_key}",
            "--checks", "not_a_server_error,response_schema_conformance", "--max-examples", str(args.max_examples),

@@ -144,3 +144,18 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return False
+
+
+def attach_or_start(args) -> tuple["ServerProcess | None", str, str | None]:
+    """The server a reliability script talks to: --url (loopback only), or one it starts on
+    --target / --draft. Returns (the started server or None, base URL, model name if known)."""
+    if args.url:
+        return None, check_loopback(args.url), getattr(args, "model", None)
+    srv = ServerProcess(args.target, args.draft, api_key=args.api_key, log_dir=args.log_dir, device="cpu",
+                        log_level="warning")
+    try:
+        srv.wait_ready(timeout=600)
+    except BaseException:
+        srv.stop()
+        raise
+    return srv, srv.base_url, srv.model

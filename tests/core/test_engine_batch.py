@@ -31,6 +31,18 @@ def run_batch(engine, requests) -> list[list[int]]:
     return [out[id(s)] for s in seqs]
 
 
+def drain(engine, seqs) -> tuple[dict[int, list[int]], list[int]]:
+    """Step until idle: each sequence's tokens by index, and the indices that ended with an exception."""
+    out, errors = {i: [] for i in range(len(seqs))}, []
+    while not engine.idle:
+        for seq, event in engine.step():
+            if isinstance(event, Exception):
+                errors.append(seqs.index(seq))
+            else:
+                out[seqs.index(seq)].extend(event.token_ids)
+    return out, errors
+
+
 def mixed_requests(prompts, max_tokens):
     return [(p, SamplingParams(max_tokens=max_tokens + 7 * (i % 3), ignore_eos=True), LOSSLESS[i % len(LOSSLESS)])
             for i, p in enumerate(prompts)]
@@ -104,10 +116,8 @@ def test_abort_frees_the_slot_and_the_others_finish():
     engine.abort(seqs[0])  # running
     engine.abort(seqs[3])  # waiting
     assert seqs[0].finish_reason == "abort" and seqs[0].slot == -1
-    done = Counter()
-    while not engine.idle:
-        for seq, event in engine.step():
-            done[seq.request_id or id(seq)] += bool(event.finish_reason)
+    out, errors = drain(engine, seqs)
+    assert errors == [] and out[0] == out[3] == []
     assert all(s.finished for s in seqs) and [s.generated for s in seqs[1:3]] == [30, 30]
     assert engine.free_slots == 2 and engine.owner == [None, None]
 
@@ -125,13 +135,7 @@ def test_a_failing_sequence_ends_alone(monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(seqs[1], "emit", broken_emit)
-    out, errors = {i: [] for i in range(3)}, []
-    while not engine.idle:
-        for seq, event in engine.step():
-            if isinstance(event, Exception):
-                errors.append(seqs.index(seq))
-            else:
-                out[seqs.index(seq)].extend(event.token_ids)
+    out, errors = drain(engine, seqs)
     assert errors == [1] and seqs[1].finish_reason == "error"
     assert out[0] == ref[0] and out[2] == ref[2]
     assert engine.free_slots == 4
@@ -154,13 +158,7 @@ def test_a_failing_batched_forward_is_retried_one_sequence_at_a_time(monkeypatch
         return forward(slots, feeds, all_logits)
 
     monkeypatch.setattr(engine.target_pool, "forward", fragile)
-    out, errors = {i: [] for i in range(3)}, []
-    while not engine.idle:
-        for seq, event in engine.step():
-            if isinstance(event, Exception):
-                errors.append(seqs.index(seq))
-            else:
-                out[seqs.index(seq)].extend(event.token_ids)
+    out, errors = drain(engine, seqs)
     assert errors == [2]
     assert out[0] == ref[0] and out[1] == ref[1]
 
