@@ -156,7 +156,7 @@ class RequestGuard:
 
 
 def build_app(settings: Settings) -> FastAPI:
-    metrics = AdasdMetrics(settings.served_model_name, settings.method)
+    metrics = AdasdMetrics(settings.served_model_name, settings.method, vllm_names=settings.vllm_metric_names)
     tokenizer = Tokenizer(settings)
 
     def on_fatal(message: str) -> None:
