@@ -25,25 +25,34 @@ serve: install
 	$(BIN)/adasd serve --host $(HOST) --port $(PORT)
 
 # The whole suite; no test may skip. Besides .venv it needs prometheus and promtool (the server
-# tests scrape a real Prometheus, the deployment tests run promtool): test-tools installs them.
+# tests scrape a real Prometheus, the deployment tests run promtool) and nginx (the deployment
+# tests put a real proxy in front of two servers): test-tools installs them.
 test: install test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# prometheus + promtool: the Debian/Ubuntu package `prometheus`, installed with apt-get when
-# running as root; otherwise make stops here with the command to run.
+# command:Debian package for each tool the tests run. Installed with apt-get when running as root;
+# otherwise make stops here with the command to run. (kubectl comes from PyPI, in .venv.)
+TEST_TOOLS := prometheus:prometheus promtool:prometheus nginx:nginx
+
 test-tools:
-	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+	@missing=""; for pair in $(TEST_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+		command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; \
+	done; \
+	missing=$$(printf '%s\n' $$missing | sort -u | tr '\n' ' ' | sed 's/ *$$//'); \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "make test: installing prometheus and promtool (apt-get install prometheus)"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+			echo "make test: installing $$missing (apt-get install $$missing)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 		else \
-			echo "make test needs prometheus and promtool on PATH. Install them with:" >&2; \
-			echo "    sudo apt-get install -y prometheus" >&2; \
-			echo "(or any Prometheus release: https://prometheus.io/download/), then run make test again." >&2; \
+			echo "make test needs$$(for p in $(TEST_TOOLS); do printf ' %s' $${p%%:*}; done) on PATH. Install them with:" >&2; \
+			echo "    sudo apt-get install -y $$missing" >&2; \
+			echo "(or Prometheus from https://prometheus.io/download/ and nginx from your distribution), then run make test again." >&2; \
 			exit 1; \
 		fi; \
-		command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-			{ echo "make test: prometheus / promtool still not on PATH after apt-get" >&2; exit 1; }; \
+		for pair in $(TEST_TOOLS); do cmd=$${pair%%:*}; \
+			command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || \
+				{ echo "make test: $$cmd still not found after apt-get" >&2; exit 1; }; \
+		done; \
 	fi
 
 demo: install
