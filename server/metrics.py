@@ -73,6 +73,11 @@ class Family:
         return self.text
 
 
+def _count(n: int) -> str:
+    """An integer count as floatToGoString writes it ("3.0"), without its float checks (half the cost)."""
+    return f"{n}.0" if n < 1_000_000 else fmt(n)  # from 1e6 on, Go (and fmt) write an exponent
+
+
 class _Value:
     def __init__(self, family: Family, labels: dict[str, str]):
         self.family, self.value = family, 0.0
@@ -115,8 +120,8 @@ class _HistogramChild:
         out, total = [], 0
         for line, n in zip(self.bucket_lines, self.counts):
             total += n
-            out.append(f"{line}{fmt(total)}\n")
-        out.append(f"{self.count_line}{fmt(total)}\n{self.sum_line}{fmt(self.sum)}\n")
+            out.append(f"{line}{_count(total)}\n")
+        out.append(f"{self.count_line}{_count(total)}\n{self.sum_line}{fmt(self.sum)}\n")
         return "".join(out)
 
 
