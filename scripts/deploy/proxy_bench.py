@@ -111,10 +111,12 @@ def main() -> None:
                 split = Counter()
                 for r in runs:
                     split.update(r["split"])
-                print(f"| {c} | {name} | {statistics.median(r['tok_s'] for r in runs):.1f} | "
-                      f"{', '.join(f'{r['tok_s']:.0f}' for r in runs)} | "
-                      f"{statistics.median(r['ttft_p50_ms'] for r in runs):.0f} | {sum(r['errors'] for r in runs)} | "
-                      f"{' / '.join(str(v) for _, v in sorted(split.items())) if len(split) > 1 else '-'} |")
+                passes = ", ".join(f"{r['tok_s']:.0f}" for r in runs)
+                ttft = statistics.median(r["ttft_p50_ms"] for r in runs)
+                shares = " / ".join(str(v) for _, v in sorted(split.items())) if len(split) > 1 else "-"
+                tok_s = statistics.median(r["tok_s"] for r in runs)
+                errors = sum(r["errors"] for r in runs)
+                print(f"| {c} | {name} | {tok_s:.1f} | {passes} | {ttft:.0f} | {errors} | {shares} |")
     finally:
         for proxy in proxies:
             proxy.stop()

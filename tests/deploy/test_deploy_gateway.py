@@ -10,6 +10,7 @@ scaling query read exists, as a gauge, in a live server's /metrics and moves wit
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -115,7 +116,7 @@ def test_core_kinds_validate(base, overlay, version):
             pytest.fail(f"{doc['kind']} against {version}: {err.message} at {list(err.path)}")
 
 
-def check_jsonschema(schema, docs: list[dict], tmp_path) -> "subprocess.CompletedProcess":  # noqa: F821
+def check_jsonschema(schema, docs: list[dict], tmp_path) -> subprocess.CompletedProcess:
     require_package("check_jsonschema", "pip install check-jsonschema")
     paths = []
     for i, doc in enumerate(docs):
