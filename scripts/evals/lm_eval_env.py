@@ -14,6 +14,7 @@ asks the server to tokenize (its remote tokenizer, GET /tokenizer_info and POST 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -47,15 +48,22 @@ def ensure(quiet: bool = True) -> Path:
     python, marker = root / "bin" / "python", root / ".adasd-installed"
     if marker.is_file() and python.exists():
         return python
-    shutil.rmtree(root, ignore_errors=True)  # a half-finished install from an interrupted run
     root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test sessions at once: one installs, the other waits
+        if not (marker.is_file() and python.exists()):
+            _install(root, python, marker, quiet)
+    return python
+
+
+def _install(root: Path, python: Path, marker: Path, quiet: bool) -> None:
+    shutil.rmtree(root, ignore_errors=True)  # a half-finished install from an interrupted run
     # made from the base interpreter (a venv made from a venv's python is based on its base): nothing of the
     # project's packages is visible in it
     _run([sys.executable, "-m", "venv", str(root)], quiet)
     _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", REQUIREMENT], quiet)
     _run([str(python), "-c", "import lm_eval, aiohttp, tenacity, requests"], quiet)
     marker.write_text(REQUIREMENT + "\n")
-    return python
 
 
 if __name__ == "__main__":
