@@ -34,6 +34,8 @@ serve-tiny: install
 
 # The whole suite; no test may skip. Besides .venv it needs prometheus and promtool (the server
 # tests scrape a real Prometheus, the deployment tests run promtool): test-tools installs them.
+# The lm-eval test makes its own venv with lm-eval (scripts/evals/lm_eval_env.py, under
+# ~/.cache/adasd) on its first run, about 1.5 min, and reuses it afterwards.
 test: install test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
