@@ -27,7 +27,7 @@ def _digest(folder):
 
 
 def test_quick_build_end_to_end_via_cli(tmp_path):
-    result = CliRunner().invoke(app, ["build-demo", "--quick", "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, ["build-tiny", "--quick", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     for role in ("target", "draft"):
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
