@@ -35,16 +35,12 @@ from adasd_core.bench.serve_client import (
     stalls_at_arrivals,
     wait_until_ready,
 )
+from adasd_core.bench.serve_report import write_outputs
+from adasd_core.bench.serve_goals import BASELINE_GOAL, REFERENCE, SCALING_GOAL, VS_AR_GOAL  # noqa: F401
 from adasd_core.device import machine_info
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
 SWEEP_METHODS = ("ar", "adasd", "hybrid")  # the CLI's default rows
-REFERENCE = "ar"  # speedups are over this row
-# issue 10's targets: adasd at 8 clients >= 3x adasd at 1; adasd >= 1.2x ar at 1-8 clients and never below
-# ar above 8 (16); adasd at 1 client no slower than a baseline run (--baseline)
-SCALING_GOAL = 3.0
-VS_AR_GOAL = {"up_to_8": 1.2, "above_8": 1.0}
-BASELINE_GOAL = 1.0
 
 
 @dataclass
@@ -471,7 +467,5 @@ def run_bench_serve(cfg: ServeBenchConfig, progress: bool = True, pair=None) -> 
         "in_process": local,
         "overhead": ratio,
     }
-    from adasd_core.bench.serve_report import write_outputs
-
     write_outputs(result, Path(cfg.out_dir), plots=cfg.plots)
     return result
