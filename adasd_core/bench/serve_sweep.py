@@ -35,8 +35,8 @@ from adasd_core.bench.serve_client import (
     stalls_at_arrivals,
     wait_until_ready,
 )
-from adasd_core.bench.serve_report import write_outputs
 from adasd_core.bench.serve_goals import BASELINE_GOAL, REFERENCE, SCALING_GOAL, VS_AR_GOAL  # noqa: F401
+from adasd_core.bench.serve_report import write_outputs
 from adasd_core.device import machine_info
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
