@@ -37,16 +37,17 @@ class DraftBuildConfig:
     code_write: int = 1000
     code_explain: int = 500
     user_max_tokens: int = 80
-    answer_max_tokens: int = 256
-    temperatures: tuple[float, ...] = (0.0, 0.7, 1.0)  # answers cycle through them; 0 is greedy
+    answer_max_tokens: int = 192
+    # answers cycle through them (0: greedy): greedy text weighs double, as greedy serving is the common case
+    temperatures: tuple[float, ...] = (0.0, 0.7, 0.0, 1.0)
     top_k: int = 20  # teacher log-probs kept per written token
     slots: int = 48  # sequences the target writes at once
     context: int = 1024
     shard: int = 256  # answers per saved shard
     held_out_share: float = 0.03  # conversations kept out of training to measure agreement
-    head_size: int = 16384
+    head_size: int = 8192
     init_layers: tuple[int, ...] = (0, 1, 2, -1)  # target layers the draft starts from
-    plan: TrainPlan = field(default_factory=lambda: TrainPlan(steps=600, batch_tokens=4096, lr=3e-4, warmup=30))
+    plan: TrainPlan = field(default_factory=lambda: TrainPlan(steps=900, batch_tokens=4096, lr=1e-3, warmup=30))
     eval_max_tokens: int = 128
 
     @classmethod
@@ -134,24 +135,30 @@ def build_draft(work: Path, out: Path, cfg: DraftBuildConfig | None = None, targ
             temps = cfg.temperatures
             jobs = [Job(ids, cfg.answer_max_tokens, temps[i % len(temps)], cfg.seed * 7_000_003 + i)
                     for i, (ids, _) in enumerate(convs)]
-            shards = range(0, len(jobs), cfg.shard)
+            # one stream of jobs through the engine; a shard is saved once all its answers are in
+            n_shards = (len(jobs) + cfg.shard - 1) // cfg.shard
+            path = lambda k: work / "data" / f"answers_{k:04d}.pt"  # noqa: E731
+            todo = [i for i in range(len(jobs)) if not path(i // cfg.shard).exists()]
             task = bar.add_task("target answers", total=len(jobs), info="")
-            engine = None
-            for s in shards:
-                path = work / "data" / f"answers_{s // cfg.shard:04d}.pt"
-                if path.exists():
-                    bar.update(task, completed=min(s + cfg.shard, len(jobs)))
-                    continue
-                t0 = time.time()
-                engine = engine or _engine(pair, cfg.slots)
-                written = write(engine, jobs[s : s + cfg.shard], cfg.top_k,
-                                lambda n, s=s: bar.update(task, completed=s + n))
-                records = []
-                for (ids, user), w in zip(convs[s : s + cfg.shard], written):
-                    records.append({"prompt": ids, "user": _written_to_dict_or_none(user, len(before)),
-                                    "answer": _written_to_dict(w)})
-                torch.save(records, path)
-                timed("answers", t0)
+            bar.update(task, completed=len(jobs) - len(todo))
+            if todo:
+                since = [time.time()]  # build time is logged shard by shard, so a stopped build keeps it
+                got: dict[int, dict] = {}
+
+                def on_result(j: int, w) -> None:
+                    i = todo[j]
+                    got[i] = {"prompt": convs[i][0], "user": _written_to_dict_or_none(convs[i][1], len(before)),
+                              "answer": _written_to_dict(w)}
+                    k = i // cfg.shard
+                    members = range(k * cfg.shard, min((k + 1) * cfg.shard, len(jobs)))
+                    if all(m in got for m in members):
+                        torch.save([got.pop(m) for m in members], path(k))
+                        timed("answers", since[0])
+                        since[0] = time.time()
+
+                write(_engine(pair, cfg.slots), [jobs[i] for i in todo], cfg.top_k,
+                      lambda n: bar.update(task, completed=len(jobs) - len(todo) + n), on_result)
+            log["answers"] = {"shards": n_shards}
 
         records, held_records = _records(work, cfg)
         log["data"] = {"conversations": len(records) + len(held_records), "held_out": len(held_records),

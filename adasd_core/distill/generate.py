@@ -47,8 +47,10 @@ def chat_prompt(tokenizer, message: str) -> list[int]:
 
 
 @torch.inference_mode()
-def write(engine, jobs: list[Job], top_k: int = 20, on_done: Callable[[int], None] | None = None) -> list[Written]:
-    """Run every job through the engine, up to its slots at a time (continuous batching)."""
+def write(engine, jobs: list[Job], top_k: int = 20, on_done: Callable[[int], None] | None = None,
+          on_result: Callable[[int, Written], None] | None = None) -> list[Written]:
+    """Run every job through the engine, up to its slots at a time (continuous batching); on_result(i,
+    written) as each finishes (a caller saving as it goes never waits for a batch to drain)."""
     from adasd_core.engine import SpecConfig
     from adasd_core.sampling import SamplingParams
 
@@ -79,6 +81,8 @@ def write(engine, jobs: list[Job], top_k: int = 20, on_done: Callable[[int], Non
                 results[i] = out
                 del inflight[seq]
                 done += 1
+                if on_result:
+                    on_result(i, out)
                 if on_done:
                     on_done(done)
     return results  # type: ignore[return-value]
