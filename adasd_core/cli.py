@@ -103,6 +103,7 @@ def generate(
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print text, token_ids, finish_reason and stats as JSON."),
     compare: bool = typer.Option(False, help="Run every method on the prompt and print a table."),
+    chat: bool = typer.Option(False, help="Send the prompt as a user message in the model's chat template."),
     repeats: int = typer.Option(3, help="With --compare: runs per method (interleaved); medians are shown."),
     target: str = ModelOpts["target"],
     draft: str = ModelOpts["draft"],
@@ -122,6 +123,12 @@ def generate(
         spec = SpecConfig(method=method, k=k, verification=verification)
         engine = _load_engine(target, draft, device, dtype, device_map, trust_remote_code,
                               need_draft=compare or method != "ar")
+        shown = prompt
+        if chat:
+            if not engine.pair.tokenizer.chat_template:
+                raise typer.BadParameter("this model's tokenizer has no chat template", param_hint="--chat")
+            prompt = engine.pair.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                               add_generation_prompt=True)
         if compare:
             _compare(engine, prompt, params, k, verification, repeats, as_json)
             return
@@ -133,7 +140,7 @@ def generate(
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                           "stats": result.stats.to_dict()}))
         return
-    console.print(prompt, end="", style="dim", highlight=False, markup=False)
+    console.print(shown if not chat else f"{shown}\n", end="", style="dim", highlight=False, markup=False)
     console.print(result.text, highlight=False, markup=False)
     s = result.stats
     console.print(
