@@ -50,6 +50,7 @@ class TokenDelta:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list | None  # [(token, logprob, [(token, logprob), ...]), ...]
+    adasd: dict | None = None  # {"token_sources": [...], "rounds": [...]} when the request asked for them
 
 
 @dataclass
@@ -312,9 +313,9 @@ class EngineClient:
             self.metrics.queue_time.observe(msg[2])
             self._update_gauges()
         elif kind == "delta":
-            _, _, text, token_ids, finish_reason, logprobs = msg
+            _, _, text, token_ids, finish_reason, logprobs, adasd = msg
             self._observe_tokens(slot, len(token_ids))
-            slot.group.put(slot.index, TokenDelta(text, token_ids, finish_reason, logprobs))
+            slot.group.put(slot.index, TokenDelta(text, token_ids, finish_reason, logprobs, adasd))
         elif kind == "done":
             _, _, status, stats = msg
             if stats:
