@@ -25,25 +25,35 @@ serve: install
 	$(BIN)/adasd serve --host $(HOST) --port $(PORT)
 
 # The whole suite; no test may skip. Besides .venv it needs prometheus and promtool (the server
-# tests scrape a real Prometheus, the deployment tests run promtool): test-tools installs them.
+# tests scrape a real Prometheus, the deployment tests run promtool) and Chromium with its driver
+# (the playground's tests drive a headless browser): test-tools installs them.
 test: install test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# prometheus + promtool: the Debian/Ubuntu package `prometheus`, installed with apt-get when
-# running as root; otherwise make stops here with the command to run.
+# command:Debian package pairs. Installed with apt-get when running as root; otherwise make stops
+# here with the command to run. Chromium comes from Debian, never downloaded by a test at run time.
+TEST_TOOLS := prometheus:prometheus promtool:prometheus chromium:chromium chromedriver:chromium-driver
+TEST_PACKAGES_EXTRA := fonts-dejavu-core
+
 test-tools:
-	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+	@missing=""; \
+	for pair in $(TEST_TOOLS); do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		packages="$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' ')$(TEST_PACKAGES_EXTRA)"; \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "make test: installing prometheus and promtool (apt-get install prometheus)"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+			echo "make test: installing $$packages (apt-get install)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$packages >/dev/null; \
 		else \
-			echo "make test needs prometheus and promtool on PATH. Install them with:" >&2; \
-			echo "    sudo apt-get install -y prometheus" >&2; \
-			echo "(or any Prometheus release: https://prometheus.io/download/), then run make test again." >&2; \
+			echo "make test needs prometheus, promtool, chromium and chromedriver on PATH. Install them with:" >&2; \
+			echo "    sudo apt-get install -y $$packages" >&2; \
+			echo "(Prometheus releases: https://prometheus.io/download/), then run make test again." >&2; \
 			exit 1; \
 		fi; \
-		command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-			{ echo "make test: prometheus / promtool still not on PATH after apt-get" >&2; exit 1; }; \
+		for pair in $(TEST_TOOLS); do \
+			command -v "$${pair%%:*}" >/dev/null || { echo "make test: $${pair%%:*} still not on PATH after apt-get" >&2; exit 1; }; \
+		done; \
 	fi
 
 demo: install
