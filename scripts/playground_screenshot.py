@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             if found:
                 ActionChains(driver).move_to_element(found[len(found) // 2]).perform()
                 break
+        driver.execute_script("document.getElementById('prompt').scrollTop = 0")  # the prompt's first lines
         height = driver.execute_script("return document.documentElement.scrollHeight")
         # the whole page, not the window (whose outer size is not its viewport's)
         shot = driver.execute_cdp_cmd("Page.captureScreenshot", {

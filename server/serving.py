@@ -167,6 +167,12 @@ class OpenAIServing:
         )
 
 
+def source_accumulators(request: SamplingFields, n: int) -> list[dict | None]:
+    """Per choice, where a non-streamed response gathers its token sources (None: not asked for)."""
+    on = bool(request.adasd and request.adasd.token_sources)
+    return [{"token_sources": [], "rounds": []} if on else None for _ in range(n)]
+
+
 def collect_sources(acc: dict | None, adasd: dict | None) -> None:
     """Append one delta's token sources and rounds to a choice's (non-streamed responses)."""
     if acc is not None and adasd:

@@ -29,6 +29,7 @@ from server.serving import (
     collect_sources,
     log,
     make_usage,
+    source_accumulators,
     sse,
     sse_error,
 )
@@ -69,8 +70,7 @@ class OpenAIServingChat(OpenAIServing):
         finish: list[str | None] = [None] * group.size
         stats: list[dict | None] = [None] * group.size
         logprobs = [ChatLogprobs(content=[]) if request.logprobs else None for _ in range(group.size)]
-        sources = [{"token_sources": [], "rounds": []} if request.adasd and request.adasd.token_sources else None
-                   for _ in range(group.size)]
+        sources = source_accumulators(request, group.size)
         try:
             async for index, out in group:
                 if isinstance(out, TokenDelta):

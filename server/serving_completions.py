@@ -25,6 +25,7 @@ from server.serving import (
     collect_sources,
     log,
     make_usage,
+    source_accumulators,
     sse,
     sse_error,
 )
@@ -89,8 +90,7 @@ class OpenAIServingCompletion(OpenAIServing):
         finish: list[str | None] = [None] * group.size
         stats: list[dict | None] = [None] * group.size
         logprobs = [CompletionLogprobs() if request.logprobs is not None else None for _ in range(group.size)]
-        sources = [{"token_sources": [], "rounds": []} if request.adasd and request.adasd.token_sources else None
-                   for _ in range(group.size)]
+        sources = source_accumulators(request, group.size)
         try:
             async for index, out in group:
                 if isinstance(out, TokenDelta):
