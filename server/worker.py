@@ -6,7 +6,8 @@ It talks to the front end over one duplex multiprocessing pipe, with tuples:
     ("submit", rid, prompt_ids, params, spec,   ("ready", info)            loaded; info has pid, context...
                submitted_at)                    ("fatal", message)         could not load; exits
     ("cancel", rid)                             ("started", rid, queue_s)  admitted to the running set
-    ("shutdown",)                               ("delta", rid, text, token_ids, finish_reason, logprobs,
+    ("shutdown",)                               ("prompt_logprobs", rid, logprobs)   a scored prompt, before its deltas
+                                                ("delta", rid, text, token_ids, finish_reason, logprobs,
                                                           adasd)   adasd: token sources (or None)
                                                 ("done", rid, status, stats)    status: success | cancelled
                                                 ("error", rid, status_code, message, param, code)
@@ -64,9 +65,11 @@ class TokenText:
         return s
 
     def payload(self, logprobs) -> list | None:
+        """[(token, logprob, [(token, logprob), ...]), ...]; logprob and top are None for a first prompt token."""
         if logprobs is None:
             return None
-        return [(self(lp.token_id), lp.logprob, [(self(t), v) for t, v in lp.top]) for lp in logprobs]
+        return [(self(lp.token_id), lp.logprob, None if lp.top is None else [(self(t), v) for t, v in lp.top])
+                for lp in logprobs]
 
     def sources(self, delta) -> dict | None:
         """A round's token sources as the API sends them (the `adasd` object of a choice), or None."""
@@ -181,6 +184,8 @@ class Worker:
             self.running[req.rid] = req
 
     def step(self) -> None:
+        from adasd_core.sequence import PromptLogprobs  # here: the front end imports this module without torch
+
         try:
             events = self.engine.step()
         except Exception:  # a bug outside any one sequence: end every running request, keep serving
@@ -197,6 +202,9 @@ class Worker:
                 log.error("request %s failed", req.rid, exc_info=result)
                 self.finish(req)
                 self.send("error", req.rid, 500, "internal error in the worker (see the server log)", None, "internal_error")
+                continue
+            if isinstance(result, PromptLogprobs):
+                self.send("prompt_logprobs", req.rid, self.token_text.payload(result.logprobs))
                 continue
             self.send("delta", req.rid, result.text, result.token_ids, result.finish_reason,
                       self.token_text.payload(result.logprobs), self.token_text.sources(result))
