@@ -33,36 +33,37 @@ serve-tiny: install
 	$(BIN)/adasd serve --target tiny --draft tiny --host $(HOST) --port $(PORT)
 
 # The whole suite; no test may skip. Besides .venv it needs prometheus and promtool (the server
-# tests scrape a real Prometheus, the deployment tests run promtool) and Chromium with its driver
-# (the playground's tests drive a headless browser): test-tools installs them.
+# tests scrape a real Prometheus, the deployment tests run promtool), nginx (the deployment
+# tests put a real proxy in front of two servers) and Chromium with its driver (the playground's
+# tests drive a headless browser, never one downloaded at run time): test-tools installs them.
 # The lm-eval test makes its own venv with lm-eval (scripts/evals/lm_eval_env.py, under
 # ~/.cache/adasd) on its first run, about 1.5 min, and reuses it afterwards.
 test: install test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# command:Debian package pairs. Installed with apt-get when running as root; otherwise make stops
-# here with the command to run. Chromium comes from Debian, never downloaded by a test at run time.
-TEST_TOOLS := prometheus:prometheus promtool:prometheus chromium:chromium chromedriver:chromium-driver
-TEST_PACKAGES_EXTRA := fonts-dejavu-core
+# command:Debian package for each tool the tests run. Installed with apt-get when running as root;
+# otherwise make stops here with the command to run. (kubectl comes from PyPI, in .venv.)
+TEST_TOOLS := prometheus:prometheus promtool:prometheus nginx:nginx chromium:chromium \
+	chromedriver:chromium-driver
 
 test-tools:
-	@missing=""; \
-	for pair in $(TEST_TOOLS); do \
-		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	@missing=""; for pair in $(TEST_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+		command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; \
 	done; \
+	missing=$$(printf '%s\n' $$missing | sort -u | tr '\n' ' ' | sed 's/ *$$//'); \
 	if [ -n "$$missing" ]; then \
-		packages="$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' ')$(TEST_PACKAGES_EXTRA)"; \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "make test: installing $$packages (apt-get install)"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$packages >/dev/null; \
+			echo "make test: installing $$missing (apt-get install $$missing)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 		else \
-			echo "make test needs prometheus, promtool, chromium and chromedriver on PATH. Install them with:" >&2; \
-			echo "    sudo apt-get install -y $$packages" >&2; \
-			echo "(Prometheus releases: https://prometheus.io/download/), then run make test again." >&2; \
+			echo "make test needs$$(for p in $(TEST_TOOLS); do printf ' %s' $${p%%:*}; done) on PATH. Install them with:" >&2; \
+			echo "    sudo apt-get install -y $$missing" >&2; \
+			echo "(or Prometheus from https://prometheus.io/download/ and nginx from your distribution), then run make test again." >&2; \
 			exit 1; \
 		fi; \
-		for pair in $(TEST_TOOLS); do \
-			command -v "$${pair%%:*}" >/dev/null || { echo "make test: $${pair%%:*} still not on PATH after apt-get" >&2; exit 1; }; \
+		for pair in $(TEST_TOOLS); do cmd=$${pair%%:*}; \
+			command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || \
+				{ echo "make test: $$cmd still not found after apt-get" >&2; exit 1; }; \
 		done; \
 	fi
 

@@ -197,6 +197,13 @@ class SpeculativeEngine:
     def free_slots(self) -> int:
         return self.slots - len(self.running) - len(self.prefilling) - len(self.scoring) - len(self.waiting)
 
+    def kv_tokens(self) -> tuple[int, int]:
+        """Tokens resident in the (target, draft) KV pools over the slots in use."""
+        held = [s for s, owner in enumerate(self.owner) if owner is not None]
+        target = sum(self.target_pool.length(s) for s in held)
+        draft = sum(self.draft_pool.length(s) for s in held) if self.draft_pool is not None else 0
+        return target, draft
+
     # ---------------------------------------------------------------- requests
 
     def new_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -6,6 +6,7 @@
 Uses headless Chromium from Debian's packages (scripts/browser.py). The API key, if the server
 needs one, comes from --api-key or ADASD_API_KEY. The picture is the whole page at --width; with
 --hover-source a token of that source is hovered first, so the inspector shows its numbers.
+On a machine with no font at all the text shows as boxes: `apt-get install fonts-dejavu-core`.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ HELP = {
     "max_running": "generations batched together: one KV slot each (fewer if memory is short)",
     "gpu_memory_fraction": "share of the GPU the models and KV slots may use",
     "batch_aware": "cap adaptive drafts by what pays at the current batch size (off: for experiments)",
+    "vllm_metric_names": "also publish the load gauges under vLLM's names (vllm:num_requests_waiting, ...) for "
+                         "endpoint pickers configured for vLLM",
     "max_body_bytes": "largest request body (413 beyond)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
 }

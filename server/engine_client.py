@@ -306,11 +306,15 @@ class EngineClient:
             self.state = "ready" if self.state != "stopping" else self.state
             self._ever_ready, self._restarts = True, 0
             self.metrics.worker_up.set(1)
+            self.metrics.set_pool(self.info)
             self.metrics.observe_warm_state(self.info.pop("warm_state", None))
             log.info("worker pid %s ready (context %s tokens)", handle.pid, self.info["context_length"])
             return
         if kind == "fatal":
             self.last_error = msg[1]
+            return
+        if kind == "kv":
+            self.metrics.set_kv_tokens(msg[1], msg[2])
             return
         slot = self._slots.get(msg[1])
         if slot is None:
@@ -362,6 +366,7 @@ class EngineClient:
         self._worker = None
         self.info = None
         self.metrics.worker_up.set(0)
+        self.metrics.set_pool(None)
         code = handle.proc.exitcode
         self._fail_all(EngineDeadError())
         if self.state == "stopping":
@@ -402,8 +407,7 @@ class EngineClient:
 
     def _update_gauges(self) -> None:
         running = sum(1 for s in self._slots.values() if s.state == "running")
-        self.metrics.running.set(running)
-        self.metrics.waiting.set(len(self._slots) - running)
+        self.metrics.set_load(running, len(self._slots) - running)
 
 
 def _worker_error(status_code: int, message: str, param: str | None, code: str | None) -> AdasdError:

@@ -1,18 +1,22 @@
-"""Prometheus export of the worker's per-request statistics (vLLM-style names, prefix adasd_)."""
+"""Prometheus export of the worker's per-request statistics (vLLM-style names, prefix adasd_), and
+the load gauges an inference gateway's endpoint picker reads (queue, running, KV-pool usage).
+
+The text exposition is built here, from values kept in memory, rather than by prometheus_client's
+collectors: an endpoint picker scrapes every 50 ms, and generate_latest costs milliseconds of the
+event loop for our ~200 samples. Each family keeps its rendered text until one of its values
+changes, and a sample line is a cached prefix plus a number. All updates and scrapes run on the
+event loop (the engine client's worker messages arrive through call_soon_threadsafe), so values
+are plain floats, without locks.
+"""
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString as fmt
 
 REQUEST_STATUSES = ("success", "cancelled", "error", "rejected")
 
@@ -23,8 +27,196 @@ SPEEDUP_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.
 DRAFT_LENGTH_BUCKETS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0)
 
 
+# ---------------------------------------------------------------------------- exposition
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def label_text(pairs: dict[str, str]) -> str:
+    """{a="x",b="y"} with the names sorted (as prometheus_client writes them), or "" for none."""
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(pairs.items())) + "}" if pairs else ""
+
+
+def family_header(name: str, doc: str, kind: str) -> str:
+    doc = doc.replace("\\", r"\\").replace("\n", r"\n")
+    return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
+
+
+class Family:
+    """One metric family: its children by label values, and its text until a value changes."""
+
+    kind = ""
+
+    def __init__(self, registry: list, name: str, doc: str, labelnames: list[str] | tuple[str, ...] = (),
+                 **child_args):
+        self.name, self.labelnames, self.child_args = name, tuple(labelnames), child_args
+        self.header = family_header(name, doc, self.kind)
+        self.children: dict[tuple[str, ...], Any] = {}
+        self.text: str | None = None
+        registry.append(self)
+
+    def labels(self, *values):
+        key = tuple(str(v) for v in values)
+        child = self.children.get(key)
+        if child is None:
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {key}")
+            child = self.children[key] = self.child_class(self, dict(zip(self.labelnames, key)), **self.child_args)
+            self.text = None
+        return child
+
+    def render(self) -> str:
+        if self.text is None:
+            self.text = self.header + "".join(c.render() for c in self.children.values())
+        return self.text
+
+
+def _count(n: int) -> str:
+    """An integer count as floatToGoString writes it ("3.0"), without its float checks (half the cost)."""
+    return f"{n}.0" if n < 1_000_000 else fmt(n)  # from 1e6 on, Go (and fmt) write an exponent
+
+
+class _Value:
+    def __init__(self, family: Family, labels: dict[str, str]):
+        self.family, self.value = family, 0.0
+        self.line = family.name + label_text(labels) + " "
+
+    def render(self) -> str:
+        return self.line + fmt(self.value) + "\n"
+
+
+class _CounterChild(_Value):
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError(f"{self.family.name}: counters only go up (inc({amount}))")
+        self.value += amount
+        self.family.text = None
+
+
+class _GaugeChild(_Value):
+    def set(self, value: float) -> None:
+        self.value = float(value)
+        self.family.text = None
+
+
+class _HistogramChild:
+    def __init__(self, family: Family, labels: dict[str, str], buckets: tuple[float, ...]):
+        self.family = family
+        self.bounds = tuple(float(b) for b in buckets) + (float("inf"),)
+        self.counts = [0] * len(self.bounds)  # per bucket, not cumulative
+        self.sum = 0.0
+        self.bucket_lines = [f"{family.name}_bucket{label_text({**labels, 'le': fmt(b)})} " for b in self.bounds]
+        tail = label_text(labels) + " "
+        self.count_line, self.sum_line = f"{family.name}_count{tail}", f"{family.name}_sum{tail}"
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
+        self.sum += value
+        self.family.text = None
+
+    def render(self) -> str:
+        out, total = [], 0
+        for line, n in zip(self.bucket_lines, self.counts):
+            total += n
+            out.append(f"{line}{_count(total)}\n")
+        out.append(f"{self.count_line}{_count(total)}\n{self.sum_line}{fmt(self.sum)}\n")
+        return "".join(out)
+
+
+class Counter(Family):
+    kind, child_class = "counter", _CounterChild
+
+
+class Gauge(Family):
+    kind, child_class = "gauge", _GaugeChild
+
+
+class Histogram(Family):
+    kind, child_class = "histogram", _HistogramChild
+
+
+# ---------------------------------------------------------------------------- the KV pool
+
+
+@dataclass
+class PoolState:
+    """The KV pool as the front end knows it: sizes from the worker's "ready" message, resident
+    tokens from its "kv" reports, running / waiting from the engine client. Read at each scrape."""
+
+    running: int = 0
+    waiting: int = 0
+    slots: int = 0  # 0 until a worker is ready
+    slot_tokens: int = 0  # positions one slot holds (context length + draft window)
+    target_bytes_per_token: int = 0
+    draft_bytes_per_token: int = 0
+    target_tokens: int = 0  # tokens resident in the target's pool, all slots
+    draft_tokens: int = 0
+    dtype: str = ""
+
+    def reserved_fraction(self) -> float:
+        """Share of the pool's KV memory held by admitted requests. A request holds one whole slot
+        (slot_tokens positions) in the target's pool and the same slot in the draft's from admission
+        to its end, whatever its length; both pools have `slots` slots, so the share is the same in
+        each and in their sum: occupied slots / slots. At 1 the next request waits."""
+        return min(self.running, self.slots) / self.slots if self.slots else 0.0
+
+    def token_fraction(self) -> float:
+        """Share of the pool's KV memory that holds tokens: resident tokens over capacity, the two
+        pools weighted by their bytes per token (the draft's cache is the smaller one)."""
+        capacity = self.slots * self.slot_tokens * (self.target_bytes_per_token + self.draft_bytes_per_token)
+        used = self.target_tokens * self.target_bytes_per_token + self.draft_tokens * self.draft_bytes_per_token
+        return min(1.0, used / capacity) if capacity else 0.0
+
+
+class PoolExport:
+    """The pool gauges, written from PoolState at every scrape (a few lines, nothing cached).
+
+    The endpoint picker (Gateway API Inference Extension / llm-d-router) reads, per pod: queued
+    requests, running requests, KV-cache usage 0-1 and, optionally, an info series whose labels give
+    the block size and block count. Our pool is one block per request: block_size is a slot's
+    positions and num_gpu_blocks the slot count (we have no prefix cache, so no block is shared).
+    With `vllm_names` the queue, running and usage gauges and the info series are also published
+    under vLLM's names, which the picker reads from pods without an `llm-d.ai/engine-type` label."""
+
+    USAGE = ("adasd_kv_cache_usage_perc", "KV pool usage 0-1: slots held by admitted requests / slots "
+             "(a request holds a whole slot of the target's and of the draft's pool).")
+    TOKENS = ("adasd_kv_cache_tokens_perc", "KV pool fill 0-1: resident tokens / capacity, the target's "
+              "and the draft's pools weighted by bytes per token.")
+    INFO_DOC = "KV pool configuration (value 1): block_size = positions per slot, num_gpu_blocks = slots."
+    VLLM = (("vllm:num_requests_waiting", "adasd_num_requests_waiting under vLLM's name.", "waiting"),
+            ("vllm:num_requests_running", "adasd_num_requests_running under vLLM's name.", "running"),
+            ("vllm:kv_cache_usage_perc", "adasd_kv_cache_usage_perc under vLLM's name.", "usage"))
+
+    def __init__(self, model_name: str, pool: PoolState, vllm_names: bool = False):
+        self.pool, self.labels = pool, label_text({"model_name": model_name})
+        self.model_name = model_name
+        rows = [(*self.USAGE, "usage"), (*self.TOKENS, "tokens")] + (list(self.VLLM) if vllm_names else [])
+        self.rows = [(family_header(name, doc, "gauge") + name + self.labels + " ", what) for name, doc, what in rows]
+        self.info_names = ["adasd_cache_config_info"] + (["vllm:cache_config_info"] if vllm_names else [])
+        self.info_text = ""
+
+    def set_info(self) -> None:
+        pool = self.pool
+        if not pool.slots:
+            self.info_text = ""
+            return
+        labels = label_text({"model_name": self.model_name, "block_size": str(pool.slot_tokens),
+                             "num_gpu_blocks": str(pool.slots), "cache_dtype": pool.dtype,
+                             "enable_prefix_caching": "False"})
+        self.info_text = "".join(family_header(name, self.INFO_DOC, "gauge") + f"{name}{labels} 1.0\n"
+                                 for name in self.info_names)
+
+    def render(self) -> str:
+        pool = self.pool
+        values = {"usage": pool.reserved_fraction(), "tokens": pool.token_fraction(),
+                  "waiting": pool.waiting, "running": pool.running}
+        return "".join(f"{prefix}{fmt(values[what])}\n" for prefix, what in self.rows) + self.info_text
+
+
 class AdasdMetrics:
-    """Prometheus metrics of one server, in a dedicated CollectorRegistry.
+    """Prometheus metrics of one server; `registry` is the list of families it renders.
 
     The worker measures each request (GenerationStats) and sends the numbers with the request's
     final message; the front end adds them here and serves them at /metrics. Every series carries
@@ -59,24 +251,23 @@ class AdasdMetrics:
         histogram_quantile(0.95, sum by (le, model_name) (rate(adasd_time_to_first_token_seconds_bucket[5m])))
     """
 
-    def __init__(self, model_name: str, default_method: str = "adasd"):
-        disable_created_metrics()  # no *_created series (process-wide; the front end exports only these)
+    def __init__(self, model_name: str, default_method: str = "adasd", vllm_names: bool = False):
         self.model_name = model_name
-        self.registry = registry = CollectorRegistry(auto_describe=True)
-        label = ["model_name"]
+        self.registry: list[Family] = []
+        registry, label = self.registry, ["model_name"]
 
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(name, doc, label + list(extra), registry=registry)
+            return Counter(registry, name, doc, label + list(extra))
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, label, buckets=buckets, registry=registry).labels(model_name)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]):
+            return Histogram(registry, name, doc, label, buckets=buckets).labels(model_name)
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, label, registry=registry).labels(model_name)
+        def gauge(name: str, doc: str):
+            return Gauge(registry, name, doc, label).labels(model_name)
 
         def lazy_gauge(name: str, doc: str) -> Gauge:
             # NaN until a request reports a value, so the series exists for dashboards from the start
-            g = Gauge(name, doc, label, registry=registry)
+            g = Gauge(registry, name, doc, label)
             g.labels(model_name).set(float("nan"))
             return g
 
@@ -113,18 +304,21 @@ class AdasdMetrics:
         # the server's warm-start statistics (adasd_core.warm), per family "method/check/greedy|sampled":
         # what the next request of that family starts from
         family = ["model_name", "family"]
-        self.warm_entropy_threshold = Gauge("adasd_warm_entropy_threshold", "T_G of the server's warm-start "
-                                            "statistics (mean entropy of every rejected candidate so far).", family,
-                                            registry=registry)
-        self.warm_js_threshold = Gauge("adasd_warm_js_threshold", "T_V of the server's warm-start statistics "
-                                       "(threshold verification).", family, registry=registry)
-        self.warm_kde_samples = Gauge("adasd_warm_kde_samples", "Distances in the server's warm-start KDEs "
-                                      "(bayes verification), by group.", family + ["group"], registry=registry)
-        self.warm_rounds = Gauge("adasd_warm_rounds", "Rounds the server's warm-start statistics have learned from.",
-                                 family, registry=registry)
+        self.warm_entropy_threshold = Gauge(registry, "adasd_warm_entropy_threshold", "T_G of the server's "
+                                            "warm-start statistics (mean entropy of every rejected candidate so far).",
+                                            family)
+        self.warm_js_threshold = Gauge(registry, "adasd_warm_js_threshold", "T_V of the server's warm-start "
+                                       "statistics (threshold verification).", family)
+        self.warm_kde_samples = Gauge(registry, "adasd_warm_kde_samples", "Distances in the server's warm-start "
+                                      "KDEs (bayes verification), by group.", family + ["group"])
+        self.warm_rounds = Gauge(registry, "adasd_warm_rounds", "Rounds the server's warm-start statistics have "
+                                 "learned from.", family)
 
         for status in REQUEST_STATUSES:  # make the common series exist at 0
             self.requests.labels(model_name, default_method, status)
+
+        self.pool = PoolState()
+        self.pool_export = PoolExport(model_name, self.pool, vllm_names)
 
     # ------------------------------------------------------------------ updates
 
@@ -150,6 +344,28 @@ class AdasdMetrics:
         if stats.get("js_threshold") is not None:
             self.js_threshold.labels(self.model_name).set(stats["js_threshold"])
 
+    def set_load(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.pool.running, self.pool.waiting = running, waiting
+
+    def set_pool(self, info: dict | None) -> None:
+        """The worker's "ready" info (None: no worker): pool sizes; resident tokens restart at 0."""
+        pool = self.pool
+        pool.target_tokens = pool.draft_tokens = 0
+        if info is None:
+            return
+        pool.slots = int(info.get("slots") or 0)
+        pool.slot_tokens = int(info.get("slot_tokens") or 0)
+        per_token = info.get("kv_bytes_per_token") or {}
+        pool.target_bytes_per_token = int(per_token.get("target") or 0)
+        pool.draft_bytes_per_token = int(per_token.get("draft") or 0)
+        pool.dtype = str(info.get("dtype") or "")
+        self.pool_export.set_info()
+
+    def set_kv_tokens(self, target: int, draft: int) -> None:
+        self.pool.target_tokens, self.pool.draft_tokens = target, draft
+
     def observe_warm_state(self, state: dict[str, dict] | None) -> None:
         """The worker's warm-start summary: {family: SharedStats.summary()}."""
         for family, s in (state or {}).items():
@@ -164,4 +380,5 @@ class AdasdMetrics:
                     self.warm_kde_samples.labels(*labels, group).set(s[f"kde_{group}"])
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        text = "".join([f.render() for f in self.registry] + [self.pool_export.render()])
+        return text.encode(), CONTENT_TYPE_LATEST

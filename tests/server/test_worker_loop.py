@@ -76,6 +76,9 @@ class FakeEngine:
             self.aborted.append(seq.request_id)
         seq.finish_reason = seq.finish_reason or "abort"
 
+    def kv_tokens(self) -> tuple[int, int]:
+        return 0, 0  # this pool holds nothing: no "kv" report (the tests below count messages)
+
 
 class FakeConn:
     """Scripted pipe: `inbox` is read by the worker; `on_send(msg, conn)` may push replies.
@@ -192,3 +195,31 @@ def test_slots_are_freed_on_finish_cancel_and_error_and_a_full_pool_queues():
     # c waited for a freed slot: it starts only after a or b ended
     first_end = min(i for i, m in enumerate(conn.sent) if m[0] in ("done", "error"))
     assert next(i for i, m in enumerate(conn.sent) if m[:2] == ("started", "c")) > first_end
+
+
+class FillingEngine(FakeEngine):
+    """Every running sequence holds one target and one draft token per round it has run."""
+
+    def kv_tokens(self) -> tuple[int, int]:
+        n = sum(seq.done_rounds for seq in self.running)
+        return n, n
+
+
+def test_kv_reports_are_throttled_and_end_at_zero(monkeypatch):
+    import server.worker as worker_module
+
+    clock = [0.0]
+    monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
+
+    def tick(msg, conn):  # each delta costs 10 ms: a round of both requests 20 ms
+        if msg[0] == "delta":
+            clock[0] += 0.01
+
+    conn = FakeConn([submit("a", 30), submit("b", 30)], tick)
+    Worker(FillingEngine(2), conn).run()
+    reports = [(i, m[1:]) for i, m in enumerate(conn.sent) if m[0] == "kv"]
+    # about one report per KV_REPORT_S (50 ms) of the 0.6 s, not one per round (30)
+    assert 4 <= len(reports) <= clock[0] / worker_module.KV_REPORT_S + 2 < 30, reports
+    assert all(t == d > 0 for _, (t, d) in reports[:-1])
+    last_done = max(i for i, m in enumerate(conn.sent) if m[0] == "done")
+    assert reports[-1][1] == (0, 0) and reports[-1][0] > last_done, "the pool's emptying is reported at once"
