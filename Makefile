@@ -33,8 +33,9 @@ serve-tiny: install
 	$(BIN)/adasd serve --target tiny --draft tiny --host $(HOST) --port $(PORT)
 
 # The whole suite; no test may skip. Besides .venv it needs prometheus and promtool (the server
-# tests scrape a real Prometheus, the deployment tests run promtool) and nginx (the deployment
-# tests put a real proxy in front of two servers): test-tools installs them.
+# tests scrape a real Prometheus, the deployment tests run promtool), nginx (the deployment
+# tests put a real proxy in front of two servers) and Chromium with its driver (the playground's
+# tests drive a headless browser, never one downloaded at run time): test-tools installs them.
 # The lm-eval test makes its own venv with lm-eval (scripts/evals/lm_eval_env.py, under
 # ~/.cache/adasd) on its first run, about 1.5 min, and reuses it afterwards.
 test: install test-tools
@@ -42,7 +43,8 @@ test: install test-tools
 
 # command:Debian package for each tool the tests run. Installed with apt-get when running as root;
 # otherwise make stops here with the command to run. (kubectl comes from PyPI, in .venv.)
-TEST_TOOLS := prometheus:prometheus promtool:prometheus nginx:nginx
+TEST_TOOLS := prometheus:prometheus promtool:prometheus nginx:nginx chromium:chromium \
+	chromedriver:chromium-driver
 
 test-tools:
 	@missing=""; for pair in $(TEST_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \

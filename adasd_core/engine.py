@@ -34,7 +34,7 @@ from adasd_core.errors import InvalidRequestError
 from adasd_core.kv_cache import make_pool
 from adasd_core.models import ModelPair
 from adasd_core.sampling import SamplingParams, logits_to_probs_rows, make_generator, sample_rows
-from adasd_core.sequence import Delta, PromptLogprobs, Sequence, TokenLogprob
+from adasd_core.sequence import Delta, PromptLogprobs, Sequence, TokenLogprob, TokenSource
 from adasd_core.stats import GenerationStats
 from adasd_core.validation import check_prompt_ids
 from adasd_core.verification import RelaxedCheck, accept_candidates, entropy, make_relaxed_check
@@ -58,6 +58,7 @@ class SpecConfig:
     verification: str = "bayes"
     window: int = WINDOW
     trace: bool = False
+    token_sources: bool = False  # report where each emitted token came from (Delta.sources, Delta.round)
     # start from the statistics of earlier requests (adasd_core.warm); off here (the CLI, benchmarks: the
     # per-request semantics of shared/ADASD.md, seeded runs independent of history), on by default in the server
     warm_start: bool = False
@@ -113,6 +114,22 @@ def _excess_surprisal(probs: torch.Tensor, tokens: list[int]) -> list[float]:
     p = probs.float()
     p_x = p.gather(-1, torch.tensor(tokens, device=p.device)[:, None]).squeeze(-1)
     return (-torch.log(p_x.clamp_min(1e-30)) - entropy(p)).tolist()
+
+
+def _token_sources(draft: "_Draft | None", verdict, round_no: int) -> list[TokenSource]:
+    """Where each token a round emits came from, from what the round already holds on the host."""
+    n, k = verdict.n_accepted, len(draft.ids) if draft else 0
+
+    def drafted(i: int, source: str, rejected: int | None = None) -> TokenSource:
+        return TokenSource(source, round_no, draft.entropies[i], verdict.distances[i] if verdict.distances else None,
+                           verdict.posteriors[i] if verdict.posteriors else None, rejected)
+
+    out = [drafted(i, "standard" if verdict.standard[i] else "relaxed") for i in range(n)]
+    if n < k:
+        out.append(drafted(n, "correction", rejected=draft.ids[n]))
+    else:
+        out.append(TokenSource("bonus" if k else "ar", round_no))
+    return out
 
 
 @dataclass
@@ -211,7 +228,7 @@ class SpeculativeEngine:
             prompt_ids=ids, params=params, method=spec.method, policy=policy, relaxed=relaxed,
             generator=make_generator(params.seed, pair.device), eos=set() if params.ignore_eos else pair.eos_token_ids,
             detok=IncrementalDetokenizer(pair.tokenizer, ids), stop=StopStringMatcher(params.stop), stats=stats,
-            context_length=pair.context_length, request_id=request_id, family=family,
+            context_length=pair.context_length, request_id=request_id, family=family, token_sources=spec.token_sources,
         )
 
     def add(self, seq: Sequence) -> None:
@@ -413,13 +430,15 @@ class SpeculativeEngine:
         if self.costs.measured:
             draft_steps = max((len(d.ids) for d in drafts.values()), default=0)
             self.costs.observe(len(seqs), draft_steps, sum(len(f) for f in feeds) / len(seqs), t3 - t0)
-        for seq in seqs:
+        for seq, delta in events:
             s = seq.stats
             s.time_draft_s += t1 - t0
             s.time_verify_s += t2 - t1
             s.time_other_s += t3 - t2
             s.wall_s += t3 - t0
             s.batch_size_sum += len(seqs)
+            if isinstance(delta, Delta) and delta.round is not None:
+                delta.round["estimated_speedup"] = s.estimated_speedup  # now that this round's time is in
             if seq.finished:
                 self._release(seq)
         return events
@@ -472,9 +491,12 @@ class SpeculativeEngine:
         n_standard = sum(verdict.standard[:n_acc])
         seq.stats.observe_round(k, n_standard, n_acc - n_standard, bonus=k > 0 and n_acc == k,
                                 accepted_flags=[True] * n_acc + ([False] if n_acc < k else []))
-        if seq.stats.trace is not None:
-            seq.stats.trace.append({"entropy_threshold": seq.policy.threshold if seq.policy else None,
-                                    **seq.relaxed.state(), "drafted": k, "accepted": n_acc})
+        record = None
+        if seq.stats.trace is not None or seq.token_sources:
+            record = {"entropy_threshold": seq.policy.threshold if seq.policy else None, **seq.relaxed.state(),
+                      "drafted": k, "accepted": n_acc}
+            if seq.stats.trace is not None:
+                seq.stats.trace.append(record)
 
         # caches: keep the sequence up to the last accepted candidate (the new last token is not in them)
         self.target_pool.rollback(seq.slot, len(seq.tokens) + n_acc)
@@ -484,7 +506,10 @@ class SpeculativeEngine:
         emitted = candidates[:n_acc] + [verdict.token]
         logprobs = _token_logprobs(logits[: n_acc + 1], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
         excess = _excess_surprisal(target_probs[: n_acc + 1], emitted)  # one host sync
-        delta = seq.emit(emitted, logprobs)
+        sources = _token_sources(draft, verdict, seq.stats.rounds) if seq.token_sources else None
+        delta = seq.emit(emitted, logprobs, sources)
+        if sources is not None:
+            delta.round = {"round": seq.stats.rounds, "relaxed": verdict.n_relaxed, **record}
         seq.stats.observe_surprisal(excess[: len(delta.token_ids)])  # EOS may cut the round short
         if seq.finished:
             seq.stats.record_thresholds(seq.policy.threshold if seq.policy else None, seq.relaxed.state())

@@ -29,6 +29,28 @@ class PromptLogprobs:
     logprobs: list[TokenLogprob]
 
 
+SOURCES = ("standard", "relaxed", "correction", "bonus", "ar")
+
+
+@dataclass
+class TokenSource:
+    """Where one emitted token came from (the request option `token_sources`).
+
+    source: a drafted candidate accepted by the standard check (`standard`) or only by the relaxed
+    check (`relaxed`); the target's `correction` at the first candidate that failed both; the `bonus`
+    token after a round whose candidates were all accepted; `ar`: a round with no candidates.
+    The numbers are those of the draft's candidate at this position (for a correction: the one it
+    replaced), where the round computed them; nothing is computed for this record alone."""
+
+    source: str
+    round: int  # the request's round that emitted the token, from 1
+    entropy: float | None = None  # H(q) of the draft's distribution at this position (nats)
+    js_distance: float | None = None  # d(p, q), where the relaxed check is on
+    posterior: float | None = None  # P(A|d), where the Bayesian check was consulted (standard check failed)
+    rejected: int | None = None  # correction: the draft's candidate it replaced
+    text: str = ""  # this token's share of the output text (Sequence.emit; before stop strings cut it)
+
+
 @dataclass
 class Delta:
     """What one round adds to a request's output."""
@@ -37,6 +59,8 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None
     logprobs: list[TokenLogprob] | None = None
+    sources: list[TokenSource] | None = None  # one per token id, when the request asked for them
+    round: dict | None = None  # the round's counts and thresholds after it, with `sources`
 
 
 @dataclass(eq=False)
@@ -54,6 +78,7 @@ class Sequence:
     context_length: int
     request_id: str = ""
     family: str | None = None  # warm-start statistics family (adasd_core.warm); None: learns nothing
+    token_sources: bool = False  # report where each emitted token came from (Delta.sources)
     tokens: list[int] = field(default_factory=list)
     slot: int = -1  # KV slot in both pools while admitted
     prefilled: int = 0  # prompt tokens already in the caches (all but the last are prefilled)
@@ -93,24 +118,33 @@ class Sequence:
         rejections = (s.drafted_by_position[0] if s.drafted_by_position else 0) - s.bonus_tokens
         return (s.accepted_tokens + weight * prior) / (s.accepted_tokens + rejections + weight)
 
-    def emit(self, emitted: list[int], logprobs: list[TokenLogprob] | None) -> Delta:
+    def emit(self, emitted: list[int], logprobs: list[TokenLogprob] | None,
+             sources: list[TokenSource] | None = None) -> Delta:
         """Append tokens, apply EOS / length / stop strings, and produce the text delta."""
         for i, t in enumerate(emitted):
             if t in self.eos:
                 emitted = emitted[: i + 1]
                 logprobs = logprobs[: i + 1] if logprobs is not None else None
+                sources = sources[: i + 1] if sources is not None else None
                 self.finish_reason = "stop"
                 break
         self.tokens.extend(emitted)
         self.stats.generated_tokens = self.generated
         if self.finish_reason is None and self.remaining <= 0:
             self.finish_reason = "length"
-        text = self.detok.push([t for t in emitted if t not in self.eos])
-        if self.finished:
-            text += self.detok.flush()
+        if sources is None:
+            text = self.detok.push([t for t in emitted if t not in self.eos])
+            if self.finished:
+                text += self.detok.flush()
+        else:  # one token at a time, so that each knows its share of the text
+            for t, src in zip(emitted, sources, strict=True):
+                src.text = "" if t in self.eos else self.detok.push([t])
+            if self.finished:
+                sources[-1].text += self.detok.flush()
+            text = "".join(src.text for src in sources)
         text, stopped = self.stop.push(text)
         if stopped:
             self.finish_reason = "stop"
         elif self.finished:
             text += self.stop.flush()
-        return Delta(text=text, token_ids=emitted, finish_reason=self.finish_reason, logprobs=logprobs)
+        return Delta(text=text, token_ids=emitted, finish_reason=self.finish_reason, logprobs=logprobs, sources=sources)

@@ -85,6 +85,9 @@ class Verdict:
     standard: list[bool]  # standard-check outcome of each examined candidate
     distances: list[float] | None  # JS distance of each examined candidate (relaxed check on)
     n_relaxed: int
+    # P(A|d) of each examined candidate where the relaxed check computed one (it failed the standard
+    # check; Bayesian check), else None; None when the relaxed check is off
+    posteriors: list[float | None] | None = None
 
     @property
     def examined(self) -> int:
@@ -107,7 +110,7 @@ def accept_candidates(
     """
     k = len(candidates)
     assert target_probs.shape[0] == k + 1 and (k == 0 or draft_probs.shape[0] == k)
-    standard, distances, n_accepted, n_relaxed = [], None, 0, 0
+    standard, distances, posteriors, n_accepted, n_relaxed = [], None, None, 0, 0
     if k:
         device = target_probs.device
         cand = torch.tensor(candidates, device=device)
@@ -115,16 +118,20 @@ def accept_candidates(
         use_relaxed = relaxed.name != "none"
         d = js_distance(target_probs[:k], draft_probs).tolist() if use_relaxed else None
         draws = torch.rand(k, generator=generator, device=device).tolist() if (use_relaxed and not greedy) else None
+        posteriors = [] if use_relaxed else None
         for i in range(k):
+            posterior = None
             if std[i]:
                 ok = True
             elif use_relaxed:  # the posterior is only needed where the standard check failed
-                p_accept = relaxed.accept_probability([d[i]])[0]
+                p_accept, posterior = relaxed.judge(d[i])
                 ok = p_accept > 0.5 if greedy else draws[i] < p_accept
                 n_relaxed += ok
             else:
                 ok = False
             standard.append(bool(std[i]))
+            if use_relaxed:
+                posteriors.append(posterior)
             if not ok:
                 break
             n_accepted += 1
@@ -133,7 +140,7 @@ def accept_candidates(
         token = correction_token(target_probs[n_accepted], draft_probs[n_accepted], greedy, generator)
     else:
         token = bonus_token(target_probs[k], greedy, generator)
-    return Verdict(n_accepted, token, standard, distances, n_relaxed)
+    return Verdict(n_accepted, token, standard, distances, n_relaxed, posteriors)
 
 
 # --------------------------------------------------------------------------- relaxed checks
@@ -147,6 +154,11 @@ class RelaxedCheck:
     def accept_probability(self, d: list[float]) -> list[float]:
         """Probability of accepting each failed candidate; 0 until both groups have data."""
         return [0.0] * len(d)
+
+    def judge(self, d: float) -> tuple[float, float | None]:
+        """(probability of accepting a failed candidate at distance d, the posterior P(A|d) behind it
+        or None where the check has none)."""
+        return self.accept_probability([d])[0], None
 
     def observe(self, d: float, accepted: bool) -> None:
         pass
@@ -254,11 +266,11 @@ class BayesCheck(RelaxedCheck):
         return like_a / total if total > 0 else 0.0
 
     def accept_probability(self, d: list[float]) -> list[float]:
-        out = []
-        for x in d:
-            p = self.posterior(x) or 0.0
-            out.append(p if p >= self.min_posterior else 0.0)
-        return out
+        return [self.judge(x)[0] for x in d]
+
+    def judge(self, d: float) -> tuple[float, float | None]:
+        p = self.posterior(d)
+        return (p if p is not None and p >= self.min_posterior else 0.0), p
 
     def observe(self, d: float, accepted: bool) -> None:
         group = self.accepted if accepted else self.rejected

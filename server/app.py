@@ -21,6 +21,7 @@ from server.errors import (
     install_error_handlers,
 )
 from server.metrics import AdasdMetrics
+from server.playground import router as playground_router
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -247,6 +248,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.add_middleware(LastResortGuard)
     app.add_middleware(MetricsEndpoint, metrics=metrics)  # added last: the outermost of ours
     app.include_router(router)
+    app.include_router(playground_router)
     return app
 
 

@@ -50,6 +50,7 @@ class TokenDelta:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list | None  # [(token, logprob, [(token, logprob), ...]), ...]
+    adasd: dict | None = None  # {"token_sources": [...], "rounds": [...]} when the request asked for them
 
 
 @dataclass
@@ -325,9 +326,9 @@ class EngineClient:
         elif kind == "prompt_logprobs":
             slot.group.put(slot.index, PromptScores(msg[2]))
         elif kind == "delta":
-            _, _, text, token_ids, finish_reason, logprobs = msg
+            _, _, text, token_ids, finish_reason, logprobs, adasd = msg
             self._observe_tokens(slot, len(token_ids))
-            slot.group.put(slot.index, TokenDelta(text, token_ids, finish_reason, logprobs))
+            slot.group.put(slot.index, TokenDelta(text, token_ids, finish_reason, logprobs, adasd))
         elif kind == "done":
             _, _, status, stats = msg
             if stats:

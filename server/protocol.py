@@ -82,6 +82,7 @@ class AdasdOptions(RequestModel):
     k: int | None = Field(None, le=INT_MAX)  # draft length for vanilla / verify-only
     verification: Text | None = None  # bayes | threshold | none
     warm_start: bool | None = None  # False: start from empty statistics (reproducible seeded runs)
+    token_sources: bool = False  # True: each choice carries `adasd.token_sources` and `adasd.rounds`
 
 
 class StreamOptions(RequestModel):
@@ -159,11 +160,55 @@ class CompletionLogprobs(OpenAIBaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class RejectedToken(OpenAIBaseModel):
+    token_id: int
+    text: str
+
+
+class TokenSourceInfo(OpenAIBaseModel):
+    """Where one emitted token came from (adasd_core.sequence.TokenSource)."""
+
+    token_id: int
+    text: str  # its share of the output text (before a stop string cuts it)
+    source: Literal["standard", "relaxed", "correction", "bonus", "ar"]
+    round: int  # from 1
+    entropy: float | None = None  # draft entropy at this position (nats)
+    js_distance: float | None = None  # where the relaxed check is on
+    posterior: float | None = None  # P(A|d), where the Bayesian check was consulted
+    rejected: RejectedToken | None = None  # correction: the draft's candidate it replaced
+
+
+class RoundInfo(OpenAIBaseModel):
+    """One round of a request, with the statistics' state after it."""
+
+    round: int
+    drafted: int
+    accepted: int  # standard + relaxed
+    relaxed: int
+    entropy_threshold: float | None = None  # T_G
+    js_threshold: float | None = None  # T_V (threshold check)
+    kde_accepted: int | None = None  # KDE sample sizes (Bayesian check)
+    kde_rejected: int | None = None
+    estimated_speedup: float | None = None  # of the request so far
+
+
+class ChoiceExtension(OpenAIBaseModel):
+    """`adasd` of a choice, with the request option adasd.token_sources."""
+
+    token_sources: list[TokenSourceInfo] = Field(default_factory=list)
+    rounds: list[RoundInfo] = Field(default_factory=list)
+
+
+def _absent_if_none(value) -> bool:
+    return value is None
+
+
 class CompletionChoice(OpenAIBaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    adasd: ChoiceExtension | None = Field(None, exclude_if=_absent_if_none)  # off: the OpenAI shape exactly
 
 
 class CompletionResponse(OpenAIBaseModel):
@@ -199,6 +244,7 @@ class ChatChoice(OpenAIBaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    adasd: ChoiceExtension | None = Field(None, exclude_if=_absent_if_none)
 
 
 class ChatCompletionResponse(OpenAIBaseModel):

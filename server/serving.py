@@ -161,7 +161,8 @@ class OpenAIServing:
         try:
             return SpecConfig(method=opts.method or alias_method or s.method, k=opts.k if opts.k is not None else s.k,
                               verification=opts.verification or s.verification,
-                              warm_start=opts.warm_start if opts.warm_start is not None else True)
+                              warm_start=opts.warm_start if opts.warm_start is not None else True,
+                              token_sources=opts.token_sources)
         except AdasdError as exc:
             exc.param = f"adasd.{exc.param}" if exc.param else "adasd"
             raise
@@ -183,6 +184,19 @@ class OpenAIServing:
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
         )
+
+
+def source_accumulators(request: SamplingFields, n: int) -> list[dict | None]:
+    """Per choice, where a non-streamed response gathers its token sources (None: not asked for)."""
+    on = bool(request.adasd and request.adasd.token_sources)
+    return [{"token_sources": [], "rounds": []} if on else None for _ in range(n)]
+
+
+def collect_sources(acc: dict | None, adasd: dict | None) -> None:
+    """Append one delta's token sources and rounds to a choice's (non-streamed responses)."""
+    if acc is not None and adasd:
+        acc["token_sources"] += adasd["token_sources"]
+        acc["rounds"] += adasd["rounds"]
 
 
 # ---------------------------------------------------------------------------- usage

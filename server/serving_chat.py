@@ -26,8 +26,10 @@ from server.serving import (
     SSE_DONE,
     OpenAIServing,
     cancel_on_disconnect,
+    collect_sources,
     log,
     make_usage,
+    source_accumulators,
     sse,
     sse_error,
 )
@@ -68,12 +70,14 @@ class OpenAIServingChat(OpenAIServing):
         finish: list[str | None] = [None] * group.size
         stats: list[dict | None] = [None] * group.size
         logprobs = [ChatLogprobs(content=[]) if request.logprobs else None for _ in range(group.size)]
+        sources = source_accumulators(request, group.size)
         try:
             async for index, out in group:
                 if isinstance(out, TokenDelta):
                     texts[index].append(out.text)
                     if logprobs[index] is not None and out.logprobs:
                         logprobs[index].content.extend(_chat_logprobs(out.logprobs))
+                    collect_sources(sources[index], out.adasd)
                     finish[index] = out.finish_reason or finish[index]
                 elif isinstance(out, Finished):
                     stats[index] = out.stats
@@ -82,7 +86,7 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             group.abort()
         choices = [ChatChoice(index=i, message=ChatResponseMessage(content="".join(texts[i])), logprobs=logprobs[i],
-                              finish_reason=finish[i]) for i in range(group.size)]
+                              finish_reason=finish[i], adasd=sources[i]) for i in range(group.size)]
         return ChatCompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
                                       usage=make_usage(prompt_tokens, stats))
 
@@ -92,9 +96,13 @@ class OpenAIServingChat(OpenAIServing):
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                         "choices": choices, **extra})
 
-        def choice(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None) -> dict:
+        def choice(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None,
+                   adasd: dict | None = None) -> dict:
             lp = {"content": [x.model_dump() for x in _chat_logprobs(logprobs)]} if logprobs else None
-            return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+            out = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+            if adasd:
+                out["adasd"] = adasd
+            return out
 
         stats: list[dict | None] = [None] * group.size
         try:
@@ -102,8 +110,9 @@ class OpenAIServingChat(OpenAIServing):
                 yield chunk([choice(i, {"role": "assistant", "content": ""})])
             async for index, out in group:
                 if isinstance(out, TokenDelta):
-                    if out.text or (request.logprobs and out.logprobs):
-                        yield chunk([choice(index, {"content": out.text}, logprobs=out.logprobs if request.logprobs else None)])
+                    if out.text or (request.logprobs and out.logprobs) or out.adasd:
+                        yield chunk([choice(index, {"content": out.text}, logprobs=out.logprobs if request.logprobs else None,
+                                            adasd=out.adasd)])
                     if out.finish_reason:
                         yield chunk([choice(index, {}, out.finish_reason)])
                 elif isinstance(out, Finished):

@@ -29,8 +29,10 @@ from server.serving import (
     SSE_DONE,
     OpenAIServing,
     cancel_on_disconnect,
+    collect_sources,
     log,
     make_usage,
+    source_accumulators,
     sse,
     sse_error,
 )
@@ -100,12 +102,14 @@ class OpenAIServingCompletion(OpenAIServing):
         finish: list[str | None] = [None] * group.size
         stats: list[dict | None] = [None] * group.size
         logprobs = [CompletionLogprobs() if request.logprobs is not None else None for _ in range(group.size)]
+        sources = source_accumulators(request, group.size)
         try:
             async for index, out in group:
                 if isinstance(out, TokenDelta):
                     texts[index].append(out.text)
                     if logprobs[index] is not None and out.logprobs:
                         _extend_logprobs(logprobs[index], out.logprobs, sum(map(len, texts[index][:-1])))
+                    collect_sources(sources[index], out.adasd)
                     finish[index] = out.finish_reason or finish[index]
                 elif isinstance(out, PromptScores):  # before any TokenDelta of its choice
                     _extend_logprobs(logprobs[index], out.logprobs, 0)
@@ -115,8 +119,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     raise out.error
         finally:
             group.abort()
-        choices = [CompletionChoice(index=i, text="".join(texts[i]), logprobs=logprobs[i], finish_reason=finish[i])
-                   for i in range(group.size)]
+        choices = [CompletionChoice(index=i, text="".join(texts[i]), logprobs=logprobs[i], finish_reason=finish[i],
+                                    adasd=sources[i]) for i in range(group.size)]
         return CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
                                   usage=make_usage(prompt_tokens, stats))
 
@@ -124,9 +128,12 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _stream(self, request: CompletionRequest, group: RequestGroup, rid: str, created: int,
                       prompt_tokens: int, echo: list[str] | None) -> AsyncIterator[str]:
-        def chunk(index: int, text: str, finish_reason: str | None = None, logprobs: CompletionLogprobs | None = None) -> str:
+        def chunk(index: int, text: str, finish_reason: str | None = None, logprobs: CompletionLogprobs | None = None,
+                  adasd: dict | None = None) -> str:
             choice = {"index": index, "text": text, "logprobs": logprobs.model_dump() if logprobs else None,
                       "finish_reason": finish_reason}
+            if adasd:
+                choice["adasd"] = adasd
             return sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                         "choices": [choice]})
 
@@ -144,9 +151,9 @@ class OpenAIServingCompletion(OpenAIServing):
                     if request.logprobs is not None and out.logprobs:
                         lp = CompletionLogprobs()
                         _extend_logprobs(lp, out.logprobs, offsets[index])
-                    if out.text or out.finish_reason or lp:
+                    if out.text or out.finish_reason or lp or out.adasd:
                         offsets[index] += len(out.text)
-                        yield chunk(index, out.text, out.finish_reason, lp)
+                        yield chunk(index, out.text, out.finish_reason, lp, out.adasd)
                 elif isinstance(out, PromptScores):
                     lp = CompletionLogprobs()
                     _extend_logprobs(lp, out.logprobs, 0)

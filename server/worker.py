@@ -7,7 +7,8 @@ It talks to the front end over one duplex multiprocessing pipe, with tuples:
                submitted_at)                    ("fatal", message)         could not load; exits
     ("cancel", rid)                             ("started", rid, queue_s)  admitted to the running set
     ("shutdown",)                               ("prompt_logprobs", rid, logprobs)   a scored prompt, before its deltas
-                                                ("delta", rid, text, token_ids, finish_reason, logprobs)
+                                                ("delta", rid, text, token_ids, finish_reason, logprobs,
+                                                          adasd)   adasd: token sources (or None)
                                                 ("done", rid, status, stats)    status: success | cancelled
                                                 ("error", rid, status_code, message, param, code)
                                                 ("kv", target_tokens, draft_tokens)  KV pool fill
@@ -72,6 +73,26 @@ class TokenText:
             return None
         return [(self(lp.token_id), lp.logprob, None if lp.top is None else [(self(t), v) for t, v in lp.top])
                 for lp in logprobs]
+
+    def sources(self, delta) -> dict | None:
+        """A round's token sources as the API sends them (the `adasd` object of a choice), or None."""
+        if delta.sources is None:
+            return None
+        tokens = [{"token_id": t, "text": s.text, "source": s.source, "round": s.round, "entropy": _r(s.entropy),
+                   "js_distance": _r(s.js_distance), "posterior": _r(s.posterior),
+                   "rejected": None if s.rejected is None else {"token_id": s.rejected, "text": self(s.rejected)}}
+                  for t, s in zip(delta.token_ids, delta.sources)]
+        rnd = {k: _r(v) if isinstance(v, float) else v for k, v in delta.round.items()}
+        return {"token_sources": tokens, "rounds": [{k: rnd.get(k) for k in ROUND_FIELDS}]}
+
+
+# every round record has these (None where the method has no such state)
+ROUND_FIELDS = ("round", "drafted", "accepted", "relaxed", "entropy_threshold", "js_threshold", "kde_accepted",
+                "kde_rejected", "estimated_speedup")
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 5)
 
 
 SAVE_EVERY_S = 30.0  # warm-start state: saved at most this often while serving, and at shutdown
@@ -198,7 +219,7 @@ class Worker:
                 self.send("prompt_logprobs", req.rid, self.token_text.payload(result.logprobs))
                 continue
             self.send("delta", req.rid, result.text, result.token_ids, result.finish_reason,
-                      self.token_text.payload(result.logprobs))
+                      self.token_text.payload(result.logprobs), self.token_text.sources(result))
             if seq.finished:
                 self.finish(req)
                 self.dirty = True

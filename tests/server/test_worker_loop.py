@@ -66,7 +66,8 @@ class FakeEngine:
             if seq.done_rounds >= seq.rounds:
                 seq.finish_reason = "length"
                 self.running.remove(seq)
-            events.append((seq, SimpleNamespace(text="x", token_ids=[1], finish_reason=seq.finish_reason, logprobs=None)))
+            events.append((seq, SimpleNamespace(text="x", token_ids=[1], finish_reason=seq.finish_reason, logprobs=None,
+                                                sources=None)))
         return events
 
     def abort(self, seq) -> None:
