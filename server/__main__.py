@@ -30,6 +30,9 @@ HELP = {
     "max_running": "generations batched together: one KV slot each (fewer if memory is short)",
     "gpu_memory_fraction": "share of the GPU the models and KV slots may use",
     "batch_aware": "cap adaptive drafts by what pays at the current batch size (off: for experiments)",
+    "warm_epoch_rounds": "a method family's warm-start statistics are first published after this many rounds, "
+                         "then each time its rounds double",
+    "warm_freeze_rounds": "no publication after a snapshot of this many rounds (0: never freeze)",
     "max_body_bytes": "largest request body (413 beyond)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
 }
