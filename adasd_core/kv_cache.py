@@ -15,7 +15,7 @@ import inspect
 
 import torch
 
-from adasd_core import lean
+from adasd_core import draft_head, lean
 
 _CACHE_KWARG: dict[type, str] = {}
 
@@ -113,6 +113,7 @@ class HFPool:
 
     def __init__(self, model, slots: int, capacity: int):
         self.model = model
+        self.head_tokens = draft_head.tokens_of(model)
         self.caches: list = [None] * slots
         self.capacity = capacity
 
@@ -124,7 +125,7 @@ class HFPool:
             ids = torch.tensor([feed], dtype=torch.long, device=device)
             logits, self.caches[s] = hf_forward(self.model, ids, self.caches[s], 0 if all_logits else 1)
             out.append(logits[0])
-        return torch.cat(out)
+        return draft_head.mask_logits(torch.cat(out), self.head_tokens)
 
     def length(self, slot: int) -> int:
         cache = self.caches[slot]

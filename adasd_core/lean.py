@@ -16,7 +16,13 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from adasd_core import draft_head
+
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+# MKL's GEMM on weights packed once: at the few rows of a decode or verify step it runs at memory
+# speed, where the plain call repacks the weight every time (1.4-1.8x slower at 5-16 rows, fp32)
+PACK_ENV = "ADASD_MKL_PACK"
+PACK_ROWS = 64  # MKL's kernel choice follows the row count given at packing; 64 serves 1-256 rows well
 # rope types whose cos/sin depend on the position only (not on the sequence length)
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
@@ -82,6 +88,33 @@ def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
     return weight, bias
 
 
+def _can_pack(weight: torch.Tensor) -> bool:
+    import os
+
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
+            and hasattr(torch.ops.mkl, "_mkl_linear") and os.environ.get(PACK_ENV, "1") != "0")
+
+
+class Linear:
+    """y = x W^T + b over [T, in] rows; on the CPU in float32 through MKL's packed GEMM (the packed
+    copy holds the weight once more; it serves any row count)."""
+
+    __slots__ = ("weight", "bias", "packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True):
+        self.weight, self.bias, self.packed = weight, bias, None
+        if pack and _can_pack(weight):
+            try:
+                self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+            except RuntimeError:
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] > 1:  # one row: the plain call is a matrix-vector product
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, x.shape[0])
+        return F.linear(x, self.weight, self.bias)
+
+
 class LeanModel:
     """A model's weights laid out for the lean forward, plus its rotary table (grown on demand)."""
 
@@ -98,34 +131,53 @@ class LeanModel:
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
-        self.lm_head = model.lm_head
         self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.layers = []
         for layer in inner.layers[: self.n_layers]:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-            gate_up = _fuse(mlp.gate_proj, mlp.up_proj)
-            self.layers.append((layer.input_layernorm.weight, qkv, attn.o_proj, layer.post_attention_layernorm.weight,
-                                gate_up, mlp.down_proj))
-        self.intermediate = self.layers[0][4][0].shape[0] // 2 if self.layers else 0
+            qkv = Linear(*_fuse(attn.q_proj, attn.k_proj, attn.v_proj))
+            gate_up = Linear(*_fuse(mlp.gate_proj, mlp.up_proj))
+            o, down = (Linear(m.weight, m.bias) for m in (attn.o_proj, mlp.down_proj))
+            self.layers.append((layer.input_layernorm.weight, qkv, o, layer.post_attention_layernorm.weight, gate_up, down))
+        self.vocab_size = model.lm_head.weight.shape[0]
+        # a draft whose head covers a subset of the vocabulary (adasd_core.draft_head): its logits are
+        # computed over those rows only and are -inf elsewhere
+        self.head_tokens = draft_head.tokens_of(model)
+        head = model.lm_head
+        if self.head_tokens is None:
+            self.head = Linear(head.weight, head.bias)
+        else:
+            self.head_tokens = self.head_tokens.to(head.weight.device)
+            rows = head.weight.index_select(0, self.head_tokens)
+            self.head = Linear(rows, None if head.bias is None else head.bias.index_select(0, self.head_tokens))
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.cos = self.sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
 
     def rotary(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [..., D] at `positions`, computed by the model's own rotary module."""
+        """cos, sin [..., D] at `positions`, computed by the model's own rotary module; sin has its
+        first half negated, so that rotate_half(x) * sin == x.roll(D / 2) * sin_signed."""
         if max_position >= self.cos.size(0):
             size = max(max_position + 1, 2 * self.cos.size(0), 256)
             table_positions = torch.arange(size, device=self.device)[None]
             cos, sin = self.model.model.rotary_emb(self.embed[:1][None], table_positions)
-            self.cos, self.sin = cos[0], sin[0]
+            half = self.head_dim // 2
+            self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         return self.cos[positions], self.sin[positions]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-        h = x.float()
+            return F.rms_norm(x, weight.shape, weight, self.eps)
+        h = x.float()  # as transformers: normalise in float32, scale in the model's dtype
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, C] final hidden states -> [T, V] logits (-inf outside a subset head)."""
+        out = self.head(self.rms_norm(x, self.norm))
+        if self.head_tokens is None:
+            return out
+        full = out.new_full((out.shape[0], self.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.head_tokens, out)
 
 
 def lean_model(model) -> LeanModel:
@@ -133,11 +185,6 @@ def lean_model(model) -> LeanModel:
     if lean is None:
         lean = _models[model] = LeanModel(model)
     return lean
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def forward(
@@ -185,26 +232,26 @@ def forward(
         causal = False
 
     x = F.embedding(ids, lean.embed)  # [T, C]
-    for i, (ln1, (w_qkv, b_qkv), o_proj, ln2, (w_gu, b_gu), down) in enumerate(lean.layers):
-        h = lean.rms_norm(x, ln1)
-        q, k, v = F.linear(h, w_qkv, b_qkv).split((lean.q_size, lean.kv_size, lean.kv_size), dim=-1)
-        q = q.view(T, H, D)
-        k = k.view(T, Hkv, D)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+    nqk, half = H + Hkv, D // 2
+    for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(lean.layers):
+        fused = qkv(lean.rms_norm(x, ln1))  # [T, (H + 2 H_kv) D]
+        qk = fused[:, : nqk * D].view(T, nqk, D)
+        qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # rotary on q and k heads at once
+        q, k = qk[:, :H], qk[:, H:]
+        v = fused[:, nqk * D :].view(T, Hkv, D)
         kc, vc = k_pool[i], v_pool[i]  # [S, H_kv, C, D]
         if B == 1:
             kc[s0, :, starts[0] : end] = k.transpose(0, 1)
-            vc[s0, :, starts[0] : end] = v.view(T, Hkv, D).transpose(0, 1)
+            vc[s0, :, starts[0] : end] = v.transpose(0, 1)
         else:
             kc[slot_tok, :, pos] = k
-            vc[slot_tok, :, pos] = v.view(T, Hkv, D)
+            vc[slot_tok, :, pos] = v
         if contiguous:
             keys, values = kc[s0 : s0 + B, :, :end], vc[s0 : s0 + B, :, :end]
         else:
             keys, values = kc[slot_idx, :, :end], vc[slot_idx, :, :end]
         if not ragged:
-            q = q.view(B, n, H, D).transpose(1, 2)  # [B, H, n, D]
+            q = q.reshape(B, n, H, D).transpose(1, 2)  # [B, H, n, D]
         else:
             q_pad = q.new_zeros(B, n, H, D)
             q_pad[b_idx, j_idx] = q
@@ -213,11 +260,9 @@ def forward(
             q, keys, values, attn_mask=mask, is_causal=causal, scale=lean.scale, enable_gqa=Hkv != H,
         ).transpose(1, 2)  # [B, n, H, D]
         attn = attn[b_idx, j_idx] if ragged else attn
-        x = x + F.linear(attn.reshape(T, H * D), o_proj.weight, o_proj.bias)
-        h = lean.rms_norm(x, ln2)
-        gate, up = F.linear(h, w_gu, b_gu).chunk(2, dim=-1)
-        x = x + F.linear(lean.act(gate) * up, down.weight, down.bias)
+        x = x + o_proj(attn.reshape(T, H * D))
+        gate, up = gate_up(lean.rms_norm(x, ln2)).chunk(2, dim=-1)
+        x = x + down(lean.act(gate) * up)
     if not all_logits:
         x = x[-1:] if B == 1 else x[torch.tensor(ns, device=dev).cumsum(0) - 1]
-    x = lean.rms_norm(x, lean.norm)
-    return F.linear(x, lean.lm_head.weight, lean.lm_head.bias)
+    return lean.logits(x)

@@ -56,21 +56,52 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # drop a token once the mass before it already reaches top_p; the top token always stays
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
-        drop[..., 0] = False  # a top_p below float32's smallest value would drop it too
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
+        probs = top_p_filter(probs, params.top_p)
     return probs
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep each row's smallest set of most likely tokens whose mass reaches top_p, renormalised.
+
+    The nucleus is found among the row's top-k, k growing until it holds top_p of the mass: the
+    same tokens as a full sort, without sorting the whole vocabulary (milliseconds a row at 49k)."""
+    V = probs.size(-1)
+    k = min(V, 64)
+    while True:
+        vals, order = probs.topk(k, dim=-1)  # sorted, largest first
+        before = vals.cumsum(-1) - vals
+        if k == V or bool((before[..., -1] + vals[..., -1] >= top_p).all()):
+            break
+        k = min(V, k * 8)
+    # drop a token once the mass before it already reaches top_p; the top token always stays
+    drop = before >= top_p
+    drop[..., 0] = False  # a top_p below float32's smallest value would drop it too
+    kept = vals.masked_fill(drop, 0.0)
+    out = torch.zeros_like(probs).scatter_(-1, order, kept)
+    return out / out.sum(-1, keepdim=True)
+
+
+def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of probs [..., V] (non-negative, need not sum to 1) -> [...] token ids.
+
+    Inverts each row's cumulative distribution: exact like torch.multinomial, which on the CPU
+    costs milliseconds per draw over a large vocabulary (this: tens of microseconds)."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, device=probs.device, generator=generator)
+    idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).clamp_max(probs.size(-1) - 1)
+    # rounding can put u at the very top: step back to the last token that has mass
+    bad = probs.gather(-1, idx) <= 0
+    if bool(bad.any()):
+        last = (probs > 0).long().cumsum(-1).argmax(-1, keepdim=True)
+        idx = torch.where(bad, last, idx)
+    return idx.squeeze(-1)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None, greedy: bool) -> torch.Tensor:
     """[N, V] -> [N] token ids."""
     if greedy:
         return probs.argmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return categorical(probs, generator)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -108,5 +139,5 @@ def sample_rows(probs: torch.Tensor, row_params: list[SamplingParams], generator
     out = probs.argmax(-1)
     for i, (params, gen) in enumerate(zip(row_params, generators)):
         if not params.greedy:
-            out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+            out[i] = categorical(probs[i], gen)
     return out

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adasd_core.sampling import categorical
+
 LN2 = math.log(2.0)
 
 
@@ -65,13 +67,13 @@ def correction_token(
     total = residual.sum()
     # p == q leaves no residual mass; then p itself is the right distribution
     dist = residual / total if total > 1e-12 else target_probs
-    return int(torch.multinomial(dist, 1, generator=generator))
+    return int(categorical(dist, generator))
 
 
 def bonus_token(target_probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> int:
     if greedy:
         return int(target_probs.argmax())
-    return int(torch.multinomial(target_probs, 1, generator=generator))
+    return int(categorical(target_probs, generator))
 
 
 @dataclass

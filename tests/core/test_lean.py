@@ -3,6 +3,7 @@ sequence, through ragged batches, rollbacks and slot swaps."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -120,3 +121,38 @@ def test_engine_output_is_the_same_on_either_path(quick_engine, monkeypatch):
     for method in ("ar", "adasd"):
         spec = SpecConfig(method=method)
         assert fast_engine.generate(prompt, params, spec).token_ids == slow_engine.generate(prompt, params, spec).token_ids
+
+
+def test_packed_linear_matches_the_plain_one_at_every_row_count():
+    """MKL's packed GEMM (CPU, float32) serves any number of rows with the plain product's values."""
+    torch.manual_seed(3)
+    weight, bias = torch.randn(300, 64), torch.randn(300)
+    lin = lean.Linear(weight, bias)
+    if torch.backends.mkl.is_available():
+        assert lin.packed is not None
+    for rows in (1, 2, 3, 5, 8, 15, 16, 17, 64, 100):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(lin(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+    assert lean.Linear(weight.double()).packed is None  # other dtypes take the plain product
+
+
+def test_a_subset_head_scores_only_its_tokens_on_either_path():
+    """A draft head over part of the vocabulary: the lean path computes those rows only, transformers'
+    forward is masked to the same distribution, and every other token has probability 0."""
+    from adasd_core import draft_head
+
+    model = MODELS["llama-gqa"]()
+    tokens = torch.tensor([0, 3, 5, 17, 40, 41, 96])
+    draft_head.attach(model, tokens)
+    ref, fast = kv_cache.HFPool(model, 1, 64), kv_cache.make_pool(model, 1, 64)
+    assert isinstance(fast, kv_cache.LeanPool) and fast.lean.head.weight.shape[0] == len(tokens)
+    ids = torch.randint(0, SMALL["vocab_size"], (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    for chunk in (ids[:9], ids[9:10], ids[10:]):
+        a, b = ref.forward([0], [chunk], all_logits=True), fast.forward([0], [chunk], all_logits=True)
+        outside = torch.ones(SMALL["vocab_size"], dtype=torch.bool)
+        outside[tokens] = False
+        assert torch.isinf(a[:, outside]).all() and torch.isinf(b[:, outside]).all()
+        _close(a[:, tokens], b[:, tokens])
+        assert torch.softmax(b, -1)[:, outside].sum() == 0
+    with pytest.raises(ValueError, match="past the model's output width"):
+        draft_head.attach(model, torch.tensor([SMALL["vocab_size"]]))
