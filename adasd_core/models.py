@@ -10,17 +10,15 @@ import torch
 
 from adasd_core.device import resolve_device, resolve_dtype
 from adasd_core.errors import IncompatiblePairError, ModelLoadError
-from adasd_core.model_files import DEMO, ModelSource, host_available_bytes, human_bytes, locate, parameter_count
+from adasd_core import draft_head
+from adasd_core.model_files import SMOLLM2, TINY_DIR, ModelSource, host_available_bytes, human_bytes, locate, parameter_count
 
 log = logging.getLogger(__name__)
 
-DEMO_DIR = Path(__file__).parent / "demo" / "weights"
-
-
 def locate_model(name: str, role: str) -> ModelSource:
-    """`demo` names the embedded pair; anything else a local folder, a cached snapshot or a hub id
-    (adasd_core.model_files.locate). Raises ModelLoadError with one actionable message."""
-    return locate(name, role, demo_dir=DEMO_DIR)
+    """`smollm2` and `tiny` name the built-in pairs; anything else a local folder, a cached snapshot or
+    a hub id (adasd_core.model_files.locate). Raises ModelLoadError with one actionable message."""
+    return locate(name, role, tiny_dir=TINY_DIR)
 
 
 def resolve_model_path(name: str, role: str) -> str:
@@ -148,7 +146,7 @@ def _load_failed(role: str, name: str, source: ModelSource, what: str, exc: Base
                               f"{sizes.advice() if sizes else 'use a smaller pair or another device'}.")
     return ModelLoadError(f"could not load the {role} {what} {name!r} from {source.describe()}: {type(exc).__name__}: "
                           f"{first}. Check that it is a causal language model saved by transformers "
-                          f"(--trust-remote-code for custom code), or pass 'demo' for the embedded pair.")
+                          f"(--trust-remote-code for custom code), or pass 'smollm2' or 'tiny' for a built-in pair.")
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype, device_map: str | None, trust_remote_code: bool):
@@ -165,12 +163,14 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, device_map: 
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    if Path(name).is_dir():  # a draft whose head covers part of the vocabulary (adasd_core.draft_head)
+        draft_head.attach(model, draft_head.load(name))
     return model
 
 
 def load_pair(
-    target: str = DEMO,
-    draft: str | None = DEMO,
+    target: str = SMOLLM2,
+    draft: str | None = SMOLLM2,
     device: str = "auto",
     dtype: str = "auto",
     device_map: str | None = None,

@@ -19,10 +19,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N target logprobs per generated token
+    prompt_logprobs: int | None = None  # top-N target logprobs per prompt token (scoring: echo with logprobs)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+        if self.max_tokens < 0:
+            raise InvalidRequestError("max_tokens must be at least 0 (0: generate nothing)", param="max_tokens")
         if not 0.0 <= self.temperature <= 100.0:
             raise InvalidRequestError("temperature must be between 0 and 100", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
@@ -31,6 +32,8 @@ class SamplingParams:
             raise InvalidRequestError("top_k must be >= 0 (0 disables it)", param="top_k")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequestError("logprobs must be between 0 and 20", param="logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidRequestError("prompt_logprobs must be between 0 and 20", param="prompt_logprobs")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not s for s in self.stop):

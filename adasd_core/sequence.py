@@ -17,8 +17,16 @@ from adasd_core.verification import RelaxedCheck
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None  # None: the first prompt token, which nothing predicts
+    top: list[tuple[int, float]] | None
+
+
+@dataclass
+class PromptLogprobs:
+    """A scored prompt (SamplingParams.prompt_logprobs): one entry per prompt token, the first
+    without a log-probability. An engine event of its own, before the request's first Delta."""
+
+    logprobs: list[TokenLogprob]
 
 
 @dataclass
@@ -54,6 +62,7 @@ class Sequence:
     slot: int = -1  # KV slot in both pools while admitted
     prefilled: int = 0  # prompt tokens already in the caches (all but the last are prefilled)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far (tokens 1..prefilled)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)
@@ -61,6 +70,11 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prompt goes through the scoring phase (prompt logprobs, or nothing to generate)."""
+        return self.params.prompt_logprobs is not None or self.params.max_tokens == 0
 
     @property
     def finished(self) -> bool:

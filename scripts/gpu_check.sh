@@ -9,8 +9,8 @@
 # Parts (each runs under `timeout`, so one failure or hang does not lose the others):
 #   step_costs    scripts/gpu_step_costs.py: a random-weight ~1B / ~100M Llama pair in bf16: one-token step,
 #                 verify blocks of 4/8/16 tokens, batched decode B=1..16            -> step_costs.json
-#   bench         `adasd bench` on the demo pair, --device cuda --dtype bfloat16     -> bench.json
-#   bench_serve   a server on the demo pair + `adasd bench-serve` concurrency sweep  -> bench_serve.json
+#   bench         `adasd bench` on the tiny pair, --device cuda --dtype bfloat16     -> bench.json
+#   bench_serve   a server on the tiny pair + `adasd bench-serve` concurrency sweep  -> bench_serve.json
 #   core_tests    pytest tests/core with ADASD_TEST_DEVICE=cuda (tests/conftest.py)  -> core_tests.log
 #   server_tests  pytest tests/server (servers pick cuda through --device auto)      -> server_tests.log
 # plus summary.md / summary.json (each part's status and seconds, the machine) and misc.log (every
@@ -102,7 +102,7 @@ part_bench() {
   local size=(--tasks next-line,continuation --next-line-prompts 20 --prompts 4 --repeats 2 --max-tokens 64)
   [ "$MODE" = cpu ] && size=(--tasks continuation --methods target,adasd-bayes --modes greedy --prompts 1 --repeats 1
     --max-tokens 8)
-  "${ADASD[@]}" bench --target demo --draft demo --device "$DEVICE" --dtype "$DTYPE" "${size[@]}" \
+  "${ADASD[@]}" bench --target tiny --draft tiny --device "$DEVICE" --dtype "$DTYPE" "${size[@]}" \
     --no-plots --out "$GPU_CHECK_WORK/bench" >>"$MISC" 2>&1 || return
   cp "$GPU_CHECK_WORK/bench/bench.json" "$OUT_DIR/bench.json"
 }
@@ -111,7 +111,7 @@ part_bench() {
 bench_serve_sweep() {  # bench_serve_sweep BASE_URL
   local levels=1,2,4,8,16 size=(--max-tokens 64 --overhead-repeats 1)
   [ "$MODE" = cpu ] && levels=1 size=(--max-tokens 8 --requests 2 --no-in-process)
-  "${ADASD[@]}" bench-serve "$1" --concurrency "$levels" --method adasd "${size[@]}" --target demo --draft demo \
+  "${ADASD[@]}" bench-serve "$1" --concurrency "$levels" --method adasd "${size[@]}" --target tiny --draft tiny \
     --device "$DEVICE" --dtype "$DTYPE" --no-plots --out "$GPU_CHECK_WORK/bench_serve" >>"$MISC" 2>&1 || return
   cp "$GPU_CHECK_WORK/bench_serve/bench_serve.json" "$OUT_DIR/bench_serve.json"
 }
@@ -119,7 +119,7 @@ bench_serve_sweep() {  # bench_serve_sweep BASE_URL
 part_bench_serve() {
   local port rc
   port=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-  "$PY" -m server --target demo --draft demo --device "$DEVICE" --dtype "$DTYPE" --host 127.0.0.1 --port "$port" \
+  "$PY" -m server --target tiny --draft tiny --device "$DEVICE" --dtype "$DTYPE" --host 127.0.0.1 --port "$port" \
     --max-running 16 --max-queue 256 --log-level warning >"$GPU_CHECK_WORK/server.log" 2>&1 &
   local pid=$!
   local ready=1

@@ -90,7 +90,7 @@ def main(argv=None) -> None:
         KNOBS["position"] = args.tv_position
 
     engine_mod.accept_candidates = _traced
-    pair = load_pair("demo", "demo", device="cpu")
+    pair = load_pair("tiny", "tiny", device="cpu")
     engine = SpeculativeEngine(pair, calibrate=False)
     task = continuation_task(pair.tokenizer, demo_sources(), args.prompts, 128, args.tokens, pair.context_length)
     results = {}

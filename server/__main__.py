@@ -15,9 +15,9 @@ from pydantic import ValidationError
 from server.settings import CONFIG_ENV, Settings
 
 HELP = {
-    "target": "target model: 'demo', a hub id or a local folder",
-    "draft": "draft model: 'demo', a hub id, a local folder, or 'none' (method ar only)",
-    "served_model_name": "model id clients send (default: adasd-demo for the demo, else the target id)",
+    "target": "target model: 'smollm2' or 'tiny' (built-in pairs), a hub id or a local folder",
+    "draft": "draft model: 'smollm2', 'tiny', a hub id, a local folder, or 'none' (method ar only)",
+    "served_model_name": "model id clients send (default: smollm2-135m-instruct / adasd-tiny, else the target id)",
     "device": "auto | cpu | cuda | cuda:N | mps",
     "dtype": "auto | float32 | bfloat16 | float16",
     "device_map": "'auto' to spread a large target over several GPUs",

@@ -24,16 +24,20 @@ from server.metrics import AdasdMetrics
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ModelCard,
     ModelList,
+    TokenizeRequest,
 )
 from server.serving import Tokenizer
 from server.serving_chat import OpenAIServingChat
 from server.serving_completions import OpenAIServingCompletion
+from server.serving_tokenization import OpenAIServingTokenization
 from server.settings import Settings
 
 log = logging.getLogger("adasd.server")
 
+TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # behind the API key like /v1/*
 DRAIN_CAP_FACTOR = 16  # an oversized body is read (and dropped) up to this many times the limit before the 413
 
 router = APIRouter()
@@ -69,22 +73,25 @@ async def metrics(raw_request: Request) -> Response:
     return Response(content, headers={"Content-Type": content_type})
 
 
-def _model_card(raw_request: Request) -> ModelCard:
+def _model_card(raw_request: Request, method: str | None = None) -> ModelCard:
+    """The served model, or its alias for one method (`<name>:<method>`, parent: the served name)."""
     state = raw_request.app.state
     info = state.client.info or {}
-    return ModelCard(id=state.settings.served_model_name, root=state.settings.target,
-                     max_model_len=info.get("context_length"))
+    name = state.settings.served_model_name
+    return ModelCard(id=f"{name}:{method}" if method else name, root=state.settings.target,
+                     parent=name if method else None, max_model_len=info.get("context_length"))
 
 
 @router.get("/v1/models")
 async def list_models(raw_request: Request) -> dict:
-    return ModelList(data=[_model_card(raw_request)]).model_dump()
+    methods = raw_request.app.state.serving_completion.alias_methods
+    return ModelList(data=[_model_card(raw_request)] + [_model_card(raw_request, m) for m in methods]).model_dump()
 
 
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(model: str, raw_request: Request) -> dict:
-    raw_request.app.state.serving_completion.check_model(model)
-    return _model_card(raw_request).model_dump()
+    method = raw_request.app.state.serving_completion.check_model(model)
+    return _model_card(raw_request, method).model_dump()
 
 
 @router.post("/v1/completions")
@@ -97,12 +104,28 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     return await raw_request.app.state.serving_chat.create_chat_completion(request, raw_request)
 
 
+# vLLM's tokenizer endpoints, at the root as vLLM has them (lm-eval's remote tokenizer looks there)
+@router.post("/tokenize")
+async def tokenize(request: TokenizeRequest, raw_request: Request) -> dict:
+    return (await raw_request.app.state.serving_tokenization.tokenize(request)).model_dump()
+
+
+@router.post("/detokenize")
+async def detokenize(request: DetokenizeRequest, raw_request: Request) -> dict:
+    return (await raw_request.app.state.serving_tokenization.detokenize(request)).model_dump()
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(raw_request: Request) -> dict:
+    return raw_request.app.state.serving_tokenization.tokenizer_info()
+
+
 # ---------------------------------------------------------------------------- middleware
 
 
 class RequestGuard:
-    """ASGI middleware: Bearer API key on /v1/* (health, ready, metrics stay open) and a bound on
-    the request body (413). The body is read here and replayed to the app."""
+    """ASGI middleware: Bearer API key on /v1/* and the tokenizer endpoints (health, ready, metrics
+    stay open) and a bound on the request body (413). The body is read here and replayed to the app."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app = app
@@ -112,7 +135,8 @@ class RequestGuard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.api_key and scope["path"].startswith("/v1/") and not self._authorized(scope):
+        path = scope["path"]
+        if self.api_key and (path.startswith("/v1/") or path in TOKENIZER_PATHS) and not self._authorized(scope):
             return await error_response(AuthenticationError())(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
@@ -199,6 +223,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.fatal = None
     app.state.serving_completion = OpenAIServingCompletion(settings, client, tokenizer)
     app.state.serving_chat = OpenAIServingChat(settings, client, tokenizer)
+    app.state.serving_tokenization = OpenAIServingTokenization(settings, client, tokenizer)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(LastResortGuard)  # added last: the outermost of ours

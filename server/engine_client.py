@@ -53,6 +53,13 @@ class TokenDelta:
 
 
 @dataclass
+class PromptScores:
+    """A scored prompt (echo with logprobs), before the generation's first TokenDelta."""
+
+    logprobs: list  # [(token, logprob, [(token, logprob), ...]), ...]; None, None for the first token
+
+
+@dataclass
 class Finished:
     status: str  # success | cancelled
     stats: dict | None
@@ -63,7 +70,7 @@ class Failed:
     error: AdasdError
 
 
-Output = TokenDelta | Finished | Failed
+Output = TokenDelta | PromptScores | Finished | Failed
 
 
 @dataclass
@@ -97,7 +104,7 @@ class RequestGroup:
     async def __aiter__(self) -> AsyncIterator[tuple[int, Output]]:
         while self.ended < self.size:
             index, out = await self.queue.get()
-            if not isinstance(out, TokenDelta):
+            if not isinstance(out, (TokenDelta, PromptScores)):
                 self.ended += 1
             yield index, out
 
@@ -320,6 +327,8 @@ class EngineClient:
             slot.state = "running"
             self.metrics.queue_time.observe(msg[2])
             self._update_gauges()
+        elif kind == "prompt_logprobs":
+            slot.group.put(slot.index, PromptScores(msg[2]))
         elif kind == "delta":
             _, _, text, token_ids, finish_reason, logprobs = msg
             self._observe_tokens(slot, len(token_ids))

@@ -114,9 +114,9 @@ class SamplingFields(RequestModel):
 
 class CompletionRequest(SamplingFields):
     prompt: list[TokenId] | list[list[TokenId]] | Text | list[Text]
-    max_tokens: int | None = Field(16, ge=1, le=INT_MAX)
+    max_tokens: int | None = Field(16, ge=0, le=INT_MAX)  # 0: only with echo (scoring a prompt)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=5)  # with echo: the prompt's tokens too
     best_of: int | None = Field(None, ge=1, le=INT_MAX)
     suffix: Text | None = None
 
@@ -154,8 +154,8 @@ class UsageInfo(OpenAIBaseModel):
 
 class CompletionLogprobs(OpenAIBaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -230,12 +230,44 @@ class ModelCard(OpenAIBaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "adasd"
     root: str | None = None
+    parent: str | None = None  # a per-method alias (`<served name>:<method>`): the served name
     max_model_len: int | None = None
 
 
 class ModelList(OpenAIBaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- tokenizer endpoints (vLLM's shapes)
+
+
+class TokenizeRequest(RequestModel):
+    """POST /tokenize: a `prompt` string, or chat `messages` rendered by the chat template."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template adds them)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(RequestModel):
+    model: Text | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str
 
 
 class ErrorInfo(OpenAIBaseModel):

@@ -8,7 +8,7 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, TypeVar, get_args
 
 from fastapi import Request
 
@@ -23,7 +23,7 @@ from server.errors import (
     error_dict,
 )
 from server.protocol import AdasdOptions, SamplingFields, UsageInfo
-from server.settings import Settings
+from server.settings import Method, Settings
 
 log = logging.getLogger("adasd.server")
 
@@ -67,18 +67,21 @@ class Tokenizer:
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return await self._run(lambda: self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    async def decode(self, ids: list[int]) -> str:
-        return await self._run(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
+    async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return await self._run(lambda: self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
-    async def encode_chat(self, messages: list[dict]) -> list[int]:
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
         def render() -> list[int]:
             template = None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
             try:
-                text = self.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                                          tokenize=False)
+                text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt,
+                                                          **({"continue_final_message": True} if continue_final_message
+                                                             else {}))
             except Exception as exc:  # a template that raises on these messages (e.g. role order)
                 raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
         return await self._run(render)
 
@@ -95,9 +98,21 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ checks
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise ModelNotFoundError(model, self.model_name)
+    @property
+    def alias_methods(self) -> list[str]:
+        """The methods with a served-model alias `<served name>:<method>` (ar alone without a draft)."""
+        return [m for m in get_args(Method) if self.settings.draft is not None or m == "ar"]
+
+    def check_model(self, model: str | None) -> str | None:
+        """404 unless `model` is the served name or one of its per-method aliases; returns the alias's
+        method (None: the plain name, or no model given). Aliases let a client that cannot send the
+        `adasd` field (a harness, a chat UI) pick the method by model name."""
+        if model is None or model == self.model_name:
+            return None
+        base, sep, method = model.rpartition(":")  # the served name may hold colons itself
+        if sep and base == self.model_name and method in self.alias_methods:
+            return method
+        raise ModelNotFoundError(model, self.model_name)
 
     def check_ready(self) -> None:
         self.client.check_ready()
@@ -134,13 +149,17 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ engine parameters
 
-    def spec_config(self, opts: AdasdOptions | None):
+    def spec_config(self, opts: AdasdOptions | None, alias_method: str | None = None):
+        """The request's SpecConfig: its `adasd` options over the model alias's method over the config."""
         from adasd_core.engine import SpecConfig
 
         s = self.settings
         opts = opts or AdasdOptions()
+        if alias_method and opts.method and opts.method != alias_method:
+            raise InvalidRequestError(f"the model {self.model_name}:{alias_method} runs method {alias_method!r} but "
+                                      f"adasd.method is {opts.method!r}: drop one of them", param="adasd.method")
         try:
-            return SpecConfig(method=opts.method or s.method, k=opts.k if opts.k is not None else s.k,
+            return SpecConfig(method=opts.method or alias_method or s.method, k=opts.k if opts.k is not None else s.k,
                               verification=opts.verification or s.verification,
                               warm_start=opts.warm_start if opts.warm_start is not None else True)
         except AdasdError as exc:

@@ -35,7 +35,7 @@ from server.serving import (
 
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
-        self.check_model(request.model)
+        alias_method = self.check_model(request.model)
         self.check_unsupported(request)
         if request.tools:
             raise UnsupportedError("tools", "tools (function calling) are not supported by this server: omit them")
@@ -44,7 +44,7 @@ class OpenAIServingChat(OpenAIServing):
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         self.check_ready()
-        spec = self.spec_config(request.adasd)
+        spec = self.spec_config(request.adasd, alias_method)
 
         ids = await self.tokenizer.encode_chat(_messages(request))
         max_tokens = request.max_completion_tokens or request.max_tokens

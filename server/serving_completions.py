@@ -1,15 +1,22 @@
-"""POST /v1/completions: returns a CompletionResponse, an SSE stream, or raises an AdasdError."""
+"""POST /v1/completions: returns a CompletionResponse, an SSE stream, or raises an AdasdError.
+
+`echo` with `logprobs` scores the prompt, as OpenAI's legacy API and vLLM do: the prompt's tokens
+with their log-probabilities under the target (the first token has none: null), then the
+generated ones; `max_tokens: 0` scores without generating (what evaluation harnesses send for
+log-likelihood tasks). The engine runs the target alone over the prompt for it (no draft work).
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adasd_core.errors import AdasdError, InvalidRequestError
-from server.engine_client import Failed, Finished, RequestGroup, SubRequest, TokenDelta
+from server.engine_client import Failed, Finished, PromptScores, RequestGroup, SubRequest, TokenDelta
 from server.errors import InternalError, UnsupportedError
 from server.protocol import (
     CompletionChoice,
@@ -31,16 +38,17 @@ from server.serving import (
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
-        self.check_model(request.model)
+        alias_method = self.check_model(request.model)
         self.check_unsupported(request)
         if request.best_of not in (None, request.n):
             raise UnsupportedError("best_of", "best_of must equal n (or be omitted): this server returns every sample")
         if request.suffix:
             raise UnsupportedError("suffix")
-        if request.echo and request.logprobs is not None:
-            raise UnsupportedError("echo", "echo together with logprobs is not supported: drop one of them")
+        if request.max_tokens == 0 and not request.echo:
+            raise InvalidRequestError("max_tokens 0 returns nothing without echo: send echo: true (with logprobs to "
+                                      "score the prompt) or max_tokens >= 1", param="max_tokens")
         self.check_ready()
-        spec = self.spec_config(request.adasd)
+        spec = self.spec_config(request.adasd, alias_method)
         count = len(request.prompt) if isinstance(request.prompt, list) and request.prompt and \
             not isinstance(request.prompt[0], int) else 1
         if count * request.n > self.client.capacity:  # before tokenizing them all (150k prompts: 16 s)
@@ -49,12 +57,16 @@ class OpenAIServingCompletion(OpenAIServing):
                 f"{self.client.capacity} at once (max_running + max_queue); send fewer", param="prompt" if count > 1 else "n")
 
         prompts = await self._prompt_ids(request.prompt)
+        scored = request.echo and request.logprobs is not None
         subs, prompt_tokens = [], 0
         for ids in prompts:
             max_tokens = self.check_prompt(ids, request.max_tokens)
             prompt_tokens += len(ids)
             for j in range(request.n):
-                subs.append(SubRequest(ids, self.sampling_params(request, max_tokens, request.logprobs, j), spec))
+                params = self.sampling_params(request, max_tokens, request.logprobs, j)
+                if scored:
+                    params = replace(params, prompt_logprobs=request.logprobs)
+                subs.append(SubRequest(ids, params, spec))
         echo = [await self.tokenizer.decode(ids) for ids in prompts] if request.echo else None
 
         group = self.client.submit(subs, spec.method, self.fingerprint_key(spec, subs[0].params))
@@ -95,6 +107,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     if logprobs[index] is not None and out.logprobs:
                         _extend_logprobs(logprobs[index], out.logprobs, sum(map(len, texts[index][:-1])))
                     finish[index] = out.finish_reason or finish[index]
+                elif isinstance(out, PromptScores):  # before any TokenDelta of its choice
+                    _extend_logprobs(logprobs[index], out.logprobs, 0)
                 elif isinstance(out, Finished):
                     stats[index] = out.stats
                 elif isinstance(out, Failed):
@@ -119,7 +133,7 @@ class OpenAIServingCompletion(OpenAIServing):
         stats: list[dict | None] = [None] * group.size
         offsets = [0] * group.size
         try:
-            if echo:
+            if echo and request.logprobs is None:  # with logprobs the echo waits for the prompt's scores
                 for i in range(group.size):
                     text = echo[i // request.n]
                     offsets[i] = len(text)
@@ -133,6 +147,12 @@ class OpenAIServingCompletion(OpenAIServing):
                     if out.text or out.finish_reason or lp:
                         offsets[index] += len(out.text)
                         yield chunk(index, out.text, out.finish_reason, lp)
+                elif isinstance(out, PromptScores):
+                    lp = CompletionLogprobs()
+                    _extend_logprobs(lp, out.logprobs, 0)
+                    text = echo[index // request.n]
+                    offsets[index] = len(text)
+                    yield chunk(index, text, None, lp)
                 elif isinstance(out, Finished):
                     stats[index] = out.stats
                 elif isinstance(out, Failed):
@@ -156,5 +176,5 @@ def _extend_logprobs(lp: CompletionLogprobs, entries: list, offset: int) -> None
         lp.text_offset.append(offset)
         lp.tokens.append(token)
         lp.token_logprobs.append(logprob)
-        lp.top_logprobs.append({t: v for t, v in top})
+        lp.top_logprobs.append(None if top is None else {t: v for t, v in top})
         offset += len(token)

@@ -25,7 +25,8 @@ from pydantic_settings import (
 from adasd_core.drafting import WINDOW
 
 CONFIG_ENV = "ADASD_CONFIG"
-DEMO_SERVED_NAME = "adasd-demo"
+# the `model` clients send for the built-in pairs (any other target is served under its own id)
+BUILTIN_SERVED_NAMES = {"smollm2": "smollm2-135m-instruct", "tiny": "adasd-tiny"}
 
 # mirrors adasd_core.engine.METHODS / VERIFICATIONS (kept here so settings load without torch;
 # tests/server/test_settings.py checks they agree)
@@ -40,9 +41,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ADASD_", extra="forbid", validate_default=True)
 
     # models
-    target: str = "demo"
-    draft: str | None = "demo"
-    served_model_name: str | None = None  # default: "adasd-demo" for the demo pair, else the target id
+    target: str = "smollm2"
+    draft: str | None = "smollm2"
+    served_model_name: str | None = None  # default: smollm2-135m-instruct / adasd-tiny, else the target id
     device: str = "auto"
     dtype: str = "auto"
     device_map: Literal["auto"] | None = None
@@ -88,7 +89,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _defaults(self) -> "Settings":
         if self.served_model_name is None:
-            self.served_model_name = DEMO_SERVED_NAME if self.target == "demo" else self.target
+            self.served_model_name = BUILTIN_SERVED_NAMES.get(self.target, self.target)
         if self.draft is None and self.method != "ar":
             raise ValueError(f"method {self.method!r} needs a draft model: set `draft` or use method 'ar'")
         return self
@@ -129,10 +130,6 @@ class Settings(BaseSettings):
         if path:
             return cls.from_yaml(path, **overrides)
         return cls(**_given(overrides))
-
-    @property
-    def is_demo(self) -> bool:
-        return self.target == "demo"
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -6,7 +6,8 @@ It talks to the front end over one duplex multiprocessing pipe, with tuples:
     ("submit", rid, prompt_ids, params, spec,   ("ready", info)            loaded; info has pid, context...
                submitted_at[, epoch])           ("fatal", message)         could not load; exits
     ("cancel", rid)                             ("started", rid, queue_s)  admitted to the running set
-    ("shutdown",)                               ("delta", rid, text, token_ids, finish_reason, logprobs)
+    ("shutdown",)                               ("prompt_logprobs", rid, logprobs)   a scored prompt, before its deltas
+                                                ("delta", rid, text, token_ids, finish_reason, logprobs)
                                                 ("done", rid, status, stats)    status: success | cancelled
                                                 ("error", rid, status_code, message, param, code)
                                                 ("published", epoch, fingerprints)  new warm-start snapshots
@@ -70,9 +71,11 @@ class TokenText:
         return s
 
     def payload(self, logprobs) -> list | None:
+        """[(token, logprob, [(token, logprob), ...]), ...]; logprob and top are None for a first prompt token."""
         if logprobs is None:
             return None
-        return [(self(lp.token_id), lp.logprob, [(self(t), v) for t, v in lp.top]) for lp in logprobs]
+        return [(self(lp.token_id), lp.logprob, None if lp.top is None else [(self(t), v) for t, v in lp.top])
+                for lp in logprobs]
 
 
 SAVE_EVERY_S = 30.0  # warm-start state: saved at most this often while serving, and at shutdown
@@ -182,6 +185,8 @@ class Worker:
             self.running[req.rid] = req
 
     def step(self) -> None:
+        from adasd_core.sequence import PromptLogprobs  # here: the front end imports this module without torch
+
         try:
             events = self.engine.step()
         except Exception:  # a bug outside any one sequence: end every running request, keep serving
@@ -198,6 +203,9 @@ class Worker:
                 log.error("request %s failed", req.rid, exc_info=result)
                 self.finish(req)
                 self.send("error", req.rid, 500, "internal error in the worker (see the server log)", None, "internal_error")
+                continue
+            if isinstance(result, PromptLogprobs):
+                self.send("prompt_logprobs", req.rid, self.token_text.payload(result.logprobs))
                 continue
             self.send("delta", req.rid, result.text, result.token_ids, result.finish_reason,
                       self.token_text.payload(result.logprobs))

@@ -44,8 +44,8 @@ def bench(
     quick: bool = typer.Option(False, help="A few tiny prompts: checks the pipeline in seconds."),
     plots: bool = typer.Option(True, "--plots/--no-plots"),
     as_json: bool = typer.Option(False, "--json", help="Print the result rows as JSON."),
-    target: str = typer.Option("demo", help="Target model: hub id, local path, or 'demo'."),
-    draft: str = typer.Option("demo", help="Draft model: hub id, local path, or 'demo'."),
+    target: str = typer.Option("smollm2", help="Target model: 'smollm2', 'tiny', a hub id or a local path."),
+    draft: str = typer.Option("smollm2", help="Draft model: 'smollm2', 'tiny', a hub id or a local path."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
 ):
@@ -80,7 +80,9 @@ def bench_serve(
     max_tokens: int = typer.Option(128, "--max-tokens"),
     temperature: float = typer.Option(0.0),
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="JSONL of {\"prompt\": ...} "
-                                               "(default: windows of the held-out demo modules)."),
+                                               "(default: the built-in set, --prompt-set)."),
+    prompt_set: str = typer.Option("auto", "--prompt-set", help="chat (held-out chat and code requests), windows "
+                                   "(the tiny pair's held-out modules), or auto (windows for tiny, else chat)."),
     external: Optional[str] = typer.Option(None, help="Another OpenAI-compatible server's base URL (llama-server, "
                                            "vLLM...): a row of its own, plain OpenAI requests, same prompts."),
     external_name: str = typer.Option("external", "--external-name", help="The external server's row name."),
@@ -105,8 +107,8 @@ def bench_serve(
     threads: Optional[int] = typer.Option(None),
     plots: bool = typer.Option(True, "--plots/--no-plots"),
     as_json: bool = typer.Option(False, "--json"),
-    target: str = typer.Option("demo", help="In-process target (and the prompts' tokenizer)."),
-    draft: str = typer.Option("demo"),
+    target: str = typer.Option("smollm2", help="In-process target (and the prompts' tokenizer)."),
+    draft: str = typer.Option("smollm2"),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
 ):
@@ -120,7 +122,7 @@ def bench_serve(
     try:
         cfg = ServeBenchConfig(base_url=base_url, concurrency=tuple(int(c) for c in _split(concurrency)),
                                methods=tuple(m for m in _split(methods)), requests=requests or None, repeats=repeats,
-                               max_tokens=max_tokens, temperature=temperature, prompts_file=prompts_file,
+                               max_tokens=max_tokens, temperature=temperature, prompts_file=prompts_file, prompt_set=prompt_set,
                                method=None if method == "server" else method, externals=externals,
                                arrival_rate=arrival_rate, arrival_pattern=arrival_pattern,
                                arrival_requests=arrival_requests, baseline=baseline,

@@ -34,8 +34,8 @@ TARGETS = {"adasd_vs_vanilla": 1.5, "adasd_vs_hf_assisted": 1.2, "adasd_vs_targe
 
 @dataclass
 class BenchConfig:
-    target: str = "demo"
-    draft: str = "demo"
+    target: str = "smollm2"
+    draft: str = "smollm2"
     device: str = "auto"
     dtype: str = "auto"
     tasks: tuple[str, ...] = ("next-line", "continuation")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adasd_core.bench.serve_sweep import REFERENCE, VS_AR_GOAL
+from adasd_core.bench.serve_goals import REFERENCE, VS_AR_GOAL
 
 
 def plot(result: dict, out: Path) -> Path | None:

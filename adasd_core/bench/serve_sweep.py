@@ -35,16 +35,12 @@ from adasd_core.bench.serve_client import (
     stalls_at_arrivals,
     wait_until_ready,
 )
+from adasd_core.bench.serve_goals import BASELINE_GOAL, REFERENCE, SCALING_GOAL, VS_AR_GOAL  # noqa: F401
+from adasd_core.bench.serve_report import write_outputs
 from adasd_core.device import machine_info
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
 SWEEP_METHODS = ("ar", "adasd", "hybrid")  # the CLI's default rows
-REFERENCE = "ar"  # speedups are over this row
-# issue 10's targets: adasd at 8 clients >= 3x adasd at 1; adasd >= 1.2x ar at 1-8 clients and never below
-# ar above 8 (16); adasd at 1 client no slower than a baseline run (--baseline)
-SCALING_GOAL = 3.0
-VS_AR_GOAL = {"up_to_8": 1.2, "above_8": 1.0}
-BASELINE_GOAL = 1.0
 
 
 @dataclass
@@ -60,7 +56,10 @@ class ServeBenchConfig:
     temperature: float = 0.0
     prompts: int = 16  # distinct prompts (held-out module windows), used in turn
     prompt_tokens: int = 128
-    prompts_file: str | None = None  # JSONL of {"prompt": "..."} instead of the demo prompts
+    prompts_file: str | None = None  # JSONL of {"prompt": "..."} instead of the built-in prompts
+    # built-in prompts: "chat" (held-out chat and code requests in the chat template), "windows" (windows
+    # of the tiny pair's held-out modules); "auto": windows for the tiny pair, chat otherwise
+    prompt_set: str = "auto"
     method: str | None = "adasd"  # the in-process method of the overhead ratio (and the row when methods is None)
     ignore_eos: bool = True  # vLLM's extension (llama-server takes it too): every request generates max_tokens
     extra_body: dict = field(default_factory=dict)  # merged into every request body sent to our server
@@ -71,8 +70,8 @@ class ServeBenchConfig:
     in_process: bool = True  # also run the in-process engine for the overhead ratio
     overhead_repeats: int = 3  # passes of the interleaved HTTP / in-process comparison (median ratio)
     baseline: str | None = None  # an earlier bench_serve.json: adasd at 1 client must be no slower
-    target: str = "demo"  # the in-process pair (and the tokenizer for the demo prompts)
-    draft: str = "demo"
+    target: str = "smollm2"  # the in-process pair (and the tokenizer of the prompts)
+    draft: str = "smollm2"
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -92,6 +91,8 @@ class ServeBenchConfig:
             raise ValueError("repeats must be >= 1")
         if self.arrival_rate < 0 or self.arrival_requests < 1:
             raise ValueError("arrival_rate must be >= 0 and arrival_requests >= 1")
+        if self.prompt_set not in ("auto", "chat", "windows"):
+            raise ValueError(f"unknown prompt set {self.prompt_set!r}: use auto, chat or windows")
         if self.arrival_pattern not in ("poisson", "fixed"):
             raise ValueError(f"unknown arrival pattern {self.arrival_pattern!r}: use poisson or fixed")
         self.methods = tuple(None if m == "server" else m for m in self.methods) if self.methods else None
@@ -381,6 +382,10 @@ def run_bench_serve(cfg: ServeBenchConfig, progress: bool = True, pair=None) -> 
             tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.target, "target"))
     if cfg.prompts_file:
         prompts = file_prompts(cfg.prompts_file, cfg.prompts)
+    elif cfg.prompt_set == "chat" or (cfg.prompt_set == "auto" and cfg.target != "tiny" and tokenizer.chat_template):
+        from adasd_core.bench.tasks import chat_eval_prompts
+
+        prompts = chat_eval_prompts(tokenizer, cfg.prompts)
     else:
         prompts = demo_prompts(tokenizer, cfg.prompts, cfg.prompt_tokens, cfg.max_tokens, context)
     count_tokens = (lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])) if tokenizer else None
@@ -462,7 +467,5 @@ def run_bench_serve(cfg: ServeBenchConfig, progress: bool = True, pair=None) -> 
         "in_process": local,
         "overhead": ratio,
     }
-    from adasd_core.bench.serve_report import write_outputs
-
     write_outputs(result, Path(cfg.out_dir), plots=cfg.plots)
     return result

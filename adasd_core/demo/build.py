@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from adasd_core.demo.data import HELD_OUT, Corpus, load_corpus
+from adasd_core.demo.report import make_report
 from adasd_core.device import cpu_autocast_dtype
 
 DEMO_DIR = Path(__file__).parent / "weights"
@@ -213,19 +214,6 @@ def train_model(
 
 
 @torch.inference_mode()
-def held_out_loss(model, stream: torch.Tensor, seq: int, windows: int) -> float:
-    """Mean next-token cross-entropy (nats) over consecutive held-out windows."""
-    total, count = 0.0, 0
-    n = min(windows, (stream.numel() - 1) // seq)
-    for i in range(n):
-        chunk = stream[i * seq : i * seq + seq + 1].long()[None]
-        logits = model(input_ids=chunk[:, :-1]).logits.float()
-        total += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
-        count += seq
-    return total / count
-
-
-@torch.inference_mode()
 def target_continuations(
     model, stream: torch.Tensor, cfg: "BuildConfig", batch_size: int = 32, on_batch: Callable[[int], None] | None = None
 ) -> torch.Tensor:
@@ -273,10 +261,6 @@ def _save(model, tokenizer, out: Path) -> None:
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     model.float()
     tokenizer.save_pretrained(out)
-
-
-def _dir_mib(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
 # --------------------------------------------------------------------------- build
@@ -376,8 +360,6 @@ def build(
             shutil.rmtree(tok_dir, ignore_errors=True)
 
     if "report" in stages:
-        from adasd_core.demo.report import make_report
-
         log["report"] = make_report(out, held_stream, cfg)
     log_path.write_text(json.dumps(log, indent=2))
     return log

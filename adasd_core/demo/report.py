@@ -6,12 +6,29 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from adasd_core.device import machine_info
-from adasd_core.demo.build import BuildConfig, _dir_mib, held_out_loss
 from adasd_core.engine import SpecConfig, SpeculativeEngine, decode_step_seconds
 from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
+
+
+@torch.inference_mode()
+def held_out_loss(model, stream: torch.Tensor, seq: int, windows: int) -> float:
+    """Mean next-token cross-entropy (nats) over consecutive held-out windows."""
+    total, count = 0.0, 0
+    n = min(windows, (stream.numel() - 1) // seq)
+    for i in range(n):
+        chunk = stream[i * seq : i * seq + seq + 1].long()[None]
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        total += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+        count += seq
+    return total / count
+
+
+def _dir_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
 def held_out_prompts(stream: torch.Tensor, n: int, length: int) -> list[list[int]]:
@@ -20,7 +37,8 @@ def held_out_prompts(stream: torch.Tensor, n: int, length: int) -> list[list[int
     return [stream[i * step : i * step + length].tolist() for i in range(n) if i * step + length <= stream.numel()]
 
 
-def make_report(out: Path, held_stream: torch.Tensor, cfg: BuildConfig) -> dict:
+def make_report(out: Path, held_stream: torch.Tensor, cfg) -> dict:
+    """cfg: the build's BuildConfig (adasd_core.demo.build)."""
     pair = load_pair(str(out / "target"), str(out / "draft"), device="cpu", dtype="float32")
     engine = SpeculativeEngine(pair)
     n_prompts, new_tokens = (24, 64) if cfg.max_files is None else (3, 16)

@@ -1,6 +1,6 @@
 """Fuzzing below the schema: mutated request bodies at the byte and JSON-escape level.
 
-    python -m scripts.reliability.bytefuzz --target demo --draft demo --cases 5000 --max-time 900
+    python -m scripts.reliability.bytefuzz --target tiny --draft tiny --cases 5000 --max-time 900
     python -m scripts.reliability.bytefuzz --url http://127.0.0.1:8000 --api-key KEY --cases 2000
 
 schemathesis (scripts/reliability/fuzz.py) only sends valid Unicode in well-formed JSON. This
@@ -374,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="an already running server (loopback only)")
     p.add_argument("--api-key", default="sk-adasd-fuzz")
     p.add_argument("--model", default="tiny", help="the served model name (with --url)")
-    p.add_argument("--target", default="demo")
-    p.add_argument("--draft", default="demo")
+    p.add_argument("--target", default="tiny")
+    p.add_argument("--draft", default="tiny")
     p.add_argument("--cases", type=int, default=2000)
     p.add_argument("--max-time", type=float, default=600, help="seconds for the whole run")
     p.add_argument("--seed", type=int, default=0)

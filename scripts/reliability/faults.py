@@ -1,6 +1,6 @@
 """Fault injection against a real server on 127.0.0.1, each scenario bounded in count and time.
 
-    python -m scripts.reliability.faults --target demo --draft demo              # all scenarios
+    python -m scripts.reliability.faults --target tiny --draft tiny              # all scenarios
     python -m scripts.reliability.faults --only kill_worker,sigterm --clients 16
 
 Scenarios (each starts its own server, so one fault cannot hide another):
@@ -355,8 +355,8 @@ def markdown(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.reliability.faults", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default="demo")
-    p.add_argument("--draft", default="demo")
+    p.add_argument("--target", default="tiny")
+    p.add_argument("--draft", default="tiny")
     p.add_argument("--api-key", default="sk-adasd-faults")
     p.add_argument("--clients", type=int, default=8, help="in-flight clients per scenario")
     p.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated subset of: " + ", ".join(SCENARIOS))

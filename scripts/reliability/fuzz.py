@@ -1,6 +1,6 @@
 """Fuzzing, long form: the schemathesis CLI (`st run`) against the server's own /openapi.json.
 
-    python -m scripts.reliability.fuzz --target demo --draft demo --max-examples 500 --max-time 1800
+    python -m scripts.reliability.fuzz --target tiny --draft tiny --max-examples 500 --max-time 1800
     python -m scripts.reliability.fuzz --url http://127.0.0.1:8000 --api-key KEY
 
 Every operation, checks `not_a_server_error` and `response_schema_conformance` (our responses
@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="an already running server (loopback only)")
     p.add_argument("--api-key", default="sk-adasd-fuzz")
-    p.add_argument("--target", default="demo")
-    p.add_argument("--draft", default="demo")
+    p.add_argument("--target", default="tiny")
+    p.add_argument("--draft", default="tiny")
     p.add_argument("--max-examples", type=int, default=200, help="examples per operation")
     p.add_argument("--max-time", type=int, default=600, help="seconds for the whole run")
     p.add_argument("--seed", type=int, default=0)

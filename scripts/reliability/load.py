@@ -1,6 +1,6 @@
 """Load / soak: N concurrent clients (half streaming, half not) for a fixed duration, loopback only.
 
-    python -m scripts.reliability.load --clients 64 --duration 300 --target demo --draft demo
+    python -m scripts.reliability.load --clients 64 --duration 300 --target tiny --draft tiny
     python -m scripts.reliability.load --clients 16 --duration 20 --url http://127.0.0.1:8000 --api-key KEY
 
 Prints a Markdown summary and writes JSON (--json). Reports failed requests (429s counted apart:
@@ -246,8 +246,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server (started here unless --url)")
     g.add_argument("--url", help="an already running server (loopback only), e.g. http://127.0.0.1:8000")
     g.add_argument("--api-key", default=None, help="API key (of --url, or set on the server started here)")
-    g.add_argument("--target", default="demo")
-    g.add_argument("--draft", default="demo")
+    g.add_argument("--target", default="tiny")
+    g.add_argument("--draft", default="tiny")
     g.add_argument("--model", default=None, help="model name to send (default: the served name)")
     g.add_argument("--max-running", type=int, default=8)
     g.add_argument("--max-queue", type=int, default=64)

@@ -76,7 +76,7 @@ def test_generate_hub_id_without_network(tmp_path):
     _assert_one_message(r.stdout + r.stderr)
     msg = r.stderr
     for what in ("meta-llama/Llama-3.2-1B", "--target", "cache", str(tmp_path / "hf_home"), "could not be reached",
-                 "'demo'", "HF_HUB_OFFLINE=1", "local model folder"):
+                 "'tiny'", "HF_HUB_OFFLINE=1", "local model folder"):
         assert what in msg, (what, msg)
 
 
@@ -85,7 +85,7 @@ def test_serve_nonexistent_path(tmp_path):
     r = _run(["serve", "--target", "/nonexistent", "--port", "0"], env)
     assert r.returncode == 1, r.stderr
     _assert_one_message(r.stdout + r.stderr)
-    assert "no folder at /nonexistent" in r.stderr and "'demo'" in r.stderr
+    assert "no folder at /nonexistent" in r.stderr and "'tiny'" in r.stderr
     # at debug level the traceback is there too
     r = _run(["serve", "--target", "/nonexistent", "--port", "0", "--log-level", "debug"], env)
     assert r.returncode == 1 and "Traceback" in r.stderr and "ModelNotFoundError" in r.stderr
@@ -96,12 +96,12 @@ def test_serve_nonexistent_path(tmp_path):
 
 def test_folder_without_weights(tmp_path):
     d = _folder(tmp_path, "noweights", ["config.json", "tokenizer.json", "tokenizer_config.json"])
-    r = runner.invoke(app, ["generate", "x", "--target", str(d), "--draft", "demo", "--device", "cpu"])
+    r = runner.invoke(app, ["generate", "x", "--target", str(d), "--draft", "tiny", "--device", "cpu"])
     assert r.exit_code == 1
     _assert_one_message(r.output)
     assert "has no weights" in r.output and "tokenizer.json" in r.output  # what it does hold
 
-    r = runner.invoke(app, ["generate", "x", "--target", str(d), "--draft", "demo", "--log-level", "debug"])
+    r = runner.invoke(app, ["generate", "x", "--target", str(d), "--draft", "tiny", "--log-level", "debug"])
     assert r.exit_code == 1 and "Traceback" in r.output
 
 
@@ -123,10 +123,10 @@ def test_bench_gets_the_same_message(tmp_path):
     assert "no folder at" in r.output
 
 
-def test_local_path_and_demo_still_load():
-    assert model_files.locate("demo", "draft").where == "demo"
+def test_local_path_and_tiny_still_load():
+    assert model_files.locate("tiny", "draft").where == "builtin"
     assert model_files.locate(str(DEMO_TARGET), "target").where == "local"
-    pair = models.load_pair(str(DEMO_TARGET), "demo", device="cpu")
+    pair = models.load_pair(str(DEMO_TARGET), "tiny", device="cpu")
     assert pair.vocab_size > 0
 
 
@@ -201,7 +201,7 @@ def _big_folder(tmp_path) -> Path:
 def test_pair_too_large_for_memory(tmp_path):
     d = _big_folder(tmp_path)
     assert model_files.parameter_count(d) == 4 * 10**11
-    r = runner.invoke(app, ["generate", "x", "--target", str(d), "--draft", "demo", "--device", "cpu"])
+    r = runner.invoke(app, ["generate", "x", "--target", str(d), "--draft", "tiny", "--device", "cpu"])
     assert r.exit_code == 1
     _assert_one_message(r.output)
     assert "do not fit on cpu" in r.output and "1.5 TiB" in r.output and "--dtype bfloat16" in r.output
@@ -212,9 +212,9 @@ def test_out_of_memory_while_loading(monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(models, "load_model", oom)
-    with pytest.raises(ModelLoadError, match=r"out of memory on cpu while loading the target model 'demo' "
+    with pytest.raises(ModelLoadError, match=r"out of memory on cpu while loading the target model 'tiny' "
                                              r"\(weights in float32: target .*MiB.*Tried to allocate"):
-        models.load_pair("demo", "demo", device="cpu")
+        models.load_pair("tiny", "tiny", device="cpu")
 
 
 def test_other_load_failures_are_one_message(monkeypatch, tmp_path):

@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from adasd_core.cli import app
-from adasd_core.demo.build import BuildConfig, encode_corpus, held_out_loss
+from adasd_core.demo.build import BuildConfig, encode_corpus
+from adasd_core.demo.report import held_out_loss
 from adasd_core.demo.data import HELD_OUT, load_corpus
 from adasd_core.demo.report import held_out_prompts
 from adasd_core.engine import SpecConfig, SpeculativeEngine
@@ -27,7 +28,7 @@ def _digest(folder):
 
 
 def test_quick_build_end_to_end_via_cli(tmp_path):
-    result = CliRunner().invoke(app, ["build-demo", "--quick", "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, ["build-tiny", "--quick", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     for role in ("target", "draft"):
         for name in ("config.json", "model.safetensors", "tokenizer.json"):

@@ -57,12 +57,12 @@ def test_mixed_greedy_batch_on_toy_models_matches_each_alone():
     assert run_batch(engine, requests) == alone
 
 
-@pytest.mark.parametrize("pair_name", ["random", "demo"])
+@pytest.mark.parametrize("pair_name", ["random", "tiny"])
 def test_mixed_greedy_batch_on_llama_pairs_matches_each_alone(pair_name, random_pair_dir):
     from adasd_core.models import load_pair
 
     pair = load_pair(str(random_pair_dir / "target"), str(random_pair_dir / "draft"), device="cpu") \
-        if pair_name == "random" else load_pair("demo", "demo", device="cpu")
+        if pair_name == "random" else load_pair("tiny", "tiny", device="cpu")
     engine = SpeculativeEngine(pair, calibrate=False, max_running=6)
     assert engine.target_pool.batched
     prompts = ["def parse(line):", "import os\nimport sys\n\nclass Config:\n    def __init__(self", "x = [",

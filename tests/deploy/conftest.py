@@ -2,7 +2,7 @@
 
 The static checks (hadolint, yamllint, Kubernetes schemas, promtool, compose schema) need
 only their tools. The live checks start the server the way the image does: the
-Dockerfile's CMD, run on this machine's CPU with ADASD_CONFIG=configs/demo.yaml, wait for
+Dockerfile's CMD, run on this machine's CPU with ADASD_CONFIG=configs/tiny.yaml, wait for
 /ready, send one completion, then read /metrics.
 """
 
@@ -33,7 +33,7 @@ from deploy_support import (  # noqa: E402
 
 @pytest.fixture(scope="session")
 def deploy_server(tmp_path_factory) -> Server:
-    """The image's default command (Dockerfile CMD) serving the demo config on the CPU."""
+    """The image's default command (Dockerfile CMD) serving the tiny config on the CPU."""
     port = free_port()
     cmd = localize_cmd(image_cmd(), port)
     log = tmp_path_factory.mktemp("adasd-server") / "server.log"

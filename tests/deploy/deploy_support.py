@@ -202,8 +202,8 @@ class Server:
 def server_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADASD_")}
     env.update(
-        ADASD_CONFIG=str(CONFIGS / "demo.yaml"),
-        HF_HUB_OFFLINE="1",  # the demo pair is embedded: nothing may be downloaded
+        ADASD_CONFIG=str(CONFIGS / "tiny.yaml"),
+        HF_HUB_OFFLINE="1",  # the tiny pair is embedded: nothing may be downloaded
         TRANSFORMERS_OFFLINE="1",
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
         PYTHONUNBUFFERED="1",

@@ -27,7 +27,8 @@ CHOICES = {
     "verification": {"bayes", "threshold", "none"},
 }
 PAIRS = {
-    "demo.yaml": ("demo", "demo"),
+    "smollm2.yaml": ("smollm2", "smollm2"),
+    "tiny.yaml": ("tiny", "tiny"),
     "llama-3.1-70b_llama-3.1-8b.yaml": ("meta-llama/Llama-3.1-70B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"),
     "llama-3.1-70b_llama-3.2-1b.yaml": ("meta-llama/Llama-3.1-70B-Instruct", "meta-llama/Llama-3.2-1B-Instruct"),
     "qwen2.5-72b_qwen2.5-7b.yaml": ("Qwen/Qwen2.5-72B-Instruct", "Qwen/Qwen2.5-7B-Instruct"),
@@ -73,7 +74,10 @@ def test_config_follows_the_contract(path: Path):
     assert config.get("trust_remote_code", False) is False
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if p.name != "demo.yaml"], ids=lambda p: p.name)
+BUILTIN = ("smollm2.yaml", "tiny.yaml")
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if p.name not in BUILTIN], ids=lambda p: p.name)
 def test_hub_pair_header_sizes(path: Path):
     """The comment header states the GPUs and the KV cache per token of target and draft."""
     config = load(path)
@@ -88,8 +92,9 @@ def test_hub_pair_header_sizes(path: Path):
     assert config["device_map"] == ("auto" if big else None)
 
 
-def test_demo_runs_anywhere():
-    config = load(CONFIGS / "demo.yaml")
+@pytest.mark.parametrize("name", BUILTIN)
+def test_builtin_pairs_run_anywhere(name):
+    config = load(CONFIGS / name)
     assert config["device"] in ("auto", "cpu") and config["dtype"] == "auto"
 
 

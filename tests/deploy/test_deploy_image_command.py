@@ -1,5 +1,5 @@
 """Check 8: the image's default command (the Dockerfile's CMD, JSON form), run directly on
-this machine's CPU with ADASD_CONFIG=configs/demo.yaml, serves a completion; and the
+this machine's CPU with ADASD_CONFIG=configs/tiny.yaml, serves a completion; and the
 image's HEALTHCHECK command succeeds against it."""
 
 from __future__ import annotations

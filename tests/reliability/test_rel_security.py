@@ -19,7 +19,7 @@ def app_routes() -> set[tuple[str, str]]:
     from server.app import build_app
     from server.settings import Settings
 
-    app = build_app(Settings(target="demo", draft="demo", api_key="k"))
+    app = build_app(Settings(target="tiny", draft="tiny", api_key="k"))
     out = set()
     for route in app.routes:
         for method in getattr(route, "methods", None) or ():
