@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/batch_invariance.py [--pair DIR] [--requests 60]
         [--tokens 32] [--batch 4] [--no-batch-aware] [--out result.json]
-    ... --throughput [--pair demo] [--batch 16] [--passes 3]
+    ... --throughput [--pair tiny] [--batch 16] [--passes 3]
 
 In process, on a pair folder with target/ and draft/ (default: the quick pair, built in seconds),
 with the server's settings (batch-aware cap, published warm-start snapshots): every probe request
@@ -107,14 +107,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     random.seed(0)
-    if args.pair == "demo":
-        pair = load_pair("demo", "demo", device="cpu", dtype="float32")
+    if args.pair == "tiny":
+        pair = load_pair("tiny", "tiny", device="cpu", dtype="float32")
     elif args.pair is None:
         from adasd_core.demo.build import BuildConfig, build
 
         args.pair = tempfile.mkdtemp(prefix="quick_pair_")
         build(Path(args.pair), BuildConfig.quick(), stages=("tokenizer", "target", "draft"), progress=False)
-    if args.pair != "demo":
+    if args.pair != "tiny":
         pair = load_pair(str(Path(args.pair) / "target"), str(Path(args.pair) / "draft"), device="cpu",
                          dtype="float32")
     engine = SpeculativeEngine(pair, max_running=args.batch, batch_aware=args.batch_aware)

@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/warm_nextline.py [--prompts 100] [--passes 3]
         [--temperature 0] [--out result.json]
 
-In process on the embedded pair, the next-line task of `adasd bench` (held-out lines, up to 32
+In process on the embedded tiny pair, the next-line task of `adasd bench` (held-out lines, up to 32
 tokens, stop at the line break). Rows, interleaved prompt by prompt in every pass:
 - vanilla: vanilla SD (K=5), the reference;
 - adasd cold: `warm_start: false`, every request starts empty;
@@ -32,8 +32,8 @@ from adasd_core.warm import Schedule
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", default="demo")
-    ap.add_argument("--draft", default="demo")
+    ap.add_argument("--target", default="tiny")
+    ap.add_argument("--draft", default="tiny")
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=0.0)
