@@ -116,7 +116,9 @@ def test_a_publication_mid_stream_leaves_running_requests_alone():
     long = [([i], SamplingParams(max_tokens=120, temperature=t, seed=i, ignore_eos=True), GREEDY[1])
             for i, t in ((5, 0.0), (6, 1.0))]
     out = run(engine, [*mine, *long], epoch=epoch)
-    assert engine.epoch > epoch  # published while they ran
+    for params, spec in mine:  # their families published while they ran
+        family = family_key(spec.method, spec.verification, params.greedy)
+        assert engine.published[family] is not engine.epochs[epoch][family]
     assert out[:2] == alone
     # new requests read the new snapshot, and their fingerprint says so
     assert engine.new_sequence(*mine[0]).fingerprint != engine.new_sequence(*mine[0], epoch=epoch).fingerprint
@@ -193,9 +195,8 @@ def test_snapshot_and_plan_survive_a_restart(tmp_path):
     warmed(engine)
     path = tmp_path / "state.json"
     save_state(path, "pair", engine.shared, engine.published, engine.plan_costs.to_json())
-    mine = [([3], *GREEDY), ([4], *SEEDED)]
-    before = [run(engine, [r], epoch=engine.epoch)[0] for r in mine]
-    fps = engine.fingerprints()
+    epoch, fps, mine = engine.epoch, engine.fingerprints(), [([3], *GREEDY), ([4], *SEEDED)]
+    before = [run(engine, [r], epoch=epoch)[0] for r in mine]  # (these may publish: pinned to the saved epoch)
 
     # a new process: other timings measured at its start, then the saved state restored
     restarted = make_engine(costs=StepCosts([1, 4], [1, 21], [[1.0, 3.0], [1.0, 30.0]], [0.4, 0.4]))
@@ -204,7 +205,7 @@ def test_snapshot_and_plan_survive_a_restart(tmp_path):
     restarted.restore_published(state.published)
     restarted.plan_costs = StepCosts.from_json(state.plan)
     assert restarted.fingerprints() == fps
-    assert [run(restarted, [r])[0] for r in mine] == before
+    assert [run(restarted, [r], epoch=0)[0] for r in mine] == before  # the restored state is epoch 0
     # without the saved plan the fingerprint of an adaptive method says the plan changed
     restarted.plan_costs = restarted.costs
     assert restarted.fingerprints()[family_key("adasd", "bayes", True)] != fps[family_key("adasd", "bayes", True)]
