@@ -116,7 +116,7 @@ def test_a_publication_mid_stream_leaves_running_requests_alone():
     long = [([i], SamplingParams(max_tokens=120, temperature=t, seed=i, ignore_eos=True), GREEDY[1])
             for i, t in ((5, 0.0), (6, 1.0))]
     out = run(engine, [*mine, *long], epoch=epoch)
-    for params, spec in mine:  # their families published while they ran
+    for _, params, spec in mine:  # their families published while they ran
         family = family_key(spec.method, spec.verification, params.greedy)
         assert engine.published[family] is not engine.epochs[epoch][family]
     assert out[:2] == alone
