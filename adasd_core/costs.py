@@ -72,8 +72,10 @@ class StepCosts:
 
     def best_draft_length(self, batch: int, acceptance: float, k_max: int) -> int:
         """The draft length (0..k_max) with the most tokens per second at this batch size."""
-        a = min(max(acceptance, 0.0), 0.99)
-        key = (batch, round(a, 2), k_max)
+        # the answer is computed at the rounded acceptance it is cached under, so it is a function of the
+        # arguments alone (not of which request first filled the cache: issue 15)
+        a = round(min(max(acceptance, 0.0), 0.99), 2)
+        key = (batch, a, k_max)
         if key not in self._cache:
             bucket = self._bucket(batch)
             spec, plain = self.ratio.get((bucket, True), 1.0), self.ratio.get((bucket, False), 1.0)

@@ -212,6 +212,15 @@ def test_snapshot_and_plan_survive_a_restart(tmp_path):
     assert restarted.fingerprints()["-"] == fps["-"]
 
 
+def test_the_best_draft_length_does_not_depend_on_the_order_of_calls():
+    """Its cache is shared by every request: an answer must not depend on who asked first."""
+    xs = [0.2 + 0.001 * i for i in range(790)]
+    first, second = alone_pays(), alone_pays()
+    forward = [first.best_draft_length(1, a, 20) for a in xs]
+    backward = [second.best_draft_length(1, a, 20) for a in reversed(xs)][::-1]
+    assert forward == backward and len(set(forward)) > 3
+
+
 def test_step_costs_roundtrip_exactly():
     costs = StepCosts([1, 2], [1, 4], [[0.1 / 3, 0.2], [0.3, float("inf")]], [0.01, 0.02], [0.005, 0.006])
     import json
