@@ -50,9 +50,10 @@ def run(engine, requests, epoch):
     return [out[id(s)] for s in seqs]
 
 
-def logit_spread(engine, prompts, batch: int) -> float:
-    """Largest |batched - alone| over the target's logits of a 4-token verify."""
-    pool, worst = engine.target_pool, 0.0
+def logit_spread(engine, prompts, batch: int) -> dict:
+    """Largest |batched - alone| over the target's logits: of a 4-token verify run with ragged batch
+    mates, and of one decode step after a prompt prefilled with the mates' prompts in the same forward."""
+    pool, verify, prefill = engine.target_pool, 0.0, 0.0
     slots = list(range(batch))
     for p in prompts[: 8]:
         feeds = [p[:-4]] + [q[:-4] for q in random.sample(prompts, batch - 1)]
@@ -61,10 +62,18 @@ def logit_spread(engine, prompts, batch: int) -> float:
         pool.rollback(0, len(feeds[0]))
         mates = [list(range(1, 2 + i % 4)) for i in range(batch - 1)]  # ragged, as in a round
         together = pool.forward(slots, [p[-4:]] + mates, all_logits=True)[:4]
-        worst = max(worst, float((together - alone).abs().max()))
+        verify = max(verify, float((together - alone).abs().max()))
         for s in slots:
             pool.clear(s)
-    return worst
+        pool.forward([0], [feeds[0]])
+        alone = pool.forward([0], [p[-4:-3]]).clone()
+        pool.clear(0)
+        pool.forward(slots, feeds)
+        together = pool.forward([0], [p[-4:-3]])
+        prefill = max(prefill, float((together - alone).abs().max()))
+        for s in slots:
+            pool.clear(s)
+    return {"verify": verify, "prefill": prefill}
 
 
 def throughput(engine, prompts, args) -> dict:
