@@ -72,8 +72,10 @@ class StepCosts:
 
     def best_draft_length(self, batch: int, acceptance: float, k_max: int) -> int:
         """The draft length (0..k_max) with the most tokens per second at this batch size."""
-        a = min(max(acceptance, 0.0), 0.99)
-        key = (batch, round(a, 2), k_max)
+        # the answer is computed at the rounded acceptance it is cached under, so it is a function of the
+        # arguments alone (not of which request first filled the cache: issue 15)
+        a = round(min(max(acceptance, 0.0), 0.99), 2)
+        key = (batch, a, k_max)
         if key not in self._cache:
             bucket = self._bucket(batch)
             spec, plain = self.ratio.get((bucket, True), 1.0), self.ratio.get((bucket, False), 1.0)
@@ -96,6 +98,24 @@ class StepCosts:
     def frozen(self) -> "StepCosts":
         """The table alone, without the online ratios (plans that must not depend on the server's history)."""
         return StepCosts(self.batch_sizes, self.lengths, self.target, self.draft, self.draft_warm, self.measured)
+
+    def to_json(self) -> dict:
+        """The table (not the online ratios): saved with the warm-start state, so that a restarted
+        server plans reproducible requests as before instead of from its new timings."""
+        return {"batch_sizes": list(self.batch_sizes), "lengths": list(self.lengths),
+                "target": [list(r) for r in self.target], "draft": list(self.draft),
+                "draft_warm": None if self.draft_warm is None else list(self.draft_warm), "measured": self.measured}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StepCosts":
+        floats = lambda xs: [float(x) for x in xs]  # noqa: E731
+        costs = cls([int(b) for b in data["batch_sizes"]], [int(n) for n in data["lengths"]],
+                    [floats(r) for r in data["target"]], floats(data["draft"]),
+                    None if data.get("draft_warm") is None else floats(data["draft_warm"]), bool(data["measured"]))
+        if not (len(costs.target) == len(costs.batch_sizes) == len(costs.draft)
+                and all(len(r) == len(costs.lengths) for r in costs.target)):
+            raise ValueError("a step-cost table whose rows do not match its sizes")
+        return costs
 
     def summary(self) -> dict:
         return {

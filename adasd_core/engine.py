@@ -38,12 +38,22 @@ from adasd_core.sequence import Delta, PromptLogprobs, Sequence, TokenLogprob, T
 from adasd_core.stats import GenerationStats
 from adasd_core.validation import check_prompt_ids
 from adasd_core.verification import RelaxedCheck, accept_candidates, entropy, make_relaxed_check
-from adasd_core.warm import SharedStats, family_key
+from adasd_core.warm import (
+    ADAPTIVE_METHODS,
+    Schedule,
+    SharedStats,
+    Snapshot,
+    all_families,
+    digest,
+    family_key,
+    fingerprint,
+)
 
 METHODS = ("ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid")
 SCORE_ROWS = 256  # prompt logprobs are computed this many positions at a time (float32 [rows, V] each)
 PRIOR_ACCEPTANCE = 0.6  # assumed before a method has any history: optimistic, so new requests draft and learn
 VERIFICATIONS = ("bayes", "threshold", "none")
+MAX_EPOCHS = 256  # published states kept for requests pinned to one (a family stops publishing once frozen)
 __all__ = ["METHODS", "VERIFICATIONS", "Delta", "GenerationResult", "PromptLogprobs", "Sequence", "SpecConfig",
            "SpeculativeEngine", "TokenLogprob", "decode_step_seconds"]
 
@@ -168,7 +178,16 @@ class SpeculativeEngine:
         self.rounds = 0
         self.acceptance_prior: dict[str, float] = {}  # per method, from finished rounds of all requests
         self.shared: dict[str, SharedStats] = {}  # warm start: per family, from finished rounds of all requests
-        self.costs = self.frozen_costs = step_costs.StepCosts.nominal()
+        # published snapshots (adasd_core.warm): with a schedule (the server), new requests start from these,
+        # never from the live `shared`; without one (in process) they start from `shared` itself
+        self.schedule: Schedule | None = None
+        self.published: dict[str, Snapshot] = {}
+        self.epoch = 0  # count of publications; epochs[e] is the published dict after the e-th
+        self.epochs: dict[int, dict[str, Snapshot]] = {0: self.published}
+        self.static_fingerprint = ""  # the server's identity and defaults (server.worker sets it)
+        # the step costs reproducible requests plan with: measured once, then saved with the warm-start state
+        self.costs = self.plan_costs = step_costs.StepCosts.nominal()
+        self._plan_digest: tuple = (None, "")
         self.target_step_s = 0.0
         if calibrate:
             self.calibrate()
@@ -185,7 +204,7 @@ class SpeculativeEngine:
         """Measure the step costs (the unit of the speedup estimate and the batch-aware cap)."""
         assert not (self.running or self.prefilling or self.scoring), "calibrate() while requests run"
         self.costs = step_costs.measure(self.target_pool, self.draft_pool, self.pair.vocab_size, self.slots)
-        self.frozen_costs = self.costs.frozen()
+        self.plan_costs = self.costs.frozen()
         self.target_step_s = self.costs.target_cost(1, 1)
         return self.target_step_s
 
@@ -207,8 +226,9 @@ class SpeculativeEngine:
     # ---------------------------------------------------------------- requests
 
     def new_sequence(self, prompt: str | list[int], params: SamplingParams | None = None,
-                     spec: SpecConfig | None = None, request_id: str = "") -> Sequence:
-        """Validate a request and build its state (no model work)."""
+                     spec: SpecConfig | None = None, request_id: str = "", epoch: int | None = None) -> Sequence:
+        """Validate a request and build its state (no model work). `epoch`: the published state it
+        starts from (the one its fingerprint names; default the latest)."""
         pair, params, spec = self.pair, params or SamplingParams(), spec or self.default_spec
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(ids, pair.vocab_size, pair.context_length)
@@ -219,17 +239,75 @@ class SpeculativeEngine:
             stats.trace = []
         policy, relaxed = spec.draft_policy(), spec.relaxed_check()
         family = family_key(spec.method, spec.verification, params.greedy)
+        start: SharedStats | Snapshot | None = None  # the state it starts from
         if family is not None:
             shared = self.shared.setdefault(family, SharedStats(kind=relaxed.name))
             stats.warm_start = spec.warm_start
             if spec.warm_start:
-                relaxed = shared.seed(policy, relaxed)
+                if self.schedule is None:
+                    start = shared
+                else:
+                    start = self.epochs.get(epoch, self.published).get(family) or Snapshot.empty(relaxed.name)
+                relaxed = start.seed(policy, relaxed)
+        # a request whose tokens the draft lengths decide (seeded, or greedy with a relaxed check) plans them
+        # as if alone, from saved state only, so its output depends on neither its batch mates nor the
+        # server's timings; the others (greedy lossless: their tokens are the target's whatever the
+        # lengths; sampled without a seed) plan by the batch size
+        plan_prior = None
+        if params.seed is not None or (params.greedy and relaxed.name != "none"):
+            acceptance = (start.stats if isinstance(start, Snapshot) else start).acceptance if start else None
+            plan_prior = PRIOR_ACCEPTANCE if acceptance is None else acceptance
+        fp = ""
+        if self.schedule is not None:
+            snap = start if isinstance(start, Snapshot) else (Snapshot.empty(relaxed.name) if family else None)
+            fp = self._fingerprint(spec.method, snap)
         return Sequence(
             prompt_ids=ids, params=params, method=spec.method, policy=policy, relaxed=relaxed,
             generator=make_generator(params.seed, pair.device), eos=set() if params.ignore_eos else pair.eos_token_ids,
             detok=IncrementalDetokenizer(pair.tokenizer, ids), stop=StopStringMatcher(params.stop), stats=stats,
             context_length=pair.context_length, request_id=request_id, family=family, token_sources=spec.token_sources,
+            plan_prior=plan_prior, fingerprint=fp,
         )
+
+    # ---------------------------------------------------------------- published state (warm start)
+
+    def publish_due(self) -> list[str]:
+        """Publish every family whose schedule says so (between engine steps: a running request keeps
+        the copy it started from). Returns the families published."""
+        if self.schedule is None:
+            return []
+        due = [k for k, live in self.shared.items() if self.schedule.due(live, self.published.get(k))]
+        if due:
+            self.published = {**self.published, **{k: Snapshot(self.shared[k]) for k in due}}
+            self.epoch += 1
+            self.epochs[self.epoch] = self.published
+            self.epochs.pop(self.epoch - MAX_EPOCHS, None)
+        return due
+
+    def restore_published(self, published: dict[str, Snapshot]) -> None:
+        """Start from saved snapshots (a restarted worker): they are epoch 0 of this process."""
+        self.published = dict(published)
+        self.epoch, self.epochs = 0, {0: self.published}
+
+    @property
+    def plan_digest(self) -> str:
+        if self._plan_digest[0] is not self.plan_costs:  # computed once per plan
+            self._plan_digest = (self.plan_costs, digest(self.plan_costs.to_json()))
+        return self._plan_digest[1]
+
+    def _fingerprint(self, method: str, snap: Snapshot | None) -> str:
+        plan = self.plan_digest if (self.batch_aware and method in ADAPTIVE_METHODS) else None
+        return fingerprint(self.static_fingerprint, plan, snap.digest if snap is not None else None)
+
+    def fingerprints(self, epoch: int | None = None) -> dict[str, str]:
+        """{warm.fingerprint_key: system_fingerprint} of every request kind at a published epoch."""
+        published = self.epochs.get(epoch, self.published) if epoch is not None else self.published
+        out = {"-": self._fingerprint("ar", None)}
+        for family in all_families(METHODS, VERIFICATIONS):
+            method, kind, _ = family.split("/")
+            out[family] = self._fingerprint(method, published.get(family) or Snapshot.empty(kind))
+            out[family + "#cold"] = self._fingerprint(method, Snapshot.empty(kind))
+        return out
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; it gets a slot and prefills in the next steps."""
@@ -263,6 +341,7 @@ class SpeculativeEngine:
             events += self._prefill_chunk(budget)
         if self.running:
             events += self._round(list(self.running))
+        self.publish_due()
         return events
 
     def _admit(self) -> None:
@@ -371,8 +450,8 @@ class SpeculativeEngine:
             return 0
         cap = min(seq.remaining - 1, seq.policy.max_draft)  # the round always adds one target token
         if self.batch_aware and seq.policy.adaptive and cap > 0:
-            if seq.params.seed is not None:  # plans as if alone, so its output does not depend on its batch mates
-                best = self.frozen_costs.best_draft_length(1, seq.acceptance_estimate(PRIOR_ACCEPTANCE), cap)
+            if seq.plan_prior is not None:  # reproducible: as if alone, from the saved plan and its start state
+                best = self.plan_costs.best_draft_length(1, seq.acceptance_estimate(seq.plan_prior), cap)
             else:
                 prior = self.acceptance_prior.get(seq.method, PRIOR_ACCEPTANCE)
                 best = self.costs.best_draft_length(batch, seq.acceptance_estimate(prior), cap)
@@ -384,6 +463,9 @@ class SpeculativeEngine:
     def _round(self, seqs: list[Sequence]) -> list[tuple[Sequence, Delta | Exception]]:
         lengths = [(self.target_pool.length(s.slot), self.draft_pool.length(s.slot) if self.draft_pool else 0)
                    for s in seqs]
+        # the drafts of a failed batch drew from the sampled requests' generators: a retry starts from the
+        # same draws, so a seeded request gives the same tokens whether or not its batch failed
+        rng = [s.generator.get_state() if len(seqs) > 1 and not s.params.greedy else None for s in seqs]
         try:
             return self._round_batch(seqs)
         except Exception as exc:
@@ -393,7 +475,9 @@ class SpeculativeEngine:
                 return [(seqs[0], exc)]
         # the batch failed before any sequence changed: undo its cache writes, then run one sequence
         # at a time so that only the one that fails ends
-        for seq, (t_len, d_len) in zip(seqs, lengths):
+        for seq, (t_len, d_len), state in zip(seqs, lengths, rng):
+            if state is not None:
+                seq.generator.set_state(state)
             self.target_pool.rollback(seq.slot, t_len)
             if self.draft_pool is not None:
                 self.draft_pool.rollback(seq.slot, min(d_len, self.draft_pool.length(seq.slot)))
@@ -485,7 +569,7 @@ class SpeculativeEngine:
             rejected_h = [h for h, std in zip(draft.entropies, verdict.standard) if not std]
             seq.policy.update(rejected_h, all_accepted=n_acc == k)
             if seq.family is not None:  # the server's state learns from every request's rounds
-                self.shared[seq.family].observe(verdict.distances, verdict.standard, rejected_h)
+                self.shared[seq.family].observe(verdict.distances, verdict.standard, rejected_h, n_acc)
             prior = self.acceptance_prior.get(seq.method, PRIOR_ACCEPTANCE)
             self.acceptance_prior[seq.method] = 0.98 * prior + 0.02 * (n_acc / (n_acc + (n_acc < k)))
         n_standard = sum(verdict.standard[:n_acc])

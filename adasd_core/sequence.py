@@ -79,6 +79,10 @@ class Sequence:
     request_id: str = ""
     family: str | None = None  # warm-start statistics family (adasd_core.warm); None: learns nothing
     token_sources: bool = False  # report where each emitted token came from (Delta.sources)
+    # reproducible requests (seeded, or greedy with a relaxed check): the acceptance their draft plan shrinks
+    # towards, from the state they started from; None: they plan by the batch size (SpeculativeEngine._draft_cap)
+    plan_prior: float | None = None
+    fingerprint: str = ""  # the system_fingerprint of what it started from (a server's engine sets it)
     tokens: list[int] = field(default_factory=list)
     slot: int = -1  # KV slot in both pools while admitted
     prefilled: int = 0  # prompt tokens already in the caches (all but the last are prefilled)

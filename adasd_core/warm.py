@@ -8,11 +8,19 @@ observations, labelled as the request's own statistics are (the standard check's
 request starts from a copy and then learns from its own rounds; `warm_start=False` starts empty
 (the per-request semantics of shared/ADASD.md). The state is small (at most 2 x 256 distances per
 family) and serialises to JSON with the pair's identity, so a restarted worker resumes from it.
+
+Reproducibility (issue 15): in the server, requests do not read the live state, which every round
+of every request moves, but a published `Snapshot` of it. `Schedule` says when a family's live state
+is published: first after `first` rounds, then each time its rounds have doubled, and never again once
+a published snapshot has `freeze` rounds (converged: the KDE windows are long full and T_G's mean is
+well known). A snapshot is immutable and named by a digest of its content; the digest, the pair's
+identity and the draft plan (`StepCosts` frozen at the first start) make the `system_fingerprint`.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +33,7 @@ from adasd_core.drafting import EntropyStop
 from adasd_core.verification import RelaxedCheck, make_relaxed_check
 
 log = logging.getLogger("adasd.warm")
-FORMAT = 1
+FORMAT = 2  # 2: published snapshots and the draft plan saved with the live state
 
 
 @dataclass
@@ -34,6 +42,8 @@ class SharedStats:
     sum_rejected: float = 0.0  # T_G: entropies of every rejected candidate
     n_rejected: int = 0
     rounds: int = 0
+    accepted: int = 0  # candidates accepted (standard or relaxed) / examined: the family's acceptance
+    examined: int = 0
     relaxed: RelaxedCheck = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -44,15 +54,24 @@ class SharedStats:
     def entropy_threshold(self) -> float | None:
         return self.sum_rejected / self.n_rejected if self.n_rejected else None
 
+    @property
+    def acceptance(self) -> float | None:
+        """P(a candidate is accepted | the ones before it were), over every round learned from."""
+        return self.accepted / self.examined if self.examined else None
+
     def seed(self, policy, relaxed: RelaxedCheck) -> RelaxedCheck:
         """Start a request from this state: T_G's sums into its policy; returns its relaxed check."""
         if isinstance(policy, EntropyStop):
             policy.sum_rejected, policy.n_rejected = self.sum_rejected, self.n_rejected
         return copy.deepcopy(self.relaxed) if relaxed.name == self.relaxed.name else relaxed
 
-    def observe(self, distances: list[float] | None, standard: list[bool], rejected_entropies: list[float]) -> None:
-        """One finished round's observations (the candidates it examined)."""
+    def observe(self, distances: list[float] | None, standard: list[bool], rejected_entropies: list[float],
+                n_accepted: int | None = None) -> None:
+        """One finished round's observations (the candidates it examined; `n_accepted` of them kept)."""
         self.rounds += 1
+        if n_accepted is not None:
+            self.accepted += n_accepted
+            self.examined += len(standard)
         self.sum_rejected += sum(rejected_entropies)
         self.n_rejected += len(rejected_entropies)
         if distances is not None:
@@ -64,14 +83,83 @@ class SharedStats:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "sum_rejected": self.sum_rejected, "n_rejected": self.n_rejected,
-                "rounds": self.rounds, "relaxed": self.relaxed.to_json()}
+                "rounds": self.rounds, "accepted": self.accepted, "examined": self.examined,
+                "relaxed": self.relaxed.to_json()}
 
     @classmethod
     def from_json(cls, data: dict) -> "SharedStats":
         s = cls(kind=data["kind"], sum_rejected=float(data["sum_rejected"]), n_rejected=int(data["n_rejected"]),
-                rounds=int(data.get("rounds", 0)))
+                rounds=int(data.get("rounds", 0)), accepted=int(data.get("accepted", 0)),
+                examined=int(data.get("examined", 0)))
         s.relaxed.load_json(data["relaxed"])
         return s
+
+
+def digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Snapshot:
+    """A published, immutable copy of one family's statistics: what new requests start from."""
+
+    def __init__(self, stats: SharedStats):
+        self.stats = SharedStats.from_json(stats.to_json())  # a copy that nothing else holds
+        self.digest = digest(self.stats.to_json())
+
+    @staticmethod
+    @functools.cache
+    def empty(kind: str) -> "Snapshot":
+        """What a family starts from before its first publication, and a cold request always."""
+        return Snapshot(SharedStats(kind=kind))
+
+    @property
+    def rounds(self) -> int:
+        return self.stats.rounds
+
+    def seed(self, policy, relaxed: RelaxedCheck) -> RelaxedCheck:
+        return self.stats.seed(policy, relaxed)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a family's live statistics are published: at `first` rounds, then whenever they have
+    doubled since the last snapshot, until a snapshot holds `freeze` rounds (0: never freeze)."""
+
+    first: int = 32
+    freeze: int = 4096
+
+    def frozen(self, published: Snapshot | None) -> bool:
+        return published is not None and self.freeze > 0 and published.rounds >= self.freeze
+
+    def due(self, live: SharedStats, published: Snapshot | None) -> bool:
+        if self.frozen(published):
+            return False
+        last = published.rounds if published is not None else 0
+        return live.rounds >= max(self.first, 2 * last)
+
+
+def fingerprint(static: str, plan: str | None, snapshot: str | None) -> str:
+    """The OpenAI `system_fingerprint` of a request: what it reads besides its own fields (the
+    server's identity and defaults, the draft plan when its method drafts adaptively, the snapshot
+    of its family when it starts warm or an empty one when cold)."""
+    return "fp_" + digest([static, plan or "", snapshot or ""])[:12]
+
+
+ADAPTIVE_METHODS = ("gen-only", "adasd", "hybrid")  # their draft length follows a plan (the batch-aware cap)
+
+
+def fingerprint_key(method: str, verification: str, greedy: bool, warm_start: bool) -> str:
+    """Which entry of the worker's fingerprint table a request reads (the front end stamps its
+    response with it before the worker has seen the request)."""
+    family = family_key(method, verification, greedy)
+    if family is None:
+        return "-"
+    return family if warm_start else family + "#cold"
+
+
+def all_families(methods, verifications) -> list[str]:
+    keys = {family_key(m, v, g) for m in methods for v in verifications for g in (True, False)}
+    return sorted(k for k in keys if k is not None)
 
 
 def family_key(method: str, verification: str, greedy: bool) -> str | None:
@@ -97,32 +185,50 @@ def pair_identity(pair, extra: dict | None = None) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def save_state(path: str | os.PathLike, identity: str, shared: dict[str, SharedStats]) -> None:
-    """Write atomically (a crash mid-write leaves the previous file)."""
+def save_state(path: str | os.PathLike, identity: str, shared: dict[str, SharedStats],
+               published: dict[str, Snapshot] | None = None, plan: dict | None = None) -> None:
+    """Write atomically (a crash mid-write leaves the previous file): the live statistics, the
+    published snapshots and the draft plan (StepCosts.to_json)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"format": FORMAT, "identity": identity,
-                       "families": {k: v.to_json() for k, v in shared.items()}})
+                       "families": {k: v.to_json() for k, v in shared.items()},
+                       "published": {k: v.stats.to_json() for k, v in (published or {}).items()},
+                       "plan": plan})
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(body)
     os.replace(tmp, path)
 
 
-def load_state(path: str | os.PathLike, identity: str) -> dict[str, SharedStats]:
-    """The saved families, or {} when the file is missing, unreadable or for another pair."""
+@dataclass
+class SavedState:
+    families: dict[str, SharedStats] = field(default_factory=dict)  # live
+    published: dict[str, Snapshot] = field(default_factory=dict)
+    plan: dict | None = None  # StepCosts.to_json() of the draft plan
+
+
+def load_full(path: str | os.PathLike, identity: str) -> SavedState:
+    """Everything saved, or an empty state when the file is missing, unreadable or for another pair."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        return {}
+        return SavedState()
     except (OSError, ValueError) as exc:
         log.warning("ignoring the warm-start state %s: %s", path, exc)
-        return {}
+        return SavedState()
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("identity") != identity:
         log.warning("ignoring the warm-start state %s: saved for another model pair or format", path)
-        return {}
+        return SavedState()
     try:
-        return {k: SharedStats.from_json(v) for k, v in data["families"].items()}
+        return SavedState({k: SharedStats.from_json(v) for k, v in data["families"].items()},
+                          {k: Snapshot(SharedStats.from_json(v)) for k, v in (data.get("published") or {}).items()},
+                          data.get("plan"))
     except (KeyError, TypeError, ValueError) as exc:
         log.warning("ignoring the warm-start state %s: %s", path, exc)
-        return {}
+        return SavedState()
+
+
+def load_state(path: str | os.PathLike, identity: str) -> dict[str, SharedStats]:
+    """The saved live families, or {} when the file is missing, unreadable or for another pair."""
+    return load_full(path, identity).families

@@ -32,6 +32,9 @@ HELP = {
     "batch_aware": "cap adaptive drafts by what pays at the current batch size (off: for experiments)",
     "vllm_metric_names": "also publish the load gauges under vLLM's names (vllm:num_requests_waiting, ...) for "
                          "endpoint pickers configured for vLLM",
+    "warm_epoch_rounds": "a method family's warm-start statistics are first published after this many rounds, "
+                         "then each time its rounds double",
+    "warm_freeze_rounds": "no publication after a snapshot of this many rounds (0: never freeze)",
     "max_body_bytes": "largest request body (413 beyond)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
 }

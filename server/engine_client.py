@@ -91,9 +91,10 @@ class _Slot:
 class RequestGroup:
     """The generations of one HTTP request; iterate for (index, Output) until all have ended."""
 
-    def __init__(self, client: "EngineClient", size: int):
+    def __init__(self, client: "EngineClient", size: int, fingerprint: str | None = None):
         self.client = client
         self.size = size
+        self.fingerprint = fingerprint  # system_fingerprint: the published state every generation reads
         self.slots: list[_Slot] = []
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         self.ended = 0
@@ -132,6 +133,9 @@ class EngineClient:
         self.on_fatal = on_fatal
         self.state = "starting"  # starting | ready | restarting | failed | stopping
         self.info: dict | None = None  # from the worker's "ready" message
+        # the worker's published warm-start state: its epoch and {warm.fingerprint_key: fingerprint}
+        self.epoch: int | None = None
+        self.fingerprints: dict[str, str] = {}
         self.last_error: str | None = None
         self._worker: _WorkerHandle | None = None
         self._slots: dict[str, _Slot] = {}
@@ -268,8 +272,9 @@ class EngineClient:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, subs: list[SubRequest], method: str) -> RequestGroup:
-        """Queue a request's generations, or refuse all of them (503 not ready, 429 queue full)."""
+    def submit(self, subs: list[SubRequest], method: str, fingerprint_key: str | None = None) -> RequestGroup:
+        """Queue a request's generations, or refuse all of them (503 not ready, 429 queue full).
+        They are pinned to the worker's latest published epoch, whose fingerprint the group carries."""
         self.check_ready()
         if len(subs) > self.capacity:
             raise InvalidRequestError(
@@ -280,13 +285,13 @@ class EngineClient:
                 self.metrics.observe_request(method, "rejected", None)
             raise QueueFullError(f"the request queue is full ({len(self._slots)} generations in flight, "
                                  f"capacity {self.capacity}); retry later")
-        group = RequestGroup(self, len(subs))
+        group = RequestGroup(self, len(subs), self.fingerprints.get(fingerprint_key) if fingerprint_key else None)
         now = time.monotonic()
         for i, sub in enumerate(subs):
             slot = _Slot(uuid.uuid4().hex, group, i, method, now)
             self._slots[slot.rid] = slot
             group.slots.append(slot)
-            self._worker.outbox.put(("submit", slot.rid, sub.prompt_ids, sub.params, sub.spec, now))
+            self._worker.outbox.put(("submit", slot.rid, sub.prompt_ids, sub.params, sub.spec, now, self.epoch))
         self._update_gauges()
         return group
 
@@ -308,6 +313,7 @@ class EngineClient:
             self.metrics.worker_up.set(1)
             self.metrics.set_pool(self.info)
             self.metrics.observe_warm_state(self.info.pop("warm_state", None))
+            self.epoch, self.fingerprints = self.info.pop("epoch", None), self.info.pop("fingerprints", None) or {}
             log.info("worker pid %s ready (context %s tokens)", handle.pid, self.info["context_length"])
             return
         if kind == "fatal":
@@ -315,6 +321,9 @@ class EngineClient:
             return
         if kind == "kv":
             self.metrics.set_kv_tokens(msg[1], msg[2])
+            return
+        if kind == "published":
+            self.epoch, self.fingerprints = msg[1], msg[2]
             return
         slot = self._slots.get(msg[1])
         if slot is None:

@@ -301,8 +301,8 @@ class AdasdMetrics:
         self.js_threshold = lazy_gauge("adasd_js_threshold", "T_V at the end of the most recently finished request "
                                   "(threshold verification).")
 
-        # the server's warm-start statistics (adasd_core.warm), per family "method/check/greedy|sampled":
-        # what the next request of that family starts from
+        # the server's warm-start statistics (adasd_core.warm), per family "method/check/greedy|sampled": the
+        # live state, which learns from every round; new requests start from its last published snapshot
         family = ["model_name", "family"]
         self.warm_entropy_threshold = Gauge(registry, "adasd_warm_entropy_threshold", "T_G of the server's "
                                             "warm-start statistics (mean entropy of every rejected candidate so far).",
@@ -313,6 +313,9 @@ class AdasdMetrics:
                                       "KDEs (bayes verification), by group.", family + ["group"])
         self.warm_rounds = Gauge(registry, "adasd_warm_rounds", "Rounds the server's warm-start statistics have "
                                  "learned from.", family)
+        self.warm_published_rounds = Gauge(registry, "adasd_warm_published_rounds", "Rounds in the published "
+                                           "warm-start snapshot new requests start from (0: none yet; it changes only "
+                                           "at publications, and so does system_fingerprint).", family)
 
         for status in REQUEST_STATUSES:  # make the common series exist at 0
             self.requests.labels(model_name, default_method, status)
@@ -371,6 +374,7 @@ class AdasdMetrics:
         for family, s in (state or {}).items():
             labels = (self.model_name, family)
             self.warm_rounds.labels(*labels).set(s.get("rounds", 0))
+            self.warm_published_rounds.labels(*labels).set(s.get("published_rounds", 0))
             if s.get("entropy_threshold") is not None:
                 self.warm_entropy_threshold.labels(*labels).set(s["entropy_threshold"])
             if s.get("js_threshold") is not None:

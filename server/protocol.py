@@ -216,6 +216,7 @@ class CompletionResponse(OpenAIBaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = None  # what the answer depends on besides the request (README: Reproducibility)
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 
@@ -252,6 +253,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
 

@@ -167,6 +167,13 @@ class OpenAIServing:
             exc.param = f"adasd.{exc.param}" if exc.param else "adasd"
             raise
 
+    @staticmethod
+    def fingerprint_key(spec, params) -> str:
+        """The worker's fingerprint table entry of a request (every choice has the same spec and temperature)."""
+        from adasd_core.warm import fingerprint_key
+
+        return fingerprint_key(spec.method, spec.verification, params.greedy, spec.warm_start)
+
     def sampling_params(self, request: SamplingFields, max_tokens: int, logprobs: int | None, choice: int):
         from adasd_core.sampling import SamplingParams
 

@@ -54,7 +54,7 @@ class OpenAIServingChat(OpenAIServing):
         top = (request.top_logprobs or 0) if request.logprobs else None
         subs = [SubRequest(ids, self.sampling_params(request, max_tokens, top, j), spec) for j in range(request.n)]
 
-        group = self.client.submit(subs, spec.method)
+        group = self.client.submit(subs, spec.method, self.fingerprint_key(spec, subs[0].params))
         rid, created = random_id("chatcmpl"), int(time.time())
         if request.stream:
             stream = self._stream(request, group, rid, created, len(ids))
@@ -87,14 +87,15 @@ class OpenAIServingChat(OpenAIServing):
             group.abort()
         choices = [ChatChoice(index=i, message=ChatResponseMessage(content="".join(texts[i])), logprobs=logprobs[i],
                               finish_reason=finish[i], adasd=sources[i]) for i in range(group.size)]
-        return ChatCompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
+        return ChatCompletionResponse(id=rid, created=created, model=self.model_name,
+                                      system_fingerprint=group.fingerprint, choices=choices,
                                       usage=make_usage(prompt_tokens, stats))
 
     async def _stream(self, request: ChatCompletionRequest, group: RequestGroup, rid: str, created: int,
                       prompt_tokens: int) -> AsyncIterator[str]:
         def chunk(choices: list[dict], **extra) -> str:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                        "choices": choices, **extra})
+                        "system_fingerprint": group.fingerprint, "choices": choices, **extra})
 
         def choice(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None,
                    adasd: dict | None = None) -> dict:

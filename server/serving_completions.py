@@ -71,7 +71,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 subs.append(SubRequest(ids, params, spec))
         echo = [await self.tokenizer.decode(ids) for ids in prompts] if request.echo else None
 
-        group = self.client.submit(subs, spec.method)
+        group = self.client.submit(subs, spec.method, self.fingerprint_key(spec, subs[0].params))
         rid, created = random_id("cmpl"), int(time.time())
         if request.stream:
             stream = self._stream(request, group, rid, created, prompt_tokens, echo)
@@ -121,8 +121,8 @@ class OpenAIServingCompletion(OpenAIServing):
             group.abort()
         choices = [CompletionChoice(index=i, text="".join(texts[i]), logprobs=logprobs[i], finish_reason=finish[i],
                                     adasd=sources[i]) for i in range(group.size)]
-        return CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                  usage=make_usage(prompt_tokens, stats))
+        return CompletionResponse(id=rid, created=created, model=self.model_name, system_fingerprint=group.fingerprint,
+                                  choices=choices, usage=make_usage(prompt_tokens, stats))
 
     # ------------------------------------------------------------------ streaming
 
@@ -135,7 +135,7 @@ class OpenAIServingCompletion(OpenAIServing):
             if adasd:
                 choice["adasd"] = adasd
             return sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                        "choices": [choice]})
+                        "system_fingerprint": group.fingerprint, "choices": [choice]})
 
         stats: list[dict | None] = [None] * group.size
         offsets = [0] * group.size
@@ -167,7 +167,7 @@ class OpenAIServingCompletion(OpenAIServing):
             if request.include_usage:
                 usage = make_usage(prompt_tokens, stats)
                 yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                           "choices": [], "usage": usage.model_dump()})
+                           "system_fingerprint": group.fingerprint, "choices": [], "usage": usage.model_dump()})
         except AdasdError as exc:  # after the first chunk, errors travel inside the stream
             yield sse_error(exc)
         except Exception:

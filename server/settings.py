@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # warm start: where the server's learned statistics are saved (a directory or a .json file);
     # empty: $HF_HOME/adasd (default ~/.cache/huggingface/adasd); "none": kept in memory only
     warm_state_path: str | None = ""
+    # when the statistics new requests start from are published (adasd_core.warm.Schedule): first after this
+    # many rounds of a family, then whenever its rounds have doubled, frozen once a snapshot holds
+    # warm_freeze_rounds (0: never); responses' system_fingerprint changes only at a publication
+    warm_epoch_rounds: int = Field(32, ge=1)
+    warm_freeze_rounds: int = Field(4096, ge=0)
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

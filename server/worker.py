@@ -4,7 +4,7 @@ It talks to the front end over one duplex multiprocessing pipe, with tuples:
 
     front end -> worker                         worker -> front end
     ("submit", rid, prompt_ids, params, spec,   ("ready", info)            loaded; info has pid, context...
-               submitted_at)                    ("fatal", message)         could not load; exits
+               submitted_at[, epoch])           ("fatal", message)         could not load; exits
     ("cancel", rid)                             ("started", rid, queue_s)  admitted to the running set
     ("shutdown",)                               ("prompt_logprobs", rid, logprobs)   a scored prompt, before its deltas
                                                 ("delta", rid, text, token_ids, finish_reason, logprobs,
@@ -12,6 +12,11 @@ It talks to the front end over one duplex multiprocessing pipe, with tuples:
                                                 ("done", rid, status, stats)    status: success | cancelled
                                                 ("error", rid, status_code, message, param, code)
                                                 ("kv", target_tokens, draft_tokens)  KV pool fill
+                                                ("published", epoch, fingerprints)  new warm-start snapshots
+
+`epoch` pins a request to the published warm-start state the front end stamped its
+system_fingerprint from (info["epoch"] at ready, then each "published"); the worker keeps the
+recent ones, so a publication racing with a submit cannot change what the request reads.
 
 Every submitted rid ends with exactly one "done" or "error". The loop hands waiting requests to the
 engine while it has free KV slots, then runs one engine step (a chunk of prefill for new requests
@@ -21,6 +26,7 @@ request within one round and frees its slot.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -51,6 +57,7 @@ class Request:
     params: Any  # adasd_core.sampling.SamplingParams
     spec: Any  # adasd_core.engine.SpecConfig
     submitted_at: float  # time.monotonic() in the front end (one clock per host)
+    epoch: int | None = None  # the published warm-start state it reads (None: the latest)
     seq: Any = None  # adasd_core.sequence.Sequence once admitted
 
 
@@ -108,6 +115,7 @@ class Worker:
         self.state_identity = state_identity
         self.saved_at = time.monotonic()
         self.dirty = False
+        self.announced_epoch = getattr(engine, "epoch", 0)
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}
         self.token_text = TokenText(engine.pair.tokenizer)
@@ -143,7 +151,7 @@ class Worker:
 
     def warm_state(self) -> dict:
         """{family: summary} of the engine's warm-start statistics (the gauges show it)."""
-        return {k: v.summary() for k, v in getattr(self.engine, "shared", {}).items()}
+        return warm_summary(self.engine)
 
     def save_state(self) -> None:
         self.saved_at, self.dirty = time.monotonic(), False
@@ -152,9 +160,22 @@ class Worker:
         from adasd_core.warm import save_state
 
         try:
-            save_state(self.state_path, self.state_identity, self.engine.shared)
+            save_state(self.state_path, self.state_identity, self.engine.shared, self.engine.published,
+                       self.engine.plan_costs.to_json())
         except OSError as exc:
             log.warning("could not save the warm-start state to %s: %s", self.state_path, exc)
+
+    def announce(self) -> None:
+        """After a publication: new fingerprints to the front end, and the snapshots to disk at once
+        (rare; a worker killed later restarts with exactly what its last responses were stamped with)."""
+        epoch = getattr(self.engine, "epoch", 0)
+        if epoch == self.announced_epoch:
+            return
+        self.announced_epoch = epoch
+        log.info("warm start: published epoch %d (%s)", epoch, ", ".join(
+            f"{k}: {v.rounds} rounds" for k, v in sorted(self.engine.published.items())))
+        self.send("published", epoch, self.engine.fingerprints())
+        self.save_state()
 
     def poll(self, timeout: float) -> None:
         """Handle every message already in the pipe (waiting up to `timeout` for the first)."""
@@ -168,8 +189,8 @@ class Worker:
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "submit":
-            _, rid, prompt_ids, params, spec, submitted_at = msg
-            self.waiting.append(Request(rid, prompt_ids, params, spec, submitted_at))
+            _, rid, prompt_ids, params, spec, submitted_at, *epoch = msg
+            self.waiting.append(Request(rid, prompt_ids, params, spec, submitted_at, epoch[0] if epoch else None))
         elif kind == "cancel":
             self.cancel(msg[1])
         elif kind == "shutdown":
@@ -183,7 +204,8 @@ class Worker:
         while self.waiting and self.engine.free_slots > 0:
             req = self.waiting.popleft()
             try:
-                req.seq = self.engine.new_sequence(req.prompt_ids, req.params, req.spec, request_id=req.rid)
+                req.seq = self.engine.new_sequence(req.prompt_ids, req.params, req.spec, request_id=req.rid,
+                                                   epoch=req.epoch)
             except AdasdError as exc:
                 self.send("error", req.rid, exc.status_code, exc.message, exc.param, exc.code)
                 continue
@@ -224,6 +246,7 @@ class Worker:
                 self.finish(req)
                 self.dirty = True
                 self.send("done", req.rid, "success", {**seq.stats.to_dict(), "warm_state": self.warm_state()})
+        self.announce()
 
     # ------------------------------------------------------------------ endings
 
@@ -270,23 +293,64 @@ def load_engine(settings: dict):
     if slots < settings["max_running"]:
         log.warning("max_running=%d does not fit in memory: %d KV slots (%.1f MiB each)", settings["max_running"],
                     slots, per_slot / 2**20)
+    from adasd_core.costs import StepCosts
+    from adasd_core.warm import Schedule, load_full, pair_identity, save_state
+
     spec = SpecConfig(method=settings["method"], k=settings["k"], verification=settings["verification"])
     engine = SpeculativeEngine(pair, default_spec=spec, max_running=slots, batch_aware=settings.get("batch_aware", True))
     engine.kv_bytes_per_slot = per_slot
-    engine.state_path, engine.state_identity = None, ""
+    engine.schedule = Schedule(first=settings.get("warm_epoch_rounds", 32), freeze=settings.get("warm_freeze_rounds", 4096))
+    # what the statistics and the plan depend on besides the models: the algorithm's settings and the
+    # kind of device and number format (a state file carried to another machine is not used there)
+    engine.state_identity = pair_identity(pair, {"window": spec.window, "dtype": str(pair.dtype),
+                                                 "device": pair.device.type})
+    engine.static_fingerprint = static_fingerprint(engine.state_identity, settings)
+    engine.state_path = None
     path = warm_state_path(settings)
     if path is not None:
-        from adasd_core.warm import load_state, pair_identity
-
-        # what the statistics depend on besides the models: the algorithm's settings
-        engine.state_identity = pair_identity(pair, {"window": spec.window})
         engine.state_path = f"{path}/warm_stats_{engine.state_identity}.json" if os.path.isdir(path) or not path.endswith(
             ".json") else path
-        engine.shared.update(load_state(engine.state_path, engine.state_identity))
+        state = load_full(engine.state_path, engine.state_identity)
+        engine.shared.update(state.families)
+        engine.restore_published(state.published)
+        if state.plan is not None:
+            try:  # reproducible requests plan as they did before the restart, not from this start's timings
+                engine.plan_costs = StepCosts.from_json(state.plan)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("ignoring the saved draft plan in %s: %s", engine.state_path, exc)
         if engine.shared:
-            log.info("warm start: loaded the statistics of %d method families from %s", len(engine.shared),
-                     engine.state_path)
+            log.info("warm start: loaded the statistics of %d method families (%d published) from %s",
+                     len(engine.shared), len(engine.published), engine.state_path)
+        if state.plan is None:  # the first start on this machine: keep its plan for the next ones
+            try:
+                save_state(engine.state_path, engine.state_identity, engine.shared, engine.published,
+                           engine.plan_costs.to_json())
+            except OSError as exc:
+                log.warning("could not save the warm-start state to %s: %s", engine.state_path, exc)
     return engine
+
+
+def static_fingerprint(identity: str, settings: dict) -> str:
+    """What every response's system_fingerprint covers besides the plan and the snapshot: the pair
+    and its identity settings, the defaults a request may leave out, the code's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        code = version("adasd")
+    except PackageNotFoundError:
+        code = "unknown"
+    keys = ("method", "k", "verification", "batch_aware")
+    return json.dumps({"identity": identity, "code": code, **{k: settings.get(k) for k in keys}}, sort_keys=True)
+
+
+def warm_summary(engine) -> dict:
+    """{family: summary} of the live warm-start statistics, with the rounds of the published snapshot."""
+    published = getattr(engine, "published", {})
+    out = {}
+    for k, v in getattr(engine, "shared", {}).items():
+        out[k] = v.summary()
+        out[k]["published_rounds"] = published[k].rounds if k in published else 0
+    return out
 
 
 def warm_state_path(settings: dict) -> str | None:
@@ -347,7 +411,9 @@ def main(settings: dict, conn) -> None:
         "batched": bool(engine.target_pool.batched),
         "step_costs": engine.costs.summary(),
         "load_s": round(time.perf_counter() - t0, 3),
-        "warm_state": {k: v.summary() for k, v in engine.shared.items()},
+        "warm_state": warm_summary(engine),
+        "epoch": engine.epoch,
+        "fingerprints": engine.fingerprints(),
     }
     log.info("loaded target=%s draft=%s on %s in %.1fs; %d KV slots of %s tokens (%.1f MiB each), %s engine",
              settings["target"], settings["draft"], info["device"], info["load_s"], info["slots"], info["context_length"],

@@ -91,3 +91,29 @@ def test_state_path_setting(tmp_path, monkeypatch):
     assert warm_state_path({"warm_state_path": "none"}) is None
     assert warm_state_path({"warm_state_path": "/x/s.json"}) == "/x/s.json"
     assert Settings(warm_state_path="none").warm_state_path == "none"
+
+
+def test_a_restarted_worker_plans_from_the_saved_plan_and_snapshots(pair_dir, tmp_path):
+    """load_engine: the first start saves its measured plan; the next start, whatever it measures, plans
+    reproducible requests from the saved one and restores the published snapshots (same fingerprints)."""
+    from adasd_core.warm import SharedStats, Snapshot, family_key
+    from server.worker import load_engine
+
+    settings = Settings(target=str(pair_dir / "target"), draft=str(pair_dir / "draft"), device="cpu",
+                        dtype="float32", max_running=2, warm_state_path=str(tmp_path / "warm.json")).model_dump()
+    first = load_engine(settings)
+    family = family_key("adasd", "bayes", True)
+    first.shared[family] = SharedStats(kind="bayes")
+    first.shared[family].observe([0.2, 0.6], [True, False], [1.5], 1)
+    first.restore_published({family: Snapshot(first.shared[family])})
+    Worker(first, Conn(), state_path=first.state_path, state_identity=first.state_identity).save_state()
+
+    second = load_engine(settings)
+    assert second.costs is not second.plan_costs  # measured again at this start; not what it plans with
+    assert second.plan_costs.to_json() == first.plan_costs.to_json()
+    assert second.published[family].digest == first.published[family].digest
+    assert second.fingerprints() == first.fingerprints()
+    settings["warm_state_path"] = "none"  # nothing saved: the plan is this start's, and the fingerprint says so
+    third = load_engine(settings)
+    assert third.fingerprints()["-"] == first.fingerprints()["-"]
+    assert third.fingerprints()[family + "#cold"] != first.fingerprints()[family + "#cold"]

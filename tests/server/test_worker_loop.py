@@ -45,7 +45,7 @@ class FakeEngine:
     def free_slots(self) -> int:
         return self.slots - len(self.running)
 
-    def new_sequence(self, prompt_ids, params, spec, request_id=""):
+    def new_sequence(self, prompt_ids, params, spec, request_id="", epoch=None):
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return FakeSeq(request_id, prompt_ids[0], prompt_ids[1] if len(prompt_ids) > 1 else None)
