@@ -11,6 +11,7 @@ keep the transformers forward (kv_cache.HFPool).
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -24,6 +25,10 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 PACK_ENV = "ADASD_MKL_PACK"
 PACK_ROWS = 64  # MKL's kernel choice follows the row count given at packing; 64 serves 1-256 rows well
 # rope types whose cos/sin depend on the position only (not on the sequence length)
+# int8 weights for a draft whose folder asks for them (config adasd_draft.int8_weights): fbgemm's
+# dynamically quantised GEMM reads a quarter of fp32's bytes; the draft only proposes, so the target's
+# check keeps every lossless method exact. CPU only; ADASD_INT8=0 turns it off.
+INT8_ENV = "ADASD_INT8"
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -95,14 +100,34 @@ def _can_pack(weight: torch.Tensor) -> bool:
             and hasattr(torch.ops.mkl, "_mkl_linear") and os.environ.get(PACK_ENV, "1") != "0")
 
 
+def int8_weights(model) -> bool:
+    """Whether the lean forward runs this model's matmuls on int8 weights."""
+    import os
+
+    wanted = bool((getattr(model.config, "adasd_draft", None) or {}).get("int8_weights"))
+    weight = model.get_output_embeddings().weight
+    return (wanted and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and "fbgemm" in torch.backends.quantized.supported_engines and os.environ.get(INT8_ENV, "1") != "0")
+
+
 class Linear:
     """y = x W^T + b over [T, in] rows; on the CPU in float32 through MKL's packed GEMM (the packed
-    copy holds the weight once more; it serves any row count)."""
+    copy holds the weight once more; it serves any row count), or with int8 weights (per output
+    row scales) through fbgemm's dynamically quantised GEMM."""
 
-    __slots__ = ("weight", "bias", "packed")
+    __slots__ = ("weight", "bias", "packed", "int8")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True):
-        self.weight, self.bias, self.packed = weight, bias, None
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True,
+                 int8: bool = False):
+        self.weight, self.bias, self.packed, self.int8 = weight, bias, None, None
+        if int8:
+            w = weight.detach().float()
+            scale = (w.abs().amax(1).clamp_min(1e-12) / 127).double()
+            with warnings.catch_warnings():  # quantised tensors are deprecated, still the int8 GEMM of torch 2.13
+                warnings.simplefilter("ignore", UserWarning)
+                q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+            self.int8 = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+            return
         if pack and _can_pack(weight):
             try:
                 self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
@@ -110,6 +135,8 @@ class Linear:
                 self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:  # activations quantised per call at 7 bits (fbgemm's overflow-safe range)
+            return torch.ops.quantized.linear_dynamic(x, self.int8, True)
         if self.packed is not None and x.shape[0] > 1:  # one row: the plain call is a matrix-vector product
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, x.shape[0])
         return F.linear(x, self.weight, self.bias)
@@ -133,11 +160,12 @@ class LeanModel:
         self.norm = inner.norm.weight
         self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.layers = []
+        self.int8 = q8 = int8_weights(model)
         for layer in inner.layers[: self.n_layers]:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = Linear(*_fuse(attn.q_proj, attn.k_proj, attn.v_proj))
-            gate_up = Linear(*_fuse(mlp.gate_proj, mlp.up_proj))
-            o, down = (Linear(m.weight, m.bias) for m in (attn.o_proj, mlp.down_proj))
+            qkv = Linear(*_fuse(attn.q_proj, attn.k_proj, attn.v_proj), int8=q8)
+            gate_up = Linear(*_fuse(mlp.gate_proj, mlp.up_proj), int8=q8)
+            o, down = (Linear(m.weight, m.bias, int8=q8) for m in (attn.o_proj, mlp.down_proj))
             self.layers.append((layer.input_layernorm.weight, qkv, o, layer.post_attention_layernorm.weight, gate_up, down))
         self.vocab_size = model.lm_head.weight.shape[0]
         # a draft whose head covers a subset of the vocabulary (adasd_core.draft_head): its logits are
@@ -145,11 +173,11 @@ class LeanModel:
         self.head_tokens = draft_head.tokens_of(model)
         head = model.lm_head
         if self.head_tokens is None:
-            self.head = Linear(head.weight, head.bias)
+            self.head = Linear(head.weight, head.bias, int8=q8)
         else:
             self.head_tokens = self.head_tokens.to(head.weight.device)
             rows = head.weight.index_select(0, self.head_tokens)
-            self.head = Linear(rows, None if head.bias is None else head.bias.index_select(0, self.head_tokens))
+            self.head = Linear(rows, None if head.bias is None else head.bias.index_select(0, self.head_tokens), int8=q8)
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.cos = self.sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
 

@@ -1,10 +1,11 @@
-"""Traces of the relaxed check on the demo pair (issue 12): what each relaxed acceptance costs.
+"""Traces of the relaxed check (issue 12): what each relaxed acceptance costs.
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/relaxed_trace.py [--prompts 12] [--seeds 3]
-        [--tokens 96] [--temperature 1.0] [--methods vanilla,adasd-bayes,...] [--out trace.json]
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/relaxed_trace.py [--pair tiny|smollm2] [--prompts 12]
+        [--seeds 3] [--tokens 96] [--temperature 1.0] [--methods vanilla,adasd-bayes,...] [--out trace.json]
 
-Every request runs in process (SpeculativeEngine, calibrate=False) on held-out continuation
-windows, seeds 0..S-1 for every method. Per method: mean excess surprisal per emitted token
+Every request runs in process (SpeculativeEngine, calibrate=False), seeds 0..S-1 for every method,
+on held-out prompts: continuation windows of the tiny pair's held-out modules, or for `smollm2` the
+held-out chat and code requests (bench/prompts/smollm2_eval.jsonl, chat and code alternating). Per method: mean excess surprisal per emitted token
 (-log p(x) - H(p), processed target distribution) with its standard error over requests, mean
 target log-prob per token (temperature-1 softmax, as `logprobs` reports it), acceptance, relaxed
 share; per relaxed acceptance: d, P(A|d), its round, the group sizes and the token's excess surprisal.
@@ -16,15 +17,16 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 
 import torch
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 from adasd_core import engine as engine_mod  # noqa: E402
-from adasd_core.bench.tasks import continuation_task, demo_sources  # noqa: E402
+from adasd_core.bench.tasks import chat_eval_prompts, continuation_task, demo_sources  # noqa: E402
 from adasd_core.engine import SpecConfig, SpeculativeEngine  # noqa: E402
 from adasd_core.models import load_pair  # noqa: E402
 from adasd_core.sampling import SamplingParams  # noqa: E402
@@ -74,6 +76,7 @@ def _traced(candidates, target_probs, draft_probs, greedy, generator, relaxed):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--pair", default="tiny", choices=("tiny", "smollm2"))
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=96)
@@ -90,19 +93,24 @@ def main(argv=None) -> None:
         KNOBS["position"] = args.tv_position
 
     engine_mod.accept_candidates = _traced
-    pair = load_pair("tiny", "tiny", device="cpu")
+    pair = load_pair(args.pair, args.pair, device="cpu")
     engine = SpeculativeEngine(pair, calibrate=False)
-    task = continuation_task(pair.tokenizer, demo_sources(), args.prompts, 128, args.tokens, pair.context_length)
+    if args.pair == "tiny":
+        prompts = [p.ids for p in continuation_task(pair.tokenizer, demo_sources(), args.prompts, 128, args.tokens,
+                                                    pair.context_length).prompts]
+    else:
+        prompts = [pair.tokenizer(t, add_special_tokens=False)["input_ids"]
+                   for t in chat_eval_prompts(pair.tokenizer, args.prompts)]
     results = {}
     for key in args.methods.split(","):
         spec = dataclasses.replace(ROWS[key], warm_start=not args.cold)
         per_req, events_all, round_no = [], [], []
         for seed in range(args.seeds):
-            for i, prompt in enumerate(task.prompts):
+            for i, prompt in enumerate(prompts):
                 EVENTS.clear()
                 params = SamplingParams(max_tokens=args.tokens, temperature=args.temperature, seed=1000 * seed + i,
                                         ignore_eos=True, logprobs=0)
-                res = engine.generate(prompt.ids, params, spec)
+                res = engine.generate(prompt, params, spec)
                 s = res.stats
                 lp = [t.logprob for t in res.logprobs]
                 per_req.append({"excess": s.excess_surprisal, "logprob": sum(lp) / len(lp), "n": s.surprisal_count,

@@ -270,8 +270,9 @@ def export(draft, tokenizer, head_tokens: torch.Tensor, out: Path, provenance: d
     save_file(own, out / "model.safetensors", metadata={"format": "pt"})
     cfg = draft.config.to_dict()
     cfg["dtype"] = "bfloat16"
+    # int8 weights: the lean forward's choice on the CPU (adasd_core.lean.int8_weights); the file stays bf16
     cfg["adasd_draft"] = {"shared_with_target": ["model.embed_tokens.weight"], "head_tokens": len(head_tokens),
-                          **provenance}
+                          "int8_weights": True, **provenance}
     cfg.pop("_name_or_path", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     draft.generation_config.to_json_file(out / "generation_config.json")

@@ -56,7 +56,7 @@ def acceptance(engine, prompts: list[dict], max_tokens: int, k: int = 5) -> dict
 
 def report(pair_target, out: Path, work: Path, cfg) -> dict:
     """Assemble the exported draft with the target, measure it, and write REPORT.md beside it."""
-    from adasd_core import smollm2
+    from adasd_core import lean, smollm2
     from adasd_core.engine import SpecConfig, SpeculativeEngine
     from adasd_core.models import load_pair
     from adasd_core.sampling import SamplingParams
@@ -76,6 +76,7 @@ def report(pair_target, out: Path, work: Path, cfg) -> dict:
         "draft_layers": pair.draft.config.num_hidden_layers,
         "draft_parameters_own": sum(p.numel() for n, p in pair.draft.named_parameters() if "embed_tokens" not in n),
         "head_tokens": int(pair.draft.adasd_head_tokens.numel()) if getattr(pair.draft, "adasd_head_tokens", None) is not None else None,
+        "draft_int8": lean.int8_weights(pair.draft),
         "package_mib": round(sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20, 2),
         "target_parameters": sum(p.numel() for p in pair.target.parameters()),
     }
@@ -99,7 +100,8 @@ def markdown(r: dict, log: dict) -> str:
              f"| draft's own parameters / package size (bf16) | {sz['draft_parameters_own'] / 1e6:.1f} M / {sz['package_mib']} MiB |",
              f"| head subset | {sz['head_tokens']} tokens |",
              f"| target decode step | {st['target_step_ms']} ms |",
-             f"| draft decode step | {st['draft_step_ms']} ms ({st['draft_share']:.3f} of the target's) |"]
+             f"| draft decode step{' (int8 weights)' if sz.get('draft_int8') else ''} | {st['draft_step_ms']} ms "
+             f"({st['draft_share']:.3f} of the target's) |"]
     for kind, a in acc.items():
         lines.append(f"| vanilla SD (K=5, greedy) acceptance per drafted token, held-out {kind} prompts ({a['prompts']}) "
                      f"| {a['acceptance']:.3f} ({a['tokens_per_target_forward']:.2f} tokens per target forward) |")

@@ -156,3 +156,41 @@ def test_a_subset_head_scores_only_its_tokens_on_either_path():
         assert torch.softmax(b, -1)[:, outside].sum() == 0
     with pytest.raises(ValueError, match="past the model's output width"):
         draft_head.attach(model, torch.tensor([SMALL["vocab_size"]]))
+
+
+def test_int8_linear_is_close_to_the_float_product():
+    """Per-row int8 weights with 7-bit dynamic activations: a few tenths of a percent of the output's
+    scale, at every row count."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.fail("this CPU build of torch has no fbgemm engine")
+    torch.manual_seed(5)
+    weight, bias = torch.randn(300, 64) * 0.05, torch.randn(300) * 0.1
+    lin = lean.Linear(weight, bias, int8=True)
+    assert lin.int8 is not None and lin.packed is None
+    for rows in (1, 2, 5, 16, 100):
+        x = torch.randn(rows, 64)
+        ref = F.linear(x, weight, bias)
+        err = (lin(x) - ref).abs().max() / ref.abs().max()
+        assert 0 < err < 0.02, (rows, float(err))
+
+
+def test_a_draft_folder_asks_for_int8_weights(monkeypatch):
+    """config adasd_draft.int8_weights: the lean forward quantises the matmuls (CPU, float32);
+    ADASD_INT8=0 and other models keep float weights. The argmax mostly survives."""
+    import copy
+
+    plain = MODELS["llama-gqa"]()
+    flagged = copy.deepcopy(plain)
+    flagged.config.adasd_draft = {"int8_weights": True}
+    assert lean.int8_weights(flagged) and not lean.int8_weights(plain)
+    monkeypatch.setenv(lean.INT8_ENV, "0")
+    assert not lean.int8_weights(flagged)
+    monkeypatch.delenv(lean.INT8_ENV)
+    q8, fp = kv_cache.make_pool(flagged, 1, 64), kv_cache.make_pool(plain, 1, 64)
+    assert all(lin.int8 is not None for lin in q8.lean.layers[0][1:] if isinstance(lin, lean.Linear))
+    assert q8.lean.head.int8 is not None and fp.lean.head.int8 is None
+    ids = torch.randint(0, SMALL["vocab_size"], (40,), generator=torch.Generator().manual_seed(6)).tolist()
+    a, b = fp.forward([0], [ids], all_logits=True), q8.forward([0], [ids], all_logits=True)
+    assert not torch.equal(a, b)
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
