@@ -36,6 +36,7 @@ class DraftBuildConfig:
     chat_prompts: int = 3000  # user messages the target writes (some are dropped: too short, unfinished)
     code_write: int = 1000
     code_explain: int = 500
+    max_conversations: int = 0  # answers written for at most this many of the shuffled prompts (0: all)
     user_max_tokens: int = 80
     answer_max_tokens: int = 192
     # answers cycle through them (0: greedy): greedy text weighs double, as greedy serving is the common case
@@ -130,6 +131,8 @@ def build_draft(work: Path, out: Path, cfg: DraftBuildConfig | None = None, targ
             room = pair.context_length - cfg.answer_max_tokens  # a prompt must leave room for its answer
             convs = [c for c in convs if len(c[0]) <= room]
             random.Random(cfg.seed).shuffle(convs)
+            if cfg.max_conversations:
+                convs = convs[: cfg.max_conversations]
             n_chat = sum(user is not None for _, user in convs)
             log["prompts"] = {"chat": n_chat, "code": len(convs) - n_chat, "users_written": len(users)}
             temps = cfg.temperatures

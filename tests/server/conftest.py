@@ -46,8 +46,11 @@ def start_server(pair_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(start_server) -> ServerProcess:
-    """The shared server: API key on, default queue sizes."""
-    return start_server(api_key=API_KEY)
+    """The shared server: API key on, default queue sizes. It never publishes warm-start snapshots:
+    its tests compare requests with each other, and a publication between two of them would rightly
+    change the answer (with the system_fingerprint); publication has tests of its own
+    (test_same_answer.py, test_warm_state.py)."""
+    return start_server(api_key=API_KEY, warm_epoch_rounds=10**9)
 
 
 @pytest.fixture(scope="session")
