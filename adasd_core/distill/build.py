@@ -36,7 +36,8 @@ class DraftBuildConfig:
     chat_prompts: int = 3000  # user messages the target writes (some are dropped: too short, unfinished)
     code_write: int = 1000
     code_explain: int = 500
-    max_conversations: int = 0  # answers written for at most this many of the shuffled prompts (0: all)
+    # answers written for at most this many of the shuffled prompts (0: all): 8 shards, what the 2-hour budget allows
+    max_conversations: int = 2048
     user_max_tokens: int = 80
     answer_max_tokens: int = 192
     # answers cycle through them (0: greedy): greedy text weighs double, as greedy serving is the common case
@@ -48,7 +49,7 @@ class DraftBuildConfig:
     held_out_share: float = 0.03  # conversations kept out of training to measure agreement
     head_size: int = 8192
     init_layers: tuple[int, ...] = (0, 1, 2, -1)  # target layers the draft starts from
-    plan: TrainPlan = field(default_factory=lambda: TrainPlan(steps=900, batch_tokens=4096, lr=1e-3, warmup=30))
+    plan: TrainPlan = field(default_factory=lambda: TrainPlan(steps=700, batch_tokens=4096, lr=1e-3, warmup=30))
     eval_max_tokens: int = 128
 
     @classmethod
