@@ -661,6 +661,19 @@ class SpeculativeEngine:
             gen.close()
         return GenerationResult("".join(text), ids, gen.seq.finish_reason, gen.stats, logprobs, gen.prompt_logprobs)
 
+    def run_together(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Add the sequences at once and step until the engine is idle: each one's tokens (batch
+        experiments and tests; an error in any sequence is raised)."""
+        for s in seqs:
+            self.add(s)
+        out: dict[int, list[int]] = {id(s): [] for s in seqs}
+        while not self.idle:
+            for seq, event in self.step():
+                if isinstance(event, Exception):
+                    raise event
+                out[id(seq)].extend(event.token_ids)
+        return [out[id(s)] for s in seqs]
+
 
 class Generation:
     """One request driven alone through the engine; `step()` returns its next round's Delta."""

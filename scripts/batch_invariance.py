@@ -39,15 +39,9 @@ METHODS = ("ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid")
 
 def run(engine, requests, epoch):
     seqs = [engine.new_sequence(p, params, spec, epoch=epoch) for p, params, spec in requests]
-    for s in seqs:
-        engine.add(s)
-    out = {id(s): [] for s in seqs}
-    while not engine.idle:
-        for seq, event in engine.step():
-            assert not isinstance(event, Exception), event
-            out[id(seq)].extend(event.token_ids)
+    out = engine.run_together(seqs)
     engine.last_drafted = seqs[0].stats.drafted_tokens
-    return [out[id(s)] for s in seqs]
+    return out
 
 
 def logit_spread(engine, prompts, batch: int) -> dict:

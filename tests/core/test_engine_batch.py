@@ -19,16 +19,9 @@ LOSSLESS = [SpecConfig(method="ar"), SpecConfig(method="vanilla", k=3), SpecConf
 
 def run_batch(engine, requests) -> list[list[int]]:
     """Add every (prompt, params, spec) at once and step until all end; tokens per request."""
-    seqs = [engine.new_sequence(p, params, spec) for p, params, spec in requests]
-    for s in seqs:
-        engine.add(s)
-    out = {id(s): [] for s in seqs}
-    while not engine.idle:
-        for seq, event in engine.step():
-            assert not isinstance(event, Exception), event
-            out[id(seq)].extend(event.token_ids)
+    out = engine.run_together([engine.new_sequence(p, params, spec) for p, params, spec in requests])
     assert engine.free_slots == engine.slots and all(o is None for o in engine.owner)
-    return [out[id(s)] for s in seqs]
+    return out
 
 
 def drain(engine, seqs) -> tuple[dict[int, list[int]], list[int]]:

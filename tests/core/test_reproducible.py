@@ -34,15 +34,7 @@ def make_engine(schedule=Schedule(first=16, freeze=0), costs=None) -> Speculativ
 
 def run(engine, requests, epoch=None) -> list[list[int]]:
     """(prompt, params, spec) all at once until every one ends; tokens per request."""
-    seqs = [engine.new_sequence(p, params, spec, epoch=epoch) for p, params, spec in requests]
-    for s in seqs:
-        engine.add(s)
-    out = {id(s): [] for s in seqs}
-    while not engine.idle:
-        for seq, event in engine.step():
-            assert not isinstance(event, Exception), event
-            out[id(seq)].extend(event.token_ids)
-    return [out[id(s)] for s in seqs]
+    return engine.run_together([engine.new_sequence(p, params, spec, epoch=epoch) for p, params, spec in requests])
 
 
 def traffic(n: int, seed: int = 0) -> list:
