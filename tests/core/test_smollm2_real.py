@@ -62,20 +62,25 @@ def test_a_greedy_chat_answer_and_lossless_speculation(real_pair):
     assert draft_head.tokens_of(real_pair.draft) is not None
 
 
-def test_the_draft_runs_on_int8_weights_close_to_its_float_ones(real_pair):
-    """The draft's folder asks for int8 weights: on the CPU the lean forward quantises its matmuls,
-    and its greedy choices stay those of its float weights (transformers' forward) almost everywhere."""
+def test_the_drafts_lean_forward_gives_transformers_logits_and_runs_on_int8(real_pair, monkeypatch):
+    """The shipped draft (4 layers, subset head, the target's embeddings): with float weights the lean
+    path gives transformers' logits; its folder asks for int8 weights, which the CPU path then uses."""
     from adasd_core import lean
     from adasd_core.distill.generate import chat_prompt
 
     draft = real_pair.draft
     assert lean.int8_weights(draft)
     ids = chat_prompt(real_pair.tokenizer, "Explain what a Python list comprehension is, with an example.")
-    ids = ids + real_pair.tokenizer(" A list comprehension builds a new list from an iterable in one line: "
-                                    "squares = [x * x for x in range(10)] keeps each square.",
-                                    add_special_tokens=False)["input_ids"]
-    ref, q8 = kv_cache.HFPool(draft, 1, 256), kv_cache.make_pool(draft, 1, 256)
-    assert q8.lean.int8
-    a, b = ref.forward([0], [ids], all_logits=True), q8.forward([0], [ids], all_logits=True)
-    assert not torch.equal(a, b)
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    q8 = kv_cache.make_pool(draft, 1, 256)
+    assert isinstance(q8, kv_cache.LeanPool) and q8.lean.int8
+    monkeypatch.setenv(lean.INT8_ENV, "0")
+    fresh = type(draft)(draft.config)  # a second model object: the lean layout is built per model
+    fresh.load_state_dict(draft.state_dict())
+    draft_head.attach(fresh, draft_head.tokens_of(draft))
+    ref, fast = kv_cache.HFPool(fresh, 1, 256), kv_cache.make_pool(fresh, 1, 256)
+    assert isinstance(fast, kv_cache.LeanPool) and not fast.lean.int8
+    a, b, c = (p.forward([0], [ids], all_logits=True) for p in (ref, fast, q8))
+    keep = torch.isfinite(a)
+    assert torch.equal(keep, torch.isfinite(b)) and torch.equal(keep, torch.isfinite(c))
+    torch.testing.assert_close(b[keep], a[keep], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(c[keep], a[keep])  # int8 is a different, cheaper forward
