@@ -363,3 +363,13 @@ def build(
         log["report"] = make_report(out, held_stream, cfg)
     log_path.write_text(json.dumps(log, indent=2))
     return log
+
+
+def quick_pair() -> tuple[str, str]:
+    """A quick pair built in seconds in a temporary folder: (target, draft) paths, for scripts
+    run without a model."""
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="adasd-quick-"))
+    build(out, BuildConfig.quick(), stages=("tokenizer", "target", "draft"), progress=False)
+    return str(out / "target"), str(out / "draft")

@@ -75,11 +75,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     if not args.target:
-        from adasd_core.demo.build import BuildConfig, build
+        from adasd_core.demo.build import quick_pair
 
-        out = Path(tempfile.mkdtemp(prefix="adasd-quick-"))
-        build(out, BuildConfig.quick(), stages=("tokenizer", "target", "draft"), progress=False)
-        args.target, args.draft = str(out / "target"), str(out / "draft")
+        args.target, args.draft = quick_pair()
     work = Path(tempfile.mkdtemp(prefix="adasd-proxy-"))
     # max_running 16: the slots do not cap the highest level
     servers = [ServerProcess(args.target, args.draft, log_dir=work, device="cpu", log_level="warning", max_running=16)

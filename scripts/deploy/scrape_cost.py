@@ -16,10 +16,8 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 CLIENT = r"""
 import asyncio, json, sys, time
@@ -85,11 +83,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0)
     args = p.parse_args()
     if not args.target:
-        from adasd_core.demo.build import BuildConfig, build
+        from adasd_core.demo.build import quick_pair
 
-        out = Path(tempfile.mkdtemp(prefix="adasd-quick-"))
-        build(out, BuildConfig.quick(), stages=("tokenizer", "target", "draft"), progress=False)
-        args.target, args.draft = str(out / "target"), str(out / "draft")
+        args.target, args.draft = quick_pair()
 
     import uvicorn
 
