@@ -31,6 +31,12 @@ def _interp(xs: list[int], ys: list[float], x: float) -> float:
     return max(1e-9, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
+def _expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a round yields from k candidates accepted in turn with probability `acceptance` each."""
+    a = min(max(acceptance, 0.0), 0.99)
+    return (1 - a ** (k + 1)) / (1 - a)
+
+
 @dataclass
 class StepCosts:
     """Seconds per target forward of (B sequences x n tokens) and per draft step of B sequences."""
@@ -86,6 +92,60 @@ class StepCosts:
                     best_k, best = k, rate
             self._cache[key] = best_k
         return self._cache[key]
+
+    def _target_row(self, batch: int) -> list[float]:
+        """The target's cost over the table's lengths at this batch size (interpolated once per size)."""
+        key = ("row", batch)
+        if key not in self._cache:
+            self._cache[key] = [_interp(self.batch_sizes, [r[j] for r in self.target], batch)
+                                for j in range(len(self.lengths))]
+        return self._cache[key]
+
+    def plan_batch(self, acceptances: list[float], caps: list[int],
+                   fixed: list[tuple[int, float]] = ()) -> list[int]:
+        """Draft lengths for the free sequences of one round, chosen together: the plan with the most
+        expected tokens per second for the whole batch, under measured round times.
+
+        `acceptances[i]` and `caps[i]` describe free sequence i (adaptive: any length 0..cap);
+        `fixed` are (length, acceptance) of the round's other sequences, which draft that length
+        whatever this plan says (fixed-K methods, reproducible requests, plain decoding at 0).
+        Candidates: the m sequences most likely to be accepted draft min(k, cap) each, the rest none,
+        for every k and m. With m = 0 and nothing fixed the round is plain decoding: no draft work."""
+        n_free = len(acceptances)
+        batch = n_free + len(fixed)
+        if n_free == 0:
+            return []
+        bucket = self._bucket(batch)
+        spec_r, plain_r = self.ratio.get((bucket, True), 1.0), self.ratio.get((bucket, False), 1.0)
+        row = self._target_row(batch)
+        fixed_rows, fixed_steps = sum(k for k, _ in fixed), max((k for k, _ in fixed), default=0)
+        fixed_drafting = sum(1 for k, _ in fixed if k)
+        base = n_free + sum(_expected_tokens(a, k) for k, a in fixed)
+
+        def seconds(rows: int, steps: int, drafting: int) -> float:
+            t = _interp(self.lengths, row, 1 + rows / batch)
+            if steps:
+                t += self.draft_cost(drafting) + (steps - 1) * self.draft_cost(drafting, warm=True)
+            return t * (spec_r if steps else plain_r)
+
+        order = sorted(range(n_free), key=lambda i: -acceptances[i])
+        a = [acceptances[i] for i in order]
+        best_plan, best_rate = (0, 0), base / seconds(fixed_rows, fixed_steps, fixed_drafting)
+        for k in range(1, max(caps, default=0) + 1):
+            gain, rows, drafting, steps = 0.0, fixed_rows, fixed_drafting, fixed_steps
+            for m, i in enumerate(order, start=1):
+                ki = min(k, caps[i])
+                if ki:
+                    gain += _expected_tokens(a[m - 1], ki) - 1
+                    rows, drafting, steps = rows + ki, drafting + 1, max(steps, ki)
+                rate = (base + gain) / seconds(rows, steps, drafting)
+                if rate > best_rate:
+                    best_plan, best_rate = (k, m), rate
+        k, m = best_plan
+        out = [0] * n_free
+        for i in order[:m]:
+            out[i] = min(k, caps[i])
+        return out
 
     @classmethod
     def nominal(cls) -> "StepCosts":

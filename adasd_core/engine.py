@@ -176,6 +176,8 @@ class SpeculativeEngine:
         self.prefill_budget = 2048 if pair.device.type == "cuda" else 256  # prompt tokens per step
         self.batch_aware = batch_aware
         self.rounds = 0
+        self._round_end: float | None = None  # when the last round ended, if the caller stepped straight on
+        self._outside_s = 0.0
         self.acceptance_prior: dict[str, float] = {}  # per method, from finished rounds of all requests
         self.shared: dict[str, SharedStats] = {}  # warm start: per family, from finished rounds of all requests
         # published snapshots (adasd_core.warm): with a schedule (the server), new requests start from these,
@@ -331,6 +333,10 @@ class SpeculativeEngine:
         """Admit, score and prefill one chunk of prompts, run one round for every running sequence.
         Returns each affected sequence's Delta (or PromptLogprobs), or the exception that ended it."""
         events: list[tuple[Sequence, Delta | PromptLogprobs | Exception]] = []
+        # what the caller did between the last round and this step (a server's sending and polling) is
+        # part of what a round costs it; long gaps are idle waits, not work
+        gap = time.perf_counter() - self._round_end if self._round_end is not None else 0.0
+        self._outside_s = gap if gap < 0.5 else 0.0
         self._admit()
         budget = self.prefill_budget  # prompt tokens per step, scoring and prefill together
         if self.scoring:
@@ -341,6 +347,8 @@ class SpeculativeEngine:
             events += self._prefill_chunk(budget)
         if self.running:
             events += self._round(list(self.running))
+        else:
+            self._round_end = None
         self.publish_due()
         return events
 
@@ -445,20 +453,32 @@ class SpeculativeEngine:
 
     # ---------------------------------------------------------------- one round
 
-    def _draft_cap(self, seq: Sequence, batch: int) -> int:
-        if seq.policy is None:
-            return 0
-        cap = min(seq.remaining - 1, seq.policy.max_draft)  # the round always adds one target token
-        if self.batch_aware and seq.policy.adaptive and cap > 0:
-            if seq.plan_prior is not None:  # reproducible: as if alone, from the saved plan and its start state
-                best = self.plan_costs.best_draft_length(1, seq.acceptance_estimate(seq.plan_prior), cap)
-            else:
-                prior = self.acceptance_prior.get(seq.method, PRIOR_ACCEPTANCE)
-                best = self.costs.best_draft_length(batch, seq.acceptance_estimate(prior), cap)
+    def _draft_caps(self, seqs: list[Sequence]) -> list[int]:
+        """Each sequence's most candidates this round. Under `batch_aware`, the adaptive sequences'
+        caps are planned together (StepCosts.plan_batch): when drafting cannot win at this batch and
+        these acceptances, the plan is 0 for all of them and the round is plain decoding."""
+        caps, free = [], []
+        for i, seq in enumerate(seqs):
+            if seq.policy is None:
+                caps.append(0)
+                continue
+            cap = min(seq.remaining - 1, seq.policy.max_draft)  # the round always adds one target token
+            if self.batch_aware and seq.policy.adaptive and cap > 0:
+                if seq.plan_prior is not None:  # reproducible: as if alone, from the saved plan and its start state
+                    cap = self.plan_costs.best_draft_length(1, seq.acceptance_estimate(seq.plan_prior), cap)
+                else:
+                    free.append(i)
+            caps.append(cap)
+        if free:
+            accept = [seq.acceptance_estimate(self.acceptance_prior.get(seq.method, PRIOR_ACCEPTANCE)) for seq in seqs]
+            chosen = set(free)
+            fixed = [(caps[i], accept[i]) for i in range(len(seqs)) if i not in chosen]
             # no probing where drafting does not pay: a probe must first feed the draft every token since
             # its last draft, which costs as much as drafting all along
-            cap = best
-        return cap
+            plan = self.costs.plan_batch([accept[i] for i in free], [caps[i] for i in free], fixed)
+            for i, k in zip(free, plan):
+                caps[i] = k
+        return caps
 
     def _round(self, seqs: list[Sequence]) -> list[tuple[Sequence, Delta | Exception]]:
         lengths = [(self.target_pool.length(s.slot), self.draft_pool.length(s.slot) if self.draft_pool else 0)
@@ -488,8 +508,9 @@ class SpeculativeEngine:
 
     def _round_batch(self, seqs: list[Sequence]) -> list[tuple[Sequence, Delta | Exception]]:
         t0 = time.perf_counter()
+        outside = self._outside_s
         self.rounds += 1
-        caps = [self._draft_cap(s, len(seqs)) for s in seqs]
+        caps = self._draft_caps(seqs)
         drafts = self._draft([s for s, c in zip(seqs, caps) if c > 0], [c for c in caps if c > 0])
         t1 = time.perf_counter()
 
@@ -513,7 +534,8 @@ class SpeculativeEngine:
         t3 = time.perf_counter()
         if self.costs.measured:
             draft_steps = max((len(d.ids) for d in drafts.values()), default=0)
-            self.costs.observe(len(seqs), draft_steps, sum(len(f) for f in feeds) / len(seqs), t3 - t0)
+            self.costs.observe(len(seqs), draft_steps, sum(len(f) for f in feeds) / len(seqs), t3 - t0 + outside)
+        self._round_end = time.perf_counter()
         for seq, delta in events:
             s = seq.stats
             s.time_draft_s += t1 - t0

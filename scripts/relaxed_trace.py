@@ -26,7 +26,7 @@ import torch
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 from adasd_core import engine as engine_mod  # noqa: E402
-from adasd_core.bench.tasks import chat_eval_prompts, continuation_task, demo_sources  # noqa: E402
+from adasd_core.bench.tasks import chat_eval_prompts, chat_eval_rows, continuation_task, demo_sources  # noqa: E402
 from adasd_core.engine import SpecConfig, SpeculativeEngine  # noqa: E402
 from adasd_core.models import load_pair  # noqa: E402
 from adasd_core.sampling import SamplingParams  # noqa: E402
@@ -84,73 +84,125 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default=",".join(ROWS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--cold", action="store_true", help="warm_start=False: every request starts empty")
-    ap.add_argument("--min-posterior", type=float, default=None)
+    ap.add_argument("--min-posterior", default=None,
+                    help="comma-separated settings: one row per method and setting (e.g. 0.7,0.9,1.0)")
     ap.add_argument("--tv-position", type=float, default=None)
     args = ap.parse_args(argv)
-    if args.min_posterior is not None:
-        KNOBS["min_posterior"] = args.min_posterior
     if args.tv_position is not None:
         KNOBS["position"] = args.tv_position
+    settings = [None] if args.min_posterior is None else [float(x) for x in args.min_posterior.split(",")]
 
     engine_mod.accept_candidates = _traced
     pair = load_pair(args.pair, args.pair, device="cpu")
-    engine = SpeculativeEngine(pair, calibrate=False)
     if args.pair == "tiny":
         prompts = [p.ids for p in continuation_task(pair.tokenizer, demo_sources(), args.prompts, 128, args.tokens,
                                                     pair.context_length).prompts]
+        kinds = ["window"] * len(prompts)
     else:
+        rows = chat_eval_rows(args.prompts)
         prompts = [pair.tokenizer(t, add_special_tokens=False)["input_ids"]
                    for t in chat_eval_prompts(pair.tokenizer, args.prompts)]
-    results = {}
+        kinds = [r["kind"] for r in rows]
+    results, reference = {}, None
     for key in args.methods.split(","):
-        spec = dataclasses.replace(ROWS[key], warm_start=not args.cold)
-        per_req, events_all, round_no = [], [], []
-        for seed in range(args.seeds):
-            for i, prompt in enumerate(prompts):
-                EVENTS.clear()
-                params = SamplingParams(max_tokens=args.tokens, temperature=args.temperature, seed=1000 * seed + i,
-                                        ignore_eos=True, logprobs=0)
-                res = engine.generate(prompt, params, spec)
-                s = res.stats
-                lp = [t.logprob for t in res.logprobs]
-                per_req.append({"excess": s.excess_surprisal, "logprob": sum(lp) / len(lp), "n": s.surprisal_count,
-                                "drafted": s.drafted_tokens, "relaxed": s.accepted_relaxed, "std": s.accepted_standard,
-                                "rounds": s.rounds})
-                for e in EVENTS:
-                    e["request"] = len(per_req) - 1
-                events_all += list(EVENTS)
-        n = len(per_req)
-
-        def mean_se(xs):
-            return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
-
-        ex_m, ex_se = mean_se([r["excess"] for r in per_req])
-        lp_m, lp_se = mean_se([r["logprob"] for r in per_req])
-        drafted = sum(r["drafted"] for r in per_req)
-        relaxed = [e for e in events_all if e["kept"] and not e["std"]]
-        fails = [e for e in events_all if not e["std"]]
-        row = {"requests": n, "tokens": sum(r["n"] for r in per_req), "excess": ex_m, "excess_se": ex_se,
-               "logprob": lp_m, "logprob_se": lp_se, "drafted": drafted,
-               "std_accepted": sum(r["std"] for r in per_req), "relaxed_accepted": len(relaxed),
-               "relaxed_share_of_drafted": len(relaxed) / drafted if drafted else None,
-               "relaxed_share_of_failures": len(relaxed) / len(fails) if fails else None,
-               "cand_per_round": drafted / max(1, sum(r["rounds"] for r in per_req))}
-        if relaxed:
-            row["relaxed_excess_mean"] = statistics.fmean(e["excess"] for e in relaxed)
-            row["relaxed_post_mean"] = statistics.fmean(e["post"] for e in relaxed)
-            row["relaxed_d_mean"] = statistics.fmean(e["d"] for e in relaxed)
-            row["relaxed_with_kde_le_10"] = sum(1 for e in relaxed if min(e["kde_a"], e["kde_r"]) <= 10) / len(relaxed)
-            row["fail_d_mean"] = statistics.fmean(e["d"] for e in fails)
-            acc = [e for e in events_all if e["std"]]
-            row["std_d_mean"] = statistics.fmean(e["d"] for e in acc) if acc else None
-            row["fail_post_mean"] = statistics.fmean((e["post"] or 0.0) for e in fails)
-        results[key] = row
-        print(key, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        if args.out:
-            results[key]["events"] = events_all
+        for setting in (settings if "adasd" in key or key in ("verify-only", "hybrid") else [None]):
+            name = key if setting is None else f"{key}@{setting:g}"
+            if setting is not None:
+                KNOBS["min_posterior"] = setting
+            else:
+                KNOBS.pop("min_posterior", None)
+            results[name] = _run_row(name, pair, ROWS[key], args, prompts, kinds, reference)
+            if reference is None:
+                reference = results[name]["_ids"]
+    for row in results.values():
+        row.pop("_ids")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f)
+
+
+def _mean_se(xs):
+    return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
+
+
+def _run_row(name, pair, spec, args, prompts, kinds, reference):
+    """One row: every prompt x seed on a fresh engine (its own warm state), so rows don't feed each other."""
+    engine = SpeculativeEngine(pair, calibrate=False)
+    spec = dataclasses.replace(spec, warm_start=not args.cold)
+    per_req, events_all, ids = [], [], []
+    for seed in range(args.seeds):
+        for i, prompt in enumerate(prompts):
+            EVENTS.clear()
+            params = SamplingParams(max_tokens=args.tokens, temperature=args.temperature, seed=1000 * seed + i,
+                                    ignore_eos=True, logprobs=0)
+            res = engine.generate(prompt, params, spec)
+            s = res.stats
+            lp = [t.logprob for t in res.logprobs]
+            ids.append(list(res.token_ids))
+            per_req.append({"kind": kinds[i], "excess": s.excess_surprisal, "logprob": sum(lp) / len(lp),
+                            "n": s.surprisal_count, "drafted": s.drafted_tokens, "relaxed": s.accepted_relaxed,
+                            "std": s.accepted_standard, "rounds": s.rounds, "tokens": len(res.token_ids)})
+            for e in EVENTS:
+                e["request"] = len(per_req) - 1
+            events_all += list(EVENTS)
+    row = _summary(per_req, events_all)
+    for kind in sorted(set(kinds)):
+        sub = [r for r in per_req if r["kind"] == kind]
+        if len(set(kinds)) > 1:
+            row[kind] = _summary(sub, [e for e in events_all if per_req[e["request"]]["kind"] == kind])
+    if reference is not None:  # greedy rows: how much of the first row's text each request reproduces
+        same = [_common_prefix(a, b) / max(1, len(b)) for a, b in zip(ids, reference)]
+        row["prefix_match_vs_first_row"] = statistics.fmean(same)
+        row["identical_vs_first_row"] = sum(1 for a, b in zip(ids, reference) if a == b) / len(ids)
+    print(json.dumps({"row": name, **{k: _round(v) for k, v in row.items()}}), flush=True)
+    if args.out:
+        row["events"] = events_all
+    row["_ids"] = ids
+    return row
+
+
+def _round(v):
+    if isinstance(v, float):
+        return round(v, 4)
+    if isinstance(v, dict):
+        return {k: _round(x) for k, x in v.items()}
+    return v
+
+
+def _common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _summary(per_req, events_all):
+    ex_m, ex_se = _mean_se([r["excess"] for r in per_req])
+    lp_m, lp_se = _mean_se([r["logprob"] for r in per_req])
+    drafted = sum(r["drafted"] for r in per_req)
+    relaxed = [e for e in events_all if e["kept"] and not e["std"]]
+    fails = [e for e in events_all if not e["std"]]
+    rounds = sum(r["rounds"] for r in per_req)
+    row = {"requests": len(per_req), "tokens": sum(r["n"] for r in per_req), "excess": ex_m, "excess_se": ex_se,
+           "logprob": lp_m, "logprob_se": lp_se, "drafted": drafted,
+           "std_accepted": sum(r["std"] for r in per_req), "relaxed_accepted": len(relaxed),
+           "failed": len(fails), "rounds": rounds,
+           "tokens_per_forward": sum(r["tokens"] for r in per_req) / max(1, rounds),
+           "relaxed_share_of_drafted": len(relaxed) / drafted if drafted else None,
+           "relaxed_share_of_failures": len(relaxed) / len(fails) if fails else None,
+           "cand_per_round": drafted / max(1, rounds)}
+    if relaxed:
+        row["relaxed_excess_mean"] = statistics.fmean(e["excess"] for e in relaxed)
+        row["relaxed_post_mean"] = statistics.fmean(e["post"] for e in relaxed)
+        row["relaxed_d_mean"] = statistics.fmean(e["d"] for e in relaxed)
+        row["relaxed_with_kde_le_10"] = sum(1 for e in relaxed if min(e["kde_a"], e["kde_r"]) <= 10) / len(relaxed)
+        row["fail_d_mean"] = statistics.fmean(e["d"] for e in fails)
+        acc = [e for e in events_all if e["std"]]
+        row["std_d_mean"] = statistics.fmean(e["d"] for e in acc) if acc else None
+        row["fail_post_mean"] = statistics.fmean((e["post"] or 0.0) for e in fails)
+    return row
 
 
 if __name__ == "__main__":

@@ -137,14 +137,18 @@ def demo_sources() -> list[tuple[str, str]]:
     return load_corpus().held_out
 
 
-def chat_eval_prompts(tokenizer, n: int | None = None) -> list[str]:
+def chat_eval_rows(n: int | None = None) -> list[dict]:
     """The held-out chat and code prompts written for the SmolLM2 pair (bench/prompts/smollm2_eval.jsonl),
-    rendered with the tokenizer's chat template, chat and code alternating."""
+    chat and code alternating: rows with `kind`, `prompt` and `answers` (chat) or `tests` (code)."""
     from adasd_core.distill.prompts import eval_prompts
 
     rows = eval_prompts()
     chat, code = [r for r in rows if r["kind"] == "chat"], [r for r in rows if r["kind"] == "code"]
     mixed = [r for pair in zip(chat, code) for r in pair] + chat[len(code):] + code[len(chat):]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                           add_generation_prompt=True) for r in mixed]
-    return texts[:n] if n else texts
+    return mixed[:n] if n else mixed
+
+
+def chat_eval_prompts(tokenizer, n: int | None = None) -> list[str]:
+    """chat_eval_rows' prompts rendered with the tokenizer's chat template."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                          add_generation_prompt=True) for r in chat_eval_rows(n)]

@@ -153,3 +153,19 @@ def test_continuation_windows(tokenizer):
                              context_length=128, stride=8)
     assert len(task.prompts) == 3 and all(len(p.ids) == 16 for p in task.prompts)
     assert task.score is None and task.max_tokens == 8
+
+
+def test_held_out_chat_and_code_rows_are_scored_by_answer_and_by_tests():
+    from adasd_core.bench.evals import score_chat_eval
+    from adasd_core.bench.tasks import chat_eval_rows
+
+    rows = chat_eval_rows()
+    assert {r["kind"] for r in rows} == {"chat", "code"} and len(rows) == 64
+    capital = next(r for r in rows if r["prompt"] == "What is the capital of France?")
+    assert score_chat_eval(capital, "The capital of France is Paris.") == 1.0
+    assert score_chat_eval(capital, "The capital of France is Lyon.") == 0.0
+    palindrome = next(r for r in rows if r.get("entry_point") == "is_palindrome")
+    good = "Here it is:\n```python\ndef is_palindrome(s):\n    return s == s[::-1]\n```\nIt reverses s."
+    assert score_chat_eval(palindrome, good) == 1.0
+    assert score_chat_eval(palindrome, good.replace("s[::-1]", "s[::2]")) == 0.0
+    assert score_chat_eval(palindrome, "I cannot write code.") == 0.0

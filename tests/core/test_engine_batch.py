@@ -202,6 +202,57 @@ def test_best_draft_length_follows_costs_and_acceptance():
     assert free_draft_expensive_verify.best_draft_length(1, 0.9, 20) == 0
 
 
+def test_the_batch_plan_alone_is_the_single_sequence_rule():
+    from adasd_core.costs import StepCosts
+
+    costs = StepCosts([1, 16], [1, 21], [[1.0, 1.4], [3.0, 3.0 + 0.3 * 20 * 16]], [0.1, 0.3])
+    for a in (0.05, 0.3, 0.5, 0.8, 0.9):
+        for cap in (1, 3, 20):
+            assert costs.plan_batch([a], [cap]) == [costs.best_draft_length(1, a, cap)]
+
+
+def test_the_batch_plan_drafts_for_the_sequences_that_pay_and_none_where_none_does():
+    from adasd_core.costs import StepCosts
+
+    # a weight-bound target (rows nearly free) and a draft step of 0.1: a likely sequence pays, an unlikely one not
+    flat = StepCosts([1, 8], [1, 21], [[1.0, 1.1], [1.2, 1.4]], [0.1, 0.12])
+    plan = flat.plan_batch([0.05, 0.9, 0.05, 0.1], [5, 5, 5, 5])
+    assert plan[1] >= 2 and plan[0] == plan[2] == plan[3] == 0
+    # every row costs as much as a sequence's step at 8: plain decoding for all, whatever the acceptance
+    per_row = StepCosts([1, 8], [1, 21], [[1.0, 21.0], [8.0, 8.0 * 21]], [0.1, 0.3])
+    assert per_row.plan_batch([0.3] * 8, [5] * 8) == [0] * 8
+    assert per_row.plan_batch([0.3], [5]) == [0]
+    # fixed sequences' drafting is paid anyway: a free sequence may ride along in their draft steps
+    alone = flat.plan_batch([0.5], [4], fixed=[(0, 0.0)])
+    riding = flat.plan_batch([0.5], [4], fixed=[(4, 0.5)])
+    assert riding[0] >= alone[0]
+    # measured rounds: drafting rounds taking 3x their prediction turn drafting off
+    slow = StepCosts([1, 8], [1, 21], [[1.0, 1.1], [1.2, 1.4]], [0.1, 0.12])
+    assert slow.plan_batch([0.5] * 4, [5] * 4) != [0] * 4
+    for _ in range(40):
+        slow.observe(4, 2, 3.0, 3.0 * slow.round_cost(4, 2, 3.0))
+        slow.observe(4, 0, 1.0, slow.round_cost(4, 0, 1.0))
+    assert slow.plan_batch([0.5] * 4, [5] * 4) == [0] * 4
+
+
+def test_a_round_planned_at_zero_runs_no_draft_work():
+    from adasd_core.costs import StepCosts
+
+    target, draft = random_tables(8, seed=16)
+    engine = SpeculativeEngine(markov_pair(target, draft), calibrate=False, max_running=4, batch_aware=True)
+    engine.costs = StepCosts([1, 4], [1, 21], [[1.0, 30.0], [4.0, 120.0]], [1.0, 1.0])
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    ar = [engine.generate([1 + i, 2, 3], params, SpecConfig(method="ar")).token_ids for i in range(4)]
+    calls = []
+    forward = engine.draft_pool.forward
+    engine.draft_pool.forward = lambda slots, feeds, **kw: calls.append(len(feeds)) or forward(slots, feeds, **kw)
+    seqs = [engine.new_sequence([1 + i, 2, 3], params, SpecConfig(method="adasd", verification="none")) for i in range(4)]
+    out = engine.run_together(seqs)
+    assert out == ar
+    assert len(calls) == 1 and calls[0] == 4  # the prompts' prefill only; no draft step in any round
+    assert all(s.stats.drafted_tokens == 0 for s in seqs)
+
+
 def test_batch_aware_cap_turns_drafting_off_where_it_does_not_pay():
     from adasd_core.costs import StepCosts
 

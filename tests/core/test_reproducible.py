@@ -90,12 +90,13 @@ def test_batch_mates_and_live_state_never_change_a_reproducible_request(request_
         out = run(engine, batch, epoch=epoch)
         assert out[seed] == alone
         assert engine.new_sequence(*mine, epoch=epoch).fingerprint == fp
-    # the batch plan differs: a greedy lossless request drafts nothing at 4 sequences here, alone it drafts
+    # the batch plan differs: a greedy lossless request drafts nothing beside 3 plain ones here, alone it drafts
     lossless = ([3], SamplingParams(max_tokens=20, ignore_eos=True), SpecConfig(method="gen-only"))
+    plain = ([4], SamplingParams(max_tokens=20, ignore_eos=True), SpecConfig(method="ar"))
     engine.costs = alone_pays()
-    seqs = [engine.new_sequence(*r) for r in [lossless, *traffic(3)]]
-    assert engine._draft_cap(seqs[0], 4) == 0 < engine._draft_cap(seqs[0], 1)
-    assert engine._draft_cap(engine.new_sequence(*mine), 4) > 0
+    seqs = [engine.new_sequence(*r) for r in [lossless, plain, plain, plain]]
+    assert engine._draft_caps(seqs)[0] == 0 < engine._draft_caps(seqs[:1])[0]
+    assert engine._draft_caps([engine.new_sequence(*mine), *seqs[1:]])[0] > 0
 
 
 def test_a_publication_mid_stream_leaves_running_requests_alone():
