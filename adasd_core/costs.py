@@ -253,3 +253,23 @@ def measure(target_pool, draft_pool, vocab: int, max_batch: int, context: int = 
             for s in slots:
                 pool.clear(s)
     return StepCosts(batch_sizes, lengths, target, draft, warm)
+
+
+@torch.inference_mode()
+def decode_step_seconds(model, pair, context: int = 64, repeats: int = 9) -> float:
+    """Median wall time of one single-token decode step after `context` cached tokens,
+    including the host sync a real step pays to read its token."""
+    n = min(context, pair.context_length - 2)
+    from adasd_core.kv_cache import make_pool
+
+    pool = make_pool(model, 1, n + 2)
+    ids = (torch.arange(n) % pair.vocab_size).tolist()
+    pool.forward([0], [ids])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pool.forward([0], [ids[:1]])[-1].argmax().item()
+        times.append(time.perf_counter() - t0)
+        pool.rollback(0, n)
+    times.sort()
+    return times[len(times) // 2]

@@ -34,7 +34,9 @@ from adasd_core.errors import InvalidRequestError
 from adasd_core.kv_cache import make_pool
 from adasd_core.models import ModelPair
 from adasd_core.sampling import SamplingParams, logits_to_probs_rows, make_generator, sample_rows
-from adasd_core.sequence import Delta, PromptLogprobs, Sequence, TokenLogprob, TokenSource
+from adasd_core.costs import decode_step_seconds  # noqa: F401  (re-exported)
+from adasd_core.round_output import Draft, excess_surprisal, token_logprobs, token_sources
+from adasd_core.sequence import Delta, PromptLogprobs, Sequence, TokenLogprob
 from adasd_core.stats import GenerationStats
 from adasd_core.validation import check_prompt_ids
 from adasd_core.verification import RelaxedCheck, accept_candidates, entropy, make_relaxed_check
@@ -107,48 +109,6 @@ class GenerationResult:
     stats: GenerationStats
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # SamplingParams.prompt_logprobs: the first has none
-
-
-def _token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[TokenLogprob]:
-    """Raw target log-probabilities (temperature 1) of emitted tokens, with the top-N alternatives."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None]).squeeze(-1).tolist()
-    top_vals, top_ids = (logp.topk(top_n, dim=-1) if top_n else (logp[:, :0], logp[:, :0].long()))
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    return [TokenLogprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in zip(tokens, chosen, top_ids, top_vals)]
-
-
-def _excess_surprisal(probs: torch.Tensor, tokens: list[int]) -> list[float]:
-    """-log p(x) - H(p) of each emitted token under its position's processed target distribution
-    (zero in expectation for a lossless method)."""
-    p = probs.float()
-    p_x = p.gather(-1, torch.tensor(tokens, device=p.device)[:, None]).squeeze(-1)
-    return (-torch.log(p_x.clamp_min(1e-30)) - entropy(p)).tolist()
-
-
-def _token_sources(draft: "_Draft | None", verdict, round_no: int) -> list[TokenSource]:
-    """Where each token a round emits came from, from what the round already holds on the host."""
-    n, k = verdict.n_accepted, len(draft.ids) if draft else 0
-
-    def drafted(i: int, source: str, rejected: int | None = None) -> TokenSource:
-        return TokenSource(source, round_no, draft.entropies[i], verdict.distances[i] if verdict.distances else None,
-                           verdict.posteriors[i] if verdict.posteriors else None, rejected)
-
-    out = [drafted(i, "standard" if verdict.standard[i] else "relaxed") for i in range(n)]
-    if n < k:
-        out.append(drafted(n, "correction", rejected=draft.ids[n]))
-    else:
-        out.append(TokenSource("bonus" if k else "ar", round_no))
-    return out
-
-
-@dataclass
-class _Draft:
-    """One sequence's candidates in the current round."""
-
-    ids: list[int]
-    probs: list[torch.Tensor]  # [V] each
-    entropies: list[float]
 
 
 class SpeculativeEngine:
@@ -424,7 +384,7 @@ class SpeculativeEngine:
                     # row i predicts prompt token prefilled + i + 1
                     targets = seq.prompt_ids[seq.prefilled + 1 : seq.prefilled + n + 1]
                     for i in range(0, n, SCORE_ROWS):
-                        seq.prompt_logprobs += _token_logprobs(r[i : i + SCORE_ROWS].to(self.pair.device),
+                        seq.prompt_logprobs += token_logprobs(r[i : i + SCORE_ROWS].to(self.pair.device),
                                                                targets[i : i + SCORE_ROWS], seq.params.prompt_logprobs)
             except Exception as exc:  # the batch's requests end; the others go on
                 for seq, _ in batch:
@@ -507,34 +467,45 @@ class SpeculativeEngine:
         return events
 
     def _round_batch(self, seqs: list[Sequence]) -> list[tuple[Sequence, Delta | Exception]]:
+        """One round of the batch, in its phases: plan, draft, verify, finish, account."""
         t0 = time.perf_counter()
-        outside = self._outside_s
         self.rounds += 1
         caps = self._draft_caps(seqs)
         drafts = self._draft([s for s, c in zip(seqs, caps) if c > 0], [c for c in caps if c > 0])
         t1 = time.perf_counter()
+        feeds, target_probs, logits = self._verify(seqs, drafts)
+        t2 = time.perf_counter()
+        events = [(seq, self._finish_one(seq, drafts.get(seq), p, lg)) for seq, p, lg in zip(seqs, target_probs, logits)]
+        self._account(seqs, drafts, feeds, events, (t0, t1, t2, time.perf_counter()))
+        return events
 
-        # verify: every sequence feeds its last token and its candidates -> k+1 rows of logits
+    def _verify(self, seqs: list[Sequence], drafts: dict[Sequence, Draft]):
+        """One batched target forward: every sequence feeds its last token and its candidates, and gets
+        k+1 rows of logits and of processed probabilities (per sequence: [k+1, V] each)."""
         feeds = [[s.tokens[-1]] + (drafts[s].ids if s in drafts else []) for s in seqs]
         logits = self.target_pool.forward([s.slot for s in seqs], feeds, all_logits=True)
         logits = logits[:, : self.pair.vocab_size].to(self.pair.device)  # [sum k_b + 1, V]
         row_params = [s.params for s, f in zip(seqs, feeds) for _ in f]
-        target_probs = logits_to_probs_rows(logits, row_params).split([len(f) for f in feeds])
-        logits = logits.split([len(f) for f in feeds])
-        t2 = time.perf_counter()
+        sizes = [len(f) for f in feeds]
+        return feeds, logits_to_probs_rows(logits, row_params).split(sizes), logits.split(sizes)
 
-        events = []
-        for i, seq in enumerate(seqs):
-            try:
-                delta = self._finish_round(seq, drafts.get(seq), target_probs[i], logits[i])
-            except Exception as exc:  # one broken request must not take the others down
-                seq.finish_reason = "error"
-                delta = exc
-            events.append((seq, delta))
-        t3 = time.perf_counter()
+    def _finish_one(self, seq: Sequence, draft: Draft | None, target_probs: torch.Tensor,
+                    logits: torch.Tensor) -> Delta | Exception:
+        try:
+            return self._finish_round(seq, draft, target_probs, logits)
+        except Exception as exc:  # one broken request must not take the others down
+            seq.finish_reason = "error"
+            return exc
+
+    def _account(self, seqs: list[Sequence], drafts: dict[Sequence, Draft], feeds: list[list[int]],
+                 events: list, times: tuple[float, float, float, float]) -> None:
+        """The round's measured cost (to the batch plan) and time (to each request's statistics);
+        finished sequences leave the batch."""
+        t0, t1, t2, t3 = times
         if self.costs.measured:
             draft_steps = max((len(d.ids) for d in drafts.values()), default=0)
-            self.costs.observe(len(seqs), draft_steps, sum(len(f) for f in feeds) / len(seqs), t3 - t0 + outside)
+            self.costs.observe(len(seqs), draft_steps, sum(len(f) for f in feeds) / len(seqs),
+                               t3 - t0 + self._outside_s)
         self._round_end = time.perf_counter()
         for seq, delta in events:
             s = seq.stats
@@ -547,12 +518,11 @@ class SpeculativeEngine:
                 delta.round["estimated_speedup"] = s.estimated_speedup  # now that this round's time is in
             if seq.finished:
                 self._release(seq)
-        return events
 
-    def _draft(self, seqs: list[Sequence], caps: list[int]) -> dict[Sequence, _Draft]:
+    def _draft(self, seqs: list[Sequence], caps: list[int]) -> dict[Sequence, Draft]:
         """Batched draft steps; a sequence leaves the batch when its policy stops it."""
         V = self.pair.vocab_size
-        out = {s: _Draft([], [], []) for s in seqs}
+        out = {s: Draft([], [], []) for s in seqs}
         active = list(zip(seqs, caps))
         feeds = [s.tokens[self.draft_pool.length(s.slot):] for s in seqs]  # the draft slot may lag
         while active:
@@ -575,7 +545,7 @@ class SpeculativeEngine:
             feeds = [[out[s].ids[-1]] for s, _ in active]
         return out
 
-    def _finish_round(self, seq: Sequence, draft: _Draft | None, target_probs: torch.Tensor,
+    def _finish_round(self, seq: Sequence, draft: Draft | None, target_probs: torch.Tensor,
                       logits: torch.Tensor) -> Delta:
         """Acceptance, statistics, cache rollback and output for one sequence."""
         candidates = draft.ids if draft else []
@@ -610,9 +580,9 @@ class SpeculativeEngine:
             self.draft_pool.rollback(seq.slot, min(self.draft_pool.length(seq.slot), len(seq.tokens) + n_acc))
 
         emitted = candidates[:n_acc] + [verdict.token]
-        logprobs = _token_logprobs(logits[: n_acc + 1], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
-        excess = _excess_surprisal(target_probs[: n_acc + 1], emitted)  # one host sync
-        sources = _token_sources(draft, verdict, seq.stats.rounds) if seq.token_sources else None
+        logprobs = token_logprobs(logits[: n_acc + 1], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
+        excess = excess_surprisal(target_probs[: n_acc + 1], emitted)  # one host sync
+        sources = token_sources(draft, verdict, seq.stats.rounds) if seq.token_sources else None
         delta = seq.emit(emitted, logprobs, sources)
         if sources is not None:
             delta.round = {"round": seq.stats.rounds, "relaxed": verdict.n_relaxed, **record}
@@ -732,21 +702,3 @@ class Generation:
     def close(self) -> None:
         """Free the slot now (a cancelled request must not hold memory)."""
         self.engine.abort(self.seq)
-
-
-@torch.inference_mode()
-def decode_step_seconds(model, pair: ModelPair, context: int = 64, repeats: int = 9) -> float:
-    """Median wall time of one single-token decode step after `context` cached tokens,
-    including the host sync a real step pays to read its token."""
-    n = min(context, pair.context_length - 2)
-    pool = make_pool(model, 1, n + 2)
-    ids = (torch.arange(n) % pair.vocab_size).tolist()
-    pool.forward([0], [ids])
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        pool.forward([0], [ids[:1]])[-1].argmax().item()
-        times.append(time.perf_counter() - t0)
-        pool.rollback(0, n)
-    times.sort()
-    return times[len(times) // 2]

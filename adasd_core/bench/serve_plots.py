@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adasd_core.bench.serve_goals import REFERENCE, VS_AR_GOAL
+from adasd_core.bench.serve_goals import REFERENCE, vs_ar_goal
 
 
 def plot(result: dict, out: Path) -> Path | None:
@@ -41,7 +41,9 @@ def plot(result: dict, out: Path) -> Path | None:
                    if name in lv[f"speedup_vs_{REFERENCE}"]]
             a2.plot([c for c, _ in pts], [v for _, v in pts], marker="o", color=f"C{names.index(name)}", label=name)
         a2.axhline(1.0, color="grey", lw=0.8, ls="--")
-        a2.axhline(VS_AR_GOAL["up_to_8"], color="grey", lw=0.8, ls=":", label=f"goal {VS_AR_GOAL['up_to_8']}x (<= 8)")
+        levels_c = sorted(lv["concurrency"] for lv in levels)
+        a2.step(levels_c, [vs_ar_goal(c) for c in levels_c], where="mid", color="grey", lw=0.8, ls=":",
+                label=f"goal over {REFERENCE}")
         a2.set_xscale("log", base=2)
         a2.set_xlabel("concurrent clients")
         a2.set_ylabel(f"aggregate tok/s / {REFERENCE}'s")

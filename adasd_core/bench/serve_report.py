@@ -111,7 +111,7 @@ def markdown(result: dict) -> str:
         out += arrivals_table(result["arrivals"])
     if result.get("targets"):
         base = result.get("baseline")
-        out += ["", "## Targets (issue 10), measured in this run", "",
+        out += ["", "## Targets, measured in this run", "",
                 "| target | method | concurrency | value | goal | met |", "|---|---|---:|---:|---|---|"]
         for t in result["targets"]:
             out.append(f"| {t['target']} | {t.get('method', '')} | {t.get('concurrency', '-') or '-'} | "

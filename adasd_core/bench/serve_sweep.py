@@ -35,7 +35,16 @@ from adasd_core.bench.serve_client import (
     stalls_at_arrivals,
     wait_until_ready,
 )
-from adasd_core.bench.serve_goals import BASELINE_GOAL, REFERENCE, SCALING_GOAL, VS_AR_GOAL  # noqa: F401
+from adasd_core.bench.serve_goals import (  # noqa: F401
+    BASELINE_GOAL,
+    EXTERNAL_BEST_AT_8_GOAL,
+    EXTERNAL_ONE_CLIENT_GOAL,
+    ITL_P99_OVER_MEDIAN_GOAL,
+    REFERENCE,
+    SCALING_GOAL,
+    VS_AR_GOAL,
+    vs_ar_goal,
+)
 from adasd_core.bench.serve_report import write_outputs
 from adasd_core.device import machine_info
 
@@ -249,8 +258,10 @@ def baseline_tokens_per_s(path: str, method: str = "adasd", concurrency: int = 1
     return None
 
 
-def check_targets(rows: list[dict], baseline: float | None = None, subject: str = "adasd") -> list[dict]:
-    """Issue 10's serving targets, measured in this run (closed-loop rows)."""
+def check_targets(rows: list[dict], baseline: float | None = None, subject: str = "adasd",
+                  externals: list[str] = (), arrivals: list[dict] = ()) -> list[dict]:
+    """The serving targets (serve_goals), measured in this run: closed-loop rows, the external servers'
+    rows, and the arrivals rows' inter-token latency."""
     def get(method: str, c: int) -> float | None:
         return next((r["tokens_per_s"] for r in rows if r["method"] == method and r["concurrency"] == c), None)
 
@@ -261,8 +272,22 @@ def check_targets(rows: list[dict], baseline: float | None = None, subject: str 
     for c in sorted({r["concurrency"] for r in rows}):
         a, b = get(subject, c), get(REFERENCE, c)
         if a and b:
-            goal = VS_AR_GOAL["up_to_8"] if c <= 8 else VS_AR_GOAL["above_8"]
-            out.append(_verdict(f"vs_{REFERENCE}", a / b, goal, method=subject, concurrency=c))
+            out.append(_verdict(f"vs_{REFERENCE}", a / b, vs_ar_goal(c), method=subject, concurrency=c))
+    for name in externals:
+        ext_one = get(name, 1)
+        if one and ext_one:
+            out.append(_verdict(f"vs_{name}", one / ext_one, EXTERNAL_ONE_CLIENT_GOAL, method=subject, concurrency=1))
+        best = max((r["tokens_per_s"] for r in rows if r["method"] == name and r["tokens_per_s"]), default=None)
+        if eight and best:
+            out.append(_verdict(f"8_clients_vs_{name}_best", eight / best, EXTERNAL_BEST_AT_8_GOAL, method=subject,
+                                concurrency=8))
+    for r in arrivals:
+        itl = r.get("itl_ms") or {}
+        if r["method"] == subject and itl.get("p50") and itl.get("p99") is not None:
+            ratio = round(itl["p99"] / itl["p50"], 3)
+            out.append({"target": "arrivals_itl_p99_over_p50", "method": subject, "value": ratio,
+                        "goal": f"<= {ITL_P99_OVER_MEDIAN_GOAL}", "threshold": ITL_P99_OVER_MEDIAN_GOAL,
+                        "met": ratio <= ITL_P99_OVER_MEDIAN_GOAL})
     if one and baseline:
         out.append(_verdict("1_client_vs_baseline", one / baseline, BASELINE_GOAL, method=subject, concurrency=1))
     return out
@@ -463,7 +488,8 @@ def run_bench_serve(cfg: ServeBenchConfig, progress: bool = True, pair=None) -> 
         "levels": compare_levels(rows, cfg.concurrency),
         "arrivals": arrivals,
         "baseline": {"path": cfg.baseline, "tokens_per_s": base} if cfg.baseline else None,
-        "targets": check_targets(rows, base),
+        "targets": check_targets(rows, base, externals=[run.key for run in runs if not run.endpoint.extension],
+                                 arrivals=arrivals),
         "in_process": local,
         "overhead": ratio,
     }

@@ -7,7 +7,8 @@ import pytest
 import torch
 from toy import markov_pair
 
-from adasd_core.engine import SpecConfig, SpeculativeEngine, _Draft, _token_sources
+from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.round_output import Draft as _Draft, token_sources as _token_sources
 from adasd_core.sampling import SamplingParams
 from adasd_core.sequence import SOURCES
 from adasd_core.verification import BayesCheck, RelaxedCheck, Verdict, accept_candidates

@@ -1,0 +1,53 @@
+"""What a round hands back for one sequence, built from what the round already holds: the emitted
+tokens' log-probabilities, their excess surprisal, and where each token came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adasd_core.sequence import TokenLogprob, TokenSource
+from adasd_core.verification import entropy
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[TokenLogprob]:
+    """Raw target log-probabilities (temperature 1) of emitted tokens, with the top-N alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None]).squeeze(-1).tolist()
+    top_vals, top_ids = (logp.topk(top_n, dim=-1) if top_n else (logp[:, :0], logp[:, :0].long()))
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    return [TokenLogprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in zip(tokens, chosen, top_ids, top_vals)]
+
+
+def excess_surprisal(probs: torch.Tensor, tokens: list[int]) -> list[float]:
+    """-log p(x) - H(p) of each emitted token under its position's processed target distribution
+    (zero in expectation for a lossless method)."""
+    p = probs.float()
+    p_x = p.gather(-1, torch.tensor(tokens, device=p.device)[:, None]).squeeze(-1)
+    return (-torch.log(p_x.clamp_min(1e-30)) - entropy(p)).tolist()
+
+
+def token_sources(draft: "Draft | None", verdict, round_no: int) -> list[TokenSource]:
+    """Where each token a round emits came from, from what the round already holds on the host."""
+    n, k = verdict.n_accepted, len(draft.ids) if draft else 0
+
+    def drafted(i: int, source: str, rejected: int | None = None) -> TokenSource:
+        return TokenSource(source, round_no, draft.entropies[i], verdict.distances[i] if verdict.distances else None,
+                           verdict.posteriors[i] if verdict.posteriors else None, rejected)
+
+    out = [drafted(i, "standard" if verdict.standard[i] else "relaxed") for i in range(n)]
+    if n < k:
+        out.append(drafted(n, "correction", rejected=draft.ids[n]))
+    else:
+        out.append(TokenSource("bonus" if k else "ar", round_no))
+    return out
+
+
+@dataclass
+class Draft:
+    """One sequence's candidates in the current round."""
+
+    ids: list[int]
+    probs: list[torch.Tensor]  # [V] each
+    entropies: list[float]
