@@ -4,7 +4,7 @@
         [--min-posterior 0.7,0.9] [--temperature 0] [--seeds 1] [--max-tokens 192] [--out acc.json]
 
 In process (SpeculativeEngine, warm start as the server has it), every prompt of
-bench/prompts/smollm2_eval.jsonl in the chat template, stopped at EOS: chat rows score 1 when one of
+bench/prompts/smollm2_eval.jsonl with a checkable answer, in the chat template, stopped at EOS: chat rows score 1 when one of
 their answers appears in the reply, code rows when the function passes its tests (a subprocess).
 `adasd` rows run once per `--min-posterior` setting. Prints one JSON line per row: accuracy (chat,
 code, all) and the rows whose verdict differs from the first row's.
@@ -49,13 +49,15 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=192)
-    ap.add_argument("--prompts", type=int, default=0, help="the first N prompts only (0: all 64)")
+    ap.add_argument("--prompts", type=int, default=0, help="the first N checkable prompts only (0: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     pair = load_pair("smollm2", "smollm2", device="cpu")
-    rows = chat_eval_rows(args.prompts or None)
-    prompts = [pair.tokenizer(t, add_special_tokens=False)["input_ids"]
-               for t in chat_eval_prompts(pair.tokenizer, args.prompts or None)]
+    # the rows with a checkable answer (short factual answers, functions with tests)
+    pairs = [(r, t) for r, t in zip(chat_eval_rows(), chat_eval_prompts(pair.tokenizer))
+             if "answers" in r or "tests" in r][: args.prompts or None]
+    rows = [r for r, _ in pairs]
+    prompts = [pair.tokenizer(t, add_special_tokens=False)["input_ids"] for _, t in pairs]
     engine_mod.accept_candidates = _accept_at_setting
     results, first = {}, None
     for method in args.methods.split(","):

@@ -236,11 +236,13 @@ def humaneval_prompts(rows: list[dict], path="humaneval") -> list[tuple[str, str
     return out
 
 
-def score_chat_eval(row: dict, completion: str, timeout_s: float = 10.0) -> float:
+def score_chat_eval(row: dict, completion: str, timeout_s: float = 10.0) -> float | None:
     """A held-out chat/code row of bench/prompts/smollm2_eval.jsonl: a chat answer is right when one of
     its `answers` appears in the completion (case-insensitive); a code answer when the function
-    (`entry_point`, fenced or not) passes every one of its `tests`."""
-    if row["kind"] == "chat":
+    (`entry_point`, fenced or not) passes every one of its `tests`. None for open-ended rows."""
+    if "answers" not in row and "tests" not in row:
+        return None
+    if "answers" in row:
         text = completion.lower()
         return float(any(a.lower() in text for a in row["answers"]))
     asserts = "\n".join(f"assert {t}" for t in row["tests"])

@@ -169,3 +169,5 @@ def test_held_out_chat_and_code_rows_are_scored_by_answer_and_by_tests():
     assert score_chat_eval(palindrome, good) == 1.0
     assert score_chat_eval(palindrome, good.replace("s[::-1]", "s[::2]")) == 0.0
     assert score_chat_eval(palindrome, "I cannot write code.") == 0.0
+    open_ended = next(r for r in rows if "answers" not in r and "tests" not in r)
+    assert score_chat_eval(open_ended, "Anything.") is None
