@@ -112,9 +112,22 @@ class StepCosts:
         Candidates: the m sequences most likely to be accepted draft min(k, cap) each, the rest none,
         for every k and m. With m = 0 and nothing fixed the round is plain decoding: no draft work."""
         n_free = len(acceptances)
-        batch = n_free + len(fixed)
         if n_free == 0:
             return []
+        # computed at rounded acceptances and cached under them: under load the batch's plan rarely
+        # changes from round to round, and a plan is a function of its key alone
+        acceptances = [round(min(max(x, 0.0), 0.99), 2) for x in acceptances]
+        fixed = [(k, round(min(max(x, 0.0), 0.99), 2)) for k, x in fixed]
+        key = ("plan", tuple(acceptances), tuple(caps), tuple(fixed))
+        if key not in self._cache:
+            if len(self._cache) > 4096:  # bounded: keys move with every request's acceptance
+                self._cache.clear()
+            self._cache[key] = self._plan_batch(acceptances, caps, fixed)
+        return list(self._cache[key])
+
+    def _plan_batch(self, acceptances: list[float], caps: list[int], fixed: list[tuple[int, float]]) -> list[int]:
+        n_free = len(acceptances)
+        batch = n_free + len(fixed)
         bucket = self._bucket(batch)
         spec_r, plain_r = self.ratio.get((bucket, True), 1.0), self.ratio.get((bucket, False), 1.0)
         row = self._target_row(batch)
@@ -122,25 +135,35 @@ class StepCosts:
         fixed_drafting = sum(1 for k, _ in fixed if k)
         base = n_free + sum(_expected_tokens(a, k) for k, a in fixed)
 
+        # per-call tables: draft steps by how many sequences draft, the target by total rows
+        cold = [0.0] + [self.draft_cost(n) for n in range(1, batch + 1)]
+        warm = [0.0] + [self.draft_cost(n, warm=True) for n in range(1, batch + 1)]
+        target: dict[int, float] = {}
+
         def seconds(rows: int, steps: int, drafting: int) -> float:
-            t = _interp(self.lengths, row, 1 + rows / batch)
-            if steps:
-                t += self.draft_cost(drafting) + (steps - 1) * self.draft_cost(drafting, warm=True)
-            return t * (spec_r if steps else plain_r)
+            t = target.get(rows)
+            if t is None:
+                t = target[rows] = _interp(self.lengths, row, 1 + rows / batch)
+            if not steps:
+                return t * plain_r
+            return (t + cold[drafting] + (steps - 1) * warm[drafting]) * spec_r
 
         order = sorted(range(n_free), key=lambda i: -acceptances[i])
         a = [acceptances[i] for i in order]
+        capped = [caps[i] for i in order]
         best_plan, best_rate = (0, 0), base / seconds(fixed_rows, fixed_steps, fixed_drafting)
         for k in range(1, max(caps, default=0) + 1):
+            if a[0] ** k < 1e-3:  # even the likeliest sequence's k-th candidate adds nothing
+                break
             gain, rows, drafting, steps = 0.0, fixed_rows, fixed_drafting, fixed_steps
-            for m, i in enumerate(order, start=1):
-                ki = min(k, caps[i])
+            for m in range(n_free):
+                ki = k if k < capped[m] else capped[m]
                 if ki:
-                    gain += _expected_tokens(a[m - 1], ki) - 1
+                    gain += (1 - a[m] ** (ki + 1)) / (1 - a[m]) - 1
                     rows, drafting, steps = rows + ki, drafting + 1, max(steps, ki)
                 rate = (base + gain) / seconds(rows, steps, drafting)
                 if rate > best_rate:
-                    best_plan, best_rate = (k, m), rate
+                    best_plan, best_rate = (k, m + 1), rate
         k, m = best_plan
         out = [0] * n_free
         for i in order[:m]:
