@@ -111,6 +111,14 @@ class GenerationResult:
     prompt_logprobs: list[TokenLogprob] | None = None  # SamplingParams.prompt_logprobs: the first has none
 
 
+def pair_min_posterior(pair: ModelPair) -> float | None:
+    """BayesCheck.min_posterior as chosen on this pair's own frontier, from the draft's config
+    (`adasd_draft.min_posterior`); None: the class default."""
+    extra = getattr(getattr(pair.draft, "config", None), "adasd_draft", None) or {}
+    value = extra.get("min_posterior") if isinstance(extra, dict) else None
+    return None if value is None else float(value)
+
+
 class SpeculativeEngine:
     """Holds a loaded pair and its KV pools; runs batched rounds. One thread drives it.
 
@@ -151,6 +159,8 @@ class SpeculativeEngine:
         self.costs = self.plan_costs = step_costs.StepCosts.nominal()
         self._plan_digest: tuple = (None, "")
         self.target_step_s = 0.0
+        # the Bayesian check's gate measured for this pair (the draft folder's config asks for it)
+        self.min_posterior = pair_min_posterior(pair)
         if calibrate:
             self.calibrate()
 
@@ -211,6 +221,8 @@ class SpeculativeEngine:
                 else:
                     start = self.epochs.get(epoch, self.published).get(family) or Snapshot.empty(relaxed.name)
                 relaxed = start.seed(policy, relaxed)
+        if self.min_posterior is not None and hasattr(relaxed, "min_posterior"):
+            relaxed.min_posterior = self.min_posterior
         # a request whose tokens the draft lengths decide (seeded, or greedy with a relaxed check) plans them
         # as if alone, from saved state only, so its output depends on neither its batch mates nor the
         # server's timings; the others (greedy lossless: their tokens are the target's whatever the

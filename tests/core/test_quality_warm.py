@@ -141,3 +141,19 @@ def test_loaded_state_warms_new_requests():
     seq = engine.new_sequence([0], SamplingParams(max_tokens=4, temperature=1.0),
                               SpecConfig(method="adasd", warm_start=True))
     assert seq.policy.threshold == 2.0 and list(seq.relaxed.accepted) == [0.1, 0.2]
+
+
+def test_the_draft_folder_sets_the_pairs_bayes_gate():
+    from types import SimpleNamespace
+
+    from adasd_core.engine import SpecConfig, SpeculativeEngine
+    from toy import markov_pair, random_tables
+
+    target, draft = random_tables(8, seed=3)
+    pair = markov_pair(target, draft)
+    default = SpeculativeEngine(pair, calibrate=False).new_sequence([1], None, SpecConfig(method="adasd"))
+    assert default.relaxed.min_posterior == BayesCheck.min_posterior
+    pair.draft.config = SimpleNamespace(adasd_draft={"min_posterior": 1.0})
+    for warm in (False, True):
+        seq = SpeculativeEngine(pair, calibrate=False).new_sequence([1], None, SpecConfig(method="adasd", warm_start=warm))
+        assert seq.relaxed.min_posterior == 1.0
