@@ -49,6 +49,9 @@ class StepCosts:
     measured: bool = True
     # per batch-size bucket: measured / predicted round time, with and without drafting
     ratio: dict = field(default_factory=dict, repr=False)
+    # per batch-size bucket and drafting or not: measured tokens per second per sequence (EMA) and rounds
+    rates: dict = field(default_factory=dict, repr=False)
+    _since_draft: dict = field(default_factory=dict, repr=False)  # per bucket: plain rounds since a drafting one
     _cache: dict = field(default_factory=dict, repr=False)
 
     def target_cost(self, batch: int, n: int) -> float:
@@ -67,14 +70,40 @@ class StepCosts:
     def _bucket(self, batch: int) -> int:
         return 1 << max(0, batch - 1).bit_length()  # 1, 2, 4, 8, 16, ...
 
-    def observe(self, batch: int, draft_steps: int, tokens_per_sequence: float, seconds: float) -> None:
-        """A round's measured time against the table's prediction for the work it did."""
-        key = (self._bucket(batch), draft_steps > 0)
+    def observe(self, batch: int, draft_steps: int, tokens_per_sequence: float, seconds: float,
+                tokens: int | None = None) -> None:
+        """A round's measured time against the table's prediction for the work it did, and (given the
+        tokens it emitted) its measured tokens per second per sequence."""
+        bucket = self._bucket(batch)
+        key = (bucket, draft_steps > 0)
         r = seconds / self.round_cost(batch, draft_steps, tokens_per_sequence)
         old = self.ratio.get(key)
         self.ratio[key] = r if old is None else 0.9 * old + 0.1 * r
         if old is None or abs(self.ratio[key] - old) > 0.02 * old:
             self._cache.clear()
+        if tokens is not None and seconds > 0:
+            rate = tokens / batch / seconds
+            ema, n = self.rates.get(key, (rate, 0))
+            self.rates[key] = (rate if n == 0 else 0.95 * ema + 0.05 * rate, n + 1)
+            self._since_draft[bucket] = 0 if draft_steps else self._since_draft.get(bucket, 0) + 1
+
+    # rounds of each kind a bucket measures before its rates decide; plain rounds between re-probes
+    EXPLORE_ROUNDS = 8
+    REPROBE_EVERY = 64
+
+    def drafting_measured_to_pay(self, batch: int) -> bool:
+        """Whether drafting rounds have measured more tokens per second than plain ones at this batch
+        size, all costs in (the table cannot see everything a server pays: its front end's share of
+        the cores, ragged batches, the draft catching up). Until both kinds have EXPLORE_ROUNDS
+        rounds, plain ones are measured first, then the plan's own choice; where drafting lost, one
+        round in REPROBE_EVERY drafts again so the verdict follows the load."""
+        bucket = self._bucket(batch)
+        plain, spec = self.rates.get((bucket, False), (0.0, 0)), self.rates.get((bucket, True), (0.0, 0))
+        if plain[1] < self.EXPLORE_ROUNDS:
+            return False
+        if spec[1] < self.EXPLORE_ROUNDS or spec[0] >= plain[0]:
+            return True
+        return self._since_draft.get(bucket, 0) >= self.REPROBE_EVERY
 
     def best_draft_length(self, batch: int, acceptance: float, k_max: int) -> int:
         """The draft length (0..k_max) with the most tokens per second at this batch size."""
@@ -114,6 +143,8 @@ class StepCosts:
         n_free = len(acceptances)
         if n_free == 0:
             return []
+        if self.measured and not self.drafting_measured_to_pay(n_free + len(fixed)):
+            return [0] * n_free
         # computed at rounded acceptances and cached under them: under load the batch's plan rarely
         # changes from round to round, and a plan is a function of its key alone
         acceptances = [round(min(max(x, 0.0), 0.99), 2) for x in acceptances]

@@ -516,8 +516,9 @@ class SpeculativeEngine:
         t0, t1, t2, t3 = times
         if self.costs.measured:
             draft_steps = max((len(d.ids) for d in drafts.values()), default=0)
+            emitted = sum(len(d.token_ids) for _, d in events if isinstance(d, Delta))
             self.costs.observe(len(seqs), draft_steps, sum(len(f) for f in feeds) / len(seqs),
-                               t3 - t0 + self._outside_s)
+                               t3 - t0 + self._outside_s, tokens=emitted)
         self._round_end = time.perf_counter()
         for seq, delta in events:
             s = seq.stats

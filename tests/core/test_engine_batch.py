@@ -205,7 +205,7 @@ def test_best_draft_length_follows_costs_and_acceptance():
 def test_the_batch_plan_alone_is_the_single_sequence_rule():
     from adasd_core.costs import StepCosts
 
-    costs = StepCosts([1, 16], [1, 21], [[1.0, 1.4], [3.0, 3.0 + 0.3 * 20 * 16]], [0.1, 0.3])
+    costs = StepCosts([1, 16], [1, 21], [[1.0, 1.4], [3.0, 3.0 + 0.3 * 20 * 16]], [0.1, 0.3], measured=False)
     for a in (0.05, 0.3, 0.5, 0.8, 0.9):
         for cap in (1, 3, 20):
             assert costs.plan_batch([a], [cap]) == [costs.best_draft_length(1, a, cap)]
@@ -215,11 +215,11 @@ def test_the_batch_plan_drafts_for_the_sequences_that_pay_and_none_where_none_do
     from adasd_core.costs import StepCosts
 
     # a weight-bound target (rows nearly free) and a draft step of 0.1: a likely sequence pays, an unlikely one not
-    flat = StepCosts([1, 8], [1, 21], [[1.0, 1.1], [1.2, 1.4]], [0.1, 0.12])
+    flat = StepCosts([1, 8], [1, 21], [[1.0, 1.1], [1.2, 1.4]], [0.1, 0.12], measured=False)
     plan = flat.plan_batch([0.05, 0.9, 0.05, 0.1], [5, 5, 5, 5])
     assert plan[1] >= 2 and plan[0] == plan[2] == plan[3] == 0
     # every row costs as much as a sequence's step at 8: plain decoding for all, whatever the acceptance
-    per_row = StepCosts([1, 8], [1, 21], [[1.0, 21.0], [8.0, 8.0 * 21]], [0.1, 0.3])
+    per_row = StepCosts([1, 8], [1, 21], [[1.0, 21.0], [8.0, 8.0 * 21]], [0.1, 0.3], measured=False)
     assert per_row.plan_batch([0.3] * 8, [5] * 8) == [0] * 8
     assert per_row.plan_batch([0.3], [5]) == [0]
     # fixed sequences' drafting is paid anyway: a free sequence may ride along in their draft steps
@@ -227,12 +227,34 @@ def test_the_batch_plan_drafts_for_the_sequences_that_pay_and_none_where_none_do
     riding = flat.plan_batch([0.5], [4], fixed=[(4, 0.5)])
     assert riding[0] >= alone[0]
     # measured rounds: drafting rounds taking 3x their prediction turn drafting off
-    slow = StepCosts([1, 8], [1, 21], [[1.0, 1.1], [1.2, 1.4]], [0.1, 0.12])
+    slow = StepCosts([1, 8], [1, 21], [[1.0, 1.1], [1.2, 1.4]], [0.1, 0.12], measured=False)
     assert slow.plan_batch([0.5] * 4, [5] * 4) != [0] * 4
     for _ in range(40):
         slow.observe(4, 2, 3.0, 3.0 * slow.round_cost(4, 2, 3.0))
         slow.observe(4, 0, 1.0, slow.round_cost(4, 0, 1.0))
     assert slow.plan_batch([0.5] * 4, [5] * 4) == [0] * 4
+
+
+def test_measured_rates_decide_where_the_table_says_drafting_pays():
+    from adasd_core.costs import StepCosts
+
+    costs = StepCosts([1, 8], [1, 21], [[1.0, 1.1], [1.2, 1.4]], [0.1, 0.12])  # drafting pays on paper
+    plan = lambda: costs.plan_batch([0.5] * 4, [5] * 4)  # noqa: E731
+    assert plan() == [0] * 4  # nothing measured at this batch size: plain rounds first
+    for _ in range(StepCosts.EXPLORE_ROUNDS):
+        costs.observe(4, 0, 1.0, 1.0, tokens=4)  # 1 token per sequence per second
+    assert plan() != [0] * 4  # then the plan's own choice, to measure drafting
+    spec_s = costs.round_cost(4, 2, 3.0)  # drafting rounds take what the table says, but gain nothing
+    for _ in range(StepCosts.EXPLORE_ROUNDS):
+        costs.observe(4, 2, 3.0, spec_s, tokens=4)
+    assert plan() == [0] * 4  # drafting measured slower: plain decoding
+    assert costs.plan_batch([0.5], [5]) == [0]  # another batch size has its own verdict (none yet: plain first)
+    for _ in range(StepCosts.REPROBE_EVERY):
+        costs.observe(4, 0, 1.0, 1.0, tokens=4)
+    assert plan() != [0] * 4  # a re-probe after REPROBE_EVERY plain rounds
+    for _ in range(40):
+        costs.observe(4, 2, 3.0, spec_s, tokens=8)  # now drafting rounds yield 2 tokens per sequence
+    assert plan() != [0] * 4 and costs.plan_batch([0.5] * 4, [5] * 4) != [0] * 4
 
 
 def test_a_round_planned_at_zero_runs_no_draft_work():

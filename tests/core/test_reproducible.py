@@ -15,7 +15,7 @@ V = 8
 # drafting pays alone (a verify of k+1 tokens costs about one step) but not at 4 sequences, where each
 # verified token costs 1.45 steps: a request planned by its batch size drafts there, one planned alone does
 def alone_pays() -> StepCosts:
-    return StepCosts([1, 4], [1, 21], [[1.0, 1.4], [1.0, 30.0]], [0.1, 0.1])
+    return StepCosts([1, 4], [1, 21], [[1.0, 1.4], [1.0, 30.0]], [0.1, 0.1], measured=False)
 
 
 GREEDY = (SamplingParams(max_tokens=40, ignore_eos=True), SpecConfig(method="adasd", warm_start=True))
