@@ -223,12 +223,12 @@ class SpeculativeEngine:
                 relaxed = start.seed(policy, relaxed)
         if self.min_posterior is not None and hasattr(relaxed, "min_posterior"):
             relaxed.min_posterior = self.min_posterior
-        # a request whose tokens the draft lengths decide (seeded, or greedy with a relaxed check) plans them
+        # a request whose tokens the draft lengths decide (seeded, or greedy with a check that can relax) plans them
         # as if alone, from saved state only, so its output depends on neither its batch mates nor the
         # server's timings; the others (greedy lossless: their tokens are the target's whatever the
         # lengths; sampled without a seed) plan by the batch size
         plan_prior = None
-        if params.seed is not None or (params.greedy and relaxed.name != "none"):
+        if params.seed is not None or (params.greedy and relaxed.can_relax):
             acceptance = (start.stats if isinstance(start, Snapshot) else start).acceptance if start else None
             plan_prior = PRIOR_ACCEPTANCE if acceptance is None else acceptance
         fp = ""

@@ -151,6 +151,11 @@ class RelaxedCheck:
 
     name = "none"
 
+    @property
+    def can_relax(self) -> bool:
+        """Whether this check may accept a candidate the standard check failed (else it is lossless)."""
+        return self.name != "none"
+
     def accept_probability(self, d: list[float]) -> list[float]:
         """Probability of accepting each failed candidate; 0 until both groups have data."""
         return [0.0] * len(d)
@@ -243,7 +248,8 @@ class BayesCheck(RelaxedCheck):
     max_samples: int = 256
     min_samples: int = 2
     # a failed candidate may be relaxed only where P(A|d) >= this (ours; 0 is the paper's rule; 0.7 from the
-    # measured frontier in the README, "Calibrating the relaxed check")
+    # tiny pair's measured frontier, README "Calibrating the relaxed check"; a draft folder may set its
+    # pair's own: adasd_draft.min_posterior, 1 for the default pair)
     min_posterior: float = 0.7
     accepted: deque = field(default_factory=deque)
     rejected: deque = field(default_factory=deque)
@@ -268,9 +274,13 @@ class BayesCheck(RelaxedCheck):
     def accept_probability(self, d: list[float]) -> list[float]:
         return [self.judge(x)[0] for x in d]
 
+    @property
+    def can_relax(self) -> bool:
+        return self.min_posterior < 1.0  # a gate of 1 or more: never (lossless)
+
     def judge(self, d: float) -> tuple[float, float | None]:
         p = self.posterior(d)
-        return (p if p is not None and p >= self.min_posterior else 0.0), p
+        return (p if p is not None and p >= self.min_posterior and self.can_relax else 0.0), p
 
     def observe(self, d: float, accepted: bool) -> None:
         group = self.accepted if accepted else self.rejected

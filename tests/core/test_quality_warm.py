@@ -157,3 +157,18 @@ def test_the_draft_folder_sets_the_pairs_bayes_gate():
     for warm in (False, True):
         seq = SpeculativeEngine(pair, calibrate=False).new_sequence([1], None, SpecConfig(method="adasd", warm_start=warm))
         assert seq.relaxed.min_posterior == 1.0
+        assert not seq.relaxed.can_relax and seq.plan_prior is None  # lossless greedy: planned by the batch
+    seeded = SpeculativeEngine(pair, calibrate=False).new_sequence(
+        [1], SamplingParams(max_tokens=4, temperature=1.0, seed=3), SpecConfig(method="adasd"))
+    assert seeded.plan_prior is not None  # its draws still depend on the draft lengths
+
+
+def test_a_gate_of_one_never_relaxes_even_a_certain_posterior():
+    check = BayesCheck(min_posterior=1.0)
+    for d in (0.1, 0.12, 0.11):
+        check.observe(d, True)
+    for d in (0.9, 0.95, 0.92):
+        check.observe(d, False)
+    p, posterior = check.judge(0.1)
+    assert posterior is not None and posterior > 0.99 and p == 0.0
+    assert BayesCheck(min_posterior=0.9).judge(0.1)[0] == 0.0  # not ready: no samples
