@@ -57,7 +57,9 @@ def server(start_server) -> ServerProcess:
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    # closed here, not by its __del__ after pytest has closed the log streams ("--- Logging error ---")
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")
