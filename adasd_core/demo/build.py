@@ -70,11 +70,15 @@ class BuildConfig:
     draft_refine: TrainPlan = field(default_factory=lambda: TrainPlan(500, 8, 5e-4, 50))
     max_files: int | None = None
     eval_windows: int = 48
+    # torch threads while building (None: as set); the quick build uses 1, so that its bytes do not
+    # depend on how two threads split its tiny reductions
+    threads: int | None = None
 
     @classmethod
     def quick(cls, seed: int = 0) -> "BuildConfig":
         return cls(
             seed=seed,
+            threads=1,
             vocab_size=512,
             context=128,
             target=ModelShape(64, 172, 2, 2),
@@ -273,9 +277,6 @@ def build(
     stages: tuple[str, ...] = ("tokenizer", "target", "draft", "refine", "report"),
     progress: bool = True,
 ) -> dict:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     cfg = cfg or BuildConfig()
     out = Path(out)
     tok_dir, target_dir, draft_dir = out / "tokenizer", out / "target", out / "draft"
@@ -283,6 +284,18 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     log = json.loads(log_path.read_text()) if log_path.exists() and not force else {}
     log["config"] = asdict(cfg)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _build(out, cfg, force, stages, progress, log, log_path, tok_dir, target_dir, draft_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out, cfg, force, stages, progress, log, log_path, tok_dir, target_dir, draft_dir) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
     corpus = load_corpus(max_files=cfg.max_files)
