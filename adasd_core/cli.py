@@ -74,12 +74,12 @@ def _options(log_level: Optional[str] = LogLevelOpt):
 
 def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: Optional[str], trust_remote_code: bool,
                  need_draft: bool = True):
-    from adasd_core.engine import SpeculativeEngine
+    from adasd_core.llm import LLM
     from adasd_core.models import load_pair
 
     pair = load_pair(target, draft if need_draft else None, device=device, dtype=dtype, device_map=device_map,
                      trust_remote_code=trust_remote_code)
-    return SpeculativeEngine(pair)
+    return LLM(pair)
 
 
 ModelOpts = dict(

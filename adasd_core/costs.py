@@ -1,13 +1,18 @@
-"""Step costs of the loaded pair, measured at start, and the draft length that pays at a batch size.
+"""Step costs of the loaded pair and the draft lengths that pay, in three parts:
 
-A round at batch size B that drafts k tokens per sequence costs one draft step just after the
-target's forward (its weights have evicted the draft's: "cold"), k - 1 warm draft steps, and one
-target forward over k+1 tokens per sequence; with a per-token acceptance rate a it yields
-(1 - a^(k+1)) / (1 - a) tokens per sequence. Plain decoding yields one token per target forward
-of one token. The best k maximises tokens per second; k = 0 means plain batched decoding.
-What the table misses (per-sequence work of a speculative round, ragged batches) is learned
-online: `observe` keeps, per batch size, the ratio of measured to predicted round times, for
-rounds with and without drafting, and the choice scales each side by its ratio.
+- `StepCosts`: the table, measured at start (or saved): seconds per target forward of B sequences
+  x n tokens and per draft step of B sequences. A round at batch size B that drafts k tokens per
+  sequence costs one draft step just after the target's forward (its weights have evicted the
+  draft's: "cold"), k - 1 warm draft steps, and one target forward over k+1 tokens per sequence.
+- `OnlineCorrection`: what the table misses (per-sequence work of a speculative round, ragged
+  batches, a front end sharing the cores), learned from measured rounds: per batch-size bucket,
+  the ratio of measured to predicted round times and the measured tokens per second, with and
+  without drafting.
+- `BatchPlanner`: pure and memoised over a table (and a correction, or none for plans that must
+  not depend on the server's history): with a per-token acceptance rate a, k candidates yield
+  `expected_tokens(a, k)` = (1 - a^(k+1)) / (1 - a) tokens; plain decoding yields one token per
+  target forward of one token. The plan maximises expected tokens per second; k = 0 is plain
+  batched decoding.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 LENGTHS = (1, 2, 4, 8, 16)
+MAX_ACCEPTANCE = 0.99  # acceptances are clamped below 1 (the expected-token series would not end)
 
 
 def _interp(xs: list[int], ys: list[float], x: float) -> float:
@@ -31,13 +37,24 @@ def _interp(xs: list[int], ys: list[float], x: float) -> float:
     return max(1e-9, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
-def _expected_tokens(acceptance: float, k: int) -> float:
-    """Tokens a round yields from k candidates accepted in turn with probability `acceptance` each."""
-    a = min(max(acceptance, 0.0), 0.99)
+def clamp_acceptance(acceptance: float) -> float:
+    """The acceptance a plan is computed (and memoised) at: clamped and rounded to 0.01."""
+    return round(min(max(acceptance, 0.0), MAX_ACCEPTANCE), 2)
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a round yields from k candidates accepted in turn with probability `acceptance` each
+    (the bonus or correction token included)."""
+    a = min(max(acceptance, 0.0), MAX_ACCEPTANCE)
     return (1 - a ** (k + 1)) / (1 - a)
 
 
-@dataclass
+def bucket(batch: int) -> int:
+    """The batch-size bucket measured rounds are pooled in: 1, 2, 4, 8, 16, ..."""
+    return 1 << max(0, batch - 1).bit_length()
+
+
+@dataclass(frozen=True)
 class StepCosts:
     """Seconds per target forward of (B sequences x n tokens) and per draft step of B sequences."""
 
@@ -46,17 +63,14 @@ class StepCosts:
     target: list[list[float]]  # [batch size][length]
     draft: list[float]  # [batch size], a cold step (right after a target forward)
     draft_warm: list[float] | None = None  # [batch size], the steps after it
-    measured: bool = True
-    # per batch-size bucket: measured / predicted round time, with and without drafting
-    ratio: dict = field(default_factory=dict, repr=False)
-    # per batch-size bucket and drafting or not: measured tokens per second per sequence (EMA) and rounds
-    rates: dict = field(default_factory=dict, repr=False)
-    _since_draft: dict = field(default_factory=dict, repr=False)  # per bucket: plain rounds since a drafting one
-    _cache: dict = field(default_factory=dict, repr=False)
+    measured: bool = True  # False: a nominal table (tests); measured rounds then teach nothing
 
-    def target_cost(self, batch: int, n: int) -> float:
-        per_b = [_interp(self.lengths, row, n) for row in self.target]
-        return _interp(self.batch_sizes, per_b, batch)
+    def target_cost(self, batch: int, n: float) -> float:
+        return _interp(self.batch_sizes, [_interp(self.lengths, row, n) for row in self.target], batch)
+
+    def target_row(self, batch: int) -> list[float]:
+        """The target's cost over the table's lengths at this batch size."""
+        return [_interp(self.batch_sizes, [r[j] for r in self.target], batch) for j in range(len(self.lengths))]
 
     def draft_cost(self, batch: int, warm: bool = False) -> float:
         return _interp(self.batch_sizes, self.draft_warm if (warm and self.draft_warm) else self.draft, batch)
@@ -67,140 +81,6 @@ class StepCosts:
         drafting = self.draft_cost(batch) + (draft_steps - 1) * self.draft_cost(batch, warm=True) if draft_steps else 0.0
         return drafting + self.target_cost(batch, tokens_per_sequence)
 
-    def _bucket(self, batch: int) -> int:
-        return 1 << max(0, batch - 1).bit_length()  # 1, 2, 4, 8, 16, ...
-
-    def observe(self, batch: int, draft_steps: int, tokens_per_sequence: float, seconds: float,
-                tokens: int | None = None) -> None:
-        """A round's measured time against the table's prediction for the work it did, and (given the
-        tokens it emitted) its measured tokens per second per sequence."""
-        bucket = self._bucket(batch)
-        key = (bucket, draft_steps > 0)
-        r = seconds / self.round_cost(batch, draft_steps, tokens_per_sequence)
-        old = self.ratio.get(key)
-        self.ratio[key] = r if old is None else 0.9 * old + 0.1 * r
-        if old is None or abs(self.ratio[key] - old) > 0.02 * old:
-            self._cache.clear()
-        if tokens is not None and seconds > 0:
-            rate = tokens / batch / seconds
-            ema, n = self.rates.get(key, (rate, 0))
-            self.rates[key] = (rate if n == 0 else 0.95 * ema + 0.05 * rate, n + 1)
-            self._since_draft[bucket] = 0 if draft_steps else self._since_draft.get(bucket, 0) + 1
-
-    # rounds of each kind a bucket measures before its rates decide; plain rounds between re-probes
-    EXPLORE_ROUNDS = 8
-    REPROBE_EVERY = 64
-
-    def drafting_measured_to_pay(self, batch: int) -> bool:
-        """Whether drafting rounds have measured more tokens per second than plain ones at this batch
-        size, all costs in (the table cannot see everything a server pays: its front end's share of
-        the cores, ragged batches, the draft catching up). Until both kinds have EXPLORE_ROUNDS
-        rounds, plain ones are measured first, then the plan's own choice; where drafting lost, one
-        round in REPROBE_EVERY drafts again so the verdict follows the load."""
-        bucket = self._bucket(batch)
-        plain, spec = self.rates.get((bucket, False), (0.0, 0)), self.rates.get((bucket, True), (0.0, 0))
-        if plain[1] < self.EXPLORE_ROUNDS:
-            return False
-        if spec[1] < self.EXPLORE_ROUNDS or spec[0] >= plain[0]:
-            return True
-        return self._since_draft.get(bucket, 0) >= self.REPROBE_EVERY
-
-    def best_draft_length(self, batch: int, acceptance: float, k_max: int) -> int:
-        """The draft length (0..k_max) with the most tokens per second at this batch size."""
-        # the answer is computed at the rounded acceptance it is cached under, so it is a function of the
-        # arguments alone (not of which request first filled the cache: issue 15)
-        a = round(min(max(acceptance, 0.0), 0.99), 2)
-        key = (batch, a, k_max)
-        if key not in self._cache:
-            bucket = self._bucket(batch)
-            spec, plain = self.ratio.get((bucket, True), 1.0), self.ratio.get((bucket, False), 1.0)
-            best_k, best = 0, 1.0 / (plain * self.target_cost(batch, 1))
-            for k in range(1, k_max + 1):
-                rate = (1 - a ** (k + 1)) / (1 - a) / (spec * self.round_cost(batch, k, k + 1))
-                if rate > best:
-                    best_k, best = k, rate
-            self._cache[key] = best_k
-        return self._cache[key]
-
-    def _target_row(self, batch: int) -> list[float]:
-        """The target's cost over the table's lengths at this batch size (interpolated once per size)."""
-        key = ("row", batch)
-        if key not in self._cache:
-            self._cache[key] = [_interp(self.batch_sizes, [r[j] for r in self.target], batch)
-                                for j in range(len(self.lengths))]
-        return self._cache[key]
-
-    def plan_batch(self, acceptances: list[float], caps: list[int],
-                   fixed: list[tuple[int, float]] = ()) -> list[int]:
-        """Draft lengths for the free sequences of one round, chosen together: the plan with the most
-        expected tokens per second for the whole batch, under measured round times.
-
-        `acceptances[i]` and `caps[i]` describe free sequence i (adaptive: any length 0..cap);
-        `fixed` are (length, acceptance) of the round's other sequences, which draft that length
-        whatever this plan says (fixed-K methods, reproducible requests, plain decoding at 0).
-        Candidates: the m sequences most likely to be accepted draft min(k, cap) each, the rest none,
-        for every k and m. With m = 0 and nothing fixed the round is plain decoding: no draft work."""
-        n_free = len(acceptances)
-        if n_free == 0:
-            return []
-        if self.measured and not self.drafting_measured_to_pay(n_free + len(fixed)):
-            return [0] * n_free
-        # computed at rounded acceptances and cached under them: under load the batch's plan rarely
-        # changes from round to round, and a plan is a function of its key alone
-        acceptances = [round(min(max(x, 0.0), 0.99), 2) for x in acceptances]
-        fixed = [(k, round(min(max(x, 0.0), 0.99), 2)) for k, x in fixed]
-        key = ("plan", tuple(acceptances), tuple(caps), tuple(fixed))
-        if key not in self._cache:
-            if len(self._cache) > 4096:  # bounded: keys move with every request's acceptance
-                self._cache.clear()
-            self._cache[key] = self._plan_batch(acceptances, caps, fixed)
-        return list(self._cache[key])
-
-    def _plan_batch(self, acceptances: list[float], caps: list[int], fixed: list[tuple[int, float]]) -> list[int]:
-        n_free = len(acceptances)
-        batch = n_free + len(fixed)
-        bucket = self._bucket(batch)
-        spec_r, plain_r = self.ratio.get((bucket, True), 1.0), self.ratio.get((bucket, False), 1.0)
-        row = self._target_row(batch)
-        fixed_rows, fixed_steps = sum(k for k, _ in fixed), max((k for k, _ in fixed), default=0)
-        fixed_drafting = sum(1 for k, _ in fixed if k)
-        base = n_free + sum(_expected_tokens(a, k) for k, a in fixed)
-
-        # per-call tables: draft steps by how many sequences draft, the target by total rows
-        cold = [0.0] + [self.draft_cost(n) for n in range(1, batch + 1)]
-        warm = [0.0] + [self.draft_cost(n, warm=True) for n in range(1, batch + 1)]
-        target: dict[int, float] = {}
-
-        def seconds(rows: int, steps: int, drafting: int) -> float:
-            t = target.get(rows)
-            if t is None:
-                t = target[rows] = _interp(self.lengths, row, 1 + rows / batch)
-            if not steps:
-                return t * plain_r
-            return (t + cold[drafting] + (steps - 1) * warm[drafting]) * spec_r
-
-        order = sorted(range(n_free), key=lambda i: -acceptances[i])
-        a = [acceptances[i] for i in order]
-        capped = [caps[i] for i in order]
-        best_plan, best_rate = (0, 0), base / seconds(fixed_rows, fixed_steps, fixed_drafting)
-        for k in range(1, max(caps, default=0) + 1):
-            if a[0] ** k < 1e-3:  # even the likeliest sequence's k-th candidate adds nothing
-                break
-            gain, rows, drafting, steps = 0.0, fixed_rows, fixed_drafting, fixed_steps
-            for m in range(n_free):
-                ki = k if k < capped[m] else capped[m]
-                if ki:
-                    gain += (1 - a[m] ** (ki + 1)) / (1 - a[m]) - 1
-                    rows, drafting, steps = rows + ki, drafting + 1, max(steps, ki)
-                rate = (base + gain) / seconds(rows, steps, drafting)
-                if rate > best_rate:
-                    best_plan, best_rate = (k, m + 1), rate
-        k, m = best_plan
-        out = [0] * n_free
-        for i in order[:m]:
-            out[i] = min(k, caps[i])
-        return out
-
     @classmethod
     def nominal(cls) -> "StepCosts":
         """A fixed model for engines that do not measure (tests): a draft step costs 0.15 of a
@@ -209,13 +89,9 @@ class StepCosts:
         target = [[1.0 + 0.03 * (b * n - 1) for n in ns] for b in bs]
         return cls(bs, ns, target, [0.15 * t[0] for t in target], measured=False)
 
-    def frozen(self) -> "StepCosts":
-        """The table alone, without the online ratios (plans that must not depend on the server's history)."""
-        return StepCosts(self.batch_sizes, self.lengths, self.target, self.draft, self.draft_warm, self.measured)
-
     def to_json(self) -> dict:
-        """The table (not the online ratios): saved with the warm-start state, so that a restarted
-        server plans reproducible requests as before instead of from its new timings."""
+        """The table: saved with the warm-start state, so that a restarted server plans
+        reproducible requests as before instead of from its new timings."""
         return {"batch_sizes": list(self.batch_sizes), "lengths": list(self.lengths),
                 "target": [list(r) for r in self.target], "draft": list(self.draft),
                 "draft_warm": None if self.draft_warm is None else list(self.draft_warm), "measured": self.measured}
@@ -238,6 +114,170 @@ class StepCosts:
             "draft_warm_step_s": round(self.draft_cost(1, warm=True), 6),
             "target_b8_s": round(self.target_cost(8, 1), 6),
         }
+
+
+@dataclass
+class OnlineCorrection:
+    """Measured rounds against the table, per batch-size bucket and drafting or not: the ratio of
+    measured to predicted time (EMA) and the tokens per second per sequence (EMA, with counts)."""
+
+    RATIO_SMOOTHING = 0.1
+    RATE_SMOOTHING = 0.05
+    RATIO_TOLERANCE = 0.02  # a ratio that moves less keeps the memoised plans
+    # rounds of each kind a bucket measures before its rates decide; plain rounds between re-probes
+    EXPLORE_ROUNDS = 8
+    REPROBE_EVERY = 64
+
+    ratio: dict = field(default_factory=dict)  # (bucket, drafting) -> measured / predicted
+    rates: dict = field(default_factory=dict)  # (bucket, drafting) -> (tokens/s per sequence, rounds)
+    since_draft: dict = field(default_factory=dict)  # bucket -> plain rounds since a drafting one
+    version: int = 0  # bumped when a ratio moves past RATIO_TOLERANCE: memoised plans are stale
+
+    def observe(self, table: StepCosts, batch: int, draft_steps: int, tokens_per_sequence: float, seconds: float,
+                tokens: int | None = None) -> None:
+        """A round's measured time against the table's prediction for the work it did, and (given the
+        tokens it emitted) its measured tokens per second per sequence."""
+        b = bucket(batch)
+        key = (b, draft_steps > 0)
+        r = seconds / table.round_cost(batch, draft_steps, tokens_per_sequence)
+        old = self.ratio.get(key)
+        self.ratio[key] = r if old is None else (1 - self.RATIO_SMOOTHING) * old + self.RATIO_SMOOTHING * r
+        if old is None or abs(self.ratio[key] - old) > self.RATIO_TOLERANCE * old:
+            self.version += 1
+        if tokens is not None and seconds > 0:
+            rate = tokens / batch / seconds
+            ema, n = self.rates.get(key, (rate, 0))
+            self.rates[key] = (rate if n == 0 else (1 - self.RATE_SMOOTHING) * ema + self.RATE_SMOOTHING * rate, n + 1)
+            self.since_draft[b] = 0 if draft_steps else self.since_draft.get(b, 0) + 1
+
+    def ratios(self, batch: int) -> tuple[float, float]:
+        """(drafting, plain) measured / predicted round time at this batch size (1 where unmeasured)."""
+        b = bucket(batch)
+        return self.ratio.get((b, True), 1.0), self.ratio.get((b, False), 1.0)
+
+    def drafting_pays(self, batch: int) -> bool:
+        """Whether drafting rounds have measured more tokens per second than plain ones at this batch
+        size, all costs in. Until both kinds have EXPLORE_ROUNDS rounds, plain ones are measured
+        first, then the plan's own choice; where drafting lost, one round in REPROBE_EVERY drafts
+        again so the verdict follows the load."""
+        b = bucket(batch)
+        plain, spec = self.rates.get((b, False), (0.0, 0)), self.rates.get((b, True), (0.0, 0))
+        if plain[1] < self.EXPLORE_ROUNDS:
+            return False
+        if spec[1] < self.EXPLORE_ROUNDS or spec[0] >= plain[0]:
+            return True
+        return self.since_draft.get(b, 0) >= self.REPROBE_EVERY
+
+
+class BatchPlanner:
+    """Draft lengths over a cost table, corrected by measured rounds when given a correction (None:
+    the table alone, a function of the table and the arguments). Memoised under rounded
+    acceptances: under load a batch's plan rarely changes from round to round, and a plan is a
+    function of its key alone."""
+
+    MEMO_SIZE = 4096  # entries; bounded because keys move with every request's acceptance
+
+    def __init__(self, table: StepCosts, correction: OnlineCorrection | None = None):
+        self.table = table
+        self.correction = correction
+        self._memo: dict = {}
+        self._version = 0
+
+    def observe(self, batch: int, draft_steps: int, tokens_per_sequence: float, seconds: float,
+                tokens: int | None = None) -> None:
+        """A measured round (OnlineCorrection.observe)."""
+        if self.correction is not None:
+            self.correction.observe(self.table, batch, draft_steps, tokens_per_sequence, seconds, tokens)
+
+    def _ratios(self, batch: int) -> tuple[float, float]:
+        return self.correction.ratios(batch) if self.correction is not None else (1.0, 1.0)
+
+    def _memoised(self, key, compute):
+        version = self.correction.version if self.correction is not None else 0
+        if version != self._version or len(self._memo) > self.MEMO_SIZE:
+            self._memo.clear()
+            self._version = version
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def best_draft_length(self, batch: int, acceptance: float, k_max: int) -> int:
+        """The draft length (0..k_max) with the most tokens per second for one sequence at this batch size."""
+        a = clamp_acceptance(acceptance)
+
+        def compute() -> int:
+            spec, plain = self._ratios(batch)
+            best_k, best = 0, 1.0 / (plain * self.table.target_cost(batch, 1))
+            for k in range(1, k_max + 1):
+                rate = expected_tokens(a, k) / (spec * self.table.round_cost(batch, k, k + 1))
+                if rate > best:
+                    best_k, best = k, rate
+            return best_k
+
+        return self._memoised(("one", batch, a, k_max), compute)
+
+    def plan_batch(self, acceptances: list[float], caps: list[int], fixed: list[tuple[int, float]] = ()) -> list[int]:
+        """Draft lengths for the free sequences of one round, chosen together: the plan with the most
+        expected tokens per second for the whole batch.
+
+        `acceptances[i]` and `caps[i]` describe free sequence i (adaptive: any length 0..cap);
+        `fixed` are (length, acceptance) of the round's other sequences, which draft that length
+        whatever this plan says (fixed-K methods, reproducible requests, plain decoding at 0).
+        Candidates: the m sequences most likely to be accepted draft min(k, cap) each, the rest none,
+        for every k and m. With m = 0 and nothing fixed the round is plain decoding: no draft work."""
+        if not acceptances:
+            return []
+        if self.correction is not None and self.table.measured and \
+                not self.correction.drafting_pays(len(acceptances) + len(fixed)):
+            return [0] * len(acceptances)
+        acceptances = [clamp_acceptance(x) for x in acceptances]
+        fixed = [(k, clamp_acceptance(x)) for k, x in fixed]
+        key = ("batch", tuple(acceptances), tuple(caps), tuple(fixed))
+        return list(self._memoised(key, lambda: self._plan_batch(acceptances, caps, fixed)))
+
+    def _plan_batch(self, acceptances: list[float], caps: list[int], fixed: list[tuple[int, float]]) -> list[int]:
+        n_free = len(acceptances)
+        batch = n_free + len(fixed)
+        spec_r, plain_r = self._ratios(batch)
+        row = self.table.target_row(batch)
+        fixed_rows, fixed_steps = sum(k for k, _ in fixed), max((k for k, _ in fixed), default=0)
+        fixed_drafting = sum(1 for k, _ in fixed if k)
+        base = n_free + sum(expected_tokens(a, k) for k, a in fixed)
+
+        # per-call tables: draft steps by how many sequences draft, the target by total rows
+        cold = [0.0] + [self.table.draft_cost(n) for n in range(1, batch + 1)]
+        warm = [0.0] + [self.table.draft_cost(n, warm=True) for n in range(1, batch + 1)]
+        target: dict[int, float] = {}
+
+        def seconds(rows: int, steps: int, drafting: int) -> float:
+            t = target.get(rows)
+            if t is None:
+                t = target[rows] = _interp(self.table.lengths, row, 1 + rows / batch)
+            if not steps:
+                return t * plain_r
+            return (t + cold[drafting] + (steps - 1) * warm[drafting]) * spec_r
+
+        order = sorted(range(n_free), key=lambda i: -acceptances[i])
+        a = [acceptances[i] for i in order]
+        capped = [caps[i] for i in order]
+        best_plan, best_rate = (0, 0), base / seconds(fixed_rows, fixed_steps, fixed_drafting)
+        for k in range(1, max(caps, default=0) + 1):
+            if a[0] ** k < 1e-3:  # even the likeliest sequence's k-th candidate adds nothing
+                break
+            gain, rows, drafting, steps = 0.0, fixed_rows, fixed_drafting, fixed_steps
+            for m in range(n_free):
+                ki = min(k, capped[m])
+                if ki:
+                    gain += expected_tokens(a[m], ki) - 1
+                    rows, drafting, steps = rows + ki, drafting + 1, max(steps, ki)
+                rate = (base + gain) / seconds(rows, steps, drafting)
+                if rate > best_rate:
+                    best_plan, best_rate = (k, m + 1), rate
+        k, m = best_plan
+        out = [0] * n_free
+        for i in order[:m]:
+            out[i] = min(k, caps[i])
+        return out
 
 
 @torch.inference_mode()
@@ -327,3 +367,38 @@ def decode_step_seconds(model, pair, context: int = 64, repeats: int = 9) -> flo
         pool.rollback(0, n)
     times.sort()
     return times[len(times) // 2]
+
+
+class AcceptancePrior:
+    """Per method, the acceptance a sequence without history of its own is planned at: a moving
+    average over the rounds of every request, starting optimistic so that new requests draft and learn."""
+
+    START = 0.6
+    SMOOTHING = 0.02
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def get(self, method: str) -> float:
+        return self.values.get(method, self.START)
+
+    def observe(self, method: str, obs) -> None:
+        self.values[method] = (1 - self.SMOOTHING) * self.get(method) + self.SMOOTHING * obs.acceptance
+
+
+class RoundClock:
+    """What a round costs its caller: the round itself plus the caller's time since the last round
+    ended (a server's sending and polling); a gap longer than IDLE_GAP_S is an idle wait, not work."""
+
+    IDLE_GAP_S = 0.5
+
+    def __init__(self) -> None:
+        self.round_end: float | None = None  # when the last round ended, if the caller stepped straight on
+        self.outside_s = 0.0
+
+    def step_started(self) -> None:
+        gap = time.perf_counter() - self.round_end if self.round_end is not None else 0.0
+        self.outside_s = gap if gap < self.IDLE_GAP_S else 0.0
+
+    def round_ended(self, ran: bool) -> None:
+        self.round_end = time.perf_counter() if ran else None

@@ -1,14 +1,37 @@
 """Draft-length policies: when to stop drafting within a round.
 
-A policy answers `keep_drafting(entropy, n)` after each candidate and learns in `update` from
-the candidates the target scored, like transformers' update_candidate_strategy.
+A policy answers `keep_drafting(entropy, n)` after each candidate and learns in `observe` from
+the round's Observation (the candidates the target examined), like transformers'
+update_candidate_strategy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adasd_core.verification import Observation
 
 WINDOW = 20  # hard cap per round (the paper's value)
+
+
+@dataclass
+class RejectedEntropy:
+    """T_G: the mean draft entropy of every candidate the target has rejected so far (the running
+    mean over the whole history, not a window); None before the first rejection."""
+
+    total: float = 0.0
+    count: int = 0
+
+    @property
+    def threshold(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+    def observe(self, obs: "Observation") -> None:
+        rejected = obs.rejected_entropies
+        self.total += sum(rejected)
+        self.count += len(rejected)
 
 
 class DraftPolicy:
@@ -24,7 +47,7 @@ class DraftPolicy:
     def keep_drafting(self, entropy: float, n_drafted: int) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def update(self, rejected_entropies: list[float], all_accepted: bool = False) -> None:
+    def observe(self, obs: "Observation") -> None:
         pass
 
     @property
@@ -57,8 +80,7 @@ class EntropyStop(DraftPolicy):
     uses_entropy = True
     adaptive = True
     window: int = WINDOW
-    sum_rejected: float = 0.0
-    n_rejected: int = 0
+    rejected: RejectedEntropy = field(default_factory=RejectedEntropy)
 
     @property
     def max_draft(self) -> int:
@@ -66,7 +88,7 @@ class EntropyStop(DraftPolicy):
 
     @property
     def threshold(self) -> float | None:
-        return self.sum_rejected / self.n_rejected if self.n_rejected else None
+        return self.rejected.threshold
 
     def keep_drafting(self, entropy: float, n_drafted: int) -> bool:
         if n_drafted >= self.window:
@@ -74,9 +96,8 @@ class EntropyStop(DraftPolicy):
         t = self.threshold
         return t is None or entropy <= t
 
-    def update(self, rejected_entropies: list[float], all_accepted: bool = False) -> None:
-        self.sum_rejected += sum(rejected_entropies)
-        self.n_rejected += len(rejected_entropies)
+    def observe(self, obs: "Observation") -> None:
+        self.rejected.observe(obs)
 
 
 @dataclass
@@ -96,6 +117,6 @@ class CappedEntropyStop(EntropyStop):
     def keep_drafting(self, entropy: float, n_drafted: int) -> bool:
         return n_drafted < self.cap and super().keep_drafting(entropy, n_drafted)
 
-    def update(self, rejected_entropies: list[float], all_accepted: bool = False) -> None:
-        super().update(rejected_entropies)
-        self.cap = min(self.window, self.cap + 2) if all_accepted else max(1, self.cap - 1)
+    def observe(self, obs: "Observation") -> None:
+        super().observe(obs)
+        self.cap = min(self.window, self.cap + 2) if obs.all_accepted else max(1, self.cap - 1)

@@ -80,7 +80,7 @@ class Sequence:
     family: str | None = None  # warm-start statistics family (adasd_core.warm); None: learns nothing
     token_sources: bool = False  # report where each emitted token came from (Delta.sources)
     # reproducible requests (seeded, or greedy with a relaxed check): the acceptance their draft plan shrinks
-    # towards, from the state they started from; None: they plan by the batch size (SpeculativeEngine._draft_cap)
+    # towards, from the state they started from; None: they plan by the batch size (SpeculativeEngine._draft_caps)
     plan_prior: float | None = None
     fingerprint: str = ""  # the system_fingerprint of what it started from (a server's engine sets it)
     tokens: list[int] = field(default_factory=list)
@@ -100,6 +100,12 @@ class Sequence:
     def scores_prompt(self) -> bool:
         """Its prompt goes through the scoring phase (prompt logprobs, or nothing to generate)."""
         return self.params.prompt_logprobs is not None or self.params.max_tokens == 0
+
+    @property
+    def prompt_ready(self) -> bool:
+        """All of its prompt but the last token is in the caches (scored without log-probabilities:
+        nothing to feed)."""
+        return self.prefilled == self.prompt_len - 1 or (self.scores_prompt and self.params.prompt_logprobs is None)
 
     @property
     def finished(self) -> bool:

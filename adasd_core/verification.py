@@ -93,6 +93,39 @@ class Verdict:
     def examined(self) -> int:
         return len(self.standard)
 
+    def observation(self, drafted: int, entropies: list[float]) -> "Observation":
+        """What this round teaches the learners (`entropies`: the draft's, one per candidate)."""
+        n = self.examined
+        return Observation(drafted, self.n_accepted, tuple(self.standard), tuple(entropies[:n]),
+                           None if self.distances is None else tuple(self.distances))
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One sequence's round as every learner reads it (RelaxedCheck, DraftPolicy, the warm-start
+    state, the planner's acceptance prior): the candidates the target examined, up to and including
+    the first that failed both checks, labelled by the standard check so that relaxed acceptances
+    cannot feed on themselves."""
+
+    drafted: int  # candidates proposed (k)
+    accepted: int  # of them kept, by the standard or the relaxed check
+    standard: tuple[bool, ...]  # the standard check's outcome per examined candidate
+    entropies: tuple[float, ...]  # H(q) per examined candidate
+    distances: tuple[float, ...] | None  # d(p, q) per examined candidate, where the relaxed check is on
+
+    @property
+    def rejected_entropies(self) -> list[float]:
+        return [h for h, ok in zip(self.entropies, self.standard) if not ok]
+
+    @property
+    def all_accepted(self) -> bool:
+        return self.accepted == self.drafted
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted over examined candidates: P(a candidate is kept | the ones before it were)."""
+        return self.accepted / len(self.standard) if self.standard else 1.0
+
 
 def accept_candidates(
     candidates: list[int],
@@ -165,7 +198,13 @@ class RelaxedCheck:
         or None where the check has none)."""
         return self.accept_probability([d])[0], None
 
-    def observe(self, d: float, accepted: bool) -> None:
+    def observe(self, obs: Observation) -> None:
+        """Learn from a round: each examined candidate's distance, in its standard-check group."""
+        if obs.distances is not None:
+            for d, ok in zip(obs.distances, obs.standard):
+                self.add(d, ok)
+
+    def add(self, d: float, accepted: bool) -> None:
         pass
 
     def state(self) -> dict:
@@ -200,7 +239,7 @@ class ThresholdCheck(RelaxedCheck):
         t = self.threshold
         return [0.0 if t is None else float(x < t) for x in d]
 
-    def observe(self, d: float, accepted: bool) -> None:
+    def add(self, d: float, accepted: bool) -> None:
         if accepted:
             self.sum_accepted += d
             self.n_accepted += 1
@@ -282,7 +321,7 @@ class BayesCheck(RelaxedCheck):
         p = self.posterior(d)
         return (p if p is not None and p >= self.min_posterior and self.can_relax else 0.0), p
 
-    def observe(self, d: float, accepted: bool) -> None:
+    def add(self, d: float, accepted: bool) -> None:
         group = self.accepted if accepted else self.rejected
         if accepted:
             self.n_accepted += 1

@@ -29,8 +29,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adasd_core.drafting import EntropyStop
-from adasd_core.verification import RelaxedCheck, make_relaxed_check
+from adasd_core.drafting import EntropyStop, RejectedEntropy
+from adasd_core.verification import Observation, RelaxedCheck, make_relaxed_check
 
 log = logging.getLogger("adasd.warm")
 FORMAT = 2  # 2: published snapshots and the draft plan saved with the live state
@@ -39,8 +39,7 @@ FORMAT = 2  # 2: published snapshots and the draft plan saved with the live stat
 @dataclass
 class SharedStats:
     kind: str  # the relaxed check: bayes | threshold | none
-    sum_rejected: float = 0.0  # T_G: entropies of every rejected candidate
-    n_rejected: int = 0
+    rejected: RejectedEntropy = field(default_factory=RejectedEntropy)  # T_G
     rounds: int = 0
     accepted: int = 0  # candidates accepted (standard or relaxed) / examined: the family's acceptance
     examined: int = 0
@@ -52,7 +51,7 @@ class SharedStats:
 
     @property
     def entropy_threshold(self) -> float | None:
-        return self.sum_rejected / self.n_rejected if self.n_rejected else None
+        return self.rejected.threshold
 
     @property
     def acceptance(self) -> float | None:
@@ -62,33 +61,28 @@ class SharedStats:
     def seed(self, policy, relaxed: RelaxedCheck) -> RelaxedCheck:
         """Start a request from this state: T_G's sums into its policy; returns its relaxed check."""
         if isinstance(policy, EntropyStop):
-            policy.sum_rejected, policy.n_rejected = self.sum_rejected, self.n_rejected
+            policy.rejected = copy.copy(self.rejected)
         return copy.deepcopy(self.relaxed) if relaxed.name == self.relaxed.name else relaxed
 
-    def observe(self, distances: list[float] | None, standard: list[bool], rejected_entropies: list[float],
-                n_accepted: int | None = None) -> None:
-        """One finished round's observations (the candidates it examined; `n_accepted` of them kept)."""
+    def observe(self, obs: Observation) -> None:
+        """One finished round of any request of the family."""
         self.rounds += 1
-        if n_accepted is not None:
-            self.accepted += n_accepted
-            self.examined += len(standard)
-        self.sum_rejected += sum(rejected_entropies)
-        self.n_rejected += len(rejected_entropies)
-        if distances is not None:
-            for d, std in zip(distances, standard):
-                self.relaxed.observe(d, std)
+        self.accepted += obs.accepted
+        self.examined += len(obs.standard)
+        self.rejected.observe(obs)
+        self.relaxed.observe(obs)
 
     def summary(self) -> dict:
         return {"rounds": self.rounds, "entropy_threshold": self.entropy_threshold, **self.relaxed.state()}
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "sum_rejected": self.sum_rejected, "n_rejected": self.n_rejected,
+        return {"kind": self.kind, "sum_rejected": self.rejected.total, "n_rejected": self.rejected.count,
                 "rounds": self.rounds, "accepted": self.accepted, "examined": self.examined,
                 "relaxed": self.relaxed.to_json()}
 
     @classmethod
     def from_json(cls, data: dict) -> "SharedStats":
-        s = cls(kind=data["kind"], sum_rejected=float(data["sum_rejected"]), n_rejected=int(data["n_rejected"]),
+        s = cls(kind=data["kind"], rejected=RejectedEntropy(float(data["sum_rejected"]), int(data["n_rejected"])),
                 rounds=int(data.get("rounds", 0)), accepted=int(data.get("accepted", 0)),
                 examined=int(data.get("examined", 0)))
         s.relaxed.load_json(data["relaxed"])
@@ -115,6 +109,10 @@ class Snapshot:
     @property
     def rounds(self) -> int:
         return self.stats.rounds
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.stats.acceptance
 
     def seed(self, policy, relaxed: RelaxedCheck) -> RelaxedCheck:
         return self.stats.seed(policy, relaxed)
@@ -146,6 +144,141 @@ def fingerprint(static: str, plan: str | None, snapshot: str | None) -> str:
 
 
 ADAPTIVE_METHODS = ("gen-only", "adasd", "hybrid")  # their draft length follows a plan (the batch-aware cap)
+MAX_EPOCHS = 256  # published states kept for requests pinned to one (a family stops publishing once frozen)
+
+
+class WarmState:
+    """What the server's requests start from and learn into, in one place: the live statistics per
+    family, the snapshots published from them (by epoch), the draft plan reproducible requests plan
+    with (a StepCosts table, measured at the first start) and the fingerprints that name them;
+    saved to and loaded from one file.
+
+    Without a schedule (in process: benchmarks, the CLI, tests) a warm request starts from the live
+    statistics themselves and no fingerprint is computed; with one (the server) it starts from the
+    published snapshot of the epoch its fingerprint names.
+    """
+
+    def __init__(self, schedule: Schedule | None = None, static_fingerprint: str = "", path: str | None = None,
+                 identity: str = "", plan=None):
+        self.schedule = schedule
+        self.static_fingerprint = static_fingerprint  # the server's identity and defaults
+        self.path, self.identity = path, identity  # where it is saved (None: nowhere) and for which pair
+        self.plan = plan  # StepCosts of the draft plan; None until the engine adopts its measured table
+        self.shared: dict[str, SharedStats] = {}
+        self.published: dict[str, Snapshot] = {}
+        self.epoch = 0  # count of publications; epochs[e] is the published dict after the e-th
+        self.epochs: dict[int, dict[str, Snapshot]] = {0: self.published}
+        self._plan_digest: tuple = (None, "")
+
+    @classmethod
+    def open(cls, path: str | None, identity: str, schedule: Schedule | None = None,
+             static_fingerprint: str = "") -> "WarmState":
+        """The state saved at `path` for this pair (`identity`), or a new one where there is none."""
+        warm = cls(schedule, static_fingerprint, path, identity)
+        if path is None:
+            return warm
+        saved = load_full(path, identity)
+        warm.shared.update(saved.families)
+        warm.restore(saved.published)
+        if saved.plan is not None:
+            from adasd_core.costs import StepCosts
+
+            try:  # reproducible requests plan as they did before the restart, not from this start's timings
+                warm.plan = StepCosts.from_json(saved.plan)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("ignoring the saved draft plan in %s: %s", path, exc)
+        if warm.shared:
+            log.info("warm start: loaded the statistics of %d method families (%d published) from %s",
+                     len(warm.shared), len(warm.published), path)
+        return warm
+
+    def adopt_plan(self, table) -> None:
+        """The engine's measured table becomes the draft plan unless one was saved; a new plan is
+        saved at once (the first start on this machine: its plan is kept for the next ones)."""
+        if self.plan is not None:
+            return
+        self.plan = table
+        if self.path is not None:
+            try:
+                self.save()
+            except OSError as exc:
+                log.warning("could not save the warm-start state to %s: %s", self.path, exc)
+
+    # ------------------------------------------------------------------ requests
+
+    def start(self, family: str | None, kind: str, warm: bool, epoch: int | None,
+              with_plan: bool) -> "tuple[SharedStats | Snapshot | None, str]":
+        """(what a new request starts from, None when cold or for a method that learns nothing; its
+        system_fingerprint, "" without a schedule). Every family a request has used learns from its
+        rounds, warm or cold; `epoch` pins the published state (default the latest)."""
+        if family is None:
+            return None, self.fingerprint(None, with_plan) if self.schedule is not None else ""
+        live = self.shared.setdefault(family, SharedStats(kind=kind))
+        if self.schedule is None:
+            return (live if warm else None), ""
+        snapshot = (self.epochs.get(epoch, self.published).get(family) if warm else None) or Snapshot.empty(kind)
+        return (snapshot if warm else None), self.fingerprint(snapshot, with_plan)
+
+    def observe(self, family: str, obs: Observation) -> None:
+        self.shared[family].observe(obs)
+
+    # ------------------------------------------------------------------ publication
+
+    def publish_due(self) -> list[str]:
+        """Publish every family whose schedule says so (between engine steps: a running request keeps
+        the copy it started from). Returns the families published."""
+        if self.schedule is None:
+            return []
+        due = [k for k, live in self.shared.items() if self.schedule.due(live, self.published.get(k))]
+        if due:
+            self.published = {**self.published, **{k: Snapshot(self.shared[k]) for k in due}}
+            self.epoch += 1
+            self.epochs[self.epoch] = self.published
+            self.epochs.pop(self.epoch - MAX_EPOCHS, None)
+        return due
+
+    def restore(self, published: dict[str, Snapshot]) -> None:
+        """Start from saved snapshots (a restarted worker): they are epoch 0 of this process."""
+        self.published = dict(published)
+        self.epoch, self.epochs = 0, {0: self.published}
+
+    # ------------------------------------------------------------------ fingerprints
+
+    @property
+    def plan_digest(self) -> str:
+        if self._plan_digest[0] is not self.plan:  # computed once per plan
+            self._plan_digest = (self.plan, digest(self.plan.to_json()) if self.plan is not None else "")
+        return self._plan_digest[1]
+
+    def fingerprint(self, snapshot: Snapshot | None, with_plan: bool) -> str:
+        """The system_fingerprint of a request starting from `snapshot` (None: a method that learns
+        nothing), covering the draft plan where its draft length follows the plan."""
+        return fingerprint(self.static_fingerprint, self.plan_digest if with_plan else None,
+                           snapshot.digest if snapshot is not None else None)
+
+    def fingerprints(self, methods, verifications, with_plan, epoch: int | None = None) -> dict[str, str]:
+        """{fingerprint_key: system_fingerprint} of every request kind at a published epoch;
+        `with_plan(method)` says whether that method's fingerprint covers the plan."""
+        published = self.epochs.get(epoch, self.published) if epoch is not None else self.published
+        out = {"-": self.fingerprint(None, with_plan("ar"))}
+        for family in all_families(methods, verifications):
+            method, kind, _ = family.split("/")
+            out[family] = self.fingerprint(published.get(family) or Snapshot.empty(kind), with_plan(method))
+            out[family + "#cold"] = self.fingerprint(Snapshot.empty(kind), with_plan(method))
+        return out
+
+    # ------------------------------------------------------------------ persistence and gauges
+
+    def save(self) -> None:
+        """Write the live statistics, the snapshots and the plan (atomically; nowhere without a path)."""
+        if self.path is not None:
+            save_state(self.path, self.identity, self.shared, self.published,
+                       self.plan.to_json() if self.plan is not None else None)
+
+    def summary(self) -> dict:
+        """{family: summary} of the live statistics, with the rounds of the published snapshot."""
+        return {k: {**v.summary(), "published_rounds": self.published[k].rounds if k in self.published else 0}
+                for k, v in self.shared.items()}
 
 
 def fingerprint_key(method: str, verification: str, greedy: bool, warm_start: bool) -> str:

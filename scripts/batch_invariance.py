@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.engine import SpecConfig
+from adasd_core.llm import LLM
 from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
-from adasd_core.warm import Schedule
+from adasd_core.warm import Schedule, WarmState
 
 METHODS = ("ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid")
 
@@ -47,7 +48,7 @@ def run(engine, requests, epoch):
 def logit_spread(engine, prompts, batch: int) -> dict:
     """Largest |batched - alone| over the target's logits: of a 4-token verify run with ragged batch
     mates, and of one decode step after a prompt prefilled with the mates' prompts in the same forward."""
-    pool, verify, prefill = engine.target_pool, 0.0, 0.0
+    pool, verify, prefill = engine.runner.target, 0.0, 0.0
     slots = list(range(batch))
     for p in prompts[: 8]:
         feeds = [p[:-4]] + [q[:-4] for q in random.sample(prompts, batch - 1)]
@@ -120,8 +121,7 @@ def main(argv=None) -> None:
     if args.pair != "tiny":
         pair = load_pair(str(Path(args.pair) / "target"), str(Path(args.pair) / "draft"), device="cpu",
                          dtype="float32")
-    engine = SpeculativeEngine(pair, max_running=args.batch, batch_aware=args.batch_aware)
-    engine.schedule = Schedule()
+    engine = LLM(pair, max_running=args.batch, batch_aware=args.batch_aware, warm=WarmState(schedule=Schedule()))
     from adasd_core.bench.tasks import continuation_task, demo_sources
 
     task = continuation_task(pair.tokenizer, demo_sources(), args.requests + 16, 48, args.tokens, pair.context_length)
@@ -132,18 +132,18 @@ def main(argv=None) -> None:
                for i, t in enumerate([0.0, 1.0] * 20)]
     for i in range(0, len(warm_up), args.batch):
         run(engine, warm_up[i : i + args.batch], None)
-    epoch = engine.epoch
-    engine.schedule = Schedule(first=10**9)  # one snapshot throughout: only rounding can differ
+    epoch = engine.warm.epoch
+    engine.warm.schedule = Schedule(first=10**9)  # one snapshot throughout: only rounding can differ
     if args.throughput:
         result = throughput(engine, prompts, args)
-        result["plan"] = engine.plan_costs.summary()
+        result["plan"] = engine.warm.plan.summary()
         print(json.dumps(result, indent=1))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
         return
 
     result = {"pair": args.pair, "batch": args.batch, "batch_aware": args.batch_aware, "tokens": args.tokens, "epoch": epoch,
-              "published": {k: v.rounds for k, v in engine.published.items()},
+              "published": {k: v.rounds for k, v in engine.warm.published.items()},
               "max_logit_difference": logit_spread(engine, prompts, args.batch)}
     for name, temperature in (("greedy", 0.0), ("seeded", 1.0)):
         differ, tokens, first_diff, drafted = 0, 0, [], 0

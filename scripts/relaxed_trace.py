@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/relaxed_trace.py [--pair tiny|smollm2] [--prompts 12]
         [--seeds 3] [--tokens 96] [--temperature 1.0] [--methods vanilla,adasd-bayes,...] [--out trace.json]
 
-Every request runs in process (SpeculativeEngine, calibrate=False), seeds 0..S-1 for every method,
+Every request runs in process (LLM, calibrate=False), seeds 0..S-1 for every method,
 on held-out prompts: continuation windows of the tiny pair's held-out modules, or for `smollm2` the
 held-out chat and code requests (bench/prompts/smollm2_eval.jsonl, chat and code alternating). Per method: mean excess surprisal per emitted token
 (-log p(x) - H(p), processed target distribution) with its standard error over requests, mean
@@ -27,7 +27,8 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 from adasd_core import engine as engine_mod  # noqa: E402
 from adasd_core.bench.tasks import chat_eval_prompts, chat_eval_rows, continuation_task, demo_sources  # noqa: E402
-from adasd_core.engine import SpecConfig, SpeculativeEngine  # noqa: E402
+from adasd_core.engine import SpecConfig  # noqa: E402
+from adasd_core.llm import LLM  # noqa: E402
 from adasd_core.models import load_pair  # noqa: E402
 from adasd_core.sampling import SamplingParams  # noqa: E402
 from adasd_core.verification import entropy, js_distance  # noqa: E402
@@ -127,7 +128,7 @@ def _mean_se(xs):
 
 def _run_row(name, pair, spec, args, prompts, kinds, reference):
     """One row: every prompt x seed on a fresh engine (its own warm state), so rows don't feed each other."""
-    engine = SpeculativeEngine(pair, calibrate=False)
+    engine = LLM(pair, calibrate=False)
     spec = dataclasses.replace(spec, warm_start=not args.cold)
     per_req, events_all, ids = [], [], []
     for seed in range(args.seeds):

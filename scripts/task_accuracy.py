@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD OMP_NUM_THREADS=2 python scripts/task_accuracy.py [--methods ar,vanilla,adasd]
         [--min-posterior 0.7,0.9] [--temperature 0] [--seeds 1] [--max-tokens 192] [--out acc.json]
 
-In process (SpeculativeEngine, warm start as the server has it), every prompt of
+In process (LLM, warm start as the server has it), every prompt of
 bench/prompts/smollm2_eval.jsonl with a checkable answer, in the chat template, stopped at EOS: chat rows score 1 when one of
 their answers appears in the reply, code rows when the function passes its tests (a subprocess).
 `adasd` rows run once per `--min-posterior` setting. Prints one JSON line per row: accuracy (chat,
@@ -25,7 +25,8 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 from adasd_core import engine as engine_mod  # noqa: E402
 from adasd_core.bench.evals import score_chat_eval  # noqa: E402
 from adasd_core.bench.tasks import chat_eval_prompts, chat_eval_rows  # noqa: E402
-from adasd_core.engine import SpecConfig, SpeculativeEngine  # noqa: E402
+from adasd_core.engine import SpecConfig  # noqa: E402
+from adasd_core.llm import LLM  # noqa: E402
 from adasd_core.models import load_pair  # noqa: E402
 from adasd_core.sampling import SamplingParams  # noqa: E402
 from adasd_core.verification import BayesCheck  # noqa: E402
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
             SETTING.clear()
             if setting is not None:
                 SETTING["min_posterior"] = setting
-            engine = SpeculativeEngine(pair, calibrate=False)  # its own warm state per row
+            engine = LLM(pair, calibrate=False)  # its own warm state per row
             spec = SpecConfig(method=method, warm_start=True)
             scores, texts = [], []
             for seed in range(args.seeds):

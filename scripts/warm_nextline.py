@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 from adasd_core.bench.tasks import demo_sources, next_line_task
-from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.engine import SpecConfig
+from adasd_core.llm import LLM
 from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
-from adasd_core.warm import Schedule
+from adasd_core.warm import Schedule, WarmState
 
 
 def main(argv=None) -> None:
@@ -41,22 +42,21 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     pair = load_pair(args.target, args.draft, device="cpu")
     task = next_line_task(pair.tokenizer, demo_sources(), args.prompts, 192, 32, pair.context_length)
-    cold = SpeculativeEngine(pair, calibrate=False, max_running=1)
-    live = SpeculativeEngine(pair, calibrate=False, max_running=1)
-    snap = SpeculativeEngine(pair, calibrate=False, max_running=1)
-    snap.schedule = Schedule()
+    cold = LLM(pair, calibrate=False, max_running=1)
+    live = LLM(pair, calibrate=False, max_running=1)
+    snap = LLM(pair, calibrate=False, max_running=1, warm=WarmState(schedule=Schedule()))
     publications = []  # how the snapshot settles from one publication to the next
-    publish = snap.publish_due
+    publish = snap.warm.publish_due
 
     def traced_publish():
         for family in publish():
-            s = snap.published[family].stats
+            s = snap.warm.published[family].stats
             post = {f"P(A|{d})": s.relaxed.posterior(d) for d in (0.2, 0.4, 0.6)} if hasattr(s.relaxed, "posterior") else {}
             publications.append({"family": family, "rounds": s.rounds, "entropy_threshold": s.entropy_threshold,
                                  "acceptance": s.acceptance, **s.relaxed.state(), **post})
         return []
 
-    snap.publish_due = traced_publish
+    snap.warm.publish_due = traced_publish
     rows = {
         "vanilla": (cold, SpecConfig(method="vanilla")),
         "adasd cold": (cold, SpecConfig(method="adasd", warm_start=False)),
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
             "candidates_per_round": statistics.median(ps[name]["drafted"] / ps[name]["rounds"] for ps in passes),
         }
     result = {"prompts": len(task.prompts), "passes": args.passes, "temperature": args.temperature, "rows": table,
-              "published": {k: v.rounds for k, v in snap.published.items()}, "publications": publications,
+              "published": {k: v.rounds for k, v in snap.warm.published.items()}, "publications": publications,
               "per_pass": passes}
     print("| row | tok/s | vs vanilla | candidates / round |\n|---|---:|---:|---:|")
     for name, r in table.items():

@@ -106,16 +106,13 @@ SAVE_EVERY_S = 30.0  # warm-start state: saved at most this often while serving,
 
 
 class Worker:
-    def __init__(self, engine, conn, round_delay_s: float = 0.0, state_path: str | None = None,
-                 state_identity: str = ""):
+    def __init__(self, engine, conn, round_delay_s: float = 0.0):
         self.engine = engine
         self.conn = conn
         self.round_delay_s = round_delay_s
-        self.state_path = state_path  # None: the warm-start state lives only as long as the process
-        self.state_identity = state_identity
         self.saved_at = time.monotonic()
         self.dirty = False
-        self.announced_epoch = getattr(engine, "epoch", 0)
+        self.announced_epoch = engine.warm.epoch
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}
         self.token_text = TokenText(engine.pair.tokenizer)
@@ -151,29 +148,25 @@ class Worker:
 
     def warm_state(self) -> dict:
         """{family: summary} of the engine's warm-start statistics (the gauges show it)."""
-        return warm_summary(self.engine)
+        return self.engine.warm.summary()
 
     def save_state(self) -> None:
+        """The warm-start state to its file (where it has one)."""
         self.saved_at, self.dirty = time.monotonic(), False
-        if not self.state_path:
-            return
-        from adasd_core.warm import save_state
-
         try:
-            save_state(self.state_path, self.state_identity, self.engine.shared, self.engine.published,
-                       self.engine.plan_costs.to_json())
+            self.engine.warm.save()
         except OSError as exc:
-            log.warning("could not save the warm-start state to %s: %s", self.state_path, exc)
+            log.warning("could not save the warm-start state to %s: %s", self.engine.warm.path, exc)
 
     def announce(self) -> None:
         """After a publication: new fingerprints to the front end, and the snapshots to disk at once
         (rare; a worker killed later restarts with exactly what its last responses were stamped with)."""
-        epoch = getattr(self.engine, "epoch", 0)
+        epoch = self.engine.warm.epoch
         if epoch == self.announced_epoch:
             return
         self.announced_epoch = epoch
         log.info("warm start: published epoch %d (%s)", epoch, ", ".join(
-            f"{k}: {v.rounds} rounds" for k, v in sorted(self.engine.published.items())))
+            f"{k}: {v.rounds} rounds" for k, v in sorted(self.engine.warm.published.items())))
         self.send("published", epoch, self.engine.fingerprints())
         self.save_state()
 
@@ -280,9 +273,11 @@ class Worker:
 
 
 def load_engine(settings: dict):
+    """The pair, its KV slots and the warm-start state, as the settings ask: (engine, KV bytes per slot)."""
     from adasd_core.engine import SpecConfig, SpeculativeEngine
     from adasd_core.kv_cache import plan_slots
     from adasd_core.models import load_pair
+    from adasd_core.warm import Schedule, WarmState, pair_identity
 
     pair = load_pair(
         target=settings["target"], draft=settings["draft"], device=settings["device"], dtype=settings["dtype"],
@@ -293,41 +288,24 @@ def load_engine(settings: dict):
     if slots < settings["max_running"]:
         log.warning("max_running=%d does not fit in memory: %d KV slots (%.1f MiB each)", settings["max_running"],
                     slots, per_slot / 2**20)
-    from adasd_core.costs import StepCosts
-    from adasd_core.warm import Schedule, load_full, pair_identity, save_state
-
     spec = SpecConfig(method=settings["method"], k=settings["k"], verification=settings["verification"])
-    engine = SpeculativeEngine(pair, default_spec=spec, max_running=slots, batch_aware=settings.get("batch_aware", True))
-    engine.kv_bytes_per_slot = per_slot
-    engine.schedule = Schedule(first=settings.get("warm_epoch_rounds", 32), freeze=settings.get("warm_freeze_rounds", 4096))
     # what the statistics and the plan depend on besides the models: the algorithm's settings and the
     # kind of device and number format (a state file carried to another machine is not used there)
-    engine.state_identity = pair_identity(pair, {"window": spec.window, "dtype": str(pair.dtype),
-                                                 "device": pair.device.type})
-    engine.static_fingerprint = static_fingerprint(engine.state_identity, settings)
-    engine.state_path = None
+    identity = pair_identity(pair, {"window": spec.window, "dtype": str(pair.dtype), "device": pair.device.type})
+    schedule = Schedule(first=settings.get("warm_epoch_rounds", 32), freeze=settings.get("warm_freeze_rounds", 4096))
+    warm = WarmState.open(warm_state_file(settings, identity), identity, schedule, static_fingerprint(identity, settings))
+    engine = SpeculativeEngine(pair, default_spec=spec, max_running=slots, batch_aware=settings.get("batch_aware", True),
+                               warm=warm)
+    return engine, per_slot
+
+
+def warm_state_file(settings: dict, identity: str) -> str | None:
+    """The warm-start state's file: warm_state_path as a .json file, or a file named by the pair's
+    identity in that directory (default: next to the Hugging Face cache); None when saving is off."""
     path = warm_state_path(settings)
-    if path is not None:
-        engine.state_path = f"{path}/warm_stats_{engine.state_identity}.json" if os.path.isdir(path) or not path.endswith(
-            ".json") else path
-        state = load_full(engine.state_path, engine.state_identity)
-        engine.shared.update(state.families)
-        engine.restore_published(state.published)
-        if state.plan is not None:
-            try:  # reproducible requests plan as they did before the restart, not from this start's timings
-                engine.plan_costs = StepCosts.from_json(state.plan)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning("ignoring the saved draft plan in %s: %s", engine.state_path, exc)
-        if engine.shared:
-            log.info("warm start: loaded the statistics of %d method families (%d published) from %s",
-                     len(engine.shared), len(engine.published), engine.state_path)
-        if state.plan is None:  # the first start on this machine: keep its plan for the next ones
-            try:
-                save_state(engine.state_path, engine.state_identity, engine.shared, engine.published,
-                           engine.plan_costs.to_json())
-            except OSError as exc:
-                log.warning("could not save the warm-start state to %s: %s", engine.state_path, exc)
-    return engine
+    if path is None:
+        return None
+    return f"{path}/warm_stats_{identity}.json" if os.path.isdir(path) or not path.endswith(".json") else path
 
 
 def static_fingerprint(identity: str, settings: dict) -> str:
@@ -341,16 +319,6 @@ def static_fingerprint(identity: str, settings: dict) -> str:
         code = "unknown"
     keys = ("method", "k", "verification", "batch_aware")
     return json.dumps({"identity": identity, "code": code, **{k: settings.get(k) for k in keys}}, sort_keys=True)
-
-
-def warm_summary(engine) -> dict:
-    """{family: summary} of the live warm-start statistics, with the rounds of the published snapshot."""
-    published = getattr(engine, "published", {})
-    out = {}
-    for k, v in getattr(engine, "shared", {}).items():
-        out[k] = v.summary()
-        out[k]["published_rounds"] = published[k].rounds if k in published else 0
-    return out
 
 
 def warm_state_path(settings: dict) -> str | None:
@@ -378,7 +346,7 @@ def main(settings: dict, conn) -> None:
 
         hf_logging.disable_progress_bar()
         t0 = time.perf_counter()
-        engine = load_engine(settings)
+        engine, slot_bytes = load_engine(settings)
     except BaseException as exc:
         from adasd_core.errors import ModelLoadError
 
@@ -404,15 +372,15 @@ def main(settings: dict, conn) -> None:
         "dtype": str(pair.dtype).removeprefix("torch."),
         "target_step_s": engine.target_step_s,
         "slots": engine.slots,
-        "slot_tokens": engine.target_pool.capacity,
+        "slot_tokens": engine.runner.target.capacity,
         "kv_bytes_per_token": {"target": kv_bytes_per_slot(pair.target, 1),
                                "draft": kv_bytes_per_slot(pair.draft, 1) if pair.draft is not None else 0},
-        "kv_mib_per_slot": round(engine.kv_bytes_per_slot / 2**20, 2),
-        "batched": bool(engine.target_pool.batched),
+        "kv_mib_per_slot": round(slot_bytes / 2**20, 2),
+        "batched": engine.runner.batched,
         "step_costs": engine.costs.summary(),
         "load_s": round(time.perf_counter() - t0, 3),
-        "warm_state": warm_summary(engine),
-        "epoch": engine.epoch,
+        "warm_state": engine.warm.summary(),
+        "epoch": engine.warm.epoch,
         "fingerprints": engine.fingerprints(),
     }
     log.info("loaded target=%s draft=%s on %s in %.1fs; %d KV slots of %s tokens (%.1f MiB each), %s engine",
@@ -425,7 +393,7 @@ def main(settings: dict, conn) -> None:
     delay = float(os.environ.get(ROUND_DELAY_ENV) or 0.0)
     if delay:
         log.warning("%s=%s: every round is slowed down on purpose", ROUND_DELAY_ENV, delay)
-    Worker(engine, conn, round_delay_s=delay, state_path=engine.state_path, state_identity=engine.state_identity).run()
+    Worker(engine, conn, round_delay_s=delay).run()
     conn.close()
     log.info("stopped")
     logging.shutdown()

@@ -68,19 +68,19 @@ def tempered_pair_dir(random_pair_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def quick_engine(quick_pair_dir):
-    from adasd_core.engine import SpeculativeEngine
+    from adasd_core.llm import LLM
     from adasd_core.models import load_pair
 
-    return SpeculativeEngine(load_pair(str(quick_pair_dir / "target"), str(quick_pair_dir / "draft"), device=TEST_DEVICE,
+    return LLM(load_pair(str(quick_pair_dir / "target"), str(quick_pair_dir / "draft"), device=TEST_DEVICE,
                                        dtype=TEST_DTYPE))
 
 
 @pytest.fixture(scope="session")
 def random_engine(random_pair_dir):
-    from adasd_core.engine import SpeculativeEngine
+    from adasd_core.llm import LLM
     from adasd_core.models import load_pair
 
-    return SpeculativeEngine(load_pair(str(random_pair_dir / "target"), str(random_pair_dir / "draft"), device=TEST_DEVICE,
+    return LLM(load_pair(str(random_pair_dir / "target"), str(random_pair_dir / "draft"), device=TEST_DEVICE,
                                        dtype=TEST_DTYPE))
 
 

@@ -217,7 +217,8 @@ def run_bench(cfg: BenchConfig, pair: ModelPair | None = None, progress: bool = 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers.utils import logging as hf_logging
 
-    from adasd_core.engine import SpeculativeEngine, decode_step_seconds
+    from adasd_core.costs import decode_step_seconds
+    from adasd_core.llm import LLM
     from adasd_core.models import load_pair
 
     started = time.time()
@@ -229,7 +230,7 @@ def run_bench(cfg: BenchConfig, pair: ModelPair | None = None, progress: bool = 
     try:
         if pair is None:
             pair = load_pair(cfg.target, cfg.draft, device=cfg.device, dtype=cfg.dtype)
-        engine = SpeculativeEngine(pair)
+        engine = LLM(pair)
         methods = build_methods(pair, cfg.methods, k=cfg.k, engine=engine)
         tasks = build_tasks(pair, cfg)
         total = sum(len(t.prompts) * t.repeats * len(cfg.modes) * len(methods) for t in tasks)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.engine import SpecConfig
+from adasd_core.llm import LLM
 from adasd_core.models import ModelPair
 from adasd_core.sampling import SamplingParams
 
@@ -57,7 +58,7 @@ class Method:
 class EngineMethod(Method):
     """A method of our round loop (shared/ADASD.md)."""
 
-    def __init__(self, key: str, label: str, engine: SpeculativeEngine, spec: SpecConfig, lossless: bool):
+    def __init__(self, key: str, label: str, engine: LLM, spec: SpecConfig, lossless: bool):
         self.key, self.label, self.engine, self.spec, self.lossless = key, label, engine, spec, lossless
         self.speculative = spec.method != "ar"
 
@@ -213,7 +214,7 @@ METHOD_KEYS = ("draft", "target", "hf-target", "vanilla", "hf-assisted", "gen-on
                "adasd-threshold", "hybrid")
 
 
-def build_methods(pair: ModelPair, keys: tuple[str, ...] = METHOD_KEYS, k: int = 5, engine: SpeculativeEngine | None = None,
+def build_methods(pair: ModelPair, keys: tuple[str, ...] = METHOD_KEYS, k: int = 5, engine: LLM | None = None,
                   verify_only_check: str = "bayes") -> list[Method]:
     """The rows in the table's order. `engine` reuses a calibrated engine for `pair`."""
     unknown = [key for key in keys if key not in METHOD_KEYS]
@@ -222,11 +223,11 @@ def build_methods(pair: ModelPair, keys: tuple[str, ...] = METHOD_KEYS, k: int =
     needs_draft = [key for key in keys if key not in ("target", "hf-target")]
     if needs_draft and pair.draft is None:
         raise ValueError(f"method {needs_draft[0]!r} needs a draft model")
-    engine = engine or SpeculativeEngine(pair)
+    engine = engine or LLM(pair)
     rows: dict[str, Method] = {}
     if "draft" in keys:
         draft_pair = dataclasses.replace(pair, target=pair.draft, draft=None)
-        rows["draft"] = EngineMethod("draft", "draft alone", SpeculativeEngine(draft_pair), SpecConfig(method="ar"),
+        rows["draft"] = EngineMethod("draft", "draft alone", LLM(draft_pair), SpecConfig(method="ar"),
                                      lossless=False)
     specs = {
         "target": ("target alone", SpecConfig(method="ar"), True),

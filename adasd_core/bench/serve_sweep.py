@@ -452,13 +452,13 @@ def run_bench_serve(cfg: ServeBenchConfig, progress: bool = True, pair=None) -> 
                     opened.setdefault(run.key, []).append(
                         asyncio.run(run_open(run.endpoint, bodies(run, len(offsets)), offsets, count_tokens, step)))
         if cfg.in_process:
-            from adasd_core.engine import SpeculativeEngine
+            from adasd_core.llm import LLM
 
             n1 = cfg.requests_for(1)
             ours = next((run for run in runs if run.endpoint.extension and run.method == cfg.method), None) or Run(
                 cfg.method or "server", runs[0].endpoint, cfg.method, runs[0].model)
             ojob = bar.add_task("HTTP vs in process", total=cfg.overhead_repeats)
-            local, ratio = overhead(cfg, SpeculativeEngine(pair), ours, [prompts[i % len(prompts)] for i in range(n1)],
+            local, ratio = overhead(cfg, LLM(pair), ours, [prompts[i % len(prompts)] for i in range(n1)],
                                     count_tokens, on_done=lambda: bar.advance(ojob))
 
     rows = [summarise(run.key, c, closed[(c, run.key)]) for c in cfg.concurrency for run in runs]

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from adasd_core.device import machine_info
-from adasd_core.engine import SpecConfig, SpeculativeEngine, decode_step_seconds
+from adasd_core.costs import decode_step_seconds
+from adasd_core.engine import SpecConfig
+from adasd_core.llm import LLM
 from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
 
@@ -40,7 +42,7 @@ def held_out_prompts(stream: torch.Tensor, n: int, length: int) -> list[list[int
 def make_report(out: Path, held_stream: torch.Tensor, cfg) -> dict:
     """cfg: the build's BuildConfig (adasd_core.demo.build)."""
     pair = load_pair(str(out / "target"), str(out / "draft"), device="cpu", dtype="float32")
-    engine = SpeculativeEngine(pair)
+    engine = LLM(pair)
     n_prompts, new_tokens = (24, 64) if cfg.max_files is None else (3, 16)
     prompts = held_out_prompts(held_stream, n_prompts, 64 if cfg.max_files is None else 32)
 

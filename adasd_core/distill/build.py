@@ -66,9 +66,9 @@ def _load_target(target: str, context: int):
 
 
 def _engine(pair, slots: int):
-    from adasd_core.engine import SpeculativeEngine
+    from adasd_core.llm import LLM
 
-    return SpeculativeEngine(pair, calibrate=False, max_running=slots)
+    return LLM(pair, calibrate=False, max_running=slots)
 
 
 def _save_json(path: Path, obj) -> None:

@@ -21,7 +21,7 @@ def _chat_ids(tokenizer, text: str) -> list[int]:
 
 def step_share(engine, repeats: int = 5) -> dict:
     """Single-token decode steps of both models, interleaved, medians (ms) and their ratio."""
-    from adasd_core.engine import decode_step_seconds
+    from adasd_core.costs import decode_step_seconds
 
     pair = engine.pair
     target, draft = [], []
@@ -57,14 +57,15 @@ def acceptance(engine, prompts: list[dict], max_tokens: int, k: int = 5) -> dict
 def report(pair_target, out: Path, work: Path, cfg) -> dict:
     """Assemble the exported draft with the target, measure it, and write REPORT.md beside it."""
     from adasd_core import lean, smollm2
-    from adasd_core.engine import SpecConfig, SpeculativeEngine
+    from adasd_core.engine import SpecConfig
+    from adasd_core.llm import LLM
     from adasd_core.models import load_pair
     from adasd_core.sampling import SamplingParams
 
     target_dir = Path(pair_target.target.name_or_path)
     assembled = smollm2.assemble_draft(out, target_dir, work / "assembled")
     pair = load_pair(str(target_dir), str(assembled), device="cpu", dtype="float32", max_model_len=cfg.context)
-    engine = SpeculativeEngine(pair, calibrate=False, max_running=2)
+    engine = LLM(pair, calibrate=False, max_running=2)
     t0 = time.time()
     prompts = eval_prompts()
     result = {"steps": step_share(engine), "acceptance": acceptance(engine, prompts, cfg.eval_max_tokens)}

@@ -15,7 +15,8 @@ from adasd_core.demo.build import BuildConfig, encode_corpus
 from adasd_core.demo.report import held_out_loss
 from adasd_core.demo.data import HELD_OUT, load_corpus
 from adasd_core.demo.report import held_out_prompts
-from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.engine import SpecConfig
+from adasd_core.llm import LLM
 from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
 
@@ -38,7 +39,7 @@ def test_quick_build_end_to_end_via_cli(tmp_path):
     cfg = BuildConfig.quick()
     pair = load_pair(str(tmp_path / "target"), str(tmp_path / "draft"), device="cpu", dtype="float32")
     held = encode_corpus(pair.tokenizer, load_corpus(max_files=cfg.max_files).held_out)
-    engine = SpeculativeEngine(pair, calibrate=False)
+    engine = LLM(pair, calibrate=False)
     prompts = held_out_prompts(held, report["acceptance_prompts"], 32)
     assert len(prompts) == report["acceptance_prompts"] == 3
     stats = [engine.generate(p, SamplingParams(max_tokens=report["acceptance_tokens_per_prompt"], ignore_eos=True),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from adasd_core.demo.data import load_corpus
-from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.engine import SpecConfig
+from adasd_core.llm import LLM
 from adasd_core.errors import IncompatiblePairError
 from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
@@ -51,7 +52,7 @@ def test_greedy_equivalence_random_pair(random_engine):
 
 
 def test_greedy_equivalence_tiny_pair():
-    engine = SpeculativeEngine(load_pair("tiny", "tiny", device="cpu"), calibrate=False)
+    engine = LLM(load_pair("tiny", "tiny", device="cpu"), calibrate=False)
     check_greedy_equivalence(engine, held_out_prompts(engine.pair.tokenizer, n=3, length=64), 64)
 
 

@@ -8,15 +8,16 @@ import torch
 from scipy.stats import chisquare
 from toy import markov_pair, random_tables, sequence_probability
 
-from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.engine import SpecConfig
+from adasd_core.llm import LLM
 from adasd_core.errors import ContextLengthError, InvalidRequestError
 from adasd_core.sampling import SamplingParams
 
 V = 5
 
 
-def engine_for(target, draft, **kw) -> SpeculativeEngine:
-    return SpeculativeEngine(markov_pair(target, draft, **kw), calibrate=False)
+def engine_for(target, draft, **kw) -> LLM:
+    return LLM(markov_pair(target, draft, **kw), calibrate=False)
 
 
 def cycle_table(v: int, strength: float = 10.0) -> torch.Tensor:
@@ -129,8 +130,8 @@ def test_kv_rollback_holds_exactly_the_accepted_prefix():
         if gen.finished:
             break
         slot = gen.seq.slot
-        tkeys = eng.target_pool.caches[slot].layers[0].keys.flatten().long().tolist()
-        dkeys = eng.draft_pool.caches[slot].layers[0].keys.flatten().long().tolist()
+        tkeys = eng.runner.target.caches[slot].layers[0].keys.flatten().long().tolist()
+        dkeys = eng.runner.draft.caches[slot].layers[0].keys.flatten().long().tolist()
         assert tkeys == gen.tokens[:-1]  # everything but the newest token
         assert dkeys == gen.tokens[: len(dkeys)] and len(dkeys) >= len(gen.tokens) - 2
     assert saw_rejection

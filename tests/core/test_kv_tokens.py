@@ -1,17 +1,18 @@
-"""SpeculativeEngine.kv_tokens(): the tokens resident in the target's and the draft's KV pools
+"""LLM.kv_tokens(): the tokens resident in the target's and the draft's KV pools
 (what the server's adasd_kv_cache_tokens_perc reports), by the cache invariant of a round."""
 
 from __future__ import annotations
 
 from toy import markov_pair, random_tables
 
-from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.engine import SpecConfig
+from adasd_core.llm import LLM
 from adasd_core.sampling import SamplingParams
 
 
 def test_kv_tokens_follow_the_sequences_and_return_to_zero():
     target, draft = random_tables(6, 0)
-    engine = SpeculativeEngine(markov_pair(target, draft), calibrate=False, max_running=2)
+    engine = LLM(markov_pair(target, draft), calibrate=False, max_running=2)
     assert engine.kv_tokens() == (0, 0)
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
     seqs = [engine.new_sequence([1, 2, 3, 4, 5], params, SpecConfig(method="adasd")),

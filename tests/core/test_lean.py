@@ -108,14 +108,15 @@ def test_unknown_architectures_keep_the_transformers_forward():
 
 
 def test_engine_output_is_the_same_on_either_path(quick_engine, monkeypatch):
-    from adasd_core.engine import SpecConfig, SpeculativeEngine
+    from adasd_core.engine import SpecConfig
+    from adasd_core.llm import LLM
     from adasd_core.sampling import SamplingParams
 
     monkeypatch.setattr(lean, "supports_cached", lambda model: False)
-    slow_engine = SpeculativeEngine(quick_engine.pair, calibrate=False, max_running=2)
+    slow_engine = LLM(quick_engine.pair, calibrate=False, max_running=2)
     monkeypatch.undo()
-    fast_engine = SpeculativeEngine(quick_engine.pair, calibrate=False, max_running=2)
-    assert isinstance(slow_engine.target_pool, kv_cache.HFPool) and isinstance(fast_engine.target_pool, kv_cache.LeanPool)
+    fast_engine = LLM(quick_engine.pair, calibrate=False, max_running=2)
+    assert isinstance(slow_engine.runner.target, kv_cache.HFPool) and isinstance(fast_engine.runner.target, kv_cache.LeanPool)
     prompt = "def main(args):\n    "
     params = SamplingParams(max_tokens=24, temperature=0.8, seed=3, ignore_eos=True)
     for method in ("ar", "adasd"):

@@ -6,7 +6,9 @@ import math
 import torch
 from toy import markov_pair, random_tables
 
-from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.drafting import RejectedEntropy
+from adasd_core.engine import SpecConfig
+from adasd_core.llm import LLM
 from adasd_core.sampling import SamplingParams
 from adasd_core.verification import BayesCheck, ThresholdCheck
 from adasd_core.warm import SharedStats, family_key, load_state, pair_identity, save_state
@@ -14,9 +16,9 @@ from adasd_core.warm import SharedStats, family_key, load_state, pair_identity, 
 V = 6
 
 
-def engine_for(seed: int = 0, sharpness: float = 1.5) -> SpeculativeEngine:
+def engine_for(seed: int = 0, sharpness: float = 1.5) -> LLM:
     target, draft = random_tables(V, seed, sharpness)
-    return SpeculativeEngine(markov_pair(target, draft), calibrate=False)
+    return LLM(markov_pair(target, draft), calibrate=False)
 
 
 def excess_over_requests(engine, spec, n_requests=60, tokens=40, temperature=1.0):
@@ -66,7 +68,7 @@ def test_excess_surprisal_reaches_usage_dict():
 def test_min_posterior_gates_the_bayes_check():
     check = BayesCheck(min_posterior=0.9)
     for d in (0.1, 0.12, 0.15, 0.6, 0.62, 0.65):
-        check.observe(d, d < 0.5)
+        check.add(d, d < 0.5)
     p = check.posterior(0.4)
     assert 0 < p < 0.9 and check.accept_probability([0.4]) == [0.0]
     assert check.accept_probability([0.1])[0] == check.posterior(0.1) >= 0.9
@@ -80,13 +82,13 @@ def test_second_request_starts_from_the_first_requests_statistics():
     spec = SpecConfig(method="adasd", verification="threshold", warm_start=True)
     params = SamplingParams(max_tokens=30, temperature=1.0, seed=3, ignore_eos=True)
     engine.generate([0], params, spec)
-    shared = engine.shared[family_key("adasd", "threshold", greedy=False)]
-    assert shared.rounds > 0 and shared.n_rejected > 0
+    shared = engine.warm.shared[family_key("adasd", "threshold", greedy=False)]
+    assert shared.rounds > 0 and shared.rejected.count > 0
     seq = engine.new_sequence([0], params, spec)
-    assert seq.policy.n_rejected == shared.n_rejected and seq.policy.threshold == shared.entropy_threshold
+    assert seq.policy.rejected.count == shared.rejected.count and seq.policy.threshold == shared.entropy_threshold
     assert seq.relaxed.n_accepted == shared.relaxed.n_accepted and seq.relaxed is not shared.relaxed
     # a copy: the request's own rounds do not write into the server's state except through observe
-    seq.relaxed.observe(0.3, True)
+    seq.relaxed.add(0.3, True)
     assert seq.relaxed.n_accepted == shared.relaxed.n_accepted + 1
 
 
@@ -115,10 +117,10 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
         engine.generate([0], SamplingParams(max_tokens=30, temperature=1.0, seed=2, ignore_eos=True), spec)
     ident = pair_identity(engine.pair, {"window": 20})
     path = tmp_path / "state.json"
-    save_state(path, ident, engine.shared)
+    save_state(path, ident, engine.warm.shared)
     loaded = load_state(path, ident)
-    assert set(loaded) == set(engine.shared)
-    for key, s in engine.shared.items():
+    assert set(loaded) == set(engine.warm.shared)
+    for key, s in engine.warm.shared.items():
         assert loaded[key].to_json() == s.to_json()
         assert loaded[key].summary() == s.summary()
     assert load_state(path, "another-pair") == {}
@@ -134,10 +136,10 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
 
 def test_loaded_state_warms_new_requests():
     engine = engine_for()
-    state = SharedStats(kind="bayes", sum_rejected=6.0, n_rejected=3)
+    state = SharedStats(kind="bayes", rejected=RejectedEntropy(6.0, 3))
     for d in (0.1, 0.2, 0.7, 0.8):
-        state.relaxed.observe(d, d < 0.5)
-    engine.shared[family_key("adasd", "bayes", False)] = SharedStats.from_json(state.to_json())
+        state.relaxed.add(d, d < 0.5)
+    engine.warm.shared[family_key("adasd", "bayes", False)] = SharedStats.from_json(state.to_json())
     seq = engine.new_sequence([0], SamplingParams(max_tokens=4, temperature=1.0),
                               SpecConfig(method="adasd", warm_start=True))
     assert seq.policy.threshold == 2.0 and list(seq.relaxed.accepted) == [0.1, 0.2]
@@ -146,19 +148,20 @@ def test_loaded_state_warms_new_requests():
 def test_the_draft_folder_sets_the_pairs_bayes_gate():
     from types import SimpleNamespace
 
-    from adasd_core.engine import SpecConfig, SpeculativeEngine
+    from adasd_core.engine import SpecConfig
+    from adasd_core.llm import LLM
     from toy import markov_pair, random_tables
 
     target, draft = random_tables(8, seed=3)
     pair = markov_pair(target, draft)
-    default = SpeculativeEngine(pair, calibrate=False).new_sequence([1], None, SpecConfig(method="adasd"))
+    default = LLM(pair, calibrate=False).new_sequence([1], None, SpecConfig(method="adasd"))
     assert default.relaxed.min_posterior == BayesCheck.min_posterior
     pair.draft.config = SimpleNamespace(adasd_draft={"min_posterior": 1.0})
     for warm in (False, True):
-        seq = SpeculativeEngine(pair, calibrate=False).new_sequence([1], None, SpecConfig(method="adasd", warm_start=warm))
+        seq = LLM(pair, calibrate=False).new_sequence([1], None, SpecConfig(method="adasd", warm_start=warm))
         assert seq.relaxed.min_posterior == 1.0
         assert not seq.relaxed.can_relax and seq.plan_prior is None  # lossless greedy: planned by the batch
-    seeded = SpeculativeEngine(pair, calibrate=False).new_sequence(
+    seeded = LLM(pair, calibrate=False).new_sequence(
         [1], SamplingParams(max_tokens=4, temperature=1.0, seed=3), SpecConfig(method="adasd"))
     assert seeded.plan_prior is not None  # its draws still depend on the draft lengths
 
@@ -166,9 +169,9 @@ def test_the_draft_folder_sets_the_pairs_bayes_gate():
 def test_a_gate_of_one_never_relaxes_even_a_certain_posterior():
     check = BayesCheck(min_posterior=1.0)
     for d in (0.1, 0.12, 0.11):
-        check.observe(d, True)
+        check.add(d, True)
     for d in (0.9, 0.95, 0.92):
-        check.observe(d, False)
+        check.add(d, False)
     p, posterior = check.judge(0.1)
     assert posterior is not None and posterior > 0.99 and p == 0.0
     assert BayesCheck(min_posterior=0.9).judge(0.1)[0] == 0.0  # not ready: no samples

@@ -6,10 +6,11 @@ import pytest
 import torch
 from toy import markov_pair, random_tables
 
-from adasd_core.costs import StepCosts
-from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.costs import BatchPlanner, StepCosts
+from adasd_core.engine import SpecConfig
+from adasd_core.llm import LLM
 from adasd_core.sampling import SamplingParams
-from adasd_core.warm import Schedule, Snapshot, family_key, fingerprint_key, load_full, save_state
+from adasd_core.warm import Schedule, Snapshot, WarmState, family_key, fingerprint_key, save_state
 
 V = 8
 # drafting pays alone (a verify of k+1 tokens costs about one step) but not at 4 sequences, where each
@@ -23,12 +24,12 @@ SEEDED = (SamplingParams(max_tokens=40, temperature=1.0, seed=7, ignore_eos=True
           SpecConfig(method="adasd", warm_start=True))
 
 
-def make_engine(schedule=Schedule(first=16, freeze=0), costs=None) -> SpeculativeEngine:
+def make_engine(schedule=Schedule(first=16, freeze=0), costs=None, warm=None) -> LLM:
     target, draft = random_tables(V, seed=21, sharpness=1.5)
-    engine = SpeculativeEngine(markov_pair(target, draft), calibrate=False, max_running=4, batch_aware=True)
-    engine.schedule = schedule
-    engine.costs = costs or alone_pays()  # live: the online correction moves it
-    engine.plan_costs = engine.costs.frozen()
+    costs = costs or alone_pays()
+    engine = LLM(markov_pair(target, draft), calibrate=False, max_running=4, batch_aware=True,
+                 warm=warm or WarmState(schedule=schedule, plan=costs))
+    engine.costs = costs  # live: the online correction moves it
     return engine
 
 
@@ -56,7 +57,7 @@ def warmed(engine, n: int = 12):
     for i in range(0, n, 4):
         run(engine, traffic(4, seed=i))
     run(engine, [([1], *GREEDY), ([2], *SEEDED)] * 2)
-    assert {family_key("adasd", "bayes", True), family_key("adasd", "bayes", False)} <= set(engine.published)
+    assert {family_key("adasd", "bayes", True), family_key("adasd", "bayes", False)} <= set(engine.warm.published)
 
 
 def test_schedule_publishes_at_doubling_rounds_then_freezes():
@@ -76,13 +77,13 @@ def test_schedule_publishes_at_doubling_rounds_then_freezes():
 def test_batch_mates_and_live_state_never_change_a_reproducible_request(request_):
     engine = make_engine()
     warmed(engine)
-    epoch = engine.epoch
+    epoch = engine.warm.epoch
     mine = ([3], *request_)
     alone = run(engine, [mine], epoch=epoch)[0]
     fp = engine.new_sequence(*mine, epoch=epoch).fingerprint
     # the same request among batch mates of every method, while the live statistics, the per-method
     # running acceptance and the online cost correction move, and with other timings measured
-    engine.schedule = Schedule(first=10**9)  # no publication in between: the same epoch throughout
+    engine.warm.schedule = Schedule(first=10**9)  # no publication in between: the same epoch throughout
     for seed in range(3):
         engine.costs = StepCosts([1, 4], [1, 21], [[1.0, 1.0 + seed], [2.0, 40.0]], [0.3, 0.5], measured=True)
         batch = traffic(3, seed=seed)
@@ -102,7 +103,7 @@ def test_batch_mates_and_live_state_never_change_a_reproducible_request(request_
 def test_a_publication_mid_stream_leaves_running_requests_alone():
     engine = make_engine(Schedule(first=16, freeze=0))
     warmed(engine)
-    epoch = engine.epoch
+    epoch = engine.warm.epoch
     mine = [([3], *GREEDY), ([4], *SEEDED)]
     alone = [run(engine, [r], epoch=epoch)[0] for r in mine]
     # long requests of the same families publish new snapshots while `mine` run
@@ -111,7 +112,7 @@ def test_a_publication_mid_stream_leaves_running_requests_alone():
     out = run(engine, [*mine, *long], epoch=epoch)
     for _, params, spec in mine:  # their families published while they ran
         family = family_key(spec.method, spec.verification, params.greedy)
-        assert engine.published[family] is not engine.epochs[epoch][family]
+        assert engine.warm.published[family] is not engine.warm.epochs[epoch][family]
     assert out[:2] == alone
     # new requests read the new snapshot, and their fingerprint says so
     assert engine.new_sequence(*mine[0]).fingerprint != engine.new_sequence(*mine[0], epoch=epoch).fingerprint
@@ -120,18 +121,18 @@ def test_a_publication_mid_stream_leaves_running_requests_alone():
 def test_requests_start_from_the_snapshot_not_the_live_state():
     engine = make_engine(Schedule(first=16, freeze=0))
     warmed(engine)
-    engine.schedule = Schedule(first=10**9)
+    engine.warm.schedule = Schedule(first=10**9)
     run(engine, [([5], *GREEDY)])  # the live state learns on after the last publication
     family = family_key("adasd", "bayes", True)
-    live, snap = engine.shared[family], engine.published[family]
+    live, snap = engine.warm.shared[family], engine.warm.published[family]
     assert live.rounds > snap.rounds  # the live state learned on since the last publication
     seq = engine.new_sequence([0], *GREEDY)
     assert seq.relaxed.n_accepted == snap.stats.relaxed.n_accepted != live.relaxed.n_accepted
-    assert seq.policy.n_rejected == snap.stats.n_rejected
+    assert seq.policy.rejected.count == snap.stats.rejected.count
     assert list(seq.relaxed.accepted) == list(snap.stats.relaxed.accepted)
     assert seq.plan_prior == snap.stats.acceptance
     # the front end's table names the same fingerprint as the request's own, at every epoch
-    for epoch in (0, engine.epoch):
+    for epoch in (0, engine.warm.epoch):
         table = engine.fingerprints(epoch)
         for params, spec in (GREEDY, SEEDED, (GREEDY[0], SpecConfig(method="adasd", warm_start=False)),
                              (GREEDY[0], SpecConfig(method="ar")), (SEEDED[0], SpecConfig(method="hybrid"))):
@@ -158,12 +159,12 @@ def test_a_cold_request_keeps_its_per_request_semantics():
 def test_a_failed_batch_is_retried_with_the_same_draws(monkeypatch):
     engine = make_engine()
     warmed(engine)
-    epoch, mine = engine.epoch, ([3], *SEEDED)
+    epoch, mine = engine.warm.epoch, ([3], *SEEDED)
     alone = run(engine, [mine], epoch=epoch)[0]
-    engine.schedule = Schedule(first=10**9)
+    engine.warm.schedule = Schedule(first=10**9)
     others = traffic(2)
     seqs = [engine.new_sequence(*r, epoch=epoch) for r in [mine, *others]]
-    forward, failures = engine.target_pool.forward, []
+    forward, failures = engine.runner.target.forward, []
 
     def fragile(slots, feeds, all_logits=False):  # the batched verify fails once, after the drafts drew
         if all_logits and len(slots) > 1 and seqs[0].generated >= 6 and not failures:
@@ -171,7 +172,7 @@ def test_a_failed_batch_is_retried_with_the_same_draws(monkeypatch):
             raise RuntimeError("transient")
         return forward(slots, feeds, all_logits)
 
-    monkeypatch.setattr(engine.target_pool, "forward", fragile)
+    monkeypatch.setattr(engine.runner.target, "forward", fragile)
     for s in seqs:
         engine.add(s)
     out = []
@@ -187,20 +188,17 @@ def test_snapshot_and_plan_survive_a_restart(tmp_path):
     engine = make_engine()
     warmed(engine)
     path = tmp_path / "state.json"
-    save_state(path, "pair", engine.shared, engine.published, engine.plan_costs.to_json())
-    epoch, fps, mine = engine.epoch, engine.fingerprints(), [([3], *GREEDY), ([4], *SEEDED)]
+    save_state(path, "pair", engine.warm.shared, engine.warm.published, engine.warm.plan.to_json())
+    epoch, fps, mine = engine.warm.epoch, engine.fingerprints(), [([3], *GREEDY), ([4], *SEEDED)]
     before = [run(engine, [r], epoch=epoch)[0] for r in mine]  # (these may publish: pinned to the saved epoch)
 
     # a new process: other timings measured at its start, then the saved state restored
-    restarted = make_engine(costs=StepCosts([1, 4], [1, 21], [[1.0, 3.0], [1.0, 30.0]], [0.4, 0.4]))
-    state = load_full(path, "pair")
-    restarted.shared.update(state.families)
-    restarted.restore_published(state.published)
-    restarted.plan_costs = StepCosts.from_json(state.plan)
+    restarted = make_engine(costs=StepCosts([1, 4], [1, 21], [[1.0, 3.0], [1.0, 30.0]], [0.4, 0.4]),
+                            warm=WarmState.open(str(path), "pair", Schedule(first=16, freeze=0)))
     assert restarted.fingerprints() == fps
     assert [run(restarted, [r], epoch=0)[0] for r in mine] == before  # the restored state is epoch 0
     # without the saved plan the fingerprint of an adaptive method says the plan changed
-    restarted.plan_costs = restarted.costs
+    restarted.warm.plan = restarted.costs
     assert restarted.fingerprints()[family_key("adasd", "bayes", True)] != fps[family_key("adasd", "bayes", True)]
     assert restarted.fingerprints()["-"] == fps["-"]
 
@@ -208,7 +206,7 @@ def test_snapshot_and_plan_survive_a_restart(tmp_path):
 def test_the_best_draft_length_does_not_depend_on_the_order_of_calls():
     """Its cache is shared by every request: an answer must not depend on who asked first."""
     xs = [0.2 + 0.001 * i for i in range(790)]
-    first, second = alone_pays(), alone_pays()
+    first, second = BatchPlanner(alone_pays()), BatchPlanner(alone_pays())
     forward = [first.best_draft_length(1, a, 20) for a in xs]
     backward = [second.best_draft_length(1, a, 20) for a in reversed(xs)][::-1]
     assert forward == backward and len(set(forward)) > 3
@@ -220,7 +218,7 @@ def test_step_costs_roundtrip_exactly():
 
     again = StepCosts.from_json(json.loads(json.dumps(costs.to_json())))
     assert again.to_json() == costs.to_json()
-    assert again.best_draft_length(1, 0.7, 10) == costs.best_draft_length(1, 0.7, 10)
+    assert BatchPlanner(again).best_draft_length(1, 0.7, 10) == BatchPlanner(costs).best_draft_length(1, 0.7, 10)
     with pytest.raises(ValueError):
         StepCosts.from_json({**costs.to_json(), "draft": [0.1]})
     assert torch.equal(torch.tensor(again.target[0]), torch.tensor(costs.target[0]))

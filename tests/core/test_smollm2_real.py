@@ -47,10 +47,11 @@ def test_the_lean_forward_gives_transformers_logits_on_the_real_target(real_pair
 
 def test_a_greedy_chat_answer_and_lossless_speculation(real_pair):
     from adasd_core.distill.generate import chat_prompt
-    from adasd_core.engine import SpecConfig, SpeculativeEngine
+    from adasd_core.engine import SpecConfig
+    from adasd_core.llm import LLM
     from adasd_core.sampling import SamplingParams
 
-    engine = SpeculativeEngine(real_pair, calibrate=False, max_running=2)
+    engine = LLM(real_pair, calibrate=False, max_running=2)
     ids = chat_prompt(real_pair.tokenizer, "What is the capital of France?")
     params = SamplingParams(max_tokens=24)
     ar = engine.generate(ids, params, SpecConfig(method="ar"))

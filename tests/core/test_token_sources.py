@@ -7,7 +7,8 @@ import pytest
 import torch
 from toy import markov_pair
 
-from adasd_core.engine import SpecConfig, SpeculativeEngine
+from adasd_core.engine import SpecConfig
+from adasd_core.llm import LLM
 from adasd_core.round_output import Draft as _Draft, token_sources as _token_sources
 from adasd_core.sampling import SamplingParams
 from adasd_core.sequence import SOURCES
@@ -16,12 +17,12 @@ from adasd_core.verification import BayesCheck, RelaxedCheck, Verdict, accept_ca
 DRAFTED = ("standard", "relaxed", "correction")
 
 
-def toy_engine(v: int = 12, eos: bool = False) -> SpeculativeEngine:
+def toy_engine(v: int = 12, eos: bool = False) -> LLM:
     """A Markov pair whose draft disagrees often, greedy too (all five sources occur)."""
     g = torch.Generator().manual_seed(0)
     target = torch.randn(v, v, generator=g) * 1.5
     draft = target + torch.randn(v, v, generator=g) * 2.5
-    return SpeculativeEngine(markov_pair(target, draft, eos=eos), calibrate=False, max_running=4)
+    return LLM(markov_pair(target, draft, eos=eos), calibrate=False, max_running=4)
 
 
 def run(engine, spec: SpecConfig, params: SamplingParams, prompt=(1, 2)):
@@ -49,9 +50,9 @@ def test_hand_built_round_gives_each_token_its_source():
 def test_verdict_reports_the_posterior_only_where_the_bayes_check_was_consulted():
     check = BayesCheck(min_posterior=0.0)
     for d in (0.1, 0.15, 0.2):
-        check.observe(d, True)
+        check.add(d, True)
     for d in (0.6, 0.7, 0.8):
-        check.observe(d, False)
+        check.add(d, False)
     # candidate 0 passes (it is the target's argmax), candidate 1 fails the standard check
     target = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]])
     draft = torch.tensor([[0.8, 0.2, 0.0], [0.1, 0.6, 0.3]])

@@ -8,6 +8,7 @@ import torch
 from adasd_core.drafting import CappedEntropyStop, EntropyStop, FixedK
 from adasd_core.verification import (
     BayesCheck,
+    Observation,
     ThresholdCheck,
     bonus_token,
     correction_token,
@@ -77,9 +78,9 @@ def test_threshold_check_paper_example():
     assert check.threshold is None
     assert check.accept_probability([0.1]) == [0.0]  # only the standard check until both groups have data
     for d in (0.1, 0.2):
-        check.observe(d, accepted=True)  # mean 0.15
+        check.add(d, accepted=True)  # mean 0.15
     for d in (0.48, 0.50):
-        check.observe(d, accepted=False)  # mean 0.49
+        check.add(d, accepted=False)  # mean 0.49
     assert check.threshold == pytest.approx(0.32)
     assert check.accept_probability([0.31, 0.33]) == [1.0, 0.0]
 
@@ -87,10 +88,10 @@ def test_threshold_check_paper_example():
 def test_bayes_posterior_matches_hand_computation():
     check = BayesCheck()
     for d in (0.1, 0.2):
-        check.observe(d, True)
+        check.add(d, True)
     assert check.posterior(0.1) is None  # rejected group still empty
     for d in (0.6, 0.7, 0.0, 1.0):  # 0 and 1 count for the prior, not the KDE
-        check.observe(d, False)
+        check.add(d, False)
     assert len(check.rejected) == 2 and check.n_rejected == 4
 
     def kde(samples, x):
@@ -110,9 +111,16 @@ def test_bayes_posterior_matches_hand_computation():
 def test_bayes_sample_is_bounded():
     check = BayesCheck(max_samples=8)
     for i in range(100):
-        check.observe(0.01 + i / 200, i % 2 == 0)
+        check.add(0.01 + i / 200, i % 2 == 0)
     assert len(check.accepted) == 8 and len(check.rejected) == 8
     assert check.n_accepted == 50 and check.n_rejected == 50
+
+
+def round_of(rejected: list[float], all_accepted: bool = False) -> Observation:
+    """A round whose examined candidates the standard check failed, with these draft entropies."""
+    n = len(rejected)
+    return Observation(drafted=n if all_accepted else n + 1, accepted=n if all_accepted else 0,
+                       standard=(False,) * n, entropies=tuple(rejected), distances=None)
 
 
 def test_entropy_stop_threshold_is_running_mean_of_rejections():
@@ -120,10 +128,10 @@ def test_entropy_stop_threshold_is_running_mean_of_rejections():
     assert policy.threshold is None
     assert policy.keep_drafting(entropy=50.0, n_drafted=3)  # undefined T_G: draft to the window
     assert not policy.keep_drafting(entropy=0.0, n_drafted=20)
-    policy.update([1.0, 3.0])
+    policy.observe(round_of([1.0, 3.0]))
     assert policy.threshold == pytest.approx(2.0)
-    policy.update([])
-    policy.update([5.0])
+    policy.observe(round_of([]))
+    policy.observe(round_of([5.0]))
     assert policy.threshold == pytest.approx(3.0)  # over all rejections, not a window
     assert policy.keep_drafting(2.9, 1) and not policy.keep_drafting(3.1, 1)
 
@@ -131,16 +139,16 @@ def test_entropy_stop_threshold_is_running_mean_of_rejections():
 def test_capped_entropy_stop_follows_the_outcomes():
     policy = CappedEntropyStop(window=8, cap=3)
     assert policy.keep_drafting(50.0, 2) and not policy.keep_drafting(0.0, 3)  # no T_G yet: the cap stops it
-    policy.update([], all_accepted=True)
+    policy.observe(round_of([], all_accepted=True))
     assert policy.cap == 5
-    policy.update([2.0], all_accepted=False)
+    policy.observe(round_of([2.0], all_accepted=False))
     assert policy.cap == 4 and policy.threshold == pytest.approx(2.0)
     assert policy.keep_drafting(1.9, 3) and not policy.keep_drafting(2.1, 1)  # T_G still stops it
     for _ in range(10):
-        policy.update([], all_accepted=True)
+        policy.observe(round_of([], all_accepted=True))
     assert policy.cap == 8  # never past the window
     for _ in range(10):
-        policy.update([4.0], all_accepted=False)
+        policy.observe(round_of([4.0], all_accepted=False))
     assert policy.cap == 1  # and always at least one candidate
 
 

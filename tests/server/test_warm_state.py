@@ -9,9 +9,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/toy.py
 
 from toy import markov_pair, random_tables  # noqa: E402
 
-from adasd_core.engine import SpecConfig, SpeculativeEngine  # noqa: E402
+from adasd_core.engine import SpecConfig  # noqa: E402
+from adasd_core.llm import LLM  # noqa: E402
 from adasd_core.sampling import SamplingParams  # noqa: E402
-from adasd_core.warm import load_state, pair_identity  # noqa: E402
+from adasd_core.warm import WarmState, load_state, pair_identity  # noqa: E402
 from server.metrics import AdasdMetrics  # noqa: E402
 from server.protocol import AdasdOptions  # noqa: E402
 from server.serving import OpenAIServing, merge_stats  # noqa: E402
@@ -41,14 +42,15 @@ def run_one(worker, rid, spec):
 
 def test_gauges_show_the_servers_state_and_the_file_keeps_it(tmp_path):
     target, draft = random_tables(6, 0)
-    engine = SpeculativeEngine(markov_pair(target, draft), calibrate=False)
-    ident = pair_identity(engine.pair, {"window": 20})
+    pair = markov_pair(target, draft)
+    ident = pair_identity(pair, {"window": 20})
     path = tmp_path / "state.json"
-    worker = Worker(engine, Conn(), state_path=str(path), state_identity=ident)
+    engine = LLM(pair, calibrate=False, warm=WarmState(path=str(path), identity=ident))
+    worker = Worker(engine, Conn())
     done = run_one(worker, "a", SpecConfig(method="adasd", verification="threshold"))
     state = done[3]["warm_state"]
     family = "adasd/threshold/sampled"
-    shared = engine.shared[family]
+    shared = engine.warm.shared[family]
     assert state[family]["rounds"] == shared.rounds > 0
     assert state[family]["js_threshold"] == shared.relaxed.threshold
 
@@ -63,8 +65,7 @@ def test_gauges_show_the_servers_state_and_the_file_keeps_it(tmp_path):
     assert not worker.dirty and load_state(path, ident)[family].to_json() == shared.to_json()
 
     # a restarted worker on the same pair resumes; a request may still ask for a cold start
-    engine2 = SpeculativeEngine(markov_pair(target, draft), calibrate=False)
-    engine2.shared.update(load_state(path, ident))
+    engine2 = LLM(markov_pair(target, draft), calibrate=False, warm=WarmState.open(str(path), ident))
     params = SamplingParams(max_tokens=4, temperature=1.0)
     seq = engine2.new_sequence([0], params, SpecConfig(method="adasd", verification="threshold", warm_start=True))
     assert seq.relaxed.threshold == shared.relaxed.threshold
@@ -96,24 +97,26 @@ def test_state_path_setting(tmp_path, monkeypatch):
 def test_a_restarted_worker_plans_from_the_saved_plan_and_snapshots(pair_dir, tmp_path):
     """load_engine: the first start saves its measured plan; the next start, whatever it measures, plans
     reproducible requests from the saved one and restores the published snapshots (same fingerprints)."""
+    from adasd_core.verification import Observation
     from adasd_core.warm import SharedStats, Snapshot, family_key
     from server.worker import load_engine
 
     settings = Settings(target=str(pair_dir / "target"), draft=str(pair_dir / "draft"), device="cpu",
                         dtype="float32", max_running=2, warm_state_path=str(tmp_path / "warm.json")).model_dump()
-    first = load_engine(settings)
+    first, _ = load_engine(settings)
     family = family_key("adasd", "bayes", True)
-    first.shared[family] = SharedStats(kind="bayes")
-    first.shared[family].observe([0.2, 0.6], [True, False], [1.5], 1)
-    first.restore_published({family: Snapshot(first.shared[family])})
-    Worker(first, Conn(), state_path=first.state_path, state_identity=first.state_identity).save_state()
+    first.warm.shared[family] = SharedStats(kind="bayes")
+    first.warm.shared[family].observe(Observation(drafted=2, accepted=1, standard=(True, False), entropies=(0.5, 1.5),
+                                                  distances=(0.2, 0.6)))
+    first.warm.restore({family: Snapshot(first.warm.shared[family])})
+    Worker(first, Conn()).save_state()
 
-    second = load_engine(settings)
-    assert second.costs is not second.plan_costs  # measured again at this start; not what it plans with
-    assert second.plan_costs.to_json() == first.plan_costs.to_json()
-    assert second.published[family].digest == first.published[family].digest
+    second, _ = load_engine(settings)
+    assert second.costs is not second.warm.plan  # measured again at this start; not what it plans with
+    assert second.warm.plan.to_json() == first.warm.plan.to_json()
+    assert second.warm.published[family].digest == first.warm.published[family].digest
     assert second.fingerprints() == first.fingerprints()
     settings["warm_state_path"] = "none"  # nothing saved: the plan is this start's, and the fingerprint says so
-    third = load_engine(settings)
+    third, _ = load_engine(settings)
     assert third.fingerprints()["-"] == first.fingerprints()["-"]
     assert third.fingerprints()[family + "#cold"] != first.fingerprints()[family + "#cold"]

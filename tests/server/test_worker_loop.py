@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from adasd_core.warm import WarmState
 from adasd_core.errors import InvalidRequestError
 from server.worker import Worker
 
@@ -40,6 +41,7 @@ class FakeEngine:
         self.slots = slots
         self.running: list[FakeSeq] = []
         self.aborted: list[str] = []
+        self.warm = WarmState()
 
     @property
     def free_slots(self) -> int:

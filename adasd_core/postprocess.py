@@ -1,0 +1,72 @@
+"""After the target's verify pass, per sequence: acceptance, what the round teaches, the caches cut
+back to the accepted prefix, and the output (text, log-probabilities, token sources)."""
+
+from __future__ import annotations
+
+import torch
+
+from adasd_core.costs import AcceptancePrior
+from adasd_core.round_output import Draft, excess_surprisal, token_logprobs, token_sources
+from adasd_core.runner import ModelRunner
+from adasd_core.sequence import Delta, PromptLogprobs, Sequence, TokenLogprob
+from adasd_core.verification import accept_candidates
+from adasd_core.warm import WarmState
+
+SCORE_ROWS = 256  # prompt logprobs are computed this many positions at a time (float32 [rows, V] each)
+
+
+def finish_round(seq: Sequence, draft: Draft | None, target_probs: torch.Tensor, logits: torch.Tensor,
+                 runner: ModelRunner, warm: WarmState, prior: AcceptancePrior) -> Delta:
+    """One sequence's round after verification: target_probs and logits [k+1, V] at its last token
+    and each candidate."""
+    candidates = draft.ids if draft else []
+    draft_probs = torch.stack(draft.probs) if draft else None
+    verdict = accept_candidates(candidates, target_probs, draft_probs, seq.params.greedy, seq.generator, seq.relaxed)
+    k, n_acc = len(candidates), verdict.n_accepted
+    seq.stats.target_forwards += 1
+    if k:  # every learner reads the same observation: the candidates examined, labelled by the standard check
+        obs = verdict.observation(k, draft.entropies)
+        seq.relaxed.observe(obs)
+        seq.policy.observe(obs)
+        if seq.family is not None:  # the server's state learns from every request's rounds
+            warm.observe(seq.family, obs)
+        prior.observe(seq.method, obs)
+    n_standard = sum(verdict.standard[:n_acc])
+    seq.stats.observe_round(k, n_standard, n_acc - n_standard, bonus=k > 0 and n_acc == k,
+                            accepted_flags=[True] * n_acc + ([False] if n_acc < k else []))
+    record = None
+    if seq.stats.trace is not None or seq.token_sources:
+        record = {"entropy_threshold": seq.policy.threshold if seq.policy else None, **seq.relaxed.state(),
+                  "drafted": k, "accepted": n_acc}
+        if seq.stats.trace is not None:
+            seq.stats.trace.append(record)
+
+    # caches: keep the sequence up to the last accepted candidate (the new last token is not in them)
+    runner.rollback(seq.slot, len(seq.tokens) + n_acc)
+
+    emitted = candidates[:n_acc] + [verdict.token]
+    logprobs = token_logprobs(logits[: n_acc + 1], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
+    excess = excess_surprisal(target_probs[: n_acc + 1], emitted)  # one host sync
+    sources = token_sources(draft, verdict, seq.stats.rounds) if seq.token_sources else None
+    delta = seq.emit(emitted, logprobs, sources)
+    if sources is not None:
+        delta.round = {"round": seq.stats.rounds, "relaxed": verdict.n_relaxed, **record}
+    seq.stats.observe_surprisal(excess[: len(delta.token_ids)])  # EOS may cut the round short
+    if seq.finished:
+        seq.stats.record_thresholds(seq.policy.threshold if seq.policy else None, seq.relaxed.state())
+    return delta
+
+
+def score_prompts(batch: list[tuple[Sequence, int]], logits: torch.Tensor, device: torch.device) -> None:
+    """Prompt log-probabilities of one fed chunk per (sequence, n), from every fed position's logits
+    [sum n, V]: row i of a sequence predicts prompt token prefilled + i + 1."""
+    for (seq, n), rows in zip(batch, logits.split([n for _, n in batch])):
+        targets = seq.prompt_ids[seq.prefilled + 1 : seq.prefilled + n + 1]
+        for i in range(0, n, SCORE_ROWS):
+            seq.prompt_logprobs += token_logprobs(rows[i : i + SCORE_ROWS].to(device), targets[i : i + SCORE_ROWS],
+                                                  seq.params.prompt_logprobs)
+
+
+def scored_prompt(seq: Sequence) -> PromptLogprobs:
+    """A scored sequence's event: one entry per prompt token, the first without a log-probability."""
+    return PromptLogprobs([TokenLogprob(seq.prompt_ids[0], None, None)] + seq.prompt_logprobs)

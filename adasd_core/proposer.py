@@ -1,0 +1,49 @@
+"""Proposers: where a round's candidates come from.
+
+A proposer turns a batch of sequences and their caps into each sequence's Draft (candidate ids,
+the draft's processed distribution at each, its entropy). `DraftModelProposer` runs a draft model
+over the runner's draft pool; a sequence stops at its cap, at EOS, or when its policy says so
+(fixed K, AdaSD's entropy threshold T_G, the hybrid cap), while the others go on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adasd_core.round_output import Draft
+from adasd_core.runner import ModelRunner
+from adasd_core.sampling import logits_to_probs_rows, sample_rows
+from adasd_core.sequence import Sequence
+from adasd_core.verification import entropy
+
+
+class DraftModelProposer:
+    """Batched draft steps, one per draft position, over the sequences still drafting."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    def propose(self, seqs: list[Sequence], caps: list[int]) -> dict[Sequence, Draft]:
+        out = {s: Draft([], [], []) for s in seqs}
+        active = list(zip(seqs, caps))
+        feeds = [s.tokens[self.runner.draft_length(s.slot):] for s in seqs]  # the draft slot may lag
+        while active:
+            logits = self.runner.draft_step([s.slot for s, _ in active], feeds)
+            params = [s.params for s, _ in active]
+            q = logits_to_probs_rows(logits, params)  # [A, V]
+            x = sample_rows(q, params, [s.generator for s, _ in active])
+            vals = torch.stack([x.to(q.dtype), entropy(q)]).tolist()  # one host sync per draft step
+            still = []
+            for i, (seq, cap) in enumerate(active):
+                token, h = int(vals[0][i]), vals[1][i]
+                d = out[seq]
+                d.ids.append(token)
+                d.probs.append(q[i])
+                d.entropies.append(h)
+                seq.stats.draft_forwards += 1
+                if token not in seq.eos and len(d.ids) < cap and seq.policy.keep_drafting(h, len(d.ids)):
+                    still.append((seq, cap))
+            active = still
+            feeds = [[out[s].ids[-1]] for s, _ in active]
+        return out
+
