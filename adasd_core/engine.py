@@ -11,16 +11,14 @@ A round, in its phases:
 - finish: per sequence, acceptance (verification.accept_candidates), the correction or bonus token,
   one Observation for every learner, and both caches cut back to the accepted prefix;
 - account: the round's measured cost to the planner, its time to each request's statistics.
-`ar` requests ride in the same batch with no candidates. Prompt scoring (echo with logprobs) is a
-phase of its own before the prefill: the target alone over the prompt, keeping every position's logits.
+`ar` requests ride in the same batch with no candidates.
 """
 
 from __future__ import annotations
 
 import time
 
-from adasd_core import costs as step_costs
-from adasd_core.costs import AcceptancePrior, BatchPlanner, OnlineCorrection, RoundClock, StepCosts
+from adasd_core.costs import AcceptancePrior, BatchPlanner, OnlineCorrection, RoundClock, StepCosts, measure
 from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
 from adasd_core.drafting import WINDOW
 from adasd_core.errors import InvalidRequestError
@@ -39,14 +37,6 @@ from adasd_core.warm import ADAPTIVE_METHODS, WarmState, family_key
 
 __all__ = ["METHODS", "VERIFICATIONS", "SpecConfig", "SpeculativeEngine"]
 Event = tuple[Sequence, "Delta | PromptLogprobs | Exception"]
-
-
-def pair_min_posterior(pair: ModelPair) -> float | None:
-    """BayesCheck.min_posterior as chosen on this pair's own frontier, from the draft's config
-    (`adasd_draft.min_posterior`); None: the class default."""
-    extra = getattr(getattr(pair.draft, "config", None), "adasd_draft", None) or {}
-    value = extra.get("min_posterior") if isinstance(extra, dict) else None
-    return None if value is None else float(value)
 
 
 class SpeculativeEngine:
@@ -71,7 +61,7 @@ class SpeculativeEngine:
         self._alone_planner: BatchPlanner | None = None
         self.costs = StepCosts.nominal()
         self.target_step_s = 0.0
-        self.min_posterior = pair_min_posterior(pair)  # the Bayesian check's gate measured for this pair
+        self.min_posterior = pair.min_posterior  # the Bayesian check's gate measured for this pair
         if calibrate:
             self.calibrate()
         self.warm.adopt_plan(self.costs)  # reproducible requests plan with this table, or the one saved before
@@ -87,7 +77,7 @@ class SpeculativeEngine:
     def calibrate(self) -> float:
         """Measure the step costs (the unit of the speedup estimate and of the batch plan)."""
         assert self.scheduler.idle, "calibrate() while requests run"
-        self.costs = step_costs.measure(self.runner.target, self.runner.draft, self.pair.vocab_size, self.slots)
+        self.costs = measure(self.runner.target, self.runner.draft, self.pair.vocab_size, self.slots)
         self.target_step_s = self.costs.target_cost(1, 1)
         return self.target_step_s
 

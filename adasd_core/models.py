@@ -40,6 +40,14 @@ class ModelPair:
     draft_name: str = ""
 
     @property
+    def min_posterior(self) -> float | None:
+        """BayesCheck.min_posterior as chosen on this pair's own frontier, from the draft's config
+        (`adasd_draft.min_posterior`); None: the class default."""
+        extra = getattr(getattr(self.draft, "config", None), "adasd_draft", None) or {}
+        value = extra.get("min_posterior") if isinstance(extra, dict) else None
+        return None if value is None else float(value)
+
+    @property
     def input_device(self) -> torch.device:
         """Where input ids go: the embedding's device when a target spans several GPUs."""
         return self.target.get_input_embeddings().weight.device

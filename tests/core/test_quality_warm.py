@@ -4,7 +4,7 @@ import dataclasses
 import math
 
 import torch
-from toy import markov_pair, random_tables
+from toy import fed_check, markov_pair, random_tables
 
 from adasd_core.drafting import RejectedEntropy
 from adasd_core.engine import SpecConfig
@@ -167,11 +167,7 @@ def test_the_draft_folder_sets_the_pairs_bayes_gate():
 
 
 def test_a_gate_of_one_never_relaxes_even_a_certain_posterior():
-    check = BayesCheck(min_posterior=1.0)
-    for d in (0.1, 0.12, 0.11):
-        check.add(d, True)
-    for d in (0.9, 0.95, 0.92):
-        check.add(d, False)
+    check = fed_check(BayesCheck(min_posterior=1.0), accepted=(0.1, 0.12, 0.11), rejected=(0.9, 0.95, 0.92))
     p, posterior = check.judge(0.1)
     assert posterior is not None and posterior > 0.99 and p == 0.0
     assert BayesCheck(min_posterior=0.9).judge(0.1)[0] == 0.0  # not ready: no samples

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
-from toy import markov_pair
+from toy import fed_check, markov_pair
 
 from adasd_core.engine import SpecConfig
 from adasd_core.llm import LLM
@@ -48,11 +48,7 @@ def test_hand_built_round_gives_each_token_its_source():
 
 
 def test_verdict_reports_the_posterior_only_where_the_bayes_check_was_consulted():
-    check = BayesCheck(min_posterior=0.0)
-    for d in (0.1, 0.15, 0.2):
-        check.add(d, True)
-    for d in (0.6, 0.7, 0.8):
-        check.add(d, False)
+    check = fed_check(BayesCheck(min_posterior=0.0), accepted=(0.1, 0.15, 0.2), rejected=(0.6, 0.7, 0.8))
     # candidate 0 passes (it is the target's argmax), candidate 1 fails the standard check
     target = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.1, 0.8], [1 / 3, 1 / 3, 1 / 3]])
     draft = torch.tensor([[0.8, 0.2, 0.0], [0.1, 0.6, 0.3]])
