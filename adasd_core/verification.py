@@ -287,7 +287,7 @@ class BayesCheck(RelaxedCheck):
     max_samples: int = 256
     min_samples: int = 2
     # a failed candidate may be relaxed only where P(A|d) >= this (ours; 0 is the paper's rule; 0.7 from the
-    # tiny pair's measured frontier, README "Calibrating the relaxed check"; a draft folder may set its
+    # tiny pair's measured frontier, docs/methods.md "Calibrating the relaxed check"; a draft folder may set its
     # pair's own: adasd_draft.min_posterior, 1 for the default pair)
     min_posterior: float = 0.7
     accepted: deque = field(default_factory=deque)

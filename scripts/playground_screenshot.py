@@ -1,4 +1,4 @@
-"""Screenshot of the playground after a run, against a running server (the README's picture).
+"""Screenshot of the playground after a run, against a running server (the picture in docs/serving.md).
 
     python scripts/playground_screenshot.py http://127.0.0.1:8000 --out docs/playground.png
     python scripts/playground_screenshot.py http://127.0.0.1:8000 --prompt "def merge(a, b):" --compare

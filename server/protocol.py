@@ -216,7 +216,7 @@ class CompletionResponse(OpenAIBaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    system_fingerprint: str | None = None  # what the answer depends on besides the request (README: Reproducibility)
+    system_fingerprint: str | None = None  # what the answer depends on besides the request (docs/reproducibility.md)
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 

@@ -85,7 +85,7 @@ def random_engine(random_pair_dir):
 
 
 # ---------------------------------------------------------------------------- no silent skips
-# `make test` must run everything the README promises: a skipped test fails the run.
+# `make test` must run everything the docs promise: a skipped test fails the run.
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -274,8 +274,9 @@ def export(draft, tokenizer, head_tokens: torch.Tensor, out: Path, provenance: d
     save_file(own, out / "model.safetensors", metadata={"format": "pt"})
     cfg = draft.config.to_dict()
     cfg["dtype"] = "bfloat16"
-    # int8 weights on the CPU (adasd_core.lean.int8_weights): the same acceptance at 0.6x the step (README)
-    # min_posterior: the relaxed check's gate from the pair's frontier (README: "The relaxed check on the
+    # int8 weights on the CPU (adasd_core.lean.int8_weights): the same acceptance at 0.6x the step
+    # (docs/default-pair.md)
+    # min_posterior: the relaxed check's gate from the pair's frontier (docs/methods.md: "The relaxed check on the
     # default pair"); a new draft keeps it until its own frontier is measured
     cfg["adasd_draft"] = {"shared_with_target": ["model.embed_tokens.weight"], "head_tokens": len(head_tokens),
                           "int8_weights": True, "min_posterior": 1.0, **provenance}

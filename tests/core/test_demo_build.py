@@ -64,7 +64,7 @@ def test_quick_build_is_deterministic(tmp_path):
 
     Not against the session's quick pair: that one was built in this process, after whatever
     state earlier tests left behind (threads, RNGs, library caches), which is not what the
-    README promises ('deterministic given the seed, the Python version and the machine')."""
+    docs promise ('deterministic given the seed, the Python version and the machine')."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     for name in ("a", "b"):
         done = subprocess.run([sys.executable, "-c", BUILD, str(tmp_path / name)], env=env, cwd=tmp_path,

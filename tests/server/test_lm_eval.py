@@ -1,4 +1,4 @@
-"""EleutherAI's lm-evaluation-harness against a live server, as the README tells a user to run it:
+"""EleutherAI's lm-evaluation-harness against a live server, as docs/serving.md tells a user to run it:
 model type local-completions, the server's own tokenizer (lm-eval's remote tokenizer), a
 log-likelihood task and a generation task on a few local JSONL items, once per method through
 the model aliases (`tiny:ar`, and `tiny` for the server's default method).
@@ -59,7 +59,7 @@ def task_dir(tmp_path_factory):
 
 
 def run_lm_eval(lm_eval, server, task_dir, out_dir, model: str) -> dict[str, list[dict]]:
-    """The README's command; returns each task's logged samples."""
+    """The command of docs/serving.md; returns each task's logged samples."""
     args = [str(lm_eval), "-m", "lm_eval", "run", "--model", "local-completions",
             "--model_args", f"model={model},base_url={server.base_url}/v1/completions,max_length=128,"
                             f"auth_token={API_KEY}",
