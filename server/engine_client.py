@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from adasd_core.errors import AdasdError, InvalidRequestError
+from server import messages as m
 from server import worker as worker_module
 from server.errors import (
     EngineDeadError,
@@ -132,7 +133,7 @@ class EngineClient:
         self.metrics = metrics
         self.on_fatal = on_fatal
         self.state = "starting"  # starting | ready | restarting | failed | stopping
-        self.info: dict | None = None  # from the worker's "ready" message
+        self.info: dict | None = None  # from the worker's Ready message
         # the worker's published warm-start state: its epoch and {warm.fingerprint_key: fingerprint}
         self.epoch: int | None = None
         self.fingerprints: dict[str, str] = {}
@@ -228,7 +229,7 @@ class EngineClient:
             self._restart_task.cancel()
         handle, self._worker = self._worker, None
         if handle is not None:
-            handle.outbox.put(("shutdown",))
+            handle.outbox.put(m.Shutdown())
             await asyncio.to_thread(handle.proc.join, timeout)
             if handle.proc.is_alive():
                 log.warning("worker pid %s did not exit in %.0fs; killing it", handle.pid, timeout)
@@ -291,70 +292,71 @@ class EngineClient:
             slot = _Slot(uuid.uuid4().hex, group, i, method, now)
             self._slots[slot.rid] = slot
             group.slots.append(slot)
-            self._worker.outbox.put(("submit", slot.rid, sub.prompt_ids, sub.params, sub.spec, now, self.epoch))
+            self._worker.outbox.put(m.Submit(slot.rid, sub.prompt_ids, sub.params, sub.spec, now, self.epoch))
         self._update_gauges()
         return group
 
     def cancel(self, slot: _Slot) -> None:
         if slot.rid in self._slots and not slot.cancelled and self._worker is not None:
             slot.cancelled = True
-            self._worker.outbox.put(("cancel", slot.rid))
+            self._worker.outbox.put(m.Cancel(slot.rid))
 
     # ------------------------------------------------------------------ worker messages (event loop)
 
-    def _on_message(self, handle: _WorkerHandle, msg: tuple) -> None:
+    def _on_message(self, handle: _WorkerHandle, msg: m.FromWorker) -> None:
         if handle is not self._worker:
             return  # from a worker that has been replaced
-        kind = msg[0]
-        if kind == "ready":
-            self.info = msg[1]
-            self.state = "ready" if self.state != "stopping" else self.state
-            self._ever_ready, self._restarts = True, 0
-            self.metrics.worker_up.set(1)
-            self.metrics.set_pool(self.info)
-            self.metrics.observe_warm_state(self.info.pop("warm_state", None))
-            self.epoch, self.fingerprints = self.info.pop("epoch", None), self.info.pop("fingerprints", None) or {}
-            log.info("worker pid %s ready (context %s tokens)", handle.pid, self.info["context_length"])
-            return
-        if kind == "fatal":
-            self.last_error = msg[1]
-            return
-        if kind == "kv":
-            self.metrics.set_kv_tokens(msg[1], msg[2])
-            return
-        if kind == "published":
-            self.epoch, self.fingerprints = msg[1], msg[2]
-            return
-        slot = self._slots.get(msg[1])
-        if slot is None:
-            return
-        if kind == "started":
-            slot.state = "running"
-            self.metrics.queue_time.observe(msg[2])
-            self._update_gauges()
-        elif kind == "prompt_logprobs":
-            slot.group.put(slot.index, PromptScores(msg[2]))
-        elif kind == "delta":
-            _, _, text, token_ids, finish_reason, logprobs, adasd = msg
-            self._observe_tokens(slot, len(token_ids))
-            slot.group.put(slot.index, TokenDelta(text, token_ids, finish_reason, logprobs, adasd))
-        elif kind == "done":
-            _, _, status, stats = msg
-            if stats:
-                stats = dict(stats)
-                self.metrics.observe_warm_state(stats.pop("warm_state", None))
-            self._release(slot)
-            if status == "success":
-                self.metrics.e2e.observe(time.monotonic() - slot.arrival)
-            self.metrics.observe_request(slot.method, status, stats)
-            slot.group.put(slot.index, Finished(status, stats))
-        elif kind == "error":
-            _, _, status_code, message, param, code = msg
-            self._release(slot)
-            self.metrics.observe_request(slot.method, "error", None)
-            slot.group.put(slot.index, Failed(_worker_error(status_code, message, param, code)))
-        else:
-            log.error("unknown worker message %r", kind)
+        match msg:
+            case m.Ready():
+                self._on_ready(handle, msg.info)
+            case m.Fatal():
+                self.last_error = msg.message
+            case m.KVUsage():
+                self.metrics.set_kv_tokens(msg.target_tokens, msg.draft_tokens)
+            case m.Published():
+                self.epoch, self.fingerprints = msg.epoch, msg.fingerprints
+            case m.Started() | m.PromptScored() | m.Delta() | m.Done() | m.Error():
+                slot = self._slots.get(msg.rid)
+                if slot is not None:
+                    self._on_generation(slot, msg)
+            case _:
+                log.error("unknown worker message %r", msg)
+
+    def _on_ready(self, handle: _WorkerHandle, info: dict) -> None:
+        self.info = info
+        self.state = "ready" if self.state != "stopping" else self.state
+        self._ever_ready, self._restarts = True, 0
+        self.metrics.worker_up.set(1)
+        self.metrics.set_pool(self.info)
+        self.metrics.observe_warm_state(self.info.pop("warm_state", None))
+        self.epoch, self.fingerprints = self.info.pop("epoch", None), self.info.pop("fingerprints", None) or {}
+        log.info("worker pid %s ready (context %s tokens)", handle.pid, self.info["context_length"])
+
+    def _on_generation(self, slot: _Slot, msg: m.Started | m.PromptScored | m.Delta | m.Done | m.Error) -> None:
+        match msg:
+            case m.Started():
+                slot.state = "running"
+                self.metrics.queue_time.observe(msg.queue_s)
+                self._update_gauges()
+            case m.PromptScored():
+                slot.group.put(slot.index, PromptScores(msg.logprobs))
+            case m.Delta():
+                self._observe_tokens(slot, len(msg.token_ids))
+                slot.group.put(slot.index, TokenDelta(msg.text, msg.token_ids, msg.finish_reason, msg.logprobs, msg.adasd))
+            case m.Done():
+                stats = msg.stats
+                if stats:
+                    stats = dict(stats)
+                    self.metrics.observe_warm_state(stats.pop("warm_state", None))
+                self._release(slot)
+                if msg.status == "success":
+                    self.metrics.e2e.observe(time.monotonic() - slot.arrival)
+                self.metrics.observe_request(slot.method, msg.status, stats)
+                slot.group.put(slot.index, Finished(msg.status, stats))
+            case m.Error():
+                self._release(slot)
+                self.metrics.observe_request(slot.method, "error", None)
+                slot.group.put(slot.index, Failed(_worker_error(msg)))
 
     def _observe_tokens(self, slot: _Slot, n: int) -> None:
         if not n:
@@ -419,9 +421,9 @@ class EngineClient:
         self.metrics.set_load(running, len(self._slots) - running)
 
 
-def _worker_error(status_code: int, message: str, param: str | None, code: str | None) -> AdasdError:
-    if status_code >= 500:
-        return InternalError(message)
-    err = InvalidRequestError(message, param=param, code=code)
-    err.status_code = status_code
+def _worker_error(msg: m.Error) -> AdasdError:
+    if msg.status_code >= 500:
+        return InternalError(msg.message)
+    err = InvalidRequestError(msg.message, param=msg.param, code=msg.code)
+    err.status_code = msg.status_code
     return err

@@ -1,27 +1,13 @@
 """The worker process: loads the target and draft once and runs the speculative loop.
 
-It talks to the front end over one duplex multiprocessing pipe, with tuples:
+It talks to the front end over one duplex multiprocessing pipe with the messages of
+server/messages.py: Submit, Cancel and Shutdown in; Ready or Fatal, then Started, PromptScored,
+Delta, Done, Error, KVUsage and Published out. Every submitted rid ends with exactly one Done or
+Error.
 
-    front end -> worker                         worker -> front end
-    ("submit", rid, prompt_ids, params, spec,   ("ready", info)            loaded; info has pid, context...
-               submitted_at[, epoch])           ("fatal", message)         could not load; exits
-    ("cancel", rid)                             ("started", rid, queue_s)  admitted to the running set
-    ("shutdown",)                               ("prompt_logprobs", rid, logprobs)   a scored prompt, before its deltas
-                                                ("delta", rid, text, token_ids, finish_reason, logprobs,
-                                                          adasd)   adasd: token sources (or None)
-                                                ("done", rid, status, stats)    status: success | cancelled
-                                                ("error", rid, status_code, message, param, code)
-                                                ("kv", target_tokens, draft_tokens)  KV pool fill
-                                                ("published", epoch, fingerprints)  new warm-start snapshots
-
-`epoch` pins a request to the published warm-start state the front end stamped its
-system_fingerprint from (info["epoch"] at ready, then each "published"); the worker keeps the
-recent ones, so a publication racing with a submit cannot change what the request reads.
-
-Every submitted rid ends with exactly one "done" or "error". The loop hands waiting requests to the
-engine while it has free KV slots, then runs one engine step (a chunk of prefill for new requests
-and one batched round for every running one), then reads the pipe again, so a cancel stops its
-request within one round and frees its slot.
+The loop hands waiting requests to the engine while it has free KV slots, then runs one engine step
+(a chunk of prefill for new requests and one batched round for every running one), then reads the
+pipe again, so a cancel stops its request within one round and frees its slot.
 """
 
 from __future__ import annotations
@@ -37,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from adasd_core.errors import AdasdError
+from server import messages as m
 
 log = logging.getLogger("adasd.worker")
 
 POLL_IDLE_S = 0.5
-# "kv" reports (tokens resident in the KV pools) at most this often; at once when the pool empties
+# KVUsage reports (tokens resident in the KV pools) at most this often; at once when the pool empties
 KV_REPORT_S = 0.05
 # For tests and demos: sleep this long after each round of the loop, to make a tiny model
 # behave like a slow one (requests that reliably outlive a disconnect, a kill or a full queue).
@@ -144,7 +131,7 @@ class Worker:
         now = time.monotonic()
         if tokens != self.kv_sent and (now - self.kv_sent_at >= KV_REPORT_S or tokens == (0, 0)):
             self.kv_sent, self.kv_sent_at = tokens, now
-            self.send("kv", *tokens)
+            self.send(m.KVUsage(*tokens))
 
     def warm_state(self) -> dict:
         """{family: summary} of the engine's warm-start statistics (the gauges show it)."""
@@ -167,7 +154,7 @@ class Worker:
         self.announced_epoch = epoch
         log.info("warm start: published epoch %d (%s)", epoch, ", ".join(
             f"{k}: {v.rounds} rounds" for k, v in sorted(self.engine.warm.published.items())))
-        self.send("published", epoch, self.engine.fingerprints())
+        self.send(m.Published(epoch, self.engine.fingerprints()))
         self.save_state()
 
     def poll(self, timeout: float) -> None:
@@ -179,18 +166,17 @@ class Worker:
         except (EOFError, OSError):  # the front end is gone
             self.stopping = True
 
-    def handle(self, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "submit":
-            _, rid, prompt_ids, params, spec, submitted_at, *epoch = msg
-            self.waiting.append(Request(rid, prompt_ids, params, spec, submitted_at, epoch[0] if epoch else None))
-        elif kind == "cancel":
-            self.cancel(msg[1])
-        elif kind == "shutdown":
-            log.info("shutting down (%d running, %d waiting are cancelled)", len(self.running), len(self.waiting))
-            self.stopping = True
-        else:
-            log.error("unknown message %r", kind)
+    def handle(self, msg: m.ToWorker) -> None:
+        match msg:
+            case m.Submit():
+                self.waiting.append(Request(msg.rid, msg.prompt_ids, msg.params, msg.spec, msg.submitted_at, msg.epoch))
+            case m.Cancel():
+                self.cancel(msg.rid)
+            case m.Shutdown():
+                log.info("shutting down (%d running, %d waiting are cancelled)", len(self.running), len(self.waiting))
+                self.stopping = True
+            case _:
+                log.error("unknown message %r", msg)
 
     def admit(self) -> None:
         """Waiting requests -> the engine, while it has free KV slots (a full pool queues, never fails)."""
@@ -200,14 +186,14 @@ class Worker:
                 req.seq = self.engine.new_sequence(req.prompt_ids, req.params, req.spec, request_id=req.rid,
                                                    epoch=req.epoch)
             except AdasdError as exc:
-                self.send("error", req.rid, exc.status_code, exc.message, exc.param, exc.code)
+                self.send(m.Error(req.rid, exc.status_code, exc.message, exc.param, exc.code))
                 continue
             except Exception:
                 log.exception("request %s failed to start", req.rid)
-                self.send("error", req.rid, 500, "internal error in the worker (see the server log)", None, "internal_error")
+                self.send(internal_error(req.rid))
                 continue
             self.engine.add(req.seq)
-            self.send("started", req.rid, max(0.0, time.monotonic() - req.submitted_at))
+            self.send(m.Started(req.rid, max(0.0, time.monotonic() - req.submitted_at)))
             self.running[req.rid] = req
 
     def step(self) -> None:
@@ -219,7 +205,7 @@ class Worker:
             log.exception("engine step failed")
             for req in list(self.running.values()):
                 self.finish(req)
-                self.send("error", req.rid, 500, "internal error in the worker (see the server log)", None, "internal_error")
+                self.send(internal_error(req.rid))
             return
         for seq, result in events:
             req = self.running.get(seq.request_id)
@@ -228,17 +214,17 @@ class Worker:
             if isinstance(result, BaseException):
                 log.error("request %s failed", req.rid, exc_info=result)
                 self.finish(req)
-                self.send("error", req.rid, 500, "internal error in the worker (see the server log)", None, "internal_error")
+                self.send(internal_error(req.rid))
                 continue
             if isinstance(result, PromptLogprobs):
-                self.send("prompt_logprobs", req.rid, self.token_text.payload(result.logprobs))
+                self.send(m.PromptScored(req.rid, self.token_text.payload(result.logprobs)))
                 continue
-            self.send("delta", req.rid, result.text, result.token_ids, result.finish_reason,
-                      self.token_text.payload(result.logprobs), self.token_text.sources(result))
+            self.send(m.Delta(req.rid, result.text, result.token_ids, result.finish_reason,
+                              self.token_text.payload(result.logprobs), self.token_text.sources(result)))
             if seq.finished:
                 self.finish(req)
                 self.dirty = True
-                self.send("done", req.rid, "success", {**seq.stats.to_dict(), "warm_state": self.warm_state()})
+                self.send(m.Done(req.rid, "success", {**seq.stats.to_dict(), "warm_state": self.warm_state()}))
         self.announce()
 
     # ------------------------------------------------------------------ endings
@@ -251,22 +237,27 @@ class Worker:
         for req in self.waiting:
             if req.rid == rid:
                 self.waiting.remove(req)
-                self.send("done", rid, "cancelled", None)
+                self.send(m.Done(rid, "cancelled", None))
                 return
         req = self.running.get(rid)
         if req is not None:  # an unknown rid has already finished
             self.finish(req)
-            self.send("done", rid, "cancelled", req.seq.stats.to_dict())
+            self.send(m.Done(rid, "cancelled", req.seq.stats.to_dict()))
 
     def cancel_all(self) -> None:
         for rid in [r.rid for r in self.waiting] + list(self.running):
             self.cancel(rid)
 
-    def send(self, *msg) -> None:
+    def send(self, msg: m.FromWorker) -> None:
         try:
             self.conn.send(msg)
         except (BrokenPipeError, EOFError, OSError):
             self.stopping = True
+
+
+def internal_error(rid: str) -> m.Error:
+    """A bug, not the request's fault: the client gets a 500 that says only that (the log has the rest)."""
+    return m.Error(rid, 500, "internal error in the worker (see the server log)", None, "internal_error")
 
 
 # ---------------------------------------------------------------------------- process entry
@@ -357,7 +348,7 @@ def main(settings: dict, conn) -> None:
             log.exception("could not load the models")
             message = f"could not load the models: {type(exc).__name__}: {exc}"
         try:
-            conn.send(("fatal", message))
+            conn.send(m.Fatal(message))
         except OSError:
             pass
         return
@@ -387,7 +378,7 @@ def main(settings: dict, conn) -> None:
              settings["target"], settings["draft"], info["device"], info["load_s"], info["slots"], info["context_length"],
              info["kv_mib_per_slot"], "batched" if info["batched"] else "unbatched (no lean path for this model)")
     try:
-        conn.send(("ready", info))
+        conn.send(m.Ready(info))
     except OSError:
         return
     delay = float(os.environ.get(ROUND_DELAY_ENV) or 0.0)

@@ -17,6 +17,7 @@ from server.metrics import AdasdMetrics  # noqa: E402
 from server.protocol import AdasdOptions  # noqa: E402
 from server.serving import OpenAIServing, merge_stats  # noqa: E402
 from server.settings import Settings  # noqa: E402
+from server.messages import Done, Submit  # noqa: E402
 from server.worker import Worker, warm_state_path  # noqa: E402
 
 
@@ -33,11 +34,11 @@ class Conn:
 
 def run_one(worker, rid, spec):
     params = SamplingParams(max_tokens=24, temperature=1.0, seed=1, ignore_eos=True)
-    worker.handle(("submit", rid, [0, 1], params, spec, time.monotonic()))
+    worker.handle(Submit(rid, [0, 1], params, spec, time.monotonic()))
     worker.admit()
     while rid in worker.running:
         worker.step()
-    return next(m for m in worker.conn.sent if m[0] == "done" and m[1] == rid)
+    return next(m for m in worker.conn.sent if isinstance(m, Done) and m.rid == rid)
 
 
 def test_gauges_show_the_servers_state_and_the_file_keeps_it(tmp_path):
@@ -48,7 +49,7 @@ def test_gauges_show_the_servers_state_and_the_file_keeps_it(tmp_path):
     engine = LLM(pair, calibrate=False, warm=WarmState(path=str(path), identity=ident))
     worker = Worker(engine, Conn())
     done = run_one(worker, "a", SpecConfig(method="adasd", verification="threshold"))
-    state = done[3]["warm_state"]
+    state = done.stats["warm_state"]
     family = "adasd/threshold/sampled"
     shared = engine.warm.shared[family]
     assert state[family]["rounds"] == shared.rounds > 0

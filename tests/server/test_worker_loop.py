@@ -9,6 +9,7 @@ import pytest
 
 from adasd_core.warm import WarmState
 from adasd_core.errors import InvalidRequestError
+from server.messages import Cancel, Delta, Done, Error, KVUsage, Shutdown, Started, Submit
 from server.worker import Worker
 
 
@@ -79,7 +80,7 @@ class FakeEngine:
         seq.finish_reason = seq.finish_reason or "abort"
 
     def kv_tokens(self) -> tuple[int, int]:
-        return 0, 0  # this pool holds nothing: no "kv" report (the tests below count messages)
+        return 0, 0  # this pool holds nothing: no KVUsage report (the tests below count messages)
 
 
 class FakeConn:
@@ -88,7 +89,7 @@ class FakeConn:
 
     def __init__(self, inbox, on_send=None):
         self.inbox = deque(inbox)
-        self.sent: list[tuple] = []
+        self.sent: list = []
         self.on_send = on_send
 
     def poll(self, timeout: float) -> bool:
@@ -105,71 +106,72 @@ class FakeConn:
             self.on_send(msg, self)
 
 
-def submit(rid: str, *prompt) -> tuple:
-    return ("submit", rid, list(prompt), None, None, 0.0)
+def submit(rid: str, *prompt) -> Submit:
+    return Submit(rid, list(prompt), None, None, 0.0)
 
 
-def run(inbox, max_running=8, on_send=None) -> list[tuple]:
+def run(inbox, max_running=8, on_send=None) -> list:
     conn = FakeConn(inbox, on_send)
     Worker(FakeEngine(max_running), conn).run()
     return conn.sent
 
 
 def deltas(sent) -> list[str]:
-    return [m[1] for m in sent if m[0] == "delta"]
+    return [m.rid for m in sent if isinstance(m, Delta)]
 
 
-def endings(sent) -> dict[str, list[tuple]]:
-    out: dict[str, list[tuple]] = {}
+def endings(sent) -> dict[str, list[Done | Error]]:
+    out: dict[str, list[Done | Error]] = {}
     for m in sent:
-        if m[0] in ("done", "error"):
-            out.setdefault(m[1], []).append(m)
+        if isinstance(m, (Done, Error)):
+            out.setdefault(m.rid, []).append(m)
     return out
+
+
+def cancel_a_after_first_delta(msg, conn):
+    if isinstance(msg, Delta) and msg.rid == "a" and Cancel("a") not in conn.inbox:
+        conn.inbox.append(Cancel("a"))
 
 
 def test_round_robin_interleaves_running_requests():
     sent = run([submit("a", 3), submit("b", 3), submit("c", 1)])
     assert deltas(sent) == ["a", "b", "c", "a", "b", "a", "b"]
     ends = endings(sent)
-    assert {rid: [m[2] for m in ms] for rid, ms in ends.items()} == {"a": ["success"], "b": ["success"], "c": ["success"]}
+    assert {rid: [m.status for m in ms] for rid, ms in ends.items()} == {"a": ["success"], "b": ["success"], "c": ["success"]}
 
 
 def test_max_running_queues_the_rest():
     sent = run([submit("a", 2), submit("b", 2)], max_running=1)
-    kinds = [(m[0], m[1]) for m in sent]
-    assert kinds == [("started", "a"), ("delta", "a"), ("delta", "a"), ("done", "a"),
-                     ("started", "b"), ("delta", "b"), ("delta", "b"), ("done", "b")]
+    kinds = [(type(m), m.rid) for m in sent]
+    assert kinds == [(Started, "a"), (Delta, "a"), (Delta, "a"), (Done, "a"),
+                     (Started, "b"), (Delta, "b"), (Delta, "b"), (Done, "b")]
 
 
 def test_cancel_stops_a_request_within_one_round():
-    def cancel_a_after_first_delta(msg, conn):
-        if msg[:2] == ("delta", "a") and not any(m[:2] == ("cancel", "a") for m in conn.inbox):
-            conn.inbox.append(("cancel", "a"))
-
     sent = run([submit("a", 50), submit("b", 3)], on_send=cancel_a_after_first_delta)
     assert deltas(sent).count("a") == 1  # b's round runs, then the cancel is read before a's next round
     (done_a,) = endings(sent)["a"]
-    assert done_a[2] == "cancelled" and done_a[3] == {"generated_tokens": 1}
-    assert endings(sent)["b"][0][2] == "success"
+    assert done_a.status == "cancelled" and done_a.stats == {"generated_tokens": 1}
+    assert endings(sent)["b"][0].status == "success"
 
 
 def test_cancel_of_a_waiting_request():
-    sent = run([submit("a", 2), submit("b", 2), ("cancel", "b")], max_running=1)
-    assert endings(sent)["b"] == [("done", "b", "cancelled", None)]
+    sent = run([submit("a", 2), submit("b", 2), Cancel("b")], max_running=1)
+    assert endings(sent)["b"] == [Done("b", "cancelled", None)]
     assert "b" not in deltas(sent)
 
 
 def test_a_failing_request_does_not_stop_the_others():
     sent = run([submit("a", 3), submit("b", 3, 1), submit("bad")])
     ends = endings(sent)
-    assert ends["bad"] == [("error", "bad", 400, "the prompt is empty", "prompt", None)]
-    assert ends["b"][0][0] == "error" and ends["b"][0][2] == 500 and "boom" not in ends["b"][0][3]
-    assert ends["a"][0][2] == "success" and deltas(sent).count("a") == 3
+    assert ends["bad"] == [Error("bad", 400, "the prompt is empty", "prompt", None)]
+    assert isinstance(ends["b"][0], Error) and ends["b"][0].status_code == 500 and "boom" not in ends["b"][0].message
+    assert ends["a"][0].status == "success" and deltas(sent).count("a") == 3
 
 
 @pytest.mark.parametrize("max_running", [1, 2, 8])
 def test_every_request_ends_exactly_once(max_running):
-    inbox = [submit(f"r{i}", i % 4 + 1) for i in range(10)] + [("cancel", "r3"), ("cancel", "r9")]
+    inbox = [submit(f"r{i}", i % 4 + 1) for i in range(10)] + [Cancel("r3"), Cancel("r9")]
     sent = run(inbox, max_running=max_running)
     ends = endings(sent)
     assert sorted(ends) == sorted(f"r{i}" for i in range(10))
@@ -177,26 +179,22 @@ def test_every_request_ends_exactly_once(max_running):
 
 
 def test_shutdown_cancels_everything_in_flight():
-    sent = run([submit("a", 100), submit("b", 100), ("shutdown",)], max_running=1)
-    assert {rid: ms[0][2] for rid, ms in endings(sent).items()} == {"a": "cancelled", "b": "cancelled"}
+    sent = run([submit("a", 100), submit("b", 100), Shutdown()], max_running=1)
+    assert {rid: ms[0].status for rid, ms in endings(sent).items()} == {"a": "cancelled", "b": "cancelled"}
 
 
 def test_slots_are_freed_on_finish_cancel_and_error_and_a_full_pool_queues():
-    def cancel_a_after_first_delta(msg, conn):
-        if msg[:2] == ("delta", "a") and not any(m[:2] == ("cancel", "a") for m in conn.inbox):
-            conn.inbox.append(("cancel", "a"))
-
     engine = FakeEngine(slots=2)
     conn = FakeConn([submit("a", 50), submit("b", 3, 1), submit("c", 2), submit("d", 2)], cancel_a_after_first_delta)
     Worker(engine, conn).run()  # FakeEngine.add asserts the worker never overfills the pool
     ends = endings(conn.sent)
-    assert {rid: ms[0][0] for rid, ms in ends.items()} == {"a": "done", "b": "error", "c": "done", "d": "done"}
+    assert {rid: type(ms[0]) for rid, ms in ends.items()} == {"a": Done, "b": Error, "c": Done, "d": Done}
     assert engine.aborted == ["a"] and engine.running == [] and engine.free_slots == 2
-    started = [m[1] for m in conn.sent if m[0] == "started"]
+    started = [m.rid for m in conn.sent if isinstance(m, Started)]
     assert started == ["a", "b", "c", "d"]
     # c waited for a freed slot: it starts only after a or b ended
-    first_end = min(i for i, m in enumerate(conn.sent) if m[0] in ("done", "error"))
-    assert next(i for i, m in enumerate(conn.sent) if m[:2] == ("started", "c")) > first_end
+    first_end = min(i for i, m in enumerate(conn.sent) if isinstance(m, (Done, Error)))
+    assert next(i for i, m in enumerate(conn.sent) if isinstance(m, Started) and m.rid == "c") > first_end
 
 
 class FillingEngine(FakeEngine):
@@ -214,14 +212,14 @@ def test_kv_reports_are_throttled_and_end_at_zero(monkeypatch):
     monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
 
     def tick(msg, conn):  # each delta costs 10 ms: a round of both requests 20 ms
-        if msg[0] == "delta":
+        if isinstance(msg, Delta):
             clock[0] += 0.01
 
     conn = FakeConn([submit("a", 30), submit("b", 30)], tick)
     Worker(FillingEngine(2), conn).run()
-    reports = [(i, m[1:]) for i, m in enumerate(conn.sent) if m[0] == "kv"]
+    reports = [(i, (m.target_tokens, m.draft_tokens)) for i, m in enumerate(conn.sent) if isinstance(m, KVUsage)]
     # about one report per KV_REPORT_S (50 ms) of the 0.6 s, not one per round (30)
     assert 4 <= len(reports) <= clock[0] / worker_module.KV_REPORT_S + 2 < 30, reports
     assert all(t == d > 0 for _, (t, d) in reports[:-1])
-    last_done = max(i for i, m in enumerate(conn.sent) if m[0] == "done")
+    last_done = max(i for i, m in enumerate(conn.sent) if isinstance(m, Done))
     assert reports[-1][1] == (0, 0) and reports[-1][0] > last_done, "the pool's emptying is reported at once"
