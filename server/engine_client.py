@@ -342,7 +342,8 @@ class EngineClient:
                 slot.group.put(slot.index, PromptScores(msg.logprobs))
             case m.Delta():
                 self._observe_tokens(slot, len(msg.token_ids))
-                slot.group.put(slot.index, TokenDelta(msg.text, msg.token_ids, msg.finish_reason, msg.logprobs, msg.adasd))
+                delta = TokenDelta(msg.text, msg.token_ids, msg.finish_reason, msg.logprobs, msg.adasd)
+                slot.group.put(slot.index, delta)
             case m.Done():
                 stats = msg.stats
                 if stats:

@@ -1,5 +1,6 @@
 """What both endpoints share: model and readiness checks, the tokenizer, request -> SamplingParams
-and SpecConfig, length checks, usage with speculative statistics, SSE framing."""
+and SpecConfig, length checks, usage with speculative statistics, SSE framing, and the loop that
+consumes a RequestGroup (collected into one response, or streamed)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,19 @@ import asyncio
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
-from typing import Any, Awaitable, TypeVar, get_args
+from dataclasses import dataclass, fields
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar, get_args
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from adasd_core.errors import AdasdError, ContextLengthError, InvalidRequestError
 from adasd_core.stats import GenerationStats
 from adasd_core.validation import check_prompt_ids
-from server.engine_client import EngineClient
+from server.engine_client import EngineClient, Failed, Finished, PromptScores, RequestGroup, TokenDelta
 from server.errors import (
+    InternalError,
     ModelNotFoundError,
     ServiceUnavailableError,
     UnsupportedError,
@@ -147,6 +151,16 @@ class OpenAIServing:
                                      f"or lower max_tokens", param="max_tokens")
         return max_tokens
 
+    async def respond(self, raw_request: Request, streamed: bool, stream: Callable[[], AsyncIterator[str]],
+                      collect: Callable[[], Awaitable[BaseModel]]) -> Response:
+        """The SSE stream, or the collected response (499 if the client goes away before it is ready)."""
+        if streamed:
+            return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        response = await cancel_on_disconnect(raw_request, collect())
+        if response is None:  # the client is gone
+            return Response(status_code=499)
+        return JSONResponse(response.model_dump())
+
     # ------------------------------------------------------------------ engine parameters
 
     def spec_config(self, opts: AdasdOptions | None, alias_method: str | None = None):
@@ -193,17 +207,99 @@ class OpenAIServing:
         )
 
 
-def source_accumulators(request: SamplingFields, n: int) -> list[dict | None]:
-    """Per choice, where a non-streamed response gathers its token sources (None: not asked for)."""
-    on = bool(request.adasd and request.adasd.token_sources)
-    return [{"token_sources": [], "rounds": []} if on else None for _ in range(n)]
+# ---------------------------------------------------------------------------- consuming a request group
+
+TokenOutput = TokenDelta | PromptScores  # what an endpoint formats; endings are kept in Choices
 
 
-def collect_sources(acc: dict | None, adasd: dict | None) -> None:
-    """Append one delta's token sources and rounds to a choice's (non-streamed responses)."""
-    if acc is not None and adasd:
-        acc["token_sources"] += adasd["token_sources"]
-        acc["rounds"] += adasd["rounds"]
+@dataclass
+class Choices:
+    """Per choice of a response, what its outputs leave besides their formatting: the finish reason
+    and statistics; for a non-streamed response also its text pieces and token sources."""
+
+    finish: list[str | None]
+    stats: list[dict | None]
+    texts: list[list[str]]
+    sources: list[dict | None]  # {"token_sources": [...], "rounds": [...]} gathered (None: not asked for)
+
+    @classmethod
+    def of(cls, request: SamplingFields, n: int, texts: list[list[str]] | None = None) -> "Choices":
+        on = bool(request.adasd and request.adasd.token_sources)
+        return cls([None] * n, [None] * n, texts or [[] for _ in range(n)],
+                   [{"token_sources": [], "rounds": []} if on else None for _ in range(n)])
+
+    def text(self, index: int) -> str:
+        return "".join(self.texts[index])
+
+
+async def token_outputs(group: RequestGroup, choices: Choices) -> AsyncIterator[tuple[int, TokenOutput]]:
+    """(choice index, output) in arrival order; each choice's finish reason and statistics are kept in
+    `choices`; a failed generation raises its error. The caller aborts the group when it stops."""
+    async for index, out in group:
+        if isinstance(out, Finished):
+            choices.stats[index] = out.stats
+        elif isinstance(out, Failed):
+            raise out.error
+        else:
+            if isinstance(out, TokenDelta):
+                choices.finish[index] = out.finish_reason or choices.finish[index]
+            yield index, out
+
+
+async def collect_choices(group: RequestGroup, choices: Choices, add: Callable[[int, TokenOutput], None]) -> Choices:
+    """A non-streamed response's outputs: text and token sources into `choices`, then `add` (the
+    endpoint's logprobs) with the choice's text so far."""
+    try:
+        async for index, out in token_outputs(group, choices):
+            if isinstance(out, TokenDelta):
+                choices.texts[index].append(out.text)
+                acc = choices.sources[index]
+                if acc is not None and out.adasd:
+                    acc["token_sources"] += out.adasd["token_sources"]
+                    acc["rounds"] += out.adasd["rounds"]
+            add(index, out)
+    finally:
+        group.abort()
+    return choices
+
+
+@dataclass(frozen=True)
+class ChunkFrame:
+    """The fields every chunk of one stream repeats around its choices."""
+
+    id: str
+    object: str  # chat.completion.chunk | text_completion
+    created: int
+    model: str
+    system_fingerprint: str | None
+
+    def __call__(self, choices: list[dict], **extra) -> str:
+        return sse({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                    "system_fingerprint": self.system_fingerprint, "choices": choices, **extra})
+
+
+async def stream_choices(group: RequestGroup, frame: ChunkFrame, choices: Choices,
+                         chunks: Callable[[int, TokenOutput], Iterable[str]],
+                         first: Callable[[], Iterable[str]] = tuple,
+                         usage_prompt_tokens: int | None = None) -> AsyncIterator[str]:
+    """An SSE response: `first()` chunks, the endpoint's `chunks` of each output, a usage chunk when
+    `usage_prompt_tokens` is given, then [DONE]. Errors after the first chunk travel inside the stream."""
+    try:
+        for text in first():
+            yield text
+        async for index, out in token_outputs(group, choices):
+            for text in chunks(index, out):
+                yield text
+        if usage_prompt_tokens is not None:
+            yield frame([], usage=make_usage(usage_prompt_tokens, choices.stats).model_dump())
+    except AdasdError as exc:
+        yield sse_error(exc)
+    except Exception:
+        log.exception("%s stream failed", frame.object)
+        yield sse_error(InternalError())
+    finally:
+        group.abort()
+    yield SSE_DONE
 
 
 # ---------------------------------------------------------------------------- usage

@@ -4,14 +4,14 @@ engine path as completions."""
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
-from adasd_core.errors import AdasdError, InvalidRequestError
-from server.engine_client import Failed, Finished, RequestGroup, SubRequest, TokenDelta
-from server.errors import InternalError, UnsupportedError
+from adasd_core.errors import InvalidRequestError
+from server.engine_client import PromptScores, RequestGroup, SubRequest, TokenDelta
+from server.errors import UnsupportedError
 from server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -22,17 +22,7 @@ from server.protocol import (
     TopLogprob,
     random_id,
 )
-from server.serving import (
-    SSE_DONE,
-    OpenAIServing,
-    cancel_on_disconnect,
-    collect_sources,
-    log,
-    make_usage,
-    source_accumulators,
-    sse,
-    sse_error,
-)
+from server.serving import ChunkFrame, Choices, OpenAIServing, TokenOutput, collect_choices, make_usage, stream_choices
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -56,80 +46,52 @@ class OpenAIServingChat(OpenAIServing):
 
         group = self.client.submit(subs, spec.method, self.fingerprint_key(spec, subs[0].params))
         rid, created = random_id("chatcmpl"), int(time.time())
-        if request.stream:
-            stream = self._stream(request, group, rid, created, len(ids))
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        response = await cancel_on_disconnect(raw_request, self._collect(request, group, rid, created, len(ids)))
-        if response is None:
-            return Response(status_code=499)
-        return JSONResponse(response.model_dump())
+        return await self.respond(raw_request, request.stream,
+                                  lambda: self._stream(request, group, rid, created, len(ids)),
+                                  lambda: self._collect(request, group, rid, created, len(ids)))
 
     async def _collect(self, request: ChatCompletionRequest, group: RequestGroup, rid: str, created: int,
                        prompt_tokens: int) -> ChatCompletionResponse:
-        texts: list[list[str]] = [[] for _ in range(group.size)]
-        finish: list[str | None] = [None] * group.size
-        stats: list[dict | None] = [None] * group.size
         logprobs = [ChatLogprobs(content=[]) if request.logprobs else None for _ in range(group.size)]
-        sources = source_accumulators(request, group.size)
-        try:
-            async for index, out in group:
-                if isinstance(out, TokenDelta):
-                    texts[index].append(out.text)
-                    if logprobs[index] is not None and out.logprobs:
-                        logprobs[index].content.extend(_chat_logprobs(out.logprobs))
-                    collect_sources(sources[index], out.adasd)
-                    finish[index] = out.finish_reason or finish[index]
-                elif isinstance(out, Finished):
-                    stats[index] = out.stats
-                elif isinstance(out, Failed):
-                    raise out.error
-        finally:
-            group.abort()
-        choices = [ChatChoice(index=i, message=ChatResponseMessage(content="".join(texts[i])), logprobs=logprobs[i],
-                              finish_reason=finish[i], adasd=sources[i]) for i in range(group.size)]
-        return ChatCompletionResponse(id=rid, created=created, model=self.model_name,
-                                      system_fingerprint=group.fingerprint, choices=choices,
-                                      usage=make_usage(prompt_tokens, stats))
 
-    async def _stream(self, request: ChatCompletionRequest, group: RequestGroup, rid: str, created: int,
-                      prompt_tokens: int) -> AsyncIterator[str]:
-        def chunk(choices: list[dict], **extra) -> str:
-            return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                        "system_fingerprint": group.fingerprint, "choices": choices, **extra})
+        def add(index: int, out: TokenOutput) -> None:
+            if isinstance(out, TokenDelta) and logprobs[index] is not None and out.logprobs:
+                logprobs[index].content.extend(_chat_logprobs(out.logprobs))
+
+        choices = await collect_choices(group, Choices.of(request, group.size), add)
+        return ChatCompletionResponse(
+            id=rid, created=created, model=self.model_name, system_fingerprint=group.fingerprint,
+            choices=[ChatChoice(index=i, message=ChatResponseMessage(content=choices.text(i)), logprobs=logprobs[i],
+                                finish_reason=choices.finish[i], adasd=choices.sources[i]) for i in range(group.size)],
+            usage=make_usage(prompt_tokens, choices.stats))
+
+    def _stream(self, request: ChatCompletionRequest, group: RequestGroup, rid: str, created: int,
+                prompt_tokens: int) -> AsyncIterator[str]:
+        frame = ChunkFrame(rid, "chat.completion.chunk", created, self.model_name, group.fingerprint)
 
         def choice(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None,
-                   adasd: dict | None = None) -> dict:
+                   adasd: dict | None = None) -> list[dict]:
             lp = {"content": [x.model_dump() for x in _chat_logprobs(logprobs)]} if logprobs else None
             out = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             if adasd:
                 out["adasd"] = adasd
-            return out
+            return [out]
 
-        stats: list[dict | None] = [None] * group.size
-        try:
+        def first() -> Iterator[str]:
             for i in range(group.size):
-                yield chunk([choice(i, {"role": "assistant", "content": ""})])
-            async for index, out in group:
-                if isinstance(out, TokenDelta):
-                    if out.text or (request.logprobs and out.logprobs) or out.adasd:
-                        yield chunk([choice(index, {"content": out.text}, logprobs=out.logprobs if request.logprobs else None,
-                                            adasd=out.adasd)])
-                    if out.finish_reason:
-                        yield chunk([choice(index, {}, out.finish_reason)])
-                elif isinstance(out, Finished):
-                    stats[index] = out.stats
-                elif isinstance(out, Failed):
-                    raise out.error
-            if request.include_usage:
-                yield chunk([], usage=make_usage(prompt_tokens, stats).model_dump())
-        except AdasdError as exc:  # after the first chunk, errors travel inside the stream
-            yield sse_error(exc)
-        except Exception:
-            log.exception("chat stream failed")
-            yield sse_error(InternalError())
-        finally:
-            group.abort()
-        yield SSE_DONE
+                yield frame(choice(i, {"role": "assistant", "content": ""}))
+
+        def chunks(index: int, out: TokenOutput) -> Iterator[str]:
+            if isinstance(out, PromptScores):  # chat never scores its prompt
+                return
+            if out.text or (request.logprobs and out.logprobs) or out.adasd:
+                yield frame(choice(index, {"content": out.text}, logprobs=out.logprobs if request.logprobs else None,
+                                   adasd=out.adasd))
+            if out.finish_reason:
+                yield frame(choice(index, {}, out.finish_reason))
+
+        return stream_choices(group, frame, Choices.of(request, group.size), chunks, first,
+                              usage_prompt_tokens=prompt_tokens if request.include_usage else None)
 
 
 def _messages(request: ChatCompletionRequest) -> list[dict]:

@@ -10,32 +10,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
-from adasd_core.errors import AdasdError, InvalidRequestError
-from server.engine_client import Failed, Finished, PromptScores, RequestGroup, SubRequest, TokenDelta
-from server.errors import InternalError, UnsupportedError
-from server.protocol import (
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    random_id,
-)
-from server.serving import (
-    SSE_DONE,
-    OpenAIServing,
-    cancel_on_disconnect,
-    collect_sources,
-    log,
-    make_usage,
-    source_accumulators,
-    sse,
-    sse_error,
-)
+from adasd_core.errors import InvalidRequestError
+from server.engine_client import PromptScores, RequestGroup, SubRequest
+from server.errors import UnsupportedError
+from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, random_id
+from server.serving import ChunkFrame, Choices, OpenAIServing, TokenOutput, collect_choices, make_usage, stream_choices
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -73,13 +57,9 @@ class OpenAIServingCompletion(OpenAIServing):
 
         group = self.client.submit(subs, spec.method, self.fingerprint_key(spec, subs[0].params))
         rid, created = random_id("cmpl"), int(time.time())
-        if request.stream:
-            stream = self._stream(request, group, rid, created, prompt_tokens, echo)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        response = await cancel_on_disconnect(raw_request, self._collect(request, group, rid, created, prompt_tokens, echo))
-        if response is None:  # the client is gone
-            return Response(status_code=499)
-        return JSONResponse(response.model_dump())
+        return await self.respond(raw_request, request.stream,
+                                  lambda: self._stream(request, group, rid, created, prompt_tokens, echo),
+                                  lambda: self._collect(request, group, rid, created, prompt_tokens, echo))
 
     async def _prompt_ids(self, prompt) -> list[list[int]]:
         """str | [str] | [int] | [[int]] -> one token-id list per prompt."""
@@ -98,84 +78,59 @@ class OpenAIServingCompletion(OpenAIServing):
     async def _collect(self, request: CompletionRequest, group: RequestGroup, rid: str, created: int,
                        prompt_tokens: int, echo: list[str] | None) -> CompletionResponse:
         n = request.n
-        texts: list[list[str]] = [[echo[i // n]] if echo else [] for i in range(group.size)]
-        finish: list[str | None] = [None] * group.size
-        stats: list[dict | None] = [None] * group.size
+        texts = [[echo[i // n]] if echo else [] for i in range(group.size)]
         logprobs = [CompletionLogprobs() if request.logprobs is not None else None for _ in range(group.size)]
-        sources = source_accumulators(request, group.size)
-        try:
-            async for index, out in group:
-                if isinstance(out, TokenDelta):
-                    texts[index].append(out.text)
-                    if logprobs[index] is not None and out.logprobs:
-                        _extend_logprobs(logprobs[index], out.logprobs, sum(map(len, texts[index][:-1])))
-                    collect_sources(sources[index], out.adasd)
-                    finish[index] = out.finish_reason or finish[index]
-                elif isinstance(out, PromptScores):  # before any TokenDelta of its choice
-                    _extend_logprobs(logprobs[index], out.logprobs, 0)
-                elif isinstance(out, Finished):
-                    stats[index] = out.stats
-                elif isinstance(out, Failed):
-                    raise out.error
-        finally:
-            group.abort()
-        choices = [CompletionChoice(index=i, text="".join(texts[i]), logprobs=logprobs[i], finish_reason=finish[i],
-                                    adasd=sources[i]) for i in range(group.size)]
-        return CompletionResponse(id=rid, created=created, model=self.model_name, system_fingerprint=group.fingerprint,
-                                  choices=choices, usage=make_usage(prompt_tokens, stats))
+
+        def add(index: int, out: TokenOutput) -> None:
+            if isinstance(out, PromptScores):  # before any TokenDelta of its choice
+                _extend_logprobs(logprobs[index], out.logprobs, 0)
+            elif logprobs[index] is not None and out.logprobs:  # offset: where this delta's text starts
+                _extend_logprobs(logprobs[index], out.logprobs, sum(map(len, texts[index][:-1])))
+
+        choices = await collect_choices(group, Choices.of(request, group.size, texts), add)
+        return CompletionResponse(
+            id=rid, created=created, model=self.model_name, system_fingerprint=group.fingerprint,
+            choices=[CompletionChoice(index=i, text=choices.text(i), logprobs=logprobs[i],
+                                      finish_reason=choices.finish[i], adasd=choices.sources[i])
+                     for i in range(group.size)],
+            usage=make_usage(prompt_tokens, choices.stats))
 
     # ------------------------------------------------------------------ streaming
 
-    async def _stream(self, request: CompletionRequest, group: RequestGroup, rid: str, created: int,
-                      prompt_tokens: int, echo: list[str] | None) -> AsyncIterator[str]:
+    def _stream(self, request: CompletionRequest, group: RequestGroup, rid: str, created: int,
+                prompt_tokens: int, echo: list[str] | None) -> AsyncIterator[str]:
+        frame = ChunkFrame(rid, "text_completion", created, self.model_name, group.fingerprint)
+        offsets = [0] * group.size  # text sent so far per choice: where a token's text_offset starts
+
         def chunk(index: int, text: str, finish_reason: str | None = None, logprobs: CompletionLogprobs | None = None,
                   adasd: dict | None = None) -> str:
             choice = {"index": index, "text": text, "logprobs": logprobs.model_dump() if logprobs else None,
                       "finish_reason": finish_reason}
             if adasd:
                 choice["adasd"] = adasd
-            return sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                        "system_fingerprint": group.fingerprint, "choices": [choice]})
+            offsets[index] += len(text)
+            return frame([choice])
 
-        stats: list[dict | None] = [None] * group.size
-        offsets = [0] * group.size
-        try:
+        def first() -> Iterator[str]:
             if echo and request.logprobs is None:  # with logprobs the echo waits for the prompt's scores
                 for i in range(group.size):
-                    text = echo[i // request.n]
-                    offsets[i] = len(text)
-                    yield chunk(i, text)
-            async for index, out in group:
-                if isinstance(out, TokenDelta):
-                    lp = None
-                    if request.logprobs is not None and out.logprobs:
-                        lp = CompletionLogprobs()
-                        _extend_logprobs(lp, out.logprobs, offsets[index])
-                    if out.text or out.finish_reason or lp or out.adasd:
-                        offsets[index] += len(out.text)
-                        yield chunk(index, out.text, out.finish_reason, lp, out.adasd)
-                elif isinstance(out, PromptScores):
-                    lp = CompletionLogprobs()
-                    _extend_logprobs(lp, out.logprobs, 0)
-                    text = echo[index // request.n]
-                    offsets[index] = len(text)
-                    yield chunk(index, text, None, lp)
-                elif isinstance(out, Finished):
-                    stats[index] = out.stats
-                elif isinstance(out, Failed):
-                    raise out.error
-            if request.include_usage:
-                usage = make_usage(prompt_tokens, stats)
-                yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                           "system_fingerprint": group.fingerprint, "choices": [], "usage": usage.model_dump()})
-        except AdasdError as exc:  # after the first chunk, errors travel inside the stream
-            yield sse_error(exc)
-        except Exception:
-            log.exception("completion stream failed")
-            yield sse_error(InternalError())
-        finally:
-            group.abort()
-        yield SSE_DONE
+                    yield chunk(i, echo[i // request.n])
+
+        def chunks(index: int, out: TokenOutput) -> Iterator[str]:
+            if isinstance(out, PromptScores):
+                lp = CompletionLogprobs()
+                _extend_logprobs(lp, out.logprobs, 0)
+                yield chunk(index, echo[index // request.n], None, lp)
+                return
+            lp = None
+            if request.logprobs is not None and out.logprobs:
+                lp = CompletionLogprobs()
+                _extend_logprobs(lp, out.logprobs, offsets[index])
+            if out.text or out.finish_reason or lp or out.adasd:
+                yield chunk(index, out.text, out.finish_reason, lp, out.adasd)
+
+        return stream_choices(group, frame, Choices.of(request, group.size), chunks, first,
+                              usage_prompt_tokens=prompt_tokens if request.include_usage else None)
 
 
 def _extend_logprobs(lp: CompletionLogprobs, entries: list, offset: int) -> None:

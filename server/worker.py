@@ -37,15 +37,14 @@ ROUND_DELAY_ENV = "ADASD_DEBUG_ROUND_DELAY_S"
 
 @dataclass
 class Request:
-    """One generation as the worker sees it."""
+    """One generation as the worker sees it: what was submitted, and its engine state once admitted."""
 
-    rid: str
-    prompt_ids: list[int]
-    params: Any  # adasd_core.sampling.SamplingParams
-    spec: Any  # adasd_core.engine.SpecConfig
-    submitted_at: float  # time.monotonic() in the front end (one clock per host)
-    epoch: int | None = None  # the published warm-start state it reads (None: the latest)
+    submit: m.Submit
     seq: Any = None  # adasd_core.sequence.Sequence once admitted
+
+    @property
+    def rid(self) -> str:
+        return self.submit.rid
 
 
 class TokenText:
@@ -169,7 +168,7 @@ class Worker:
     def handle(self, msg: m.ToWorker) -> None:
         match msg:
             case m.Submit():
-                self.waiting.append(Request(msg.rid, msg.prompt_ids, msg.params, msg.spec, msg.submitted_at, msg.epoch))
+                self.waiting.append(Request(msg))
             case m.Cancel():
                 self.cancel(msg.rid)
             case m.Shutdown():
@@ -182,9 +181,10 @@ class Worker:
         """Waiting requests -> the engine, while it has free KV slots (a full pool queues, never fails)."""
         while self.waiting and self.engine.free_slots > 0:
             req = self.waiting.popleft()
+            sub = req.submit
             try:
-                req.seq = self.engine.new_sequence(req.prompt_ids, req.params, req.spec, request_id=req.rid,
-                                                   epoch=req.epoch)
+                req.seq = self.engine.new_sequence(sub.prompt_ids, sub.params, sub.spec, request_id=sub.rid,
+                                                   epoch=sub.epoch)
             except AdasdError as exc:
                 self.send(m.Error(req.rid, exc.status_code, exc.message, exc.param, exc.code))
                 continue
@@ -193,7 +193,7 @@ class Worker:
                 self.send(internal_error(req.rid))
                 continue
             self.engine.add(req.seq)
-            self.send(m.Started(req.rid, max(0.0, time.monotonic() - req.submitted_at)))
+            self.send(m.Started(req.rid, max(0.0, time.monotonic() - sub.submitted_at)))
             self.running[req.rid] = req
 
     def step(self) -> None:
