@@ -22,7 +22,7 @@ from server.protocol import (
     TopLogprob,
     random_id,
 )
-from server.serving import ChunkFrame, Choices, OpenAIServing, TokenOutput, collect_choices, make_usage, stream_choices
+from server.serving import Choices, ChunkFrame, OpenAIServing, TokenOutput, collect_choices, make_usage, stream_choices
 
 
 class OpenAIServingChat(OpenAIServing):

@@ -19,7 +19,7 @@ from adasd_core.errors import InvalidRequestError
 from server.engine_client import PromptScores, RequestGroup, SubRequest
 from server.errors import UnsupportedError
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, random_id
-from server.serving import ChunkFrame, Choices, OpenAIServing, TokenOutput, collect_choices, make_usage, stream_choices
+from server.serving import Choices, ChunkFrame, OpenAIServing, TokenOutput, collect_choices, make_usage, stream_choices
 
 
 class OpenAIServingCompletion(OpenAIServing):
