@@ -13,11 +13,11 @@ from adasd_core.engine import SpecConfig  # noqa: E402
 from adasd_core.llm import LLM  # noqa: E402
 from adasd_core.sampling import SamplingParams  # noqa: E402
 from adasd_core.warm import WarmState, load_state, pair_identity  # noqa: E402
+from server.messages import Done, Submit  # noqa: E402
 from server.metrics import AdasdMetrics  # noqa: E402
 from server.protocol import AdasdOptions  # noqa: E402
 from server.serving import OpenAIServing, merge_stats  # noqa: E402
 from server.settings import Settings  # noqa: E402
-from server.messages import Done, Submit  # noqa: E402
 from server.worker import Worker, warm_state_path  # noqa: E402
 
 
