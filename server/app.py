@@ -48,8 +48,16 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health(raw_request: Request) -> JSONResponse:
+    """Liveness: 200 while a healthy worker serves; 503 with the reason while none does (loading,
+    restarting after a crash or a device error, failed, shutting down)."""
+    client = raw_request.app.state.client
+    if client.ready:
+        return JSONResponse({"status": "ok"})
+    body = {"status": client.state}
+    if client.last_error:
+        body["error"] = client.last_error
+    return JSONResponse(body, status_code=503)
 
 
 @router.get("/ready")

@@ -5,7 +5,8 @@ A reader thread per worker receives its messages and hands them to the event loo
 the loop. Each HTTP request becomes a RequestGroup of one or more generations (prompts x n) whose
 outputs arrive on one asyncio queue. If the worker dies, every in-flight generation fails with a
 503 and a new worker is started (after a first successful load; a first load that fails stops
-the server).
+the server). A worker whose device failed says so (Fatal) before it exits: from then until a
+fresh worker is ready, the client is not ready and `last_error` says why (/health, /ready).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from server.settings import Settings
 log = logging.getLogger("adasd.server")
 
 MAX_RESTART_DELAY_S = 30.0
+FATAL_EXIT_GRACE_S = 10.0  # a worker that reported a fatal error and has not exited by then is killed
 
 
 @dataclass
@@ -311,6 +313,10 @@ class EngineClient:
                 self._on_ready(handle, msg.info)
             case m.Fatal():
                 self.last_error = msg.message
+                if self.state == "ready":  # a serving worker that is about to exit: refuse new requests now
+                    log.error("worker pid %s is exiting: %s", handle.pid, msg.message)
+                    self.state = "restarting"
+                    self._loop.call_later(FATAL_EXIT_GRACE_S, self._kill_stuck, handle)
             case m.KVUsage():
                 self.metrics.set_kv_tokens(msg.target_tokens, msg.draft_tokens)
             case m.Published():
@@ -323,7 +329,7 @@ class EngineClient:
                 log.error("unknown worker message %r", msg)
 
     def _on_ready(self, handle: _WorkerHandle, info: dict) -> None:
-        self.info = info
+        self.info, self.last_error = info, None
         self.state = "ready" if self.state != "stopping" else self.state
         self._ever_ready, self._restarts = True, 0
         self.metrics.worker_up.set(1)
@@ -371,6 +377,11 @@ class EngineClient:
                 self.metrics.itl.observe(gap)
         slot.last_token_at = now
 
+    def _kill_stuck(self, handle: _WorkerHandle) -> None:
+        if handle.proc.is_alive():
+            log.warning("worker pid %s did not exit after its fatal error; killing it", handle.pid)
+            handle.proc.kill()
+
     def _on_exit(self, handle: _WorkerHandle) -> None:
         handle.outbox.put(None)
         if handle is not self._worker:
@@ -391,6 +402,7 @@ class EngineClient:
                 self.on_fatal(self.last_error)
             return
         self.state = "restarting"
+        self.last_error = self.last_error or f"the worker exited with code {code}"
         log.error("worker pid %s exited with code %s; restarting it", handle.pid, code)
         self._restart_task = asyncio.get_running_loop().create_task(self._restart())
 
@@ -423,6 +435,8 @@ class EngineClient:
 
 
 def _worker_error(msg: m.Error) -> AdasdError:
+    if msg.status_code == 503:
+        return ServiceUnavailableError(msg.message, code=msg.code or "not_ready")
     if msg.status_code >= 500:
         return InternalError(msg.message)
     err = InvalidRequestError(msg.message, param=msg.param, code=msg.code)

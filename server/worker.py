@@ -8,6 +8,10 @@ Error.
 The loop hands waiting requests to the engine while it has free KV slots, then runs one engine step
 (a chunk of prefill for new requests and one batched round for every running one), then reads the
 pipe again, so a cancel stops its request within one round and frees its slot.
+
+A device error that can leave the CUDA context unusable (server/faults.py) ends the process: every
+request in flight gets a 503, a Fatal says why, and the worker exits with DEVICE_FAULT_EXIT so that
+the front end starts a fresh one. Out-of-memory stays with the requests of its step.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 from adasd_core.errors import AdasdError
 from server import messages as m
+from server.faults import FAULT_FILE_ENV, FaultFile, is_device_fault, summary
 
 log = logging.getLogger("adasd.worker")
 
@@ -33,6 +38,7 @@ KV_REPORT_S = 0.05
 # For tests and demos: sleep this long after each round of the loop, to make a tiny model
 # behave like a slow one (requests that reliably outlive a disconnect, a kill or a full queue).
 ROUND_DELAY_ENV = "ADASD_DEBUG_ROUND_DELAY_S"
+DEVICE_FAULT_EXIT = 3  # the worker's exit status after a device fault (the front end restarts it)
 
 
 @dataclass
@@ -92,7 +98,7 @@ SAVE_EVERY_S = 30.0  # warm-start state: saved at most this often while serving,
 
 
 class Worker:
-    def __init__(self, engine, conn, round_delay_s: float = 0.0):
+    def __init__(self, engine, conn, round_delay_s: float = 0.0, faults: FaultFile | None = None):
         self.engine = engine
         self.conn = conn
         self.round_delay_s = round_delay_s
@@ -103,6 +109,8 @@ class Worker:
         self.running: dict[str, Request] = {}
         self.token_text = TokenText(engine.pair.tokenizer)
         self.stopping = False
+        self.exit_code = 0  # DEVICE_FAULT_EXIT once the device has failed
+        self.faults = faults  # test-only injection point, checked before each step
         self.kv_sent, self.kv_sent_at = (0, 0), 0.0
 
     # ------------------------------------------------------------------ loop
@@ -121,6 +129,8 @@ class Worker:
             self.report_kv()
             if self.dirty and time.monotonic() - self.saved_at > SAVE_EVERY_S:
                 self.save_state()
+        if self.exit_code:  # the engine may be unusable: nothing more is asked of it (the last publication is saved)
+            return
         self.cancel_all()
         if self.dirty:
             self.save_state()
@@ -188,7 +198,10 @@ class Worker:
             except AdasdError as exc:
                 self.send(m.Error(req.rid, exc.status_code, exc.message, exc.param, exc.code))
                 continue
-            except Exception:
+            except Exception as exc:
+                if is_device_fault(exc):
+                    self.waiting.appendleft(req)
+                    return self.device_failed(exc)
                 log.exception("request %s failed to start", req.rid)
                 self.send(internal_error(req.rid))
                 continue
@@ -200,8 +213,12 @@ class Worker:
         from adasd_core.sequence import PromptLogprobs  # here: the front end imports this module without torch
 
         try:
+            if self.faults is not None:
+                self.faults.check()
             events = self.engine.step()
-        except Exception:  # a bug outside any one sequence: end every running request, keep serving
+        except Exception as exc:  # outside any one sequence: end every running request, keep serving
+            if is_device_fault(exc):
+                return self.device_failed(exc)
             log.exception("engine step failed")
             for req in list(self.running.values()):
                 self.finish(req)
@@ -212,6 +229,8 @@ class Worker:
             if req is None:
                 continue
             if isinstance(result, BaseException):
+                if is_device_fault(result):
+                    return self.device_failed(result)
                 log.error("request %s failed", req.rid, exc_info=result)
                 self.finish(req)
                 self.send(internal_error(req.rid))
@@ -226,6 +245,19 @@ class Worker:
                 self.dirty = True
                 self.send(m.Done(req.rid, "success", {**seq.stats.to_dict(), "warm_state": self.warm_state()}))
         self.announce()
+
+    def device_failed(self, exc: BaseException) -> None:
+        """The device may be unusable for good: fail every request with a 503 and stop (the front
+        end starts a fresh worker). The engine is not called again."""
+        reason = f"device error: {summary(exc)}"
+        log.critical("%s; the worker exits so that a fresh one takes over", reason, exc_info=exc)
+        for req in [*self.running.values(), *self.waiting]:
+            self.send(m.Error(req.rid, 503, "the server's accelerator failed while serving this request; a fresh "
+                                            "worker is starting: retry shortly", None, "device_error"))
+        self.running.clear()
+        self.waiting.clear()
+        self.send(m.Fatal(reason))
+        self.stopping, self.exit_code = True, DEVICE_FAULT_EXIT
 
     # ------------------------------------------------------------------ endings
 
@@ -384,10 +416,17 @@ def main(settings: dict, conn) -> None:
     delay = float(os.environ.get(ROUND_DELAY_ENV) or 0.0)
     if delay:
         log.warning("%s=%s: every round is slowed down on purpose", ROUND_DELAY_ENV, delay)
-    Worker(engine, conn, round_delay_s=delay).run()
+    faults = FaultFile.from_env()
+    if faults is not None:
+        log.warning("%s=%s: faults are injected on request (tests only)", FAULT_FILE_ENV, faults.path)
+    worker = Worker(engine, conn, round_delay_s=delay, faults=faults)
+    worker.run()
     conn.close()
-    log.info("stopped")
+    if worker.exit_code:
+        log.error("stopped after a device error (exit status %d)", worker.exit_code)
+    else:
+        log.info("stopped")
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # nothing left to clean up; skips a slow interpreter teardown (torch, tokenizers)
+    os._exit(worker.exit_code)  # nothing left to clean up; skips a slow interpreter teardown (torch, tokenizers)

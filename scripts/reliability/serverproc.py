@@ -36,7 +36,8 @@ class ServerProcess:
     """`python -m server --host 127.0.0.1 --port <free> ...`; its log goes to a file."""
 
     def __init__(self, target: str, draft: str | None, api_key: str | None = None, log_dir: str | Path | None = None,
-                 round_delay_s: float = 0.0, served_model_name: str = "tiny", **settings):
+                 round_delay_s: float = 0.0, served_model_name: str = "tiny", env: dict[str, str] | None = None,
+                 **settings):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -49,14 +50,15 @@ class ServerProcess:
         for name, value in settings.items():
             flag = name.replace("_", "-")
             args += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ADASD_")}
-        env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("ADASD_")}
+        environ.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
         if api_key:
-            env["ADASD_API_KEY"] = api_key
+            environ["ADASD_API_KEY"] = api_key
         if round_delay_s:
-            env[ROUND_DELAY_ENV] = str(round_delay_s)
+            environ[ROUND_DELAY_ENV] = str(round_delay_s)
+        environ.update(env or {})  # e.g. server.faults.FAULT_FILE_ENV
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=REPO, env=environ, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
     def headers(self) -> dict[str, str]:

@@ -4,6 +4,7 @@ The process handling is scripts/reliability/serverproc.py's; this adds the tests
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,25 @@ ROUND_DELAY_S = 0.02
 # ~120 rounds (method ar: exactly one token per round) -> at least 2.4 s
 LONG = {"model": "tiny", "prompt": "x", "max_tokens": 120, "temperature": 0, "ignore_eos": True,
         "adasd": {"method": "ar"}}
+GOOD = {"model": "tiny", "prompt": "x = 1\n", "max_tokens": 2}
+
+
+def post_in_thread(url: str, body: dict) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run():
+        try:
+            out["response"] = httpx.post(url, json=body, timeout=120)
+        except Exception as exc:  # reported by the test
+            out["exception"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def check_error_body(body: dict, code: str) -> None:
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == code, body
 
 
 class ServerProcess(serverproc.ServerProcess):

@@ -5,33 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 
 import httpx
 import pytest
-from server_support import LONG, wait_for
-
-GOOD = {"model": "tiny", "prompt": "x = 1\n", "max_tokens": 2}
-
-
-
-def post_in_thread(url: str, body: dict) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def run():
-        try:
-            out["response"] = httpx.post(url, json=body, timeout=120)
-        except Exception as exc:  # reported by the test
-            out["exception"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
-def check_error_body(body: dict, code: str) -> None:
-    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == code, body
+from server_support import GOOD, LONG, check_error_body, post_in_thread, wait_for
 
 
 def assert_clean_exit(srv) -> None:

@@ -1,4 +1,5 @@
-"""The worker loop in-process, with a fake engine: batched steps, admission, cancel, error isolation."""
+"""The worker loop in-process, with a fake engine: batched steps, admission, cancel, error isolation,
+device faults."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from collections import deque
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from adasd_core.warm import WarmState
 from adasd_core.errors import InvalidRequestError
-from server.messages import Cancel, Delta, Done, Error, KVUsage, Shutdown, Started, Submit
-from server.worker import Worker
+from server.messages import Cancel, Delta, Done, Error, Fatal, KVUsage, Shutdown, Started, Submit
+from server.worker import DEVICE_FAULT_EXIT, Worker
 
 
 class FakeStats:
@@ -223,3 +225,56 @@ def test_kv_reports_are_throttled_and_end_at_zero(monkeypatch):
     assert all(t == d > 0 for _, (t, d) in reports[:-1])
     last_done = max(i for i, m in enumerate(conn.sent) if isinstance(m, Done))
     assert reports[-1][1] == (0, 0) and reports[-1][0] > last_done, "the pool's emptying is reported at once"
+
+
+class FailingEngine(FakeEngine):
+    """FakeEngine whose `fail_step`-th step raises `exc` (or, with per_seq, ends the first sequence with it)."""
+
+    def __init__(self, slots: int, exc: BaseException, fail_step: int, per_seq: bool = False):
+        super().__init__(slots)
+        self.exc, self.fail_step, self.per_seq = exc, fail_step, per_seq
+        self.steps = 0
+        self.calls_after_failure = 0
+
+    def step(self):
+        self.steps += 1
+        if self.steps > self.fail_step:
+            self.calls_after_failure += 1
+        if self.steps != self.fail_step:
+            return super().step()
+        if not self.per_seq:
+            raise self.exc
+        seq = self.running.pop(0)
+        seq.finish_reason = "error"
+        return [(seq, self.exc)]
+
+
+def run_failing(engine: FailingEngine, inbox) -> tuple[Worker, list]:
+    conn = FakeConn(inbox)
+    worker = Worker(engine, conn)
+    worker.run()
+    return worker, conn.sent
+
+
+@pytest.mark.parametrize("per_seq", [False, True], ids=["step", "sequence"])
+def test_a_device_error_fails_everything_with_503_and_exits(per_seq):
+    engine = FailingEngine(2, RuntimeError("CUDA error: device-side assert triggered"), fail_step=2, per_seq=per_seq)
+    worker, sent = run_failing(engine, [submit("a", 5), submit("b", 5), submit("c", 5)])  # c waits for a slot
+    ends = endings(sent)
+    assert sorted(ends) == ["a", "b", "c"] and all(len(v) == 1 for v in ends.values())
+    for (err,) in ends.values():
+        assert isinstance(err, Error) and err.status_code == 503 and err.code == "device_error"
+    assert set(deltas(sent)) == {"a", "b"}  # the rounds before the failure went out
+    fatal = [m for m in sent if isinstance(m, Fatal)]
+    assert len(fatal) == 1 and "device-side assert" in fatal[0].message and sent[-1] is fatal[0]
+    assert worker.exit_code == DEVICE_FAULT_EXIT and worker.stopping
+    assert engine.calls_after_failure == 0 and engine.aborted == []  # the engine is not touched again
+
+
+def test_out_of_memory_ends_its_step_and_the_worker_goes_on():
+    engine = FailingEngine(2, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), fail_step=2)
+    worker, sent = run_failing(engine, [submit("a", 5), submit("b", 5), submit("c", 3)])
+    ends = endings(sent)
+    assert [(e.status_code, e.code) for e in ends["a"] + ends["b"]] == [(500, "internal_error")] * 2
+    assert ends["c"][0].status == "success"  # admitted after the failure, served by the same worker
+    assert worker.exit_code == 0 and not any(isinstance(m, Fatal) for m in sent)
