@@ -81,8 +81,9 @@ VOLUME ["/models"]
 USER 10001:10001
 
 EXPOSE 8000
-# /health answers 200 as long as the process lives (readiness is /ready, for orchestrators).
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+# /health answers 200 while a healthy worker serves, 503 while none does (the first load, a worker
+# restart after a crash or a device error); readiness is /ready. The start period covers a large load.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
 CMD ["adasd", "serve", "--host", "0.0.0.0", "--port", "8000"]
