@@ -10,6 +10,7 @@ slots 0..R-1 (the batch is a contiguous range of both pools); new ones are admit
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ class Scheduler:
         while self.waiting and None in self.owner:
             seq = self.waiting.popleft()
             slot = len(self.owner) - 1 - self.owner[::-1].index(None)  # from the top: running grows from 0
-            self.owner[slot], seq.slot = seq, slot
+            self.owner[slot], seq.slot, seq.admitted_at = seq, slot, time.monotonic()
             (self.scoring if seq.scores_prompt else self.prefilling).append(seq)
         score = _chunks(self.scoring, self.prefill_budget, lambda s: s.params.prompt_logprobs is not None)
         prefill = _chunks(self.prefilling, self.prefill_budget - sum(n for _, n in score), lambda s: True)

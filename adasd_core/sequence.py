@@ -85,6 +85,7 @@ class Sequence:
     fingerprint: str = ""  # the system_fingerprint of what it started from (a server's engine sets it)
     tokens: list[int] = field(default_factory=list)
     slot: int = -1  # KV slot in both pools while admitted
+    admitted_at: float | None = None  # time.monotonic() when the scheduler gave it a slot
     prefilled: int = 0  # prompt tokens already in the caches (all but the last are prefilled)
     finish_reason: str | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far (tokens 1..prefilled)

@@ -5,9 +5,11 @@ server/messages.py: Submit, Cancel and Shutdown in; Ready or Fatal, then Started
 Delta, Done, Error, KVUsage and Published out. Every submitted rid ends with exactly one Done or
 Error.
 
-The loop hands waiting requests to the engine while it has free KV slots, then runs one engine step
-(a chunk of prefill for new requests and one batched round for every running one), then reads the
-pipe again, so a cancel stops its request within one round and frees its slot.
+Every submitted request goes to the engine at once (its scheduler holds the one waiting queue and
+admits to free KV slots: a full pool queues, never fails). The loop runs one engine step (a chunk
+of prefill for new requests and one batched round for every running one), says which requests the
+step admitted, sends their outputs, then reads the pipe again, so a cancel stops its request within
+one round and frees its slot.
 
 A device error that can leave the CUDA context unusable (server/faults.py) ends the process: every
 request in flight gets a 503, a Fatal says why, and the worker exits with DEVICE_FAULT_EXIT so that
@@ -22,7 +24,6 @@ import os
 import signal
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +44,11 @@ DEVICE_FAULT_EXIT = 3  # the worker's exit status after a device fault (the fron
 
 @dataclass
 class Request:
-    """One generation as the worker sees it: what was submitted, and its engine state once admitted."""
+    """One generation as the worker sees it: what was submitted, and its engine state."""
 
     submit: m.Submit
-    seq: Any = None  # adasd_core.sequence.Sequence once admitted
+    seq: Any  # adasd_core.sequence.Sequence, queued in the engine from submission
+    started: bool = False  # the engine has admitted it to a KV slot (Started sent)
 
     @property
     def rid(self) -> str:
@@ -105,8 +107,7 @@ class Worker:
         self.saved_at = time.monotonic()
         self.dirty = False
         self.announced_epoch = engine.warm.epoch
-        self.waiting: deque[Request] = deque()
-        self.running: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # in the engine: waiting for a slot or running
         self.token_text = TokenText(engine.pair.tokenizer)
         self.stopping = False
         self.exit_code = 0  # DEVICE_FAULT_EXIT once the device has failed
@@ -117,12 +118,10 @@ class Worker:
 
     def run(self) -> None:
         while not self.stopping:
-            busy = bool(self.running or self.waiting)
-            self.poll(0.0 if busy else POLL_IDLE_S)
+            self.poll(0.0 if self.requests else POLL_IDLE_S)
             if self.stopping:
                 break
-            self.admit()
-            if self.running:
+            if self.requests:
                 self.step()
                 if self.round_delay_s:
                     time.sleep(self.round_delay_s)
@@ -178,36 +177,39 @@ class Worker:
     def handle(self, msg: m.ToWorker) -> None:
         match msg:
             case m.Submit():
-                self.waiting.append(Request(msg))
+                self.submit(msg)
             case m.Cancel():
                 self.cancel(msg.rid)
             case m.Shutdown():
-                log.info("shutting down (%d running, %d waiting are cancelled)", len(self.running), len(self.waiting))
+                started = sum(r.started for r in self.requests.values())
+                log.info("shutting down (%d running, %d waiting are cancelled)", started, len(self.requests) - started)
                 self.stopping = True
             case _:
                 log.error("unknown message %r", msg)
 
-    def admit(self) -> None:
-        """Waiting requests -> the engine, while it has free KV slots (a full pool queues, never fails)."""
-        while self.waiting and self.engine.free_slots > 0:
-            req = self.waiting.popleft()
-            sub = req.submit
-            try:
-                req.seq = self.engine.new_sequence(sub.prompt_ids, sub.params, sub.spec, request_id=sub.rid,
-                                                   epoch=sub.epoch)
-            except AdasdError as exc:
-                self.send(m.Error(req.rid, exc.status_code, exc.message, exc.param, exc.code))
-                continue
-            except Exception as exc:
-                if is_device_fault(exc):
-                    self.waiting.appendleft(req)
-                    return self.device_failed(exc)
-                log.exception("request %s failed to start", req.rid)
-                self.send(internal_error(req.rid))
-                continue
-            self.engine.add(req.seq)
-            self.send(m.Started(req.rid, max(0.0, time.monotonic() - sub.submitted_at)))
-            self.running[req.rid] = req
+    def submit(self, sub: m.Submit) -> None:
+        """A request -> the engine's queue (it admits to free KV slots), or its error now."""
+        try:
+            seq = self.engine.new_sequence(sub.prompt_ids, sub.params, sub.spec, request_id=sub.rid, epoch=sub.epoch)
+        except AdasdError as exc:
+            self.send(m.Error(sub.rid, exc.status_code, exc.message, exc.param, exc.code))
+            return
+        except Exception as exc:
+            if is_device_fault(exc):
+                self.send(device_error(sub.rid))
+                return self.device_failed(exc)
+            log.exception("request %s failed to start", sub.rid)
+            self.send(internal_error(sub.rid))
+            return
+        self.engine.add(seq)
+        self.requests[sub.rid] = Request(sub, seq)
+
+    def report_started(self) -> None:
+        """Started for the requests the last step admitted to a KV slot (before any of their output)."""
+        for req in self.requests.values():
+            if not req.started and req.seq.admitted_at is not None:
+                req.started = True
+                self.send(m.Started(req.rid, max(0.0, req.seq.admitted_at - req.submit.submitted_at)))
 
     def step(self) -> None:
         from adasd_core.sequence import PromptLogprobs  # here: the front end imports this module without torch
@@ -220,12 +222,14 @@ class Worker:
             if is_device_fault(exc):
                 return self.device_failed(exc)
             log.exception("engine step failed")
-            for req in list(self.running.values()):
-                self.finish(req)
-                self.send(internal_error(req.rid))
+            for req in list(self.requests.values()):
+                if req.started:
+                    self.finish(req)
+                    self.send(internal_error(req.rid))
             return
+        self.report_started()
         for seq, result in events:
-            req = self.running.get(seq.request_id)
+            req = self.requests.get(seq.request_id)
             if req is None:
                 continue
             if isinstance(result, BaseException):
@@ -251,33 +255,26 @@ class Worker:
         end starts a fresh worker). The engine is not called again."""
         reason = f"device error: {summary(exc)}"
         log.critical("%s; the worker exits so that a fresh one takes over", reason, exc_info=exc)
-        for req in [*self.running.values(), *self.waiting]:
-            self.send(m.Error(req.rid, 503, "the server's accelerator failed while serving this request; a fresh "
-                                            "worker is starting: retry shortly", None, "device_error"))
-        self.running.clear()
-        self.waiting.clear()
+        for req in self.requests.values():
+            self.send(device_error(req.rid))
+        self.requests.clear()
         self.send(m.Fatal(reason))
         self.stopping, self.exit_code = True, DEVICE_FAULT_EXIT
 
     # ------------------------------------------------------------------ endings
 
     def finish(self, req: Request) -> None:
-        self.running.pop(req.rid, None)
-        self.engine.abort(req.seq)  # frees the slot (no-op once the engine has released it)
+        self.requests.pop(req.rid, None)
+        self.engine.abort(req.seq)  # frees its slot or its place in the queue (no-op once the engine released it)
 
     def cancel(self, rid: str) -> None:
-        for req in self.waiting:
-            if req.rid == rid:
-                self.waiting.remove(req)
-                self.send(m.Done(rid, "cancelled", None))
-                return
-        req = self.running.get(rid)
+        req = self.requests.get(rid)
         if req is not None:  # an unknown rid has already finished
             self.finish(req)
-            self.send(m.Done(rid, "cancelled", req.seq.stats.to_dict()))
+            self.send(m.Done(rid, "cancelled", req.seq.stats.to_dict() if req.started else None))
 
     def cancel_all(self) -> None:
-        for rid in [r.rid for r in self.waiting] + list(self.running):
+        for rid in list(self.requests):
             self.cancel(rid)
 
     def send(self, msg: m.FromWorker) -> None:
@@ -285,6 +282,11 @@ class Worker:
             self.conn.send(msg)
         except (BrokenPipeError, EOFError, OSError):
             self.stopping = True
+
+
+def device_error(rid: str) -> m.Error:
+    return m.Error(rid, 503, "the server's accelerator failed while serving this request; a fresh worker is "
+                             "starting: retry shortly", None, "device_error")
 
 
 def internal_error(rid: str) -> m.Error:

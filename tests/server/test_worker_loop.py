@@ -28,6 +28,7 @@ class FakeSeq:
         self.request_id, self.rounds, self.fail_at = request_id, rounds, fail_at
         self.done_rounds = 0
         self.finish_reason = None
+        self.admitted_at: float | None = None
         self.stats = FakeStats(self)
 
     @property
@@ -36,12 +37,14 @@ class FakeSeq:
 
 
 class FakeEngine:
-    """The engine's serving interface over `slots` KV slots. prompt_ids[0] = rounds to run;
-    prompt_ids[1] (optional) = round at which that sequence fails; [] -> 400."""
+    """The engine's serving interface over `slots` KV slots: it queues what does not fit and admits
+    at the start of a step. prompt_ids[0] = rounds to run; prompt_ids[1] (optional) = round at which
+    that sequence fails; [] -> 400."""
 
     def __init__(self, slots: int):
         self.pair = SimpleNamespace(tokenizer=SimpleNamespace(decode=lambda ids: "x"))
         self.slots = slots
+        self.waiting: deque[FakeSeq] = deque()
         self.running: list[FakeSeq] = []
         self.aborted: list[str] = []
         self.warm = WarmState()
@@ -56,10 +59,14 @@ class FakeEngine:
         return FakeSeq(request_id, prompt_ids[0], prompt_ids[1] if len(prompt_ids) > 1 else None)
 
     def add(self, seq) -> None:
-        assert self.free_slots > 0, "the worker must not overfill the pool"
-        self.running.append(seq)
+        self.waiting.append(seq)
 
     def step(self):
+        while self.waiting and self.free_slots > 0:
+            seq = self.waiting.popleft()
+            seq.admitted_at = 0.0
+            self.running.append(seq)
+            assert len(self.running) <= self.slots, "the pool is never overfilled"
         events = []
         for seq in list(self.running):  # one batched round: every running sequence advances
             if seq.fail_at is not None and seq.done_rounds == seq.fail_at:
@@ -76,6 +83,8 @@ class FakeEngine:
         return events
 
     def abort(self, seq) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
             self.aborted.append(seq.request_id)
@@ -188,7 +197,7 @@ def test_shutdown_cancels_everything_in_flight():
 def test_slots_are_freed_on_finish_cancel_and_error_and_a_full_pool_queues():
     engine = FakeEngine(slots=2)
     conn = FakeConn([submit("a", 50), submit("b", 3, 1), submit("c", 2), submit("d", 2)], cancel_a_after_first_delta)
-    Worker(engine, conn).run()  # FakeEngine.add asserts the worker never overfills the pool
+    Worker(engine, conn).run()  # FakeEngine.step asserts the pool is never overfilled
     ends = endings(conn.sent)
     assert {rid: type(ms[0]) for rid, ms in ends.items()} == {"a": Done, "b": Error, "c": Done, "d": Done}
     assert engine.aborted == ["a"] and engine.running == [] and engine.free_slots == 2
