@@ -73,13 +73,21 @@ def _options(log_level: Optional[str] = LogLevelOpt):
 
 
 def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: Optional[str], trust_remote_code: bool,
-                 need_draft: bool = True):
+                 need_draft: bool = True, prompt: str | None = None, max_tokens: int | None = None,
+                 calibrate: bool = True):
+    """An engine sized for what one command runs: one KV slot of the prompt's length plus max_tokens
+    (not the model's whole context), step costs measured at batch size 1 only, none for `ar`."""
+    from dataclasses import replace
+
     from adasd_core.llm import LLM
     from adasd_core.models import load_pair
 
     pair = load_pair(target, draft if need_draft else None, device=device, dtype=dtype, device_map=device_map,
                      trust_remote_code=trust_remote_code)
-    return LLM(pair)
+    if prompt is not None and max_tokens is not None:
+        needed = len(pair.tokenizer(prompt, add_special_tokens=True)["input_ids"]) + max_tokens
+        pair = replace(pair, context_length=min(pair.context_length, max(needed, 2)))
+    return LLM(pair, max_running=1, calibrate=calibrate)
 
 
 ModelOpts = dict(
@@ -121,14 +129,12 @@ def generate(
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
         spec = SpecConfig(method=method, k=k, verification=verification)
-        engine = _load_engine(target, draft, device, dtype, device_map, trust_remote_code,
-                              need_draft=compare or method != "ar")
         shown = prompt
         if chat:
-            if not engine.pair.tokenizer.chat_template:
-                raise typer.BadParameter("this model's tokenizer has no chat template", param_hint="--chat")
-            prompt = engine.pair.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                               add_generation_prompt=True)
+            prompt = _chat_prompt(target, trust_remote_code, prompt)
+        engine = _load_engine(target, draft, device, dtype, device_map, trust_remote_code,
+                              need_draft=compare or method != "ar", prompt=prompt, max_tokens=max_tokens,
+                              calibrate=compare or method != "ar")
         if compare:
             _compare(engine, prompt, params, k, verification, repeats, as_json)
             return
@@ -143,10 +149,23 @@ def generate(
     console.print(shown if not chat else f"{shown}\n", end="", style="dim", highlight=False, markup=False)
     console.print(result.text, highlight=False, markup=False)
     s = result.stats
-    console.print(
-        f"[dim]{s.generated_tokens} tokens, {s.tokens_per_second:.1f} tok/s, acceptance {s.acceptance_rate:.2f}, "
-        f"mean draft {s.mean_draft_length:.2f}, est. speedup {s.estimated_speedup:.2f}x, finish {result.finish_reason}[/dim]"
-    )
+    spec_part = (f", acceptance {s.acceptance_rate:.2f}, mean draft {s.mean_draft_length:.2f}, "
+                 f"est. speedup {s.estimated_speedup:.2f}x" if method != "ar" else "")
+    console.print(f"[dim]{s.generated_tokens} tokens, {s.tokens_per_second:.1f} tok/s{spec_part}, "
+                  f"finish {result.finish_reason}[/dim]")
+
+
+def _chat_prompt(target: str, trust_remote_code: bool, message: str) -> str:
+    """The message as a user turn in the target's chat template (its tokenizer alone, before any weights)."""
+    from transformers import AutoTokenizer
+
+    from adasd_core.models import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(target, "target"), trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        raise typer.BadParameter("this model's tokenizer has no chat template", param_hint="--chat")
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def _compare(engine, prompt, params, k, verification, repeats, as_json):

@@ -287,6 +287,7 @@ def measure(target_pool, draft_pool, vocab: int, max_batch: int, context: int = 
     Each draft step is timed right after a target forward, as in a round (the target's weights
     have just evicted the draft's from the caches)."""
     batch_sizes = [b for b in BATCH_SIZES if b <= max_batch] or [1]
+    context = max(1, min(context, target_pool.capacity - max(LENGTHS) - 1))  # slots sized for one short request
     lengths = [n for n in LENGTHS if context + n < target_pool.capacity]
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
