@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from adasd_core import draft_head
+from adasd_core.device import fold_query_groups
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # MKL's GEMM on weights packed once: at the few rows of a decode or verify step it runs at memory
@@ -215,6 +216,26 @@ def lean_model(model) -> LeanModel:
     return lean
 
 
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+               scale: float, groups: int) -> torch.Tensor:
+    """q [B, n, H, D] over keys, values [B, H_kv, end, D] -> [B, n, H, D].
+
+    groups > 1 folds the H / H_kv query heads of each KV head into its query rows ([B, H_kv, n G, D],
+    row j G + g; the mask comes with one row per query row): plain multi-head attention, which the
+    fused kernels take with a mask, where grouped heads and a mask together fall back to the math
+    kernel, which repeats K / V per query head. groups == 1 passes grouped heads as they are."""
+    B, n, H, D = q.shape
+    Hkv = keys.size(1)
+    if groups == 1:
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=Hkv != H,
+        ).transpose(1, 2)
+    assert not causal and groups * Hkv == H, (causal, groups, Hkv, H)
+    q = q.reshape(B, n, Hkv, groups, D).transpose(1, 2).reshape(B, Hkv, n * groups, D)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # [B, H_kv, n G, D]
+    return out.reshape(B, Hkv, n, groups, D).transpose(1, 2).reshape(B, n, H, D)
+
+
 def forward(
     lean: LeanModel,
     k_pool: torch.Tensor,
@@ -250,13 +271,15 @@ def forward(
     s0 = slots[0]
     slot_idx = torch.tensor(slots, device=dev)
     slot_tok = slot_idx[b_idx]  # [T]
+    groups = H // Hkv if Hkv != H and fold_query_groups(dev) else 1
     if B == 1 and n == 1:
         mask, causal = None, False
-    elif B == 1 and starts[0] == 0:
-        mask, causal = None, True
+    elif B == 1 and starts[0] == 0:  # a causal mask from the kernel: flash takes grouped heads without one
+        mask, causal, groups = None, True, 1
     else:  # column j of sequence b sits at position starts[b] + j and sees keys 0..starts[b] + j
         pos_bn = start_t[:, None] + torch.arange(n, device=dev)  # [B, n]
         mask = (torch.arange(end, device=dev)[None, None, :] <= pos_bn[:, :, None])[:, None]  # [B, 1, n, end]
+        mask = mask.repeat_interleave(groups, dim=2) if groups > 1 else mask  # [B, 1, n G, end]
         causal = False
 
     x = F.embedding(ids, lean.embed)  # [T, C]
@@ -279,14 +302,12 @@ def forward(
         else:
             keys, values = kc[slot_idx, :, :end], vc[slot_idx, :, :end]
         if not ragged:
-            q = q.reshape(B, n, H, D).transpose(1, 2)  # [B, H, n, D]
+            q = q.reshape(B, n, H, D)
         else:
             q_pad = q.new_zeros(B, n, H, D)
             q_pad[b_idx, j_idx] = q
-            q = q_pad.transpose(1, 2)
-        attn = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=causal, scale=lean.scale, enable_gqa=Hkv != H,
-        ).transpose(1, 2)  # [B, n, H, D]
+            q = q_pad
+        attn = _attention(q, keys, values, mask, causal, lean.scale, groups)  # [B, n, H, D]
         attn = attn[b_idx, j_idx] if ragged else attn
         x = x + o_proj(attn.reshape(T, H * D))
         gate, up = gate_up(lean.rms_norm(x, ln2)).chunk(2, dim=-1)

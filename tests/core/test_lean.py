@@ -194,3 +194,71 @@ def test_a_draft_folder_asks_for_int8_weights(monkeypatch):
     assert not torch.equal(a, b)
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
+
+
+GQA_MODELS = {
+    "llama-gqa": MODELS["llama-gqa"],
+    "qwen2": MODELS["qwen2"],
+    "llama-mqa-8": lambda: _model(LlamaForCausalLM, LlamaConfig, num_attention_heads=8, num_key_value_heads=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GQA_MODELS))
+def test_folded_query_groups_match_grouped_heads_and_transformers(name, monkeypatch):
+    """Grouped query heads folded into the query rows (one mask row per folded row) give the logits of
+    enable_gqa and of transformers: chunked prefill, ragged batches, verify blocks at different starts,
+    single decode steps, in any slot order."""
+    model = GQA_MODELS[name]()
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(0, SMALL["vocab_size"], (220,), generator=g).tolist() for _ in range(3)]
+    ref = kv_cache.HFPool(model, 3, 256)
+    pools = {fold: kv_cache.make_pool(model, 3, 256) for fold in (True, False)}
+    pos = [0] * 3
+    steps = [([0], [16]), ([0], [16]), ([0], [9]),  # one prompt prefilled in chunks (the first causal, then masked)
+             ([1, 2], [30, 3]), ([0, 1, 2], [5, 1, 12]),  # ragged: a prefill chunk beside decode steps
+             ([0, 1, 2], [4, 4, 4]), ([2, 0], [6, 2]),  # verify blocks at different starts, out of slot order
+             ([1], [1]), ([0], [5]), ([0, 2], [1, 1]), ([0, 1, 2], [17, 2, 1])]
+    for slots, ns in steps:
+        feeds = [seqs[s][pos[s] : pos[s] + n] for s, n in zip(slots, ns)]
+        want = ref.forward(slots, feeds, all_logits=True)
+        got = {}
+        for fold, pool in pools.items():
+            monkeypatch.setattr(lean, "fold_query_groups", lambda device, fold=fold: fold)
+            got[fold] = pool.forward(slots, feeds, all_logits=True)
+        torch.testing.assert_close(got[True], got[False], rtol=1e-5, atol=1e-5)
+        _close(want, got[True])
+        for s, n in zip(slots, ns):
+            pos[s] += n - min(1, n - 1)  # keep all but one of a block, as a partial acceptance does
+            for pool in (ref, *pools.values()):
+                pool.rollback(s, pos[s])
+
+
+def test_single_sequence_steps_take_no_mask_and_folded_steps_no_enable_gqa(monkeypatch):
+    """B == 1: a decode step and a prefill from position 0 pass no mask (the kernel's causal flag for the
+    prefill); a verify block after a prefix needs one. Folded calls never pass enable_gqa."""
+    model = GQA_MODELS["llama-mqa-8"]()
+    pool = kv_cache.make_pool(model, 2, 64)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, **kw):
+        calls.append((tuple(q.shape), None if attn_mask is None else tuple(attn_mask.shape), is_causal, enable_gqa))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(lean, "fold_query_groups", lambda device: True)
+    layers, D = model.config.num_hidden_layers, 64 // 8
+
+    def one_call(slots, feeds):
+        calls.clear()
+        pool.forward(slots, feeds)
+        assert len(calls) == layers and len(set(calls)) == 1
+        return calls[0]
+
+    assert one_call([0], [[1, 2, 3, 4, 5]]) == ((1, 8, 5, D), None, True, True)  # prefill: causal, grouped heads
+    assert one_call([0], [[6]]) == ((1, 1, 8, D), None, False, False)  # decode: 8 folded rows, no mask
+    assert one_call([0], [[7, 8, 9]]) == ((1, 1, 24, D), (1, 1, 24, 9), False, False)  # verify: one mask row per row
+    assert one_call([0, 1], [[1], [2, 3]]) == ((2, 1, 16, D), (2, 1, 16, 10), False, False)  # ragged batch
+    monkeypatch.setattr(lean, "fold_query_groups", lambda device: False)
+    assert one_call([0], [[4]]) == ((1, 8, 1, D), None, False, True)
+    assert one_call([0, 1], [[1, 2], [3]]) == ((2, 8, 2, D), (2, 1, 2, 13), False, True)
