@@ -280,6 +280,7 @@ class Worker:
 
 
 def load_engine(settings: dict):
+    from adasd_core.device import device_identity
     from adasd_core.engine import SpecConfig, SpeculativeEngine
     from adasd_core.kv_cache import plan_slots
     from adasd_core.models import load_pair
@@ -301,9 +302,9 @@ def load_engine(settings: dict):
     engine.kv_bytes_per_slot = per_slot
     engine.schedule = Schedule(first=settings.get("warm_epoch_rounds", 32), freeze=settings.get("warm_freeze_rounds", 4096))
     # what the statistics and the plan depend on besides the models: the algorithm's settings and the
-    # kind of device and number format (a state file carried to another machine is not used there)
+    # device, its model (GPU and capability, or CPU) and number format: a state file carried to other hardware is not used there
     engine.state_identity = pair_identity(pair, {"window": spec.window, "dtype": str(pair.dtype),
-                                                 "device": pair.device.type})
+                                                 "device": pair.device.type, "hardware": device_identity(pair.device)})
     engine.static_fingerprint = static_fingerprint(engine.state_identity, settings)
     engine.state_path = None
     path = warm_state_path(settings)
