@@ -103,8 +103,15 @@ def test_unknown_architectures_keep_the_transformers_forward():
     assert not lean.supports(windowed)
     split = MODELS["llama"]()
     assert lean.supports(split)
-    split.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": "disk"}  # spread or offloaded
+    split.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": "disk"}  # offloaded to disk
     assert not lean.supports(split)
+    split.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}  # or to the host
+    assert not lean.supports(split)
+    split.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": 1}  # spread over two cards
+    assert lean.supports(split)
+    with torch.device("meta"):
+        offloaded = LlamaForCausalLM(split.config)  # what accelerate leaves of weights it loads in hooks
+    assert not lean.supports(offloaded)
 
 
 def test_engine_output_is_the_same_on_either_path(quick_engine, monkeypatch):
@@ -262,3 +269,46 @@ def test_single_sequence_steps_take_no_mask_and_folded_steps_no_enable_gqa(monke
     monkeypatch.setattr(lean, "fold_query_groups", lambda device: False)
     assert one_call([0], [[4]]) == ((1, 8, 1, D), None, False, True)
     assert one_call([0, 1], [[1, 2], [3]]) == ((2, 8, 2, D), (2, 1, 2, 13), False, True)
+
+
+def test_a_model_split_over_devices_keeps_each_layers_kv_on_its_device(monkeypatch):
+    """A device map over two cards: each layer's K, V in a buffer on its layer's device, the hidden state
+    (and the step's indices) moved at the boundary, the logits transformers' through ragged batches,
+    rollbacks and a slot swap. The two devices here are the CPU under two names (cpu and cpu:0), so
+    the per-device plumbing runs on this machine."""
+    model = _model(LlamaForCausalLM, LlamaConfig, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
+    model.hf_device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                           "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+    assert lean.supports(model)
+    second = torch.device("cpu", 0)
+    fast_model = lean.lean_model(model)
+    fast_model.layer_devices = [fast_model.device] * 2 + [second] * 2  # where that map puts the weights
+    fast_model.split = True
+    moves = []
+    to = lean._to
+    monkeypatch.setattr(lean, "_to", lambda device, *ts: moves.append(device) or to(device, *ts))
+    ref, fast = kv_cache.HFPool(model, 3, 128), kv_cache.make_pool(model, 3, 128)
+    assert isinstance(fast, kv_cache.LeanPool) and [layers for layers, _, _ in fast.buffers] == [[0, 1], [2, 3]]
+    assert [k.device for _, k, _ in fast.buffers] == [torch.device("cpu")] * 2  # (both are this CPU)
+    for i, (layers, k, v) in [(i, b) for b in fast.buffers for i in b[0]]:
+        j = layers.index(i)
+        assert fast.k[i].data_ptr() == k[j].data_ptr() and fast.v[i].data_ptr() == v[j].data_ptr()
+
+    g = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(0, SMALL["vocab_size"], (100,), generator=g).tolist() for _ in range(3)]
+    pos = [0] * 3
+    for slots, ns in [([0], [12]), ([0, 1, 2], [1, 9, 4]), ([2, 0], [3, 3]), ([1], [1]), ([0, 1, 2], [2, 1, 5])]:
+        moves.clear()
+        feeds = [seqs[s][pos[s] : pos[s] + n] for s, n in zip(slots, ns)]
+        _close(ref.forward(slots, feeds, all_logits=True), fast.forward(slots, feeds, all_logits=True))
+        assert moves and set(moves) == {second}  # into the second card's layers, never elsewhere
+        for s, n in zip(slots, ns):
+            pos[s] += n - min(1, n - 1)
+            ref.rollback(s, pos[s])
+            fast.rollback(s, pos[s])
+    assert fast.buffers[1][1][:, 0, :, : pos[0]].abs().sum() > 0  # the second device's layers hold their KV
+    for pool in (ref, fast):
+        pool.swap(0, 2)
+    seqs[0], seqs[2], pos[0], pos[2] = seqs[2], seqs[0], pos[2], pos[0]
+    feeds = [seqs[s][pos[s] : pos[s] + 2] for s in range(3)]
+    _close(ref.forward([0, 1, 2], feeds), fast.forward([0, 1, 2], feeds))
