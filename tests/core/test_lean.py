@@ -1,5 +1,8 @@
 """The lean batched forward (adasd_core.lean over kv_cache.LeanPool) gives transformers' logits, per
-sequence, through ragged batches, rollbacks and slot swaps."""
+sequence, through ragged batches, rollbacks and slot swaps. The models run on ADASD_TEST_DEVICE (cpu
+unless set: scripts/gpu_check.sh sets cuda), float32."""
+
+import os
 
 import pytest
 import torch
@@ -17,12 +20,13 @@ from transformers import (
 
 from adasd_core import kv_cache, lean
 
+DEVICE = torch.device(os.environ.get("ADASD_TEST_DEVICE", "cpu"))
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512)
 
 
 def _model(cls, cfg_cls, seed=0, **kw):
     torch.manual_seed(seed)
-    model = cls(cfg_cls(**{**SMALL, **kw})).eval()
+    model = cls(cfg_cls(**{**SMALL, **kw})).eval().to(DEVICE)
     model.config._attn_implementation = "sdpa"
     return model
 
@@ -186,7 +190,7 @@ def test_a_draft_folder_asks_for_int8_weights(monkeypatch):
     ADASD_INT8=0 and other models keep float weights. The argmax mostly survives."""
     import copy
 
-    plain = MODELS["llama-gqa"]()
+    plain = MODELS["llama-gqa"]().cpu()  # int8 weights are a CPU path
     flagged = copy.deepcopy(plain)
     flagged.config.adasd_draft = {"int8_weights": True}
     assert lean.int8_weights(flagged) and not lean.int8_weights(plain)
@@ -274,14 +278,16 @@ def test_single_sequence_steps_take_no_mask_and_folded_steps_no_enable_gqa(monke
 def test_a_model_split_over_devices_keeps_each_layers_kv_on_its_device(monkeypatch):
     """A device map over two cards: each layer's K, V in a buffer on its layer's device, the hidden state
     (and the step's indices) moved at the boundary, the logits transformers' through ragged batches,
-    rollbacks and a slot swap. The two devices here are the CPU under two names (cpu and cpu:0), so
-    the per-device plumbing runs on this machine."""
+    rollbacks and a slot swap. The two devices here are one device under two names (cpu and cpu:0, or
+    cuda:0 and cuda), so the per-device plumbing runs on a machine of one device."""
     model = _model(LlamaForCausalLM, LlamaConfig, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
     model.hf_device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
                            "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
     assert lean.supports(model)
-    second = torch.device("cpu", 0)
     fast_model = lean.lean_model(model)
+    here = fast_model.device
+    second = torch.device(here.type, 0) if here.index is None else torch.device(here.type)  # the same, named apart
+    assert second != here
     fast_model.layer_devices = [fast_model.device] * 2 + [second] * 2  # where that map puts the weights
     fast_model.split = True
     moves = []
@@ -289,7 +295,7 @@ def test_a_model_split_over_devices_keeps_each_layers_kv_on_its_device(monkeypat
     monkeypatch.setattr(lean, "_to", lambda device, *ts: moves.append(device) or to(device, *ts))
     ref, fast = kv_cache.HFPool(model, 3, 128), kv_cache.make_pool(model, 3, 128)
     assert isinstance(fast, kv_cache.LeanPool) and [layers for layers, _, _ in fast.buffers] == [[0, 1], [2, 3]]
-    assert [k.device for _, k, _ in fast.buffers] == [torch.device("cpu")] * 2  # (both are this CPU)
+    assert [k.device for _, k, _ in fast.buffers] == [here] * 2  # (both are this device)
     for i, (layers, k, v) in [(i, b) for b in fast.buffers for i in b[0]]:
         j = layers.index(i)
         assert fast.k[i].data_ptr() == k[j].data_ptr() and fast.v[i].data_ptr() == v[j].data_ptr()
