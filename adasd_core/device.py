@@ -32,17 +32,40 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the card computes in bf16 natively: compute capability 8.0 (Ampere) or later. Older cards
+    (T4, V100) emulate it slowly, though torch.cuda.is_bf16_supported() counts that emulation."""
+    if torch.version.hip:  # ROCm: what torch reports is native
+        return torch.cuda.is_bf16_supported()
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
 def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch.dtype:
-    """`auto` is bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 elsewhere."""
+    """`auto` is bf16 on CUDA (fp16 on cards without native bf16) and fp32 elsewhere."""
     if dtype == "auto":
         device = device or resolve_device()
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16(device) else torch.float16
         return torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}: use auto, {', '.join(sorted(DTYPES))}") from None
+
+
+FOLD_ENV = "ADASD_FOLD_GQA"  # 1 / 0 forces the lean attention's layout (measurements, tests)
+
+
+def fold_query_groups(device: torch.device) -> bool:
+    """Whether the lean forward folds grouped query heads into the query rows (adasd_core.lean._attention)
+    rather than passing enable_gqa: on CUDA a mask with enable_gqa has no fused kernel."""
+    import os
+
+    forced = os.environ.get(FOLD_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return True
 
 
 def cpu_autocast_dtype() -> torch.dtype | None:
@@ -57,9 +80,8 @@ def cpu_autocast_dtype() -> torch.dtype | None:
     return torch.bfloat16 if ("avx512" in cap or "amx" in cap) else None
 
 
-def machine_info() -> dict:
-    """What a benchmark result was measured on."""
-    import os
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo), else what platform knows."""
     import platform
 
     cpu = platform.processor() or platform.machine()
@@ -68,7 +90,24 @@ def machine_info() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    return cpu
+
+
+def device_identity(device: torch.device) -> str:
+    """The hardware a measured plan belongs to: the GPU model and compute capability on CUDA, the CPU
+    model elsewhere (MPS runs on the Apple chip the CPU model names)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+    return f"{device.type} {cpu_model()}"
+
+
+def machine_info() -> dict:
+    """What a benchmark result was measured on."""
+    import os
+    import platform
+
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
     try:
         import transformers

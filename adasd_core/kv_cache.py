@@ -4,9 +4,9 @@ A slot holds every token of its sequence but the last; a rejection is undone by 
 back to the accepted prefix, never by re-running it. `forward` appends a ragged batch of token
 lists to their slots in one call.
 
-Llama-family models on one device run adasd_core.lean over one preallocated buffer (a rollback
-lowers a length). Other models run transformers' forward over a DynamicCache per slot, one
-sequence at a time: correct, not batched.
+Llama-family models run adasd_core.lean over one preallocated buffer per device (a rollback lowers a
+length). Other models, and weights that accelerate offloads to the host or disk, run transformers'
+forward over a DynamicCache per slot, one sequence at a time: correct, not batched.
 """
 
 from __future__ import annotations
@@ -47,16 +47,29 @@ def hf_forward(model, ids: torch.Tensor, cache=None, logits_to_keep: int = 1):
 
 
 class LeanPool:
-    """K, V [layers, slots, H_kv, capacity, D] for the lean forward, and each slot's length."""
+    """K, V [layers, slots, H_kv, capacity, D] for the lean forward, and each slot's length. A model split
+    over devices keeps each layer's K, V on its layer's device: k, v are then lists of [slots, H_kv,
+    capacity, D], views of one buffer per device."""
 
     batched = True
 
     def __init__(self, model, slots: int, capacity: int):
         self.lean = lean.lean_model(model)
         m = self.lean
-        shape = (m.n_layers, slots, m.n_kv, capacity, m.head_dim)
-        self.k = torch.zeros(shape, dtype=m.dtype, device=m.device)
-        self.v = torch.zeros(shape, dtype=m.dtype, device=m.device)
+        devices = list(dict.fromkeys(m.layer_devices))
+        self.buffers = []  # (device's layers, K, V) [their count, slots, H_kv, capacity, D]
+        for device in devices:
+            layers = [i for i, d in enumerate(m.layer_devices) if d == device]
+            shape = (len(layers), slots, m.n_kv, capacity, m.head_dim)
+            self.buffers.append((layers, torch.zeros(shape, dtype=m.dtype, device=device),
+                                 torch.zeros(shape, dtype=m.dtype, device=device)))
+        if len(devices) == 1:
+            self.k, self.v = self.buffers[0][1], self.buffers[0][2]
+        else:
+            self.k, self.v = [None] * m.n_layers, [None] * m.n_layers
+            for layers, k, v in self.buffers:
+                for j, i in enumerate(layers):
+                    self.k[i], self.v[i] = k[j], v[j]
         self.lengths = [0] * slots
         self.capacity = capacity
 
@@ -96,7 +109,7 @@ class LeanPool:
 
     def swap(self, a: int, b: int) -> None:
         n = max(self.lengths[a], self.lengths[b])
-        for buf in (self.k, self.v):
+        for buf in (buf for _, k, v in self.buffers for buf in (k, v)):
             tmp = buf[:, a, :, :n].clone()
             buf[:, a, :, :n] = buf[:, b, :, :n]
             buf[:, b, :, :n] = tmp
@@ -150,39 +163,91 @@ def make_pool(model, slots: int, capacity: int, use_lean: bool = True):
     return HFPool(model, slots, capacity)
 
 
-def kv_bytes_per_slot(model, capacity: int) -> int:
-    """KV bytes one slot of `capacity` positions takes for this model."""
+def _as_device(where) -> torch.device:
+    """A device map's value: a GPU index, a name ("cuda:1", "cpu", "disk") or a torch.device."""
+    return torch.device("cuda", where) if isinstance(where, int) else torch.device(where)
+
+
+def layer_devices(model) -> list[torch.device]:
+    """The device each decoder layer runs on, so where its KV lives: its weights' device from the model's
+    device map, or for a layer accelerate offloads to the host or disk, the map's first accelerator
+    (where its weights are brought to run)."""
+    n = model.config.num_hidden_layers
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if len(set(map(str, device_map.values()))) <= 1:
+        one = _as_device(next(iter(device_map.values()))) if device_map else next(model.parameters()).device
+        return [one] * n
+    layers = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
+    if layers is None:
+        raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__} to place their KV")
+    names = {id(module): name for name, module in model.named_modules()}
+    runs_on = [_as_device(d) for d in device_map.values() if str(d) not in ("cpu", "disk")]
+    main = runs_on[0] if runs_on else torch.device("cpu")
+
+    def placed(name: str) -> torch.device:
+        keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+        if not keys:
+            return main
+        where = device_map[max(keys, key=len)]
+        return main if str(where) in ("cpu", "disk") else _as_device(where)
+
+    return [placed(names[id(layer)]) for layer in layers]
+
+
+def kv_bytes_per_device(model, capacity: int) -> dict[torch.device, int]:
+    """KV bytes one slot of `capacity` positions takes on each device this model's layers run on."""
     cfg = model.config
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     item = next(model.parameters()).element_size()
-    return 2 * cfg.num_hidden_layers * heads * capacity * head_dim * item
+    out: dict[torch.device, int] = {}
+    for device in layer_devices(model):
+        out[device] = out.get(device, 0) + 2 * heads * capacity * head_dim * item
+    return out
+
+
+def kv_bytes_per_slot(model, capacity: int) -> int:
+    """KV bytes one slot of `capacity` positions takes for this model."""
+    return sum(kv_bytes_per_device(model, capacity).values())
+
+
+def device_budget(device: torch.device, memory_fraction: float = 0.9) -> float:
+    """Bytes the KV pool may take on `device`: on CUDA what is left of `memory_fraction` of the card after
+    loading; elsewhere half the free RAM (inf where unknown)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return free - (1.0 - memory_fraction) * total
+    import os
+
+    try:
+        return 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return float("inf")
 
 
 def plan_slots(pair, max_running: int, memory_fraction: float = 0.9) -> tuple[int, int]:
-    """How many KV slots fit: (slots, bytes per slot). On CUDA the pool gets what is left of
-    `memory_fraction` of the card after loading both models; elsewhere half the free RAM.
-    Raises ModelLoadError when not even one slot fits."""
+    """How many KV slots fit: (slots, bytes per slot). Each device's share of a slot (the KV of the layers
+    placed there, for both models) is held against that device's budget (device_budget); the tightest
+    device decides. Raises ModelLoadError when not even one slot fits."""
     from adasd_core.drafting import WINDOW
     from adasd_core.errors import ModelLoadError
 
     capacity = pair.context_length + WINDOW + 2
-    per_slot = sum(kv_bytes_per_slot(m, capacity) for m in (pair.target, pair.draft) if m is not None)
-    if pair.device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(pair.device)
-        budget = free - (1.0 - memory_fraction) * total
-    else:
-        import os
-
-        try:
-            budget = 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            budget = float("inf")
-    fits = int(budget // per_slot) if budget != float("inf") else max_running
-    if fits < 1:
-        raise ModelLoadError(
-            f"one KV slot of {pair.context_length} tokens needs {per_slot / 2**20:.0f} MiB but only "
-            f"{max(budget, 0) / 2**20:.0f} MiB are left after loading the models: lower max_model_len "
-            "or raise gpu_memory_fraction, or use a larger device"
-        )
-    return min(max_running, fits), per_slot
+    need: dict[torch.device, int] = {}
+    for model in (pair.target, pair.draft):
+        if model is not None:
+            for device, n in kv_bytes_per_device(model, capacity).items():
+                need[device] = need.get(device, 0) + n
+    fits = max_running
+    for device, per_slot in need.items():
+        budget = device_budget(device, memory_fraction)
+        if budget == float("inf"):
+            continue
+        if budget < per_slot:
+            raise ModelLoadError(
+                f"one KV slot of {pair.context_length} tokens needs {per_slot / 2**20:.0f} MiB on {device} but only "
+                f"{max(budget, 0) / 2**20:.0f} MiB are left there after loading the models: lower max_model_len "
+                "or raise gpu_memory_fraction, or use a larger device"
+            )
+        fits = min(fits, int(budget // per_slot))
+    return fits, sum(need.values())

@@ -5,8 +5,10 @@ the loaded module's own weights op for op as transformers' Llama code does, with
 gate/up each fused into one matmul (the fused weights share storage with the module's, so no
 memory is added). A batch is ragged: sequence b appends n_b tokens at its own length; the tokens
 run packed through the matmuls, and attention pads them per sequence with a mask that keeps each
-query to its own slot's keys. A rejection is undone by lowering a slot's length. Architectures it does not know, and models split over devices,
-keep the transformers forward (kv_cache.HFPool).
+query to its own slot's keys. A rejection is undone by lowering a slot's length. A model split over
+GPUs by a device map runs each layer on its own card (its KV there too; the hidden state moves at the
+boundaries). Architectures it does not know, and models whose weights accelerate offloads to the host
+or disk, keep the transformers forward (kv_cache.HFPool).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from adasd_core import draft_head
+from adasd_core.device import fold_query_groups
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # MKL's GEMM on weights packed once: at the few rows of a decode or verify step it runs at memory
@@ -52,10 +55,10 @@ def supports(model) -> bool:
     window = getattr(cfg, "sliding_window", None)
     if window and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
         return False
-    # one device and no accelerate offload (offloaded weights sit on "meta" and load in hooks)
-    devices = {p.device for p in model.parameters()}
+    # no accelerate offload: offloaded weights sit on "meta" and load in hooks, at every call
     device_map = getattr(model, "hf_device_map", None) or {}
-    if len(devices) != 1 or next(iter(devices)).type == "meta" or len(set(device_map.values())) > 1:
+    placed = {str(d) for d in device_map.values()}
+    if any(p.device.type == "meta" for p in model.parameters()) or len(placed) > 1 and placed & {"cpu", "disk"}:
         return False
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not layers or hasattr(layers[0].self_attn, "q_norm") or not hasattr(model.model, "rotary_emb"):
@@ -179,6 +182,9 @@ class LeanModel:
             rows = head.weight.index_select(0, self.head_tokens)
             self.head = Linear(rows, None if head.bias is None else head.bias.index_select(0, self.head_tokens), int8=q8)
         self.dtype, self.device = self.embed.dtype, self.embed.device
+        # a model split over devices: where each layer runs (its weights, and its KV in the pool)
+        self.layer_devices = [layer.input_layernorm.weight.device for layer in inner.layers[: self.n_layers]]
+        self.split = len({self.device, self.norm.device, self.head.weight.device, *self.layer_devices}) > 1
         self.cos = self.sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
 
     def rotary(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +193,7 @@ class LeanModel:
         if max_position >= self.cos.size(0):
             size = max(max_position + 1, 2 * self.cos.size(0), 256)
             table_positions = torch.arange(size, device=self.device)[None]
-            cos, sin = self.model.model.rotary_emb(self.embed[:1][None], table_positions)
+            cos, sin = (t.to(self.device) for t in self.model.model.rotary_emb(self.embed[:1][None], table_positions))
             half = self.head_dim // 2
             self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         return self.cos[positions], self.sin[positions]
@@ -201,7 +207,11 @@ class LeanModel:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[T, C] final hidden states -> [T, V] logits (-inf outside a subset head)."""
-        out = self.head(self.rms_norm(x, self.norm))
+        if self.split:
+            x = self.rms_norm(x.to(self.norm.device), self.norm).to(self.head.weight.device)
+            out = self.head(x)
+        else:
+            out = self.head(self.rms_norm(x, self.norm))
         if self.head_tokens is None:
             return out
         full = out.new_full((out.shape[0], self.vocab_size), float("-inf"))
@@ -215,6 +225,30 @@ def lean_model(model) -> LeanModel:
     return lean
 
 
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+               scale: float, groups: int) -> torch.Tensor:
+    """q [B, n, H, D] over keys, values [B, H_kv, end, D] -> [B, n, H, D].
+
+    groups > 1 folds the H / H_kv query heads of each KV head into its query rows ([B, H_kv, n G, D],
+    row j G + g; the mask comes with one row per query row): plain multi-head attention, which the
+    fused kernels take with a mask, where grouped heads and a mask together fall back to the math
+    kernel, which repeats K / V per query head. groups == 1 passes grouped heads as they are."""
+    B, n, H, D = q.shape
+    Hkv = keys.size(1)
+    if groups == 1:
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=Hkv != H,
+        ).transpose(1, 2)
+    assert not causal and groups * Hkv == H, (causal, groups, Hkv, H)
+    q = q.reshape(B, n, Hkv, groups, D).transpose(1, 2).reshape(B, Hkv, n * groups, D)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # [B, H_kv, n G, D]
+    return out.reshape(B, Hkv, n, groups, D).transpose(1, 2).reshape(B, n, H, D)
+
+
+def _to(device: torch.device, *tensors: torch.Tensor | None) -> tuple:
+    return tuple(None if t is None else t.to(device, non_blocking=True) for t in tensors)
+
+
 def forward(
     lean: LeanModel,
     k_pool: torch.Tensor,
@@ -224,7 +258,8 @@ def forward(
     feeds: list[list[int]],
     all_logits: bool,
 ) -> torch.Tensor:
-    """Append feeds[b] to slot slots[b] at position starts[b]; k_pool, v_pool [L, S, H_kv, C, D].
+    """Append feeds[b] to slot slots[b] at position starts[b]; k_pool, v_pool [L, S, H_kv, C, D] (or a
+    list of L [S, H_kv, C, D], each on its layer's device, for a model split over devices).
 
     Returns logits [B, V] at each sequence's last fed token, or [T = sum n_b, V] at every fed
     token (sequence-major) when all_logits. The T tokens run packed through every matmul; only
@@ -242,7 +277,7 @@ def forward(
     j_idx = torch.tensor([j for m in ns for j in range(m)], device=dev)  # [T] its column
     pos = start_t[b_idx] + j_idx  # [T]
     end = max(s + m for s, m in zip(starts, ns))  # keys 0..end-1 cover every query
-    assert end <= k_pool.size(3), f"KV slot overflow: position {end} past capacity {k_pool.size(3)}"
+    assert end <= k_pool[0].size(2), f"KV slot overflow: position {end} past capacity {k_pool[0].size(2)}"
     cos, sin = lean.rotary(pos, end)  # [T, D]
     cos, sin = cos[:, None], sin[:, None]  # [T, 1, D]
 
@@ -250,18 +285,23 @@ def forward(
     s0 = slots[0]
     slot_idx = torch.tensor(slots, device=dev)
     slot_tok = slot_idx[b_idx]  # [T]
+    groups = H // Hkv if Hkv != H and fold_query_groups(dev) else 1
     if B == 1 and n == 1:
         mask, causal = None, False
-    elif B == 1 and starts[0] == 0:
-        mask, causal = None, True
+    elif B == 1 and starts[0] == 0:  # a causal mask from the kernel: flash takes grouped heads without one
+        mask, causal, groups = None, True, 1
     else:  # column j of sequence b sits at position starts[b] + j and sees keys 0..starts[b] + j
         pos_bn = start_t[:, None] + torch.arange(n, device=dev)  # [B, n]
         mask = (torch.arange(end, device=dev)[None, None, :] <= pos_bn[:, :, None])[:, None]  # [B, 1, n, end]
+        mask = mask.repeat_interleave(groups, dim=2) if groups > 1 else mask  # [B, 1, n G, end]
         causal = False
 
     x = F.embedding(ids, lean.embed)  # [T, C]
     nqk, half = H + Hkv, D // 2
     for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(lean.layers):
+        if lean.split and x.device != lean.layer_devices[i]:  # the next card: the hidden state and indices move
+            x, cos, sin, pos, b_idx, j_idx, slot_idx, slot_tok, mask = _to(lean.layer_devices[i], x, cos, sin, pos, b_idx,
+                                                                          j_idx, slot_idx, slot_tok, mask)
         fused = qkv(lean.rms_norm(x, ln1))  # [T, (H + 2 H_kv) D]
         qk = fused[:, : nqk * D].view(T, nqk, D)
         qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # rotary on q and k heads at once
@@ -279,18 +319,16 @@ def forward(
         else:
             keys, values = kc[slot_idx, :, :end], vc[slot_idx, :, :end]
         if not ragged:
-            q = q.reshape(B, n, H, D).transpose(1, 2)  # [B, H, n, D]
+            q = q.reshape(B, n, H, D)
         else:
             q_pad = q.new_zeros(B, n, H, D)
             q_pad[b_idx, j_idx] = q
-            q = q_pad.transpose(1, 2)
-        attn = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=causal, scale=lean.scale, enable_gqa=Hkv != H,
-        ).transpose(1, 2)  # [B, n, H, D]
+            q = q_pad
+        attn = _attention(q, keys, values, mask, causal, lean.scale, groups)  # [B, n, H, D]
         attn = attn[b_idx, j_idx] if ragged else attn
         x = x + o_proj(attn.reshape(T, H * D))
         gate, up = gate_up(lean.rms_norm(x, ln2)).chunk(2, dim=-1)
         x = x + down(lean.act(gate) * up)
     if not all_logits:
-        x = x[-1:] if B == 1 else x[torch.tensor(ns, device=dev).cumsum(0) - 1]
+        x = x[-1:] if B == 1 else x[torch.tensor(ns, device=x.device).cumsum(0) - 1]
     return lean.logits(x)

@@ -244,6 +244,20 @@ def parameter_count(path: str | Path) -> int | None:
     return sum(f.stat().st_size for f in bins) // elem
 
 
+@lru_cache(maxsize=32)
+def hub_parameter_count(name: str) -> int | None:
+    """Parameters of a hub model from the hub's summary of its safetensors files (nothing downloaded);
+    None where the hub lists none (.bin weights only) or does not answer."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(name, expand=["safetensors"], timeout=HUB_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - only the pre-load memory check needs it; loading reports real failures
+        return None
+    summary = getattr(info, "safetensors", None)
+    return int(summary.total) if summary is not None and summary.total else None
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":

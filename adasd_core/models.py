@@ -11,7 +11,8 @@ import torch
 from adasd_core.device import resolve_device, resolve_dtype
 from adasd_core.errors import IncompatiblePairError, ModelLoadError
 from adasd_core import draft_head
-from adasd_core.model_files import SMOLLM2, TINY_DIR, ModelSource, host_available_bytes, human_bytes, locate, parameter_count
+from adasd_core.model_files import (SMOLLM2, TINY_DIR, ModelSource, host_available_bytes, hub_parameter_count, human_bytes,
+                                    locate, parameter_count)
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +111,19 @@ def _free_bytes(device: torch.device) -> int | None:
 
 
 class _Sizes:
-    """Weight bytes of the pair at the load dtype, from local files (None where unknown), for the
-    memory pre-check and the out-of-memory message."""
+    """Weight bytes of the pair at the load dtype (None where unknown, with the reason in `unknown`), from
+    local files or, for a hub id not downloaded yet, the hub's safetensors summary: for the memory
+    pre-check and the out-of-memory message."""
 
     def __init__(self, sources: dict[str, ModelSource], dtype: torch.dtype, device: torch.device):
         elem = torch.empty((), dtype=dtype).element_size()
-        self.bytes = {}
+        self.bytes, self.unknown = {}, {}
         for role, src in sources.items():
-            n = parameter_count(src.path)
+            n = hub_parameter_count(src.path) if src.where == "hub" else parameter_count(src.path)
             self.bytes[role] = None if n is None else n * elem
+            if n is None:
+                self.unknown[role] = ("the hub gives no safetensors size for it and it is not downloaded yet"
+                                      if src.where == "hub" else f"{src.path} holds no safetensors or .bin weights")
         self.dtype, self.device = str(dtype).removeprefix("torch."), device
 
     def text(self) -> str:
@@ -129,20 +134,45 @@ class _Sizes:
         known = [b for b in self.bytes.values() if b is not None]
         return sum(known) if known and len(known) == len(self.bytes) else None
 
-    def advice(self) -> str:
+    def advice(self, spread: bool = False) -> str:
         smaller = " --dtype bfloat16 halves float32 weights;" if self.dtype == "float32" else ""
-        gpus = " --device-map auto spreads the target over several GPUs;" if self.device.type == "cuda" else ""
+        gpus = (" more or larger GPUs;" if spread else " --device-map auto spreads the target over several GPUs;"
+                if self.device.type == "cuda" else "")
         return f"use a smaller pair or another --device;{smaller}{gpus} or free some memory"
 
 
-def _check_memory(sizes: _Sizes, device: torch.device, names: dict[str, str]) -> None:
-    need, free = sizes.total(), _free_bytes(device)
-    if need is None or free is None or need <= free:
+def _gpus_free_bytes() -> int | None:
+    """Free memory of every visible GPU together (where a device map spreads the target)."""
+    try:
+        return sum(torch.cuda.mem_get_info(torch.device("cuda", i))[0] for i in range(torch.cuda.device_count()))
+    except (RuntimeError, AssertionError):
+        return None
+
+
+def _check_memory(sizes: _Sizes, device: torch.device, names: dict[str, str], device_map: str | None = None) -> None:
+    """Refuse, before loading, weights that cannot fit: on `device`, or with a device map on the GPUs
+    together (accelerate would put the rest in host memory or on disk, where every step reloads it),
+    with the draft on `device` alone."""
+    need = sizes.total()
+    if need is None:
+        for role, why in sizes.unknown.items():
+            log.info("memory pre-check skipped: the size of the %s %r is unknown before loading (%s)", role,
+                     names[role], why)
         return
+    spread = bool(device_map) and device.type == "cuda"
+    free = _gpus_free_bytes() if spread else _free_bytes(device)
+    where = f"the {torch.cuda.device_count()} GPUs together" if spread else str(device)
     pair = " and ".join(f"{role} {names[role]!r}" for role in sizes.bytes)
-    raise ModelLoadError(
-        f"the {pair} do not fit on {device}: {sizes.text()} (together {human_bytes(need)}, before the KV cache), "
-        f"but {human_bytes(free)} is free. To fix: {sizes.advice()}.")
+    if free is not None and need > free:
+        offload = " (the device map would leave the rest in host memory or on disk, reloaded at every step)" if spread else ""
+        raise ModelLoadError(
+            f"the {pair} do not fit on {where}: {sizes.text()} (together {human_bytes(need)}, before the KV cache), "
+            f"but {human_bytes(free)} is free{offload}. To fix: {sizes.advice(spread)}.")
+    draft, free_here = sizes.bytes.get("draft"), _free_bytes(device)
+    if spread and draft is not None and free_here is not None and draft > free_here:
+        raise ModelLoadError(
+            f"the draft {names['draft']!r} ({human_bytes(draft)} in {sizes.dtype}) does not fit on {device}, which has "
+            f"{human_bytes(free_here)} free. To fix: {sizes.advice()}.")
 
 
 def _load_failed(role: str, name: str, source: ModelSource, what: str, exc: BaseException, sizes=None) -> ModelLoadError:
@@ -157,6 +187,13 @@ def _load_failed(role: str, name: str, source: ModelSource, what: str, exc: Base
                           f"(--trust-remote-code for custom code), or pass 'smollm2' or 'tiny' for a built-in pair.")
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """cuda -> cuda:N of the current card (a device map wants one card)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def load_model(name: str, device: torch.device, dtype: torch.dtype, device_map: str | None, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -166,9 +203,9 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, device_map: 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if device_map:
         kwargs["device_map"] = device_map
+    elif device.type != "cpu":  # the weights go straight to the device: no copy in host memory first
+        kwargs["device_map"] = {"": _indexed(device)}
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    if not device_map:
-        model.to(device)
     model.eval()
     model.requires_grad_(False)
     if Path(name).is_dir():  # a draft whose head covers part of the vocabulary (adasd_core.draft_head)
@@ -207,8 +244,7 @@ def load_pair(
     _fix_tokenizer(tokenizer)
 
     sizes = _Sizes(sources, dt, dev)
-    if not device_map:  # a device map may spread the target over GPUs and the host: no single budget
-        _check_memory(sizes, dev, names)
+    _check_memory(sizes, dev, names, device_map)
 
     def model_of(role: str, role_map: str | None):
         try:

@@ -299,6 +299,7 @@ def internal_error(rid: str) -> m.Error:
 
 def load_engine(settings: dict):
     """The pair, its KV slots and the warm-start state, as the settings ask: (engine, KV bytes per slot)."""
+    from adasd_core.device import device_identity
     from adasd_core.engine import SpecConfig, SpeculativeEngine
     from adasd_core.kv_cache import plan_slots
     from adasd_core.models import load_pair
@@ -314,9 +315,10 @@ def load_engine(settings: dict):
         log.warning("max_running=%d does not fit in memory: %d KV slots (%.1f MiB each)", settings["max_running"],
                     slots, per_slot / 2**20)
     spec = SpecConfig(method=settings["method"], k=settings["k"], verification=settings["verification"])
-    # what the statistics and the plan depend on besides the models: the algorithm's settings and the
-    # kind of device and number format (a state file carried to another machine is not used there)
-    identity = pair_identity(pair, {"window": spec.window, "dtype": str(pair.dtype), "device": pair.device.type})
+    # what the statistics and the plan depend on besides the models: the algorithm's settings, the device,
+    # its model (GPU and capability, or CPU) and number format: a state file carried to other hardware is not used there
+    identity = pair_identity(pair, {"window": spec.window, "dtype": str(pair.dtype), "device": pair.device.type,
+                                    "hardware": device_identity(pair.device)})
     schedule = Schedule(first=settings.get("warm_epoch_rounds", 32), freeze=settings.get("warm_freeze_rounds", 4096))
     warm = WarmState.open(warm_state_file(settings, identity), identity, schedule, static_fingerprint(identity, settings))
     engine = SpeculativeEngine(pair, default_spec=spec, max_running=slots, batch_aware=settings.get("batch_aware", True),

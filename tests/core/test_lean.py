@@ -1,5 +1,8 @@
 """The lean batched forward (adasd_core.lean over kv_cache.LeanPool) gives transformers' logits, per
-sequence, through ragged batches, rollbacks and slot swaps."""
+sequence, through ragged batches, rollbacks and slot swaps. The models run on ADASD_TEST_DEVICE (cpu
+unless set: scripts/gpu_check.sh sets cuda), float32."""
+
+import os
 
 import pytest
 import torch
@@ -17,12 +20,13 @@ from transformers import (
 
 from adasd_core import kv_cache, lean
 
+DEVICE = torch.device(os.environ.get("ADASD_TEST_DEVICE", "cpu"))
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=512)
 
 
 def _model(cls, cfg_cls, seed=0, **kw):
     torch.manual_seed(seed)
-    model = cls(cfg_cls(**{**SMALL, **kw})).eval()
+    model = cls(cfg_cls(**{**SMALL, **kw})).eval().to(DEVICE)
     model.config._attn_implementation = "sdpa"
     return model
 
@@ -103,8 +107,15 @@ def test_unknown_architectures_keep_the_transformers_forward():
     assert not lean.supports(windowed)
     split = MODELS["llama"]()
     assert lean.supports(split)
-    split.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": "disk"}  # spread or offloaded
+    split.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": "disk"}  # offloaded to disk
     assert not lean.supports(split)
+    split.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}  # or to the host
+    assert not lean.supports(split)
+    split.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": 1}  # spread over two cards
+    assert lean.supports(split)
+    with torch.device("meta"):
+        offloaded = LlamaForCausalLM(split.config)  # what accelerate leaves of weights it loads in hooks
+    assert not lean.supports(offloaded)
 
 
 def test_engine_output_is_the_same_on_either_path(quick_engine, monkeypatch):
@@ -180,7 +191,7 @@ def test_a_draft_folder_asks_for_int8_weights(monkeypatch):
     ADASD_INT8=0 and other models keep float weights. The argmax mostly survives."""
     import copy
 
-    plain = MODELS["llama-gqa"]()
+    plain = MODELS["llama-gqa"]().cpu()  # int8 weights are a CPU path
     flagged = copy.deepcopy(plain)
     flagged.config.adasd_draft = {"int8_weights": True}
     assert lean.int8_weights(flagged) and not lean.int8_weights(plain)
@@ -195,3 +206,116 @@ def test_a_draft_folder_asks_for_int8_weights(monkeypatch):
     assert not torch.equal(a, b)
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
+
+
+GQA_MODELS = {
+    "llama-gqa": MODELS["llama-gqa"],
+    "qwen2": MODELS["qwen2"],
+    "llama-mqa-8": lambda: _model(LlamaForCausalLM, LlamaConfig, num_attention_heads=8, num_key_value_heads=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GQA_MODELS))
+def test_folded_query_groups_match_grouped_heads_and_transformers(name, monkeypatch):
+    """Grouped query heads folded into the query rows (one mask row per folded row) give the logits of
+    enable_gqa and of transformers: chunked prefill, ragged batches, verify blocks at different starts,
+    single decode steps, in any slot order."""
+    model = GQA_MODELS[name]()
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(0, SMALL["vocab_size"], (220,), generator=g).tolist() for _ in range(3)]
+    ref = kv_cache.HFPool(model, 3, 256)
+    pools = {fold: kv_cache.make_pool(model, 3, 256) for fold in (True, False)}
+    pos = [0] * 3
+    steps = [([0], [16]), ([0], [16]), ([0], [9]),  # one prompt prefilled in chunks (the first causal, then masked)
+             ([1, 2], [30, 3]), ([0, 1, 2], [5, 1, 12]),  # ragged: a prefill chunk beside decode steps
+             ([0, 1, 2], [4, 4, 4]), ([2, 0], [6, 2]),  # verify blocks at different starts, out of slot order
+             ([1], [1]), ([0], [5]), ([0, 2], [1, 1]), ([0, 1, 2], [17, 2, 1])]
+    for slots, ns in steps:
+        feeds = [seqs[s][pos[s] : pos[s] + n] for s, n in zip(slots, ns)]
+        want = ref.forward(slots, feeds, all_logits=True)
+        got = {}
+        for fold, pool in pools.items():
+            monkeypatch.setattr(lean, "fold_query_groups", lambda device, fold=fold: fold)
+            got[fold] = pool.forward(slots, feeds, all_logits=True)
+        torch.testing.assert_close(got[True], got[False], rtol=1e-5, atol=1e-5)
+        _close(want, got[True])
+        for s, n in zip(slots, ns):
+            pos[s] += n - min(1, n - 1)  # keep all but one of a block, as a partial acceptance does
+            for pool in (ref, *pools.values()):
+                pool.rollback(s, pos[s])
+
+
+def test_single_sequence_steps_take_no_mask_and_folded_steps_no_enable_gqa(monkeypatch):
+    """B == 1: a decode step and a prefill from position 0 pass no mask (the kernel's causal flag for the
+    prefill); a verify block after a prefix needs one. Folded calls never pass enable_gqa."""
+    model = GQA_MODELS["llama-mqa-8"]()
+    pool = kv_cache.make_pool(model, 2, 64)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, **kw):
+        calls.append((tuple(q.shape), None if attn_mask is None else tuple(attn_mask.shape), is_causal, enable_gqa))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(lean, "fold_query_groups", lambda device: True)
+    layers, D = model.config.num_hidden_layers, 64 // 8
+
+    def one_call(slots, feeds):
+        calls.clear()
+        pool.forward(slots, feeds)
+        assert len(calls) == layers and len(set(calls)) == 1
+        return calls[0]
+
+    assert one_call([0], [[1, 2, 3, 4, 5]]) == ((1, 8, 5, D), None, True, True)  # prefill: causal, grouped heads
+    assert one_call([0], [[6]]) == ((1, 1, 8, D), None, False, False)  # decode: 8 folded rows, no mask
+    assert one_call([0], [[7, 8, 9]]) == ((1, 1, 24, D), (1, 1, 24, 9), False, False)  # verify: one mask row per row
+    assert one_call([0, 1], [[1], [2, 3]]) == ((2, 1, 16, D), (2, 1, 16, 10), False, False)  # ragged batch
+    monkeypatch.setattr(lean, "fold_query_groups", lambda device: False)
+    assert one_call([0], [[4]]) == ((1, 8, 1, D), None, False, True)
+    assert one_call([0, 1], [[1, 2], [3]]) == ((2, 8, 2, D), (2, 1, 2, 13), False, True)
+
+
+def test_a_model_split_over_devices_keeps_each_layers_kv_on_its_device(monkeypatch):
+    """A device map over two cards: each layer's K, V in a buffer on its layer's device, the hidden state
+    (and the step's indices) moved at the boundary, the logits transformers' through ragged batches,
+    rollbacks and a slot swap. The two devices here are one device under two names (cpu and cpu:0, or
+    cuda:0 and cuda), so the per-device plumbing runs on a machine of one device."""
+    model = _model(LlamaForCausalLM, LlamaConfig, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
+    model.hf_device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                           "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+    assert lean.supports(model)
+    fast_model = lean.lean_model(model)
+    here = fast_model.device
+    second = torch.device(here.type, 0) if here.index is None else torch.device(here.type)  # the same, named apart
+    assert second != here
+    fast_model.layer_devices = [fast_model.device] * 2 + [second] * 2  # where that map puts the weights
+    fast_model.split = True
+    moves = []
+    to = lean._to
+    monkeypatch.setattr(lean, "_to", lambda device, *ts: moves.append(device) or to(device, *ts))
+    ref, fast = kv_cache.HFPool(model, 3, 128), kv_cache.make_pool(model, 3, 128)
+    assert isinstance(fast, kv_cache.LeanPool) and [layers for layers, _, _ in fast.buffers] == [[0, 1], [2, 3]]
+    assert [k.device for _, k, _ in fast.buffers] == [here] * 2  # (both are this device)
+    for i, (layers, k, v) in [(i, b) for b in fast.buffers for i in b[0]]:
+        j = layers.index(i)
+        assert fast.k[i].data_ptr() == k[j].data_ptr() and fast.v[i].data_ptr() == v[j].data_ptr()
+
+    g = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(0, SMALL["vocab_size"], (100,), generator=g).tolist() for _ in range(3)]
+    pos = [0] * 3
+    for slots, ns in [([0], [12]), ([0, 1, 2], [1, 9, 4]), ([2, 0], [3, 3]), ([1], [1]), ([0, 1, 2], [2, 1, 5])]:
+        moves.clear()
+        feeds = [seqs[s][pos[s] : pos[s] + n] for s, n in zip(slots, ns)]
+        _close(ref.forward(slots, feeds, all_logits=True), fast.forward(slots, feeds, all_logits=True))
+        assert moves and set(moves) == {second}  # into the second card's layers, never elsewhere
+        for s, n in zip(slots, ns):
+            pos[s] += n - min(1, n - 1)
+            ref.rollback(s, pos[s])
+            fast.rollback(s, pos[s])
+    assert fast.buffers[1][1][:, 0, :, : pos[0]].abs().sum() > 0  # the second device's layers hold their KV
+    for pool in (ref, fast):
+        pool.swap(0, 2)
+    seqs[0], seqs[2], pos[0], pos[2] = seqs[2], seqs[0], pos[2], pos[0]
+    feeds = [seqs[s][pos[s] : pos[s] + 2] for s in range(3)]
+    _close(ref.forward([0, 1, 2], feeds), fast.forward([0, 1, 2], feeds))
