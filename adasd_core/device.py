@@ -68,6 +68,26 @@ def fold_query_groups(device: torch.device) -> bool:
     return True
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): a phase timed on an accelerator must
+    end here, or it measures only the launches and the next phase pays for its kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def int_tensors(device: torch.device, *lists: list[int]) -> list[torch.Tensor]:
+    """Integer lists as int64 tensors on the device in one copy: on an accelerator from pinned host
+    memory without blocking (a plain torch.tensor(list, device=...) waits for the copy)."""
+    flat = torch.tensor([x for values in lists for x in values], dtype=torch.long)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        flat = flat.to(device)
+    return list(flat.split([len(values) for values in lists]))
+
+
 def cpu_autocast_dtype() -> torch.dtype | None:
     """bf16 autocast for CPU training where the CPU has native bf16 (AVX512-BF16 / AMX)."""
     try:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import time
 
 from adasd_core.costs import AcceptancePrior, BatchPlanner, OnlineCorrection, RoundClock, StepCosts, measure
+from adasd_core.device import synchronize
 from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
 from adasd_core.drafting import WINDOW
 from adasd_core.errors import InvalidRequestError
 from adasd_core.models import ModelPair
-from adasd_core.postprocess import finish_round, score_prompts, scored_prompt
+from adasd_core.postprocess import finish_batch, score_prompts, scored_prompt
 from adasd_core.proposer import DraftModelProposer
 from adasd_core.round_output import Draft
 from adasd_core.runner import ModelRunner
@@ -81,9 +82,6 @@ class SpeculativeEngine:
         self.target_step_s = self.costs.target_cost(1, 1)
         return self.target_step_s
 
-    def encode(self, text: str) -> list[int]:
-        return self.pair.tokenizer(text, add_special_tokens=True)["input_ids"]
-
     @property
     def idle(self) -> bool:
         return self.scheduler.idle
@@ -103,7 +101,7 @@ class SpeculativeEngine:
         """Validate a request and build its state (no model work). `epoch`: the published state it
         starts from (the one its fingerprint names; default the latest)."""
         pair, params, spec = self.pair, params or SamplingParams(), spec or self.default_spec
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = pair.tokenizer(prompt, add_special_tokens=True)["input_ids"] if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(ids, pair.vocab_size, pair.context_length)
         if spec.method != "ar" and pair.draft is None:
             raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none", param="method")
@@ -183,6 +181,7 @@ class SpeculativeEngine:
                     sched.drop(seq)
                     seq.finish_reason = "error"
                 return [(seq, exc) for seq, _ in batch]
+            synchronize(self.pair.device)
             elapsed = time.perf_counter() - t0
             for seq, n in batch:
                 seq.prefilled += n
@@ -231,11 +230,10 @@ class SpeculativeEngine:
         t1 = time.perf_counter()
         feeds = [[s.tokens[-1]] + (drafts[s].ids if s in drafts else []) for s in seqs]
         logits = self.runner.verify([s.slot for s in seqs], feeds)  # [sum k_b + 1, V]
-        sizes = [len(f) for f in feeds]
-        target_probs = logits_to_probs_rows(logits, [s.params for s, f in zip(seqs, feeds) for _ in f]).split(sizes)
+        target_probs = logits_to_probs_rows(logits, [s.params for s, f in zip(seqs, feeds) for _ in f])
+        synchronize(self.pair.device)  # every timed phase ends on the device too (no-op on the CPU)
         t2 = time.perf_counter()
-        events = [(seq, self._finish(seq, drafts.get(seq), p, lg))
-                  for seq, p, lg in zip(seqs, target_probs, logits.split(sizes))]
+        events = list(zip(seqs, finish_batch(seqs, drafts, target_probs, logits, self.runner, self.warm, self.prior)))
         self._account(seqs, drafts, feeds, events, (t0, t1, t2, time.perf_counter()))
         return events
 
@@ -267,13 +265,6 @@ class SpeculativeEngine:
         if self._alone_planner is None or self._alone_planner.table is not self.warm.plan:
             self._alone_planner = BatchPlanner(self.warm.plan)
         return self._alone_planner
-
-    def _finish(self, seq: Sequence, draft: Draft | None, target_probs, logits) -> Delta | Exception:
-        try:
-            return finish_round(seq, draft, target_probs, logits, self.runner, self.warm, self.prior)
-        except Exception as exc:  # one broken request must not take the others down
-            seq.finish_reason = "error"
-            return exc
 
     def _account(self, seqs: list[Sequence], drafts: dict[Sequence, Draft], feeds: list[list[int]],
                  events: list[Event], times: tuple[float, float, float, float]) -> None:

@@ -26,6 +26,9 @@ class GenerationResult:
 class LLM(SpeculativeEngine):
     """The engine with a single-request API: `generate`, `stream`, `start`, `run_together`."""
 
+    def encode(self, text: str) -> list[int]:
+        return self.pair.tokenizer(text, add_special_tokens=True)["input_ids"]
+
     def decode(self, ids: list[int]) -> str:
         return self.pair.tokenizer.decode(ids, skip_special_tokens=True)
 

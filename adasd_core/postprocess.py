@@ -6,22 +6,39 @@ from __future__ import annotations
 import torch
 
 from adasd_core.costs import AcceptancePrior
-from adasd_core.round_output import Draft, excess_surprisal, token_logprobs, token_sources
+from adasd_core.round_output import Draft, token_logprobs, token_sources
 from adasd_core.runner import ModelRunner
 from adasd_core.sequence import Delta, PromptLogprobs, Sequence, TokenLogprob
-from adasd_core.verification import accept_candidates
+from adasd_core.verification import Verdict, accept_batch
 from adasd_core.warm import WarmState
 
 SCORE_ROWS = 256  # prompt logprobs are computed this many positions at a time (float32 [rows, V] each)
 
 
-def finish_round(seq: Sequence, draft: Draft | None, target_probs: torch.Tensor, logits: torch.Tensor,
+def finish_batch(seqs: list[Sequence], drafts: dict[Sequence, Draft], target_probs: torch.Tensor,
+                 logits: torch.Tensor, runner: ModelRunner, warm: WarmState, prior: AcceptancePrior) -> list:
+    """Every sequence's round after the verify pass: target_probs and logits [sum (k_b + 1), V], per
+    sequence its last token's row and each candidate's. The verdicts come from one batched call
+    (one transfer to the host); each sequence's Delta, or the exception that ended it alone."""
+    cands = [drafts[s].ids if s in drafts else [] for s in seqs]
+    draft_probs = torch.stack([q for s in seqs if s in drafts for q in drafts[s].probs]) if drafts else None
+    verdicts = accept_batch(cands, target_probs, draft_probs, [s.params.greedy for s in seqs],
+                            [s.generator for s in seqs], [s.relaxed for s in seqs])
+    out = []
+    for seq, verdict, rows in zip(seqs, verdicts, logits.split([len(c) + 1 for c in cands])):
+        try:
+            out.append(finish_round(seq, drafts.get(seq), verdict, rows, runner, warm, prior))
+        except Exception as exc:  # one broken request must not take the others down
+            seq.finish_reason = "error"
+            out.append(exc)
+    return out
+
+
+def finish_round(seq: Sequence, draft: Draft | None, verdict: Verdict, logits: torch.Tensor,
                  runner: ModelRunner, warm: WarmState, prior: AcceptancePrior) -> Delta:
-    """One sequence's round after verification: target_probs and logits [k+1, V] at its last token
-    and each candidate."""
+    """One sequence's round after its verdict: what it teaches, the caches cut back, the output.
+    logits [k+1, V]: the target's raw rows (for log-probabilities)."""
     candidates = draft.ids if draft else []
-    draft_probs = torch.stack(draft.probs) if draft else None
-    verdict = accept_candidates(candidates, target_probs, draft_probs, seq.params.greedy, seq.generator, seq.relaxed)
     k, n_acc = len(candidates), verdict.n_accepted
     seq.stats.target_forwards += 1
     if k:  # every learner reads the same observation: the candidates examined, labelled by the standard check
@@ -46,12 +63,11 @@ def finish_round(seq: Sequence, draft: Draft | None, target_probs: torch.Tensor,
 
     emitted = candidates[:n_acc] + [verdict.token]
     logprobs = token_logprobs(logits[: n_acc + 1], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
-    excess = excess_surprisal(target_probs[: n_acc + 1], emitted)  # one host sync
     sources = token_sources(draft, verdict, seq.stats.rounds) if seq.token_sources else None
     delta = seq.emit(emitted, logprobs, sources)
     if sources is not None:
         delta.round = {"round": seq.stats.rounds, "relaxed": verdict.n_relaxed, **record}
-    seq.stats.observe_surprisal(excess[: len(delta.token_ids)])  # EOS may cut the round short
+    seq.stats.observe_surprisal(verdict.excess[: len(delta.token_ids)])  # EOS may cut the round short
     if seq.finished:
         seq.stats.record_thresholds(seq.policy.threshold if seq.policy else None, seq.relaxed.state())
     return delta

@@ -1,5 +1,6 @@
 """What a round hands back for one sequence, built from what the round already holds: the emitted
-tokens' log-probabilities, their excess surprisal, and where each token came from."""
+tokens' log-probabilities and where each token came from (their excess surprisal comes with the
+verdict: verification.accept_batch)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from dataclasses import dataclass
 import torch
 
 from adasd_core.sequence import TokenLogprob, TokenSource
-from adasd_core.verification import entropy
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[TokenLogprob]:
@@ -18,14 +18,6 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[
     top_vals, top_ids = (logp.topk(top_n, dim=-1) if top_n else (logp[:, :0], logp[:, :0].long()))
     top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
     return [TokenLogprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in zip(tokens, chosen, top_ids, top_vals)]
-
-
-def excess_surprisal(probs: torch.Tensor, tokens: list[int]) -> list[float]:
-    """-log p(x) - H(p) of each emitted token under its position's processed target distribution
-    (zero in expectation for a lossless method)."""
-    p = probs.float()
-    p_x = p.gather(-1, torch.tensor(tokens, device=p.device)[:, None]).squeeze(-1)
-    return (-torch.log(p_x.clamp_min(1e-30)) - entropy(p)).tolist()
 
 
 def token_sources(draft: "Draft | None", verdict, round_no: int) -> list[TokenSource]:

@@ -85,19 +85,22 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of probs [..., V] (non-negative, need not sum to 1) -> [...] token ids.
+    """One draw per row of probs [..., V] (non-negative, need not sum to 1) -> [...] token ids."""
+    u = torch.rand(probs.shape[:-1], dtype=torch.float64, device=probs.device, generator=generator)
+    return inverse_cdf(probs, u)
 
-    Inverts each row's cumulative distribution: exact like torch.multinomial, which on the CPU
-    costs milliseconds per draw over a large vocabulary (this: tens of microseconds)."""
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Rows of probs [..., V] (non-negative, need not sum to 1) and uniforms u [...] in [0, 1) ->
+    the token of each row whose cumulative mass first exceeds u of the row's total.
+
+    Exact like torch.multinomial, which on the CPU costs milliseconds per draw over a large
+    vocabulary (this: tens of microseconds), and without a host sync: the target is kept strictly
+    below the total, so rounding can never land on a trailing token without mass."""
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, device=probs.device, generator=generator)
-    idx = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).clamp_max(probs.size(-1) - 1)
-    # rounding can put u at the very top: step back to the last token that has mass
-    bad = probs.gather(-1, idx) <= 0
-    if bool(bad.any()):
-        last = (probs > 0).long().cumsum(-1).argmax(-1, keepdim=True)
-        idx = torch.where(bad, last, idx)
-    return idx.squeeze(-1)
+    total = cdf[..., -1:]
+    value = torch.minimum(u.double()[..., None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, value, right=True).clamp_max(probs.size(-1) - 1).squeeze(-1)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None, greedy: bool) -> torch.Tensor:

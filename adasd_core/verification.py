@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adasd_core.sampling import categorical
+from adasd_core.device import int_tensors
+from adasd_core.sampling import categorical, inverse_cdf
 
 LN2 = math.log(2.0)
 
@@ -88,6 +89,9 @@ class Verdict:
     # P(A|d) of each examined candidate where the relaxed check computed one (it failed the standard
     # check; Bayesian check), else None; None when the relaxed check is off
     posteriors: list[float | None] | None = None
+    # -log p(x) - H(p) of each emitted token (the accepted candidates, then the last token) under the
+    # processed target distribution at its position (accept_batch computes it with the rest)
+    excess: list[float] | None = None
 
     @property
     def examined(self) -> int:
@@ -135,45 +139,139 @@ def accept_candidates(
     generator: torch.Generator | None,
     relaxed: "RelaxedCheck",
 ) -> Verdict:
-    """Accept candidates in order; the first that fails both checks ends the round.
+    """One sequence's round (accept_batch of one): candidates [k], target_probs [k+1, V] (the last
+    row is the bonus position), draft_probs [k, V]."""
+    return accept_batch([candidates], target_probs, draft_probs, [greedy], [generator], [relaxed])[0]
 
-    candidates [k], target_probs [k+1, V] (the last row is the bonus position), draft_probs [k, V].
-    Random draws, in this order from the request's generator: the standard check's k uniforms,
-    the relaxed check's k uniforms (sampled requests with a relaxed check), the last token.
+
+def accept_batch(
+    candidates: list[list[int]],
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    greedy: list[bool],
+    generators: list[torch.Generator | None],
+    relaxed: list["RelaxedCheck"],
+) -> list[Verdict]:
+    """Every sequence of a round at once: accept candidates in order; the first that fails both
+    checks ends that sequence's round, with the correction token there (else the bonus token).
+
+    candidates[b]: k_b ids; target_probs [sum (k_b + 1), V]: per sequence its candidates' rows, then
+    its bonus row; draft_probs [sum k_b, V]. The standard check, the distances, the last token and
+    each emitted token's excess surprisal are computed for the whole batch on the device, and read
+    in one transfer. Only a check that can relax goes back to the host (P(A|d) from its KDEs); for
+    it the last token is drawn at every row, with one uniform, and the host picks the row.
+    Random draws, per sampled sequence from its own generator, in one call: the standard check's
+    k uniforms, the relaxed check's k (where it is on), one for the last token.
     """
-    k = len(candidates)
-    assert target_probs.shape[0] == k + 1 and (k == 0 or draft_probs.shape[0] == k)
-    standard, distances, posteriors, n_accepted, n_relaxed = [], None, None, 0, 0
-    if k:
-        device = target_probs.device
-        cand = torch.tensor(candidates, device=device)
-        std = standard_check(cand, target_probs[:k], draft_probs, greedy, generator).tolist()
-        use_relaxed = relaxed.name != "none"
-        d = js_distance(target_probs[:k], draft_probs).tolist() if use_relaxed else None
-        draws = torch.rand(k, generator=generator, device=device).tolist() if (use_relaxed and not greedy) else None
-        posteriors = [] if use_relaxed else None
-        for i in range(k):
-            posterior = None
-            if std[i]:
-                ok = True
-            elif use_relaxed:  # the posterior is only needed where the standard check failed
-                p_accept, posterior = relaxed.judge(d[i])
-                ok = p_accept > 0.5 if greedy else draws[i] < p_accept
-                n_relaxed += ok
-            else:
-                ok = False
-            standard.append(bool(std[i]))
-            if use_relaxed:
-                posteriors.append(posterior)
-            if not ok:
-                break
-            n_accepted += 1
-        distances = d[: len(standard)] if use_relaxed else None
-    if n_accepted < k:
-        token = correction_token(target_probs[n_accepted], draft_probs[n_accepted], greedy, generator)
+    B = len(candidates)
+    ks = [len(c) for c in candidates]
+    K, R = sum(ks), sum(ks) + B
+    assert target_probs.shape[0] == R and (K == 0 or draft_probs.shape[0] == K), (target_probs.shape, ks)
+    dev = target_probs.device
+    uses_d = [r.name != "none" for r in relaxed]
+    free = [r.can_relax for r in relaxed]  # the host decides how many it keeps
+    cstart = [sum(ks[:b]) for b in range(B)]  # each sequence's first candidate (draft row)
+    offsets = [c + b for b, c in enumerate(cstart)]  # and its first target row
+    # uniforms, [2k + 1] or [k + 1] per sampled sequence (zeros for greedy ones: never read)
+    draws = [torch.rand(k * (2 if d else 1) + 1, generator=g, dtype=torch.float64, device=dev) if not gr
+             else torch.zeros(k * (2 if d else 1) + 1, dtype=torch.float64, device=dev)
+             for k, d, g, gr in zip(ks, uses_d, generators, greedy)]
+    u_std = [u[:k] for u, k in zip(draws, ks)]
+    u_rel = [u[k : 2 * k] if d else None for u, k, d in zip(draws, ks, uses_d)]
+    u_last = torch.stack([u[-1] for u in draws])  # [B]
+
+    # every index the round needs, in one copy to the device
+    last_seq, last_j = [], []  # the last token's sequence and row within it (-1: where the device says)
+    for b, k in enumerate(ks):
+        for j in (range(k + 1) if free[b] else [-1]):
+            last_seq.append(b)
+            last_j.append(j)
+    d_rows = [c for b in range(B) if uses_d[b] for c in range(cstart[b], cstart[b] + ks[b])]
+    (cand, rows, g_c, pad_b, pad_j, d_idx, greedy_t, ks_t, cstart_t, offsets_t, seq_t, j_fixed) = int_tensors(
+        dev, [t for c in candidates for t in c], [o + j for o, k in zip(offsets, ks) for j in range(k)],
+        [gr for gr, k in zip(greedy, ks) for _ in range(k)], [b for b, k in enumerate(ks) for _ in range(k)],
+        [j for k in ks for j in range(k)], d_rows, greedy, ks, cstart, offsets, last_seq, last_j)
+    entropy_rows = entropy(target_probs)  # [R]
+    n_dev = ks_t  # kept candidates, as the device sees them (the check cannot relax)
+    host: list[torch.Tensor] = []
+    if K:
+        p_x = target_probs[rows, cand]  # [K]
+        q_x = draft_probs[torch.arange(K, device=dev), cand]
+        std = torch.where(g_c.bool(), cand == target_probs[rows].argmax(-1), torch.cat(u_std) * q_x < p_x)  # [K]
+        surprisal = -torch.log(p_x.clamp_min(1e-30)) - entropy_rows[rows]  # [K]
+        # leading passes per sequence: the round of a check that cannot relax ends at the first failure
+        padded = torch.zeros(B, max(ks), dtype=torch.bool, device=dev)
+        padded[pad_b, pad_j] = std
+        n_dev = padded.long().cumprod(1).sum(1)
+        host += [std.double(), surprisal.double()]
+        if d_rows:
+            host.append(js_distance(target_probs[rows[d_idx]], draft_probs[d_idx]).double())
+        host += [u for i, u in enumerate(u_rel) if u is not None and free[i]]
+    # the last token: at the first failure (the residual max(0, p - q)) or the bonus row (p), one row
+    # per sequence; every row of a sequence whose check can relax
+    j_t = torch.where(j_fixed >= 0, j_fixed, n_dev[seq_t])  # [L] the row within the sequence
+    row_t = offsets_t[seq_t] + j_t  # its target row
+    has_q = j_t < ks_t[seq_t]  # a candidate's row (the residual), not the bonus row
+    didx = cstart_t[seq_t] + j_t
+    p_last = target_probs[row_t]  # [L, V]
+    if K:
+        q_last = draft_probs[didx.clamp(0, K - 1)] * has_q[:, None]
+        residual = (p_last - q_last).clamp_min(0.0)
+        # p == q leaves no residual mass; then p itself is the right distribution
+        dist = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p_last)
     else:
-        token = bonus_token(target_probs[k], greedy, generator)
-    return Verdict(n_accepted, token, standard, distances, n_relaxed, posteriors)
+        dist = p_last
+    token = torch.where(greedy_t.bool()[seq_t], p_last.argmax(-1), inverse_cdf(dist, u_last[seq_t]))  # [L]
+    s_last = -torch.log(p_last.gather(-1, token[:, None]).squeeze(-1).clamp_min(1e-30)) - entropy_rows[row_t]
+    host += [n_dev.double(), token.double(), s_last.double()]
+    flat = torch.cat(host).tolist()  # the round's one transfer to the host
+
+    pos = 0
+
+    def take(n: int) -> list[float]:
+        nonlocal pos
+        pos += n
+        return flat[pos - n : pos]
+
+    std_h, surp_h = (take(K), take(K)) if K else ([], [])
+    d_h = take(sum(k for k, d in zip(ks, uses_d) if d)) if K else []
+    rel_h = [take(k) if (K and uses_d[b] and free[b] and u_rel[b] is not None) else None for b, k in enumerate(ks)]
+    n_h, tok_h, s_last_h = take(B), take(len(last_seq)), take(len(last_seq))
+
+    verdicts, c0, d0, l0 = [], 0, 0, 0
+    for b, k in enumerate(ks):
+        std_b = [bool(x) for x in std_h[c0 : c0 + k]]
+        d_b = d_h[d0 : d0 + k] if uses_d[b] else None
+        standard, posteriors = [], [] if uses_d[b] else None
+        n_acc, n_relaxed = (0, 0)
+        if free[b]:  # the host's loop: the relaxed check may accept a candidate the standard check failed
+            for i in range(k):
+                posterior = None
+                ok = std_b[i]
+                if not ok:
+                    p_accept, posterior = relaxed[b].judge(d_b[i])
+                    ok = p_accept > 0.5 if greedy[b] else rel_h[b][i] < p_accept
+                    n_relaxed += ok
+                standard.append(std_b[i])
+                posteriors.append(posterior)
+                if not ok:
+                    break
+                n_acc += 1
+            j = n_acc
+        else:
+            n_acc = int(n_h[b])
+            standard = std_b[: n_acc + (n_acc < k)]
+            if posteriors is not None:  # a check that cannot relax still reports the posterior it would have used
+                posteriors = [None] * n_acc + ([relaxed[b].judge(d_b[n_acc])[1]] if n_acc < k else [])
+            j = 0
+        token_b, s_b = int(tok_h[l0 + j]), s_last_h[l0 + j]
+        v = Verdict(n_acc, token_b, standard, d_b[: len(standard)] if d_b is not None else None, n_relaxed, posteriors)
+        v.excess = surp_h[c0 : c0 + n_acc] + [s_b]
+        verdicts.append(v)
+        c0 += k
+        d0 += k if uses_d[b] else 0
+        l0 += k + 1 if free[b] else 1
+    return verdicts
 
 
 # --------------------------------------------------------------------------- relaxed checks

@@ -9,6 +9,9 @@ from adasd_core.drafting import CappedEntropyStop, EntropyStop, FixedK
 from adasd_core.verification import (
     BayesCheck,
     Observation,
+    RelaxedCheck,
+    accept_batch,
+    accept_candidates,
     ThresholdCheck,
     bonus_token,
     correction_token,
@@ -157,3 +160,50 @@ def test_fixed_k():
     assert [policy.keep_drafting(99.0, n) for n in (1, 2, 3)] == [True, True, False]
     with pytest.raises(ValueError):
         FixedK(0)
+
+
+def _batch_case(seed: int = 0):
+    """Four sequences of one round: greedy and sampled, every kind of relaxed check, k from 0 to 4."""
+    from toy import fed_check
+
+    V, ks = 12, [3, 0, 4, 2]
+    gen = torch.Generator().manual_seed(seed)
+    cands = [torch.randint(0, V, (k,), generator=gen).tolist() for k in ks]
+    target = torch.softmax(3 * torch.randn(sum(ks) + len(ks), V, generator=gen), -1)
+    draft = torch.softmax(3 * torch.randn(sum(ks), V, generator=gen), -1)
+    for i, c in enumerate([t for cs in cands for t in cs]):  # make some candidates the target's choice
+        if i % 2 == 0:
+            draft[i, c] += 1.0
+            draft[i] /= draft[i].sum()
+    checks = [fed_check(BayesCheck(min_posterior=0.0), (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)), RelaxedCheck(),
+              fed_check(BayesCheck(min_posterior=1.0), (0.1, 0.2), (0.6, 0.7)),
+              fed_check(ThresholdCheck(), (0.1, 0.2), (0.6, 0.8))]
+    return cands, target, draft, checks
+
+
+def test_a_batched_round_gives_every_sequence_the_verdict_it_gets_alone():
+    for seed in range(6):
+        for greedy in ([True] * 4, [False] * 4, [True, False, False, True]):
+            cands, target, draft, checks = _batch_case(seed)
+            gens = [torch.Generator().manual_seed(100 + i) for i in range(4)]
+            batch = accept_batch(cands, target, draft, greedy, gens, checks)
+            t0, d0 = 0, 0
+            for b, c in enumerate(cands):
+                k = len(c)
+                alone = accept_candidates(c, target[t0 : t0 + k + 1], draft[d0 : d0 + k] if k else None, greedy[b],
+                                          torch.Generator().manual_seed(100 + b), checks[b])
+                assert (batch[b].n_accepted, batch[b].token, batch[b].standard, batch[b].posteriors) == \
+                    (alone.n_accepted, alone.token, alone.standard, alone.posteriors), (seed, b)
+                assert batch[b].excess == pytest.approx(alone.excess, abs=1e-6)
+                t0, d0 = t0 + k + 1, d0 + k
+
+
+def test_a_batched_round_reads_the_device_once(monkeypatch):
+    cands, target, draft, checks = _batch_case(3)
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+    accept_batch(cands, target, draft, [False, True, False, True], [torch.Generator().manual_seed(i) for i in range(4)],
+                 checks)
+    assert reads == ["tolist"], reads
