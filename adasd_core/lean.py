@@ -140,7 +140,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:  # activations quantised per call at 7 bits (fbgemm's overflow-safe range)
             return torch.ops.quantized.linear_dynamic(x, self.int8, True)
-        if self.packed is not None and x.shape[0] > 1:  # one row: the plain call is a matrix-vector product
+        if self.packed is not None:  # one row too: 0.7x F.linear's matrix-vector product on the target's shapes
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, x.shape[0])
         return F.linear(x, self.weight, self.bias)
 
