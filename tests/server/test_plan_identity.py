@@ -9,12 +9,12 @@ from server.worker import load_engine
 def test_the_plan_identity_changes_with_the_hardware(pair_dir, tmp_path, monkeypatch):
     settings = Settings(target=str(pair_dir / "target"), draft=str(pair_dir / "draft"), device="cpu", dtype="float32",
                         max_running=2, warm_state_path=str(tmp_path)).model_dump()
-    here = load_engine(settings)
+    here, _ = load_engine(settings)
     assert adasd_core.device.device_identity(here.pair.device).startswith("cpu ")
     monkeypatch.setattr(adasd_core.device, "device_identity", lambda device: "NVIDIA L4 sm_89")
-    l4 = load_engine(settings)
+    l4, _ = load_engine(settings)
     monkeypatch.setattr(adasd_core.device, "device_identity", lambda device: "NVIDIA H200 sm_90")
-    h200 = load_engine(settings)
-    assert len({here.state_identity, l4.state_identity, h200.state_identity}) == 3
-    assert len({here.state_path, l4.state_path, h200.state_path}) == 3  # each keeps its own plan file
-    assert h200.state_identity == load_engine(settings).state_identity  # the same card again: its plan is reused
+    h200, _ = load_engine(settings)
+    assert len({here.warm.identity, l4.warm.identity, h200.warm.identity}) == 3
+    assert len({here.warm.path, l4.warm.path, h200.warm.path}) == 3  # each keeps its own plan file
+    assert h200.warm.identity == load_engine(settings)[0].warm.identity  # the same card again: its plan is reused

@@ -35,8 +35,7 @@ class Conn:
 def run_one(worker, rid, spec):
     params = SamplingParams(max_tokens=24, temperature=1.0, seed=1, ignore_eos=True)
     worker.handle(Submit(rid, [0, 1], params, spec, time.monotonic()))
-    worker.admit()
-    while rid in worker.running:
+    while rid in worker.requests:
         worker.step()
     return next(m for m in worker.conn.sent if isinstance(m, Done) and m.rid == rid)
 
