@@ -9,7 +9,6 @@ import os
 import statistics
 import traceback
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -24,10 +23,10 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOG_LEVEL_ENV = "ADASD_LOG_LEVEL"
-_log_level: Optional[str] = None  # set by --log-level (or $ADASD_LOG_LEVEL)
+_log_level: str | None = None  # set by --log-level (or $ADASD_LOG_LEVEL)
 
 
-def _set_log_level(level: Optional[str], reset: bool = False) -> None:
+def _set_log_level(level: str | None, reset: bool = False) -> None:
     global _log_level
     if reset:
         _log_level = None
@@ -58,7 +57,7 @@ def model_errors(fn):
             if _debug():
                 traceback.print_exc()
             err_console.print(Text.assemble(("error: ", "red"), exc.message))
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -68,11 +67,11 @@ LogLevelOpt = typer.Option(None, "--log-level", envvar=LOG_LEVEL_ENV,
 
 
 @app.callback()
-def _options(log_level: Optional[str] = LogLevelOpt):
+def _options(log_level: str | None = LogLevelOpt):
     _set_log_level(log_level, reset=True)
 
 
-def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: Optional[str], trust_remote_code: bool,
+def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: str | None, trust_remote_code: bool,
                  need_draft: bool = True, prompt: str | None = None, max_tokens: int | None = None,
                  calibrate: bool = True):
     """An engine sized for what one command runs: one KV slot of the prompt's length plus max_tokens
@@ -105,7 +104,7 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
-    seed: Optional[int] = typer.Option(None),
+    seed: int | None = typer.Option(None),
     k: int = typer.Option(5, help="Draft length for vanilla and verify-only."),
     verification: str = typer.Option("bayes", help=f"Relaxed check: {', '.join(VERIFICATIONS)}."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
@@ -117,9 +116,9 @@ def generate(
     draft: str = ModelOpts["draft"],
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto' spreads the target over GPUs."),
+    device_map: str | None = typer.Option(None, "--device-map", help="'auto' spreads the target over GPUs."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    log_level: Optional[str] = LogLevelOpt,
+    log_level: str | None = LogLevelOpt,
 ):
     """Generate a completion with one method, or compare all methods."""
     _set_log_level(log_level)
@@ -141,7 +140,7 @@ def generate(
         result = engine.generate(prompt, params, spec)
     except AdasdError as exc:
         console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if as_json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                           "stats": result.stats.to_dict()}))

@@ -19,8 +19,8 @@ from __future__ import annotations
 import time
 
 from adasd_core.costs import AcceptancePrior, BatchPlanner, OnlineCorrection, RoundClock, StepCosts, measure
-from adasd_core.device import synchronize
 from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
+from adasd_core.device import synchronize
 from adasd_core.drafting import WINDOW
 from adasd_core.errors import InvalidRequestError
 from adasd_core.models import ModelPair

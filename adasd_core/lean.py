@@ -66,8 +66,8 @@ def supports(model) -> bool:
     return True
 
 
-_supported: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
-_models: "weakref.WeakKeyDictionary[torch.nn.Module, LeanModel]" = weakref.WeakKeyDictionary()
+_supported: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+_models: weakref.WeakKeyDictionary[torch.nn.Module, LeanModel] = weakref.WeakKeyDictionary()
 
 
 def supports_cached(model) -> bool:

@@ -8,11 +8,19 @@ from pathlib import Path
 
 import torch
 
+from adasd_core import draft_head
 from adasd_core.device import resolve_device, resolve_dtype
 from adasd_core.errors import IncompatiblePairError, ModelLoadError
-from adasd_core import draft_head
-from adasd_core.model_files import (SMOLLM2, TINY_DIR, ModelSource, host_available_bytes, hub_parameter_count, human_bytes,
-                                    locate, parameter_count)
+from adasd_core.model_files import (
+    SMOLLM2,
+    TINY_DIR,
+    ModelSource,
+    host_available_bytes,
+    hub_parameter_count,
+    human_bytes,
+    locate,
+    parameter_count,
+)
 
 log = logging.getLogger(__name__)
 

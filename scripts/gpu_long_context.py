@@ -263,7 +263,7 @@ def part_steps(model, device, context, chunk, iters, warmup, gen, bandwidth, flo
         out["kernels"] = kernels
         checks += [check(f"fused kernel: {k}", float(v == "fused"), 1.0, below=False) for k, v in kernels.items()
                    if k.endswith("folded")]
-    del pool
+    pool = None  # frees the KV pool before the next part (the closures above are done with it)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out, checks

@@ -13,7 +13,6 @@ code, all) and the rows whose verdict differs from the first row's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -30,7 +29,6 @@ from adasd_core.llm import LLM  # noqa: E402
 from adasd_core.models import load_pair  # noqa: E402
 from adasd_core.sampling import SamplingParams  # noqa: E402
 from adasd_core.verification import BayesCheck  # noqa: E402
-
 
 SETTING: dict = {}
 _accept = engine_mod.accept_candidates

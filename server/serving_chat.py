@@ -4,7 +4,7 @@ engine path as completions."""
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import Request
 from fastapi.responses import Response

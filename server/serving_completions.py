@@ -9,8 +9,8 @@ log-likelihood tasks). The engine runs the target alone over the prompt for it (
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from typing import AsyncIterator, Iterator
 
 from fastapi import Request
 from fastapi.responses import Response

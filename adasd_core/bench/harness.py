@@ -83,7 +83,7 @@ class BenchConfig:
             raise ValueError("the sampled mode's temperature must be in (0, 100]")
 
     @classmethod
-    def quick(cls, **overrides) -> "BenchConfig":
+    def quick(cls, **overrides) -> BenchConfig:
         """Seconds on the quick pair: what the tests run."""
         base = dict(next_line_prompts=4, next_line_context=48, next_line_max_tokens=12, continuation_prompts=2,
                     continuation_prompt_tokens=32, max_tokens=16, repeats=2, eval_prompts=3, eval_max_tokens=16,
@@ -214,7 +214,14 @@ def sampling_params(task: Task, mode: str, cfg: BenchConfig, prompt_index: int, 
 
 def run_bench(cfg: BenchConfig, pair: ModelPair | None = None, progress: bool = True) -> dict:
     """Run the benchmark, write bench.json / bench.md / PNGs under cfg.out_dir, return the results."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from transformers.utils import logging as hf_logging
 
     from adasd_core.costs import decode_step_seconds
@@ -261,7 +268,7 @@ def run_bench(cfg: BenchConfig, pair: ModelPair | None = None, progress: bool = 
 
     rows = aggregate(records, tasks, methods, cfg)
     result = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "wall_s": round(time.time() - started, 1),
         "machine": machine_info(),
         # other work on the machine during the run skews every timing: 1-minute load average

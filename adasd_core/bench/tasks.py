@@ -10,8 +10,8 @@ GSM8K, HumanEval and MMLU come from local JSONL files (adasd_core.bench.evals).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass
@@ -86,7 +86,7 @@ def next_line_task(tokenizer, sources: list[tuple[str, str]], n_prompts: int, co
         starts = {s: i for i, (s, e) in enumerate(offsets) if e > s}
         first = [s for s, _ in offsets]
 
-        def token_at(c: int) -> int | None:  # the token that covers character c
+        def token_at(c: int, first=first, offsets=offsets) -> int | None:  # the token that covers character c
             i = bisect.bisect_right(first, c) - 1
             return i if i >= 0 and offsets[i][0] <= c < offsets[i][1] else None
 

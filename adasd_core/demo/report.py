@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adasd_core.device import machine_info
 from adasd_core.costs import decode_step_seconds
+from adasd_core.device import machine_info
 from adasd_core.engine import SpecConfig
 from adasd_core.llm import LLM
 from adasd_core.models import load_pair

@@ -53,7 +53,7 @@ class DraftBuildConfig:
     eval_max_tokens: int = 128
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "DraftBuildConfig":
+    def quick(cls, seed: int = 0) -> DraftBuildConfig:
         return cls(seed=seed, chat_prompts=6, code_write=3, code_explain=2, user_max_tokens=16, answer_max_tokens=16,
                    slots=4, context=256, shard=4, held_out_share=0.2, head_size=64, init_layers=(0, -1),
                    plan=TrainPlan(steps=4, batch_tokens=256, lr=1e-3, warmup=1), eval_max_tokens=8)

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import signal
-import sys
 import time
 
 import httpx
@@ -46,7 +45,7 @@ class BodyLog:
 
     def bad_shape(self) -> list[str]:
         out = []
-        for status, text in self.bodies:
+        for _status, text in self.bodies:
             try:
                 err = json.loads(text)["error"]
                 if set(err) != ERROR_KEYS:

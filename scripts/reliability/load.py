@@ -17,7 +17,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -148,7 +148,7 @@ async def poll_gauges(base_url: str, stop: asyncio.Event, peaks: dict) -> None:
             peaks["scrape_errors"] = peaks.get("scrape_errors", 0) + 1
         try:
             await asyncio.wait_for(stop.wait(), 0.5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

@@ -190,7 +190,7 @@ def test_sampled_relaxed_check_accepts_with_the_posterior_probability():
 
 
 def test_best_draft_length_follows_costs_and_acceptance():
-    from adasd_core.costs import BatchPlanner, OnlineCorrection, StepCosts
+    from adasd_core.costs import BatchPlanner, StepCosts
 
     # draft step 0.1 of a target step; a target forward grows 2% per token alone, 30% per token at B=16
     bs, ns = [1, 16], [1, 21]
@@ -262,7 +262,7 @@ def test_measured_rates_decide_where_the_table_says_drafting_pays():
 
 
 def test_a_round_planned_at_zero_runs_no_draft_work():
-    from adasd_core.costs import BatchPlanner, OnlineCorrection, StepCosts
+    from adasd_core.costs import StepCosts
 
     target, draft = random_tables(8, seed=16)
     engine = LLM(markov_pair(target, draft), calibrate=False, max_running=4, batch_aware=True)
@@ -280,7 +280,7 @@ def test_a_round_planned_at_zero_runs_no_draft_work():
 
 
 def test_batch_aware_cap_turns_drafting_off_where_it_does_not_pay():
-    from adasd_core.costs import BatchPlanner, OnlineCorrection, StepCosts
+    from adasd_core.costs import StepCosts
 
     target, draft = random_tables(8, seed=15)
     engine = LLM(markov_pair(target, draft), calibrate=False, max_running=4, batch_aware=True)

@@ -8,8 +8,8 @@ import torch
 
 from adasd_core.demo.data import load_corpus
 from adasd_core.engine import SpecConfig
-from adasd_core.llm import LLM
 from adasd_core.errors import IncompatiblePairError
+from adasd_core.llm import LLM
 from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
 

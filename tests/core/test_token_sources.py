@@ -9,7 +9,8 @@ from toy import fed_check, markov_pair
 
 from adasd_core.engine import SpecConfig
 from adasd_core.llm import LLM
-from adasd_core.round_output import Draft as _Draft, token_sources as _token_sources
+from adasd_core.round_output import Draft as _Draft
+from adasd_core.round_output import token_sources as _token_sources
 from adasd_core.sampling import SamplingParams
 from adasd_core.sequence import SOURCES
 from adasd_core.verification import BayesCheck, RelaxedCheck, Verdict, accept_candidates

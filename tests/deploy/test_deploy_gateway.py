@@ -18,8 +18,6 @@ import time
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from deploy_support import (
     DOCKER,
     K8S,
@@ -30,6 +28,7 @@ from deploy_support import (
     run,
     schema_file,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 CORE_GROUPS = ("v1", "apps/v1")
 KUBERNETES_VERSIONS = ["1.29.0", "latest"]

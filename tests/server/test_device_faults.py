@@ -29,7 +29,7 @@ def _raised_while(exc: BaseException, context: BaseException) -> BaseException:
         try:
             raise context
         except BaseException:
-            raise exc
+            raise exc  # noqa: B904 (the fault is to carry `context` as its __context__)
     except BaseException as e:
         return e
 

@@ -126,7 +126,7 @@ def test_metrics_match_each_requests_usage(tempered_server):
         spec = r.usage.speculative
         assert spec["generated_tokens"] == r.usage.completion_tokens == 48
 
-        def delta(name, **labels):
+        def delta(name, after=after, before=before, **labels):
             return value(after, name, **labels) - value(before, name, **labels)
 
         for (name, labels), field in COUNTER_FIELDS.items():

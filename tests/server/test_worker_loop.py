@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adasd_core.warm import WarmState
 from adasd_core.errors import InvalidRequestError
+from adasd_core.warm import WarmState
 from server.messages import Cancel, Delta, Done, Error, Fatal, KVUsage, Shutdown, Started, Submit
 from server.worker import DEVICE_FAULT_EXIT, Worker
 
