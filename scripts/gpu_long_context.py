@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from adasd_core import kv_cache, lean  # noqa: E402
 from adasd_core.device import FOLD_ENV  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from gpu_step_costs import timed  # noqa: E402  (one timing loop for both GPU scripts)
 
 # Llama 3.1 8B: 8.03 G parameters, 32 query heads over 8 KV heads of 128
 SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -82,22 +84,8 @@ def release(model) -> None:
         torch.cuda.empty_cache()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_s(fn, device: torch.device, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed(fn, device, iters, warmup)["median_ms"] / 1e3
 
 
 def check(name: str, value: float, limit: float, enforced: bool = True, below: bool = True) -> dict:
