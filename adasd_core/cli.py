@@ -90,7 +90,8 @@ def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: s
 
 
 ModelOpts = dict(
-    target=typer.Option("smollm2", help="Target model: 'smollm2' or 'tiny' (built-in pairs), a hub id or a local path."),
+    target=typer.Option("smollm2",
+                        help="Target model: 'smollm2' or 'tiny' (built-in pairs), a hub id or a local path."),
     draft=typer.Option("smollm2", help="Draft model: 'smollm2', 'tiny', a hub id or a local path."),
 )
 
@@ -126,7 +127,8 @@ def generate(
     from adasd_core.sampling import SamplingParams
 
     try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed, stop=stop)
         spec = SpecConfig(method=method, k=k, verification=verification)
         shown = prompt
         if chat:
@@ -203,8 +205,9 @@ def _compare(engine, prompt, params, k, verification, repeats, as_json):
     for col in ("method", "tok/s", "vs ar", "accept", "draft len", "tok/round", "est. speedup"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
-        table.add_row(r["method"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_ar']:.2f}x", f"{r['acceptance_rate']:.2f}",
-                      f"{r['mean_draft_length']:.2f}", f"{r['tokens_per_round']:.2f}", f"{r['estimated_speedup']:.2f}x")
+        table.add_row(r["method"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_ar']:.2f}x",
+                      f"{r['acceptance_rate']:.2f}", f"{r['mean_draft_length']:.2f}", f"{r['tokens_per_round']:.2f}",
+                      f"{r['estimated_speedup']:.2f}x")
     console.print(table)
 
 

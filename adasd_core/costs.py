@@ -78,7 +78,8 @@ class StepCosts:
     def round_cost(self, batch: int, draft_steps: int, tokens_per_sequence: float) -> float:
         """Predicted seconds of a round: its batched draft steps and a target forward over
         `tokens_per_sequence` tokens per sequence (k+1 when every sequence drafts k)."""
-        drafting = self.draft_cost(batch) + (draft_steps - 1) * self.draft_cost(batch, warm=True) if draft_steps else 0.0
+        drafting = (self.draft_cost(batch) + (draft_steps - 1) * self.draft_cost(batch, warm=True)
+                    if draft_steps else 0.0)
         return drafting + self.target_cost(batch, tokens_per_sequence)
 
     @classmethod

@@ -104,7 +104,8 @@ class SpeculativeEngine:
         ids = pair.tokenizer(prompt, add_special_tokens=True)["input_ids"] if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(ids, pair.vocab_size, pair.context_length)
         if spec.method != "ar" and pair.draft is None:
-            raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none", param="method")
+            raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none",
+                                      param="method")
         stats = GenerationStats(method=spec.method, prompt_tokens=len(ids), target_step_s=self.target_step_s,
                                 trace=[] if spec.trace else None)
         policy, relaxed = spec.draft_policy(), spec.relaxed_check()

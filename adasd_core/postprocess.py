@@ -62,7 +62,9 @@ def finish_round(seq: Sequence, draft: Draft | None, verdict: Verdict, logits: t
     runner.rollback(seq.slot, len(seq.tokens) + n_acc)
 
     emitted = candidates[:n_acc] + [verdict.token]
-    logprobs = token_logprobs(logits[: n_acc + 1], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
+    logprobs = None
+    if seq.params.logprobs is not None:
+        logprobs = token_logprobs(logits[: n_acc + 1], emitted, seq.params.logprobs)
     sources = token_sources(draft, verdict, seq.stats.rounds) if seq.token_sources else None
     delta = seq.emit(emitted, logprobs, sources)
     if sources is not None:

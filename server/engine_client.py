@@ -240,8 +240,8 @@ class EngineClient:
                 await asyncio.to_thread(handle.proc.join, 5)
             handle.outbox.put(None)
         self.metrics.worker_up.set(0)
-        self._fail_all(ServiceUnavailableError("the server shut down before this request finished", code="shutting_down"),
-                       status="cancelled")
+        shut_down = ServiceUnavailableError("the server shut down before this request finished", code="shutting_down")
+        self._fail_all(shut_down, status="cancelled")
 
     # ------------------------------------------------------------------ threads
 

@@ -40,7 +40,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if count * request.n > self.client.capacity:  # before tokenizing them all (150k prompts: 16 s)
             raise InvalidRequestError(
                 f"this request needs {count * request.n} generations (prompts x n) but the server holds at most "
-                f"{self.client.capacity} at once (max_running + max_queue); send fewer", param="prompt" if count > 1 else "n")
+                f"{self.client.capacity} at once (max_running + max_queue); send fewer",
+                param="prompt" if count > 1 else "n")
 
         prompts = await self._prompt_ids(request.prompt)
         scored = request.echo and request.logprobs is not None

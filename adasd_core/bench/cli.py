@@ -121,7 +121,8 @@ def bench_serve(
     try:
         cfg = ServeBenchConfig(base_url=base_url, concurrency=tuple(int(c) for c in _split(concurrency)),
                                methods=tuple(m for m in _split(methods)), requests=requests or None, repeats=repeats,
-                               max_tokens=max_tokens, temperature=temperature, prompts_file=prompts_file, prompt_set=prompt_set,
+                               max_tokens=max_tokens, temperature=temperature,
+                               prompts_file=prompts_file, prompt_set=prompt_set,
                                method=None if method == "server" else method, externals=externals,
                                arrival_rate=arrival_rate, arrival_pattern=arrival_pattern,
                                arrival_requests=arrival_requests, baseline=baseline,

@@ -102,7 +102,8 @@ def next_line_task(tokenizer, sources: list[tuple[str, str]], n_prompts: int, co
             if j is None or end is None or j < 8 or offsets[j][0] < line_start or (end - j) + 1 > max_tokens - 1:
                 continue
             reference = text[offsets[j][0] : line_start + len(line)]
-            candidates.append(Prompt(id=f"{path}:{n + 1}", ids=ids[max(0, j - context_tokens) : j], reference=reference))
+            candidates.append(Prompt(id=f"{path}:{n + 1}", ids=ids[max(0, j - context_tokens) : j],
+                                     reference=reference))
     return Task(name="next-line", prompts=_evenly(candidates, n_prompts), max_tokens=max_tokens, repeats=repeats,
                 score=score_next_line, stop=["\n"],
                 notes="exact match of the generated rest of the line (the prompt ends after the line break and the "

@@ -203,7 +203,8 @@ def train_model(
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
         else:
             teacher_logp = F.log_softmax(teacher_logits.float(), dim=-1)
-            loss = F.kl_div(F.log_softmax(logits, dim=-1), teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+            kl = F.kl_div(F.log_softmax(logits, dim=-1), teacher_logp, log_target=True, reduction="none")
+            loss = kl.sum(-1).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -258,7 +258,8 @@ def _records(work: Path, cfg: DraftBuildConfig) -> tuple[list[Record], list[Reco
             records.append(Record(torch.tensor(ids, dtype=torch.int32), torch.tensor(pos, dtype=torch.int32),
                                   torch.tensor(top_ids, dtype=torch.int32), torch.tensor(top_lp, dtype=torch.float16)))
     rng = random.Random(cfg.seed + 11)
-    held = set(rng.sample(range(len(records)), max(1, int(round(cfg.held_out_share * len(records)))))) if records else set()
+    n_held = max(1, int(round(cfg.held_out_share * len(records))))
+    held = set(rng.sample(range(len(records)), n_held)) if records else set()
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 

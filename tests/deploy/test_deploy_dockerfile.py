@@ -54,7 +54,8 @@ def test_runtime_contract():
 
 def test_dockerignore_keeps_what_the_build_needs():
     """The context is a whitelist: the package, its metadata and the configs are let in."""
-    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
     assert lines[0] == "*"
     for needed in ("pyproject.toml", "README.md", "adasd_core/", "server/", "configs/"):
         assert f"!{needed}" in lines, needed
