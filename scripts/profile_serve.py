@@ -1,12 +1,12 @@
 """Where a served token's time goes: py-spy samples the worker and the front end while one client
-streams greedy requests, and the lean step is timed alone beside it.
+streams greedy requests (compare its inter-token time with scripts/step_profile.py's lean step).
 
     python scripts/profile_serve.py --method ar --requests 6 --max-tokens 128 [--target smollm2 --draft smollm2]
 
-Prints (and with --json writes) the client's inter-token time, the lean single-token step measured in
-the same process layout, and the worker's and the front end's time by function (self time, and the
+Prints (and with --json writes) the client's inter-token time and the worker's and the front end's
+time by function (self time, and the
 inclusive time of the frames that matter: the engine step, the target forward, the pipe, the
-detokenizer). Run it alone on the cores: py-spy's samples are proportions, but the step times are not.
+detokenizer). Run it alone on the cores: py-spy's samples are proportions, but the inter-token time is not.
 """
 
 from __future__ import annotations
