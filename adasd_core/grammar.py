@@ -31,6 +31,7 @@ class GrammarSpec:
     kind: str
     value: str = ""
     param: str = "response_format"
+    lenient: bool = False  # JSON Schema: ignore keywords llguidance lacks instead of refusing them
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
@@ -39,10 +40,12 @@ class GrammarSpec:
         """The llguidance grammar text (not yet checked: `check` does)."""
         import llguidance
 
+        # fixed separators: no run of whitespace for a small model to loop in, and more forced tokens
+        options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": self.lenient}
         if self.kind == "json_object":
-            return llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT)
+            return llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT, overrides=options)
         if self.kind == "json_schema":
-            return llguidance.LLMatcher.grammar_from_json_schema(self.value)
+            return llguidance.LLMatcher.grammar_from_json_schema(self.value, overrides=options)
         if self.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(self.value)
         if self.kind == "choice":

@@ -45,7 +45,6 @@ def bench_llguidance(hf_tok, vocab: int) -> dict:
     import llguidance
     import llguidance.hf
     import llguidance.torch
-    import torch
 
     t0 = time.perf_counter()
     tok = llguidance.hf.from_tokenizer(hf_tok, n_vocab=vocab)
@@ -71,7 +70,6 @@ def bench_llguidance(hf_tok, vocab: int) -> dict:
 
 
 def bench_xgrammar(hf_tok, vocab: int) -> dict:
-    import torch
     import xgrammar as xgr
 
     t0 = time.perf_counter()
@@ -96,7 +94,6 @@ def bench_xgrammar(hf_tok, vocab: int) -> dict:
         rollback_s = time.perf_counter() - t0
         out["schemas"][name] = {"tokens": len(ids), "compile_ms": compile_s * 1e3, "mask_ms_median": median_ms(times),
                                 "mask_ms_max": max(times) * 1e3, "rollback_ms": rollback_s * 1e3}
-    del torch
     return out
 
 

@@ -8,7 +8,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 
 from adasd_core.distill.prompts import eval_prompts
 
