@@ -23,8 +23,8 @@ import time
 import torch
 
 from adasd_core.costs import AcceptancePrior, BatchPlanner, OnlineCorrection, RoundClock, StepCosts, measure
-from adasd_core.device import synchronize
 from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
+from adasd_core.device import synchronize
 from adasd_core.drafting import WINDOW
 from adasd_core.errors import InvalidRequestError
 from adasd_core.grammar import Constraint, GrammarDeadEnd, ll_tokenizer
@@ -113,15 +113,16 @@ class SpeculativeEngine:
         check_prompt_ids(ids, pair.vocab_size, pair.context_length)
         for name, tokens in (("logit_bias", list(params.logit_bias or ())), ("stop_token_ids", params.stop_token_ids)):
             if any(not 0 <= t < pair.vocab_size for t in tokens):
-                raise InvalidRequestError(f"{name} names a token id outside the vocabulary (0 to {pair.vocab_size - 1})",
-                                          param=name)
+                raise InvalidRequestError(
+                    f"{name} names a token id outside the vocabulary (0 to {pair.vocab_size - 1})", param=name)
         constraint = None
         if params.grammar is not None:
             if self._ll_tokenizer is None:
                 self._ll_tokenizer = ll_tokenizer(pair.tokenizer, pair.vocab_size, pair.eos_token_ids)
             constraint = Constraint(self._ll_tokenizer, params.grammar, pair.vocab_size)
         if spec.method != "ar" and pair.draft is None:
-            raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none", param="method")
+            raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none",
+                                      param="method")
         stats = GenerationStats(method=spec.method, prompt_tokens=len(ids), target_step_s=self.target_step_s,
                                 trace=[] if spec.trace else None)
         policy, relaxed = spec.draft_policy(), spec.relaxed_check()
@@ -288,7 +289,8 @@ class SpeculativeEngine:
                 c.restore(c.consumed - len(seq.forced))
                 seq.forced = []
                 logprobs = [] if seq.params.logprobs is not None else None
-                ended.append((seq, seq.emit([], logprobs, [] if seq.token_sources else None, finish="grammar_dead_end")))
+                sources = [] if seq.token_sources else None
+                ended.append((seq, seq.emit([], logprobs, sources, finish="grammar_dead_end")))
         return ended
 
     def _verified_logits(self, seqs: list[Sequence], drafts: dict[Sequence, Draft], cands: list[list[int]],

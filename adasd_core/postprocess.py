@@ -27,7 +27,8 @@ def finish_batch(seqs: list[Sequence], drafts: dict[Sequence, Draft], target_pro
     verdicts = accept_batch(cands, target_probs, draft_probs, [s.params.greedy for s in seqs],
                             [s.generator for s in seqs], [s.relaxed for s in seqs])
     out = []
-    for seq, verdict, rows in zip(seqs, verdicts, logits.split([len(s.forced) + len(c) + 1 for s, c in zip(seqs, cands)])):
+    sizes = [len(s.forced) + len(c) + 1 for s, c in zip(seqs, cands)]
+    for seq, verdict, rows in zip(seqs, verdicts, logits.split(sizes)):
         try:
             out.append(finish_round(seq, drafts.get(seq), verdict, rows, runner, warm, prior))
         except Exception as exc:  # one broken request must not take the others down

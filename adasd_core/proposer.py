@@ -36,7 +36,8 @@ class DraftModelProposer:
             logits = self.runner.draft_step([s.slot for s, _ in active], feeds)
             params = [s.params for s, _ in active]
             runs = [Rows(s, i, s.forced + out[s].ids, [len(s.forced) + len(out[s].ids)],
-                         [s.constraint.mask()] if s.constraint is not None else None) for i, (s, _) in enumerate(active)]
+                         [s.constraint.mask()] if s.constraint is not None else None)
+                    for i, (s, _) in enumerate(active)]
             logits = process_logits(logits, runs)
             q = logits_to_probs_rows(logits, params)  # [A, V]
             x = sample_rows(q, params, [s.generator for s, _ in active])

@@ -20,7 +20,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[
     return [TokenLogprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in zip(tokens, chosen, top_ids, top_vals)]
 
 
-def token_sources(draft: "Draft | None", verdict, round_no: int, forced: int = 0) -> list[TokenSource]:
+def token_sources(draft: Draft | None, verdict, round_no: int, forced: int = 0) -> list[TokenSource]:
     """Where each token a round emits came from, from what the round already holds on the host
     (`forced`: the round's forced tokens, before its candidates)."""
     n, k = verdict.n_accepted, len(draft.ids) if draft else 0

@@ -167,7 +167,8 @@ def logits_to_probs_rows(logits: torch.Tensor, row_params: list[SamplingParams])
     return out
 
 
-def sample_rows(probs: torch.Tensor, row_params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+def sample_rows(probs: torch.Tensor, row_params: list[SamplingParams],
+                generators: list[torch.Generator]) -> torch.Tensor:
     """[N, V] -> [N] token ids; sampled rows draw from their own request's generator."""
     out = probs.argmax(-1)
     for i, (params, gen) in enumerate(zip(row_params, generators)):

@@ -41,7 +41,8 @@ class GenerationStats:
     # (T_G, T_V or P(A) summary) after each round, when tracing is on
     trace: list[dict] | None = None
 
-    def observe_round(self, drafted: int, n_standard: int, n_relaxed: int, bonus: bool, accepted_flags: list[bool]) -> None:
+    def observe_round(self, drafted: int, n_standard: int, n_relaxed: int, bonus: bool,
+                      accepted_flags: list[bool]) -> None:
         self.rounds += 1
         self.drafted_tokens += drafted
         self.accepted_standard += n_standard

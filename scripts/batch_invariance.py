@@ -8,11 +8,11 @@ In process, on a pair folder with target/ and draft/ (default: the quick pair, b
 with the server's settings (batch-aware cap, published warm-start snapshots): every probe request
 (greedy adasd, and seeded adasd at temperature 1.0) runs alone, then again in a batch with `--batch - 1`
 mates of other methods and temperatures, from the same snapshot. `--no-batch-aware` drafts as the paper
-does (on the quick pair the cap finds that drafting never pays, so the probes would not draft at all). Nothing but rounding differs
-between the two runs (the plan, the start state and the random draws are the same by construction),
-so every difference is a rounding effect: a batched matmul that sums in another order, a near tie
-that flips. Prints the requests and tokens that differ and, for scale, the largest logit difference
-between a batched and a lone target forward.
+does (on the quick pair the cap finds that drafting never pays, so the probes would not draft at
+all). Nothing but rounding differs between the two runs (the plan, the start state and the random
+draws are the same by construction), so every difference is a rounding effect: a batched matmul that
+sums in another order, a near tie that flips. Prints the requests and tokens that differ and, for
+scale, the largest logit difference between a batched and a lone target forward.
 
 `--throughput` measures the price instead: `--batch` greedy adasd requests at once, planned alone
 (reproducible, the server's way) or by their batch size (the cap's plan before issue 15), alternated
@@ -127,8 +127,9 @@ def main(argv=None) -> None:
     task = continuation_task(pair.tokenizer, demo_sources(), args.requests + 16, 48, args.tokens, pair.context_length)
     prompts = [p.ids for p in task.prompts]
     # warm the server's state first, as a server that has served for a while
-    warm_up = [(prompts[i % len(prompts)], SamplingParams(max_tokens=args.tokens, temperature=t, seed=i,
-                                                           ignore_eos=True), SpecConfig(method="adasd", warm_start=True))
+    warm_up = [(prompts[i % len(prompts)],
+                SamplingParams(max_tokens=args.tokens, temperature=t, seed=i, ignore_eos=True),
+                SpecConfig(method="adasd", warm_start=True))
                for i, t in enumerate([0.0, 1.0] * 20)]
     for i in range(0, len(warm_up), args.batch):
         run(engine, warm_up[i : i + args.batch], None)
@@ -142,8 +143,8 @@ def main(argv=None) -> None:
             Path(args.out).write_text(json.dumps(result, indent=1))
         return
 
-    result = {"pair": args.pair, "batch": args.batch, "batch_aware": args.batch_aware, "tokens": args.tokens, "epoch": epoch,
-              "published": {k: v.rounds for k, v in engine.warm.published.items()},
+    result = {"pair": args.pair, "batch": args.batch, "batch_aware": args.batch_aware, "tokens": args.tokens,
+              "epoch": epoch, "published": {k: v.rounds for k, v in engine.warm.published.items()},
               "max_logit_difference": logit_spread(engine, prompts, args.batch)}
     for name, temperature in (("greedy", 0.0), ("seeded", 1.0)):
         differ, tokens, first_diff, drafted = 0, 0, [], 0

@@ -30,9 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # inclusive-time frames reported for the worker: (label, function name as py-spy prints it)
 WORKER_FRAMES = [("engine step", "step (adasd_core/engine.py"), ("target forward", "forward (adasd_core/lean.py"),
                  ("feed prompts", "feed_prompts (adasd_core/runner.py"), ("propose", "propose (adasd_core/proposer.py"),
-                 ("finish round", "finish_round (adasd_core/postprocess.py"), ("emit / detokenize", "emit (adasd_core/sequence.py"),
+                 ("finish round", "finish_round (adasd_core/postprocess.py"),
+                 ("emit / detokenize", "emit (adasd_core/sequence.py"),
                  ("pipe send", "send (server/worker.py"), ("pipe poll", "poll (server/worker.py"),
-                 ("kv report", "report_kv (server/worker.py"), ("probs", "logits_to_probs_rows (adasd_core/sampling.py")]
+                 ("kv report", "report_kv (server/worker.py"),
+                 ("probs", "logits_to_probs_rows (adasd_core/sampling.py")]
 
 
 def wait_ready(url: str, timeout: float = 600.0) -> None:
@@ -133,7 +135,9 @@ def main(argv=None) -> None:
             continue
         total, own, incl = aggregate(raw)
         top = [{"frame": f, "share": round(n / total, 4)} for f, n in own.most_common(15)]
-        rows = {label: round(inclusive(incl, key) / total, 4) for label, key in WORKER_FRAMES} if name == "worker" else {}
+        rows = {}
+        if name == "worker":
+            rows = {label: round(inclusive(incl, key) / total, 4) for label, key in WORKER_FRAMES}
         result["processes"][name] = {"samples": total, "self_top": top, "inclusive": rows}
     print(json.dumps(result, indent=1))
     if args.json:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar, get_args
+from typing import Any, TypeVar, get_args
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -240,7 +241,7 @@ class Choices:
     sources: list[dict | None]  # {"token_sources": [...], "rounds": [...]} gathered (None: not asked for)
 
     @classmethod
-    def of(cls, request: SamplingFields, n: int, texts: list[list[str]] | None = None) -> "Choices":
+    def of(cls, request: SamplingFields, n: int, texts: list[list[str]] | None = None) -> Choices:
         on = bool(request.adasd and request.adasd.token_sources)
         return cls([None] * n, [None] * n, texts or [[] for _ in range(n)],
                    [{"token_sources": [], "rounds": []} if on else None for _ in range(n)])

@@ -5,7 +5,7 @@ grammar over the functions' parameter schemas, returned as tool_calls (server/st
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -13,7 +13,6 @@ from fastapi.responses import Response
 from adasd_core.errors import InvalidRequestError
 from server.engine_client import PromptScores, RequestGroup, SubRequest, TokenDelta
 from server.errors import UnsupportedError
-from server.structured import ToolMode, output_grammar, tool_calls, tool_mode
 from server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -25,6 +24,7 @@ from server.protocol import (
     random_id,
 )
 from server.serving import Choices, ChunkFrame, OpenAIServing, TokenOutput, collect_choices, make_usage, stream_choices
+from server.structured import ToolMode, output_grammar, tool_calls, tool_mode
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -75,7 +75,8 @@ class OpenAIServingChat(OpenAIServing):
             calls = tool_calls(mode, choices.text(i), random_id("call")) if mode is not None else None
             if calls is None:
                 return ChatResponseMessage(content=choices.text(i)), choices.finish[i]
-            return ChatResponseMessage(tool_calls=calls), "tool_calls" if choices.finish[i] == "stop" else choices.finish[i]
+            finish = "tool_calls" if choices.finish[i] == "stop" else choices.finish[i]
+            return ChatResponseMessage(tool_calls=calls), finish
 
         messages = [message(i) for i in range(group.size)]
         return ChatCompletionResponse(

@@ -113,7 +113,8 @@ def tool_mode(request: ChatCompletionRequest, template_has_tools: bool) -> ToolM
     # the names, parameters and descriptions only: the grammar holds the schemas (a short prompt for a short context)
     listing = "\n".join(f"- {n}({', '.join((schemas[n].get('properties') or {}).keys())})"
                          + (f": {fn['description']}" if fn.get("description") else "") for n, (_, fn) in chosen.items())
-    shape = f"Call {name} with its arguments as JSON." if name is not None else 'Reply with {"name": ..., "arguments": {...}}.'
+    shape = (f"Call {name} with its arguments as JSON." if name is not None
+             else 'Reply with {"name": ..., "arguments": {...}}.')
     return ToolMode(grammar, name, f"Functions:\n{listing}\n{shape}")
 
 

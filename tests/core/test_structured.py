@@ -130,7 +130,8 @@ def test_sampling_controls_stay_exact(spec):
     for lo in range(2):  # pairs of positions, as the engine's own distribution tests
         cells = list(itertools.product(range(V - 1), repeat=2))
         obs = [sum(v for k, v in counts.items() if k[lo : lo + 2] == c) for c in cells]
-        assert chisquare(obs, [n * sum(p for s, p in exact.items() if s[lo : lo + 2] == c) for c in cells]).pvalue > 1e-3
+        expected = [n * sum(p for s, p in exact.items() if s[lo : lo + 2] == c) for c in cells]
+        assert chisquare(obs, expected).pvalue > 1e-3
     cells = list(itertools.product(range(V - 1), repeat=2))
     obs = [sum(v for k, v in counts.items() if k[:2] == c) for c in cells]
     expected = [n * sum(p for s, p in plain.items() if s[:2] == c) for c in cells]

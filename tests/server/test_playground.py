@@ -188,7 +188,8 @@ def test_keyboard_runs_and_inspects(page, server):
     assert len(current) == 1 and current[0].get_attribute("data-i") == "11"
     # the sources differ by more than hue: each has its own underline style
     styles = page.execute_script(
-        "return [...document.querySelectorAll('#legend .legend-item .tok')].map(s => getComputedStyle(s).textDecorationStyle)")
+        "return [...document.querySelectorAll('#legend .legend-item .tok')]"
+        ".map(s => getComputedStyle(s).textDecorationStyle)")
     assert len(set(styles)) == len(SOURCES), styles
 
 
