@@ -217,10 +217,17 @@ def unpack_bitmask(masks: torch.Tensor, vocab: int) -> torch.Tensor:
     return ((masks[:, :, None] >> _BITS) & 1).bool().flatten(1)[:, :vocab]
 
 
-def apply_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
-    """In place: logits [N, V] rows `rows` get -inf where their bitmask [W] forbids a token (one copy, one op)."""
+def apply_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor],
+                  uniform_fallback: bool = False) -> None:
+    """In place: logits [N, V] rows `rows` get -inf where their bitmask [W] forbids a token (one copy, one op).
+    `uniform_fallback` (the draft's rows): a row with no allowed token left (a draft head over a subset of
+    the vocabulary) becomes uniform over the allowed tokens, a proposal like any other."""
     if not rows:
         return
     allowed = unpack_bitmask(torch.stack(masks).to(logits.device, non_blocking=True), logits.shape[-1])
     idx = torch.tensor(rows, device=logits.device)
-    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+    masked = logits[idx].masked_fill(~allowed, float("-inf"))
+    if uniform_fallback:
+        empty = ~torch.isfinite(masked).any(-1, keepdim=True)
+        masked = torch.where(empty, torch.zeros_like(masked).masked_fill(~allowed, float("-inf")), masked)
+    logits[idx] = masked

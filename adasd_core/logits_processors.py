@@ -30,8 +30,9 @@ class Rows:
     masks: list[torch.Tensor] | None = None
 
 
-def process_logits(logits: torch.Tensor, runs: list[Rows]) -> torch.Tensor:
-    """logits [N, V] -> the processed logits (a new tensor where anything applies; else `logits`)."""
+def process_logits(logits: torch.Tensor, runs: list[Rows], draft: bool = False) -> torch.Tensor:
+    """logits [N, V] -> the processed logits (a new tensor where anything applies; else `logits`).
+    `draft`: a row the mask empties (a draft head's subset) falls back to uniform over the allowed tokens."""
     runs = [r for r in runs if r.masks or r.seq.params.controls]
     if not runs:
         return logits
@@ -67,5 +68,5 @@ def process_logits(logits: torch.Tensor, runs: list[Rows]) -> torch.Tensor:
             rows = rows.index_add(1, ids, bias[None].expand(n, -1).contiguous())
         out[r.start : r.start + n] = rows
     mask_rows = [r.start + j for r in runs if r.masks for j in range(len(r.masks))]
-    apply_bitmask(out, mask_rows, [m for r in runs if r.masks for m in r.masks])
+    apply_bitmask(out, mask_rows, [m for r in runs if r.masks for m in r.masks], uniform_fallback=draft)
     return out

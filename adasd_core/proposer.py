@@ -38,7 +38,7 @@ class DraftModelProposer:
             runs = [Rows(s, i, s.forced + out[s].ids, [len(s.forced) + len(out[s].ids)],
                          [s.constraint.mask()] if s.constraint is not None else None)
                     for i, (s, _) in enumerate(active)]
-            logits = process_logits(logits, runs)
+            logits = process_logits(logits, runs, draft=True)
             q = logits_to_probs_rows(logits, params)  # [A, V]
             x = sample_rows(q, params, [s.generator for s, _ in active])
             vals = torch.stack([x.to(q.dtype), entropy(q)]).tolist()  # one host sync per draft step

@@ -35,9 +35,10 @@ def main() -> None:
     for method, verification in (("ar", "none"), ("vanilla", "none"), ("adasd", "none"), ("adasd", "bayes")):
         tps, forced, outs = [], [], []
         for prompt in PROMPTS:
-            ids = llm.pair.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                                         add_generation_prompt=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            tok = llm.pair.tokenizer
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
             t0 = time.perf_counter()
             out = llm.generate(list(ids), SamplingParams(max_tokens=160, grammar=grammar),
                                SpecConfig(method=method, verification=verification))
