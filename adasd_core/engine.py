@@ -11,18 +11,24 @@ A round, in its phases:
 - finish: per sequence, acceptance (verification.accept_candidates), the correction or bonus token,
   one Observation for every learner, and both caches cut back to the accepted prefix;
 - account: the round's measured cost to the planner, its time to each request's statistics.
-`ar` requests ride in the same batch with no candidates.
+`ar` requests ride in the same batch with no candidates. A request with a grammar first takes the
+tokens its grammar forces (jump-forward: no draft, no check), then drafts under the grammar's mask;
+every verified row gets the mask at its position (logits_processors.py).
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
+
 from adasd_core.costs import AcceptancePrior, BatchPlanner, OnlineCorrection, RoundClock, StepCosts, measure
 from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
 from adasd_core.device import synchronize
 from adasd_core.drafting import WINDOW
 from adasd_core.errors import InvalidRequestError
+from adasd_core.grammar import Constraint, GrammarDeadEnd, ll_tokenizer
+from adasd_core.logits_processors import Rows, process_logits
 from adasd_core.models import ModelPair
 from adasd_core.postprocess import finish_batch, score_prompts, scored_prompt
 from adasd_core.proposer import DraftModelProposer
@@ -38,6 +44,7 @@ from adasd_core.warm import ADAPTIVE_METHODS, WarmState, family_key
 
 __all__ = ["METHODS", "VERIFICATIONS", "SpecConfig", "SpeculativeEngine"]
 Event = tuple[Sequence, "Delta | PromptLogprobs | Exception"]
+MAX_FORCED = 64  # forced tokens taken per round (each still costs a mask; the verify pass takes them all)
 
 
 class SpeculativeEngine:
@@ -63,6 +70,7 @@ class SpeculativeEngine:
         self.costs = StepCosts.nominal()
         self.target_step_s = 0.0
         self.min_posterior = pair.min_posterior  # the Bayesian check's gate measured for this pair
+        self._ll_tokenizer = None  # llguidance's view of the tokenizer, made at the first grammar request
         if calibrate:
             self.calibrate()
         self.warm.adopt_plan(self.costs)  # reproducible requests plan with this table, or the one saved before
@@ -103,6 +111,15 @@ class SpeculativeEngine:
         pair, params, spec = self.pair, params or SamplingParams(), spec or self.default_spec
         ids = pair.tokenizer(prompt, add_special_tokens=True)["input_ids"] if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(ids, pair.vocab_size, pair.context_length)
+        for name, tokens in (("logit_bias", list(params.logit_bias or ())), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < pair.vocab_size for t in tokens):
+                raise InvalidRequestError(
+                    f"{name} names a token id outside the vocabulary (0 to {pair.vocab_size - 1})", param=name)
+        constraint = None
+        if params.grammar is not None:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = ll_tokenizer(pair.tokenizer, pair.vocab_size, pair.eos_token_ids)
+            constraint = Constraint(self._ll_tokenizer, params.grammar, pair.vocab_size)
         if spec.method != "ar" and pair.draft is None:
             raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none",
                                       param="method")
@@ -127,10 +144,11 @@ class SpeculativeEngine:
             plan_prior = AcceptancePrior.START if acceptance is None else acceptance
         return Sequence(
             prompt_ids=ids, params=params, method=spec.method, policy=policy, relaxed=relaxed,
-            generator=make_generator(params.seed, pair.device), eos=set() if params.ignore_eos else pair.eos_token_ids,
+            generator=make_generator(params.seed, pair.device),
+            eos=(set() if params.ignore_eos else set(pair.eos_token_ids)) | set(params.stop_token_ids),
             detok=IncrementalDetokenizer(pair.tokenizer, ids), stop=StopStringMatcher(params.stop), stats=stats,
             context_length=pair.context_length, request_id=request_id, family=family, token_sources=spec.token_sources,
-            plan_prior=plan_prior, fingerprint=fp,
+            plan_prior=plan_prior, fingerprint=fp, constraint=constraint,
         )
 
     def _with_plan(self, method: str) -> bool:
@@ -207,6 +225,7 @@ class SpeculativeEngine:
         # the drafts of a failed batch drew from the sampled requests' generators: a retry starts from the
         # same draws, so a seeded request gives the same tokens whether or not its batch failed
         rng = [s.generator.get_state() if len(seqs) > 1 and not s.params.greedy else None for s in seqs]
+        grammar = [s.constraint.consumed if s.constraint is not None else 0 for s in seqs]
         try:
             return self._round_batch(seqs)
         except Exception as exc:
@@ -216,9 +235,11 @@ class SpeculativeEngine:
                 return [(seqs[0], exc)]
         # the batch failed before any sequence changed: undo its cache writes, then run one sequence
         # at a time so that only the one that fails ends
-        for seq, before, state in zip(seqs, lengths, rng):
+        for seq, before, state, consumed in zip(seqs, lengths, rng, grammar):
             if state is not None:
                 seq.generator.set_state(state)
+            if seq.constraint is not None:
+                seq.constraint.restore(consumed)
             self.runner.restore(seq.slot, before)
         return [event for seq in list(seqs) for event in self._round([seq])]
 
@@ -226,17 +247,71 @@ class SpeculativeEngine:
         """One round of the batch, in its phases: plan, propose, verify, finish, account."""
         t0 = time.perf_counter()
         self.rounds += 1
+        ended = self._jump_forward(seqs)
+        seqs = [s for s in seqs if not s.finished]
+        if not seqs:  # every one ended at its grammar
+            for seq, _ in ended:
+                self.scheduler.release(seq)
+            return ended
         caps = self._draft_caps(seqs)
         drafts = self.proposer.propose([s for s, c in zip(seqs, caps) if c > 0], [c for c in caps if c > 0])
         t1 = time.perf_counter()
-        feeds = [[s.tokens[-1]] + (drafts[s].ids if s in drafts else []) for s in seqs]
-        logits = self.runner.verify([s.slot for s in seqs], feeds)  # [sum k_b + 1, V]
-        target_probs = logits_to_probs_rows(logits, [s.params for s, f in zip(seqs, feeds) for _ in f])
+        cands = [drafts[s].ids if s in drafts else [] for s in seqs]
+        feeds = [[s.tokens[-1]] + s.forced + c for s, c in zip(seqs, cands)]
+        logits = self.runner.verify([s.slot for s in seqs], feeds)  # [sum (F_b + k_b + 1), V]
+        target_probs = logits_to_probs_rows(self._verified_logits(seqs, drafts, cands, logits),
+                                            [s.params for s, c in zip(seqs, cands) for _ in range(len(c) + 1)])
         synchronize(self.pair.device)  # every timed phase ends on the device too (no-op on the CPU)
         t2 = time.perf_counter()
         events = list(zip(seqs, finish_batch(seqs, drafts, target_probs, logits, self.runner, self.warm, self.prior)))
-        self._account(seqs, drafts, feeds, events, (t0, t1, t2, time.perf_counter()))
-        return events
+        self._account(seqs, drafts, feeds, events + ended, (t0, t1, t2, time.perf_counter()))
+        return events + ended
+
+    def _jump_forward(self, seqs: list[Sequence]) -> list[Event]:
+        """Each constrained sequence takes the tokens its grammar forces (its mask allows one token),
+        up to one fewer than it may still add (the round adds one); a sequence whose grammar allows no
+        token ends here, finish reason "grammar_dead_end"."""
+        ended = []
+        for seq in seqs:
+            seq.forced = []
+            c = seq.constraint
+            if c is None:
+                continue
+            try:
+                while len(seq.forced) < min(seq.remaining - 1, MAX_FORCED) and not c.stopped:
+                    token = c.forced(c.mask())
+                    if token is None:
+                        break
+                    c.consume(token)
+                    seq.forced.append(token)
+                c.mask()
+            except GrammarDeadEnd:
+                c.restore(c.consumed - len(seq.forced))
+                seq.forced = []
+                logprobs = [] if seq.params.logprobs is not None else None
+                sources = [] if seq.token_sources else None
+                ended.append((seq, seq.emit([], logprobs, sources, finish="grammar_dead_end")))
+        return ended
+
+    def _verified_logits(self, seqs: list[Sequence], drafts: dict[Sequence, Draft], cands: list[list[int]],
+                         logits: torch.Tensor) -> torch.Tensor:
+        """The rows the round verifies (each sequence's last k_b + 1: its forced tokens' rows are not
+        checked), processed by the request's controls and its grammar's masks: [sum (k_b + 1), V]."""
+        forced = [len(s.forced) for s in seqs]
+        if any(forced):
+            rows, start = [], 0
+            for f, c in zip(forced, cands):
+                rows += range(start + f, start + f + len(c) + 1)
+                start += f + len(c) + 1
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        runs, start = [], 0
+        for s, c in zip(seqs, cands):
+            masks = None
+            if s.constraint is not None:
+                masks = (drafts[s].masks if s in drafts else []) + [s.constraint.row_mask()]
+            runs.append(Rows(s, start, s.forced + c, [len(s.forced) + j for j in range(len(c) + 1)], masks))
+            start += len(c) + 1
+        return process_logits(logits, runs)
 
     def _draft_caps(self, seqs: list[Sequence]) -> list[int]:
         """Each sequence's most candidates this round. Under `batch_aware`, the adaptive sequences'
@@ -245,7 +320,9 @@ class SpeculativeEngine:
         ones plan as if alone, from the warm state's plan."""
         caps, free = [], []
         for i, seq in enumerate(seqs):
-            cap = 0 if seq.policy is None else min(seq.remaining - 1, seq.policy.max_draft)  # the round adds one
+            cap = 0 if seq.policy is None else min(seq.remaining - 1 - len(seq.forced), seq.policy.max_draft)  # +1
+            if seq.constraint is not None and seq.constraint.stopped:
+                cap = 0  # only EOS can follow
             if self.batch_aware and cap > 0 and seq.policy.adaptive:
                 if seq.plan_prior is not None:
                     cap = self._alone().best_draft_length(1, seq.acceptance_estimate(seq.plan_prior), cap)

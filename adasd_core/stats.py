@@ -15,6 +15,7 @@ class GenerationStats:
     accepted_standard: int = 0
     accepted_relaxed: int = 0
     bonus_tokens: int = 0
+    forced_tokens: int = 0  # the only token the grammar allowed, taken without drafting (jump-forward)
     target_forwards: int = 0
     draft_forwards: int = 0
     time_draft_s: float = 0.0

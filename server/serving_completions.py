@@ -20,12 +20,13 @@ from server.engine_client import PromptScores, RequestGroup, SubRequest
 from server.errors import UnsupportedError
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, random_id
 from server.serving import Choices, ChunkFrame, OpenAIServing, TokenOutput, collect_choices, make_usage, stream_choices
+from server.structured import output_grammar
 
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         alias_method = self.check_model(request.model)
-        self.check_unsupported(request)
+        grammar = output_grammar(request)
         if request.best_of not in (None, request.n):
             raise UnsupportedError("best_of", "best_of must equal n (or be omitted): this server returns every sample")
         if request.suffix:
@@ -50,7 +51,7 @@ class OpenAIServingCompletion(OpenAIServing):
             max_tokens = self.check_prompt(ids, request.max_tokens)
             prompt_tokens += len(ids)
             for j in range(request.n):
-                params = self.sampling_params(request, max_tokens, request.logprobs, j)
+                params = self.sampling_params(request, max_tokens, request.logprobs, j, grammar)
                 if scored:
                     params = replace(params, prompt_logprobs=request.logprobs)
                 subs.append(SubRequest(ids, params, spec))

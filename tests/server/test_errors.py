@@ -41,9 +41,10 @@ CASES = {
     "logprobs-6": ("/v1/completions", comp(logprobs=6), 400, "logprobs"),
     "n-0": ("/v1/completions", comp(n=0), 400, "n"),
     "n-beyond-capacity": ("/v1/completions", comp(n=128), 400, "n"),
-    "presence-penalty": ("/v1/completions", comp(presence_penalty=0.5), 400, "presence_penalty"),
-    "frequency-penalty": ("/v1/completions", comp(frequency_penalty=-0.5), 400, "frequency_penalty"),
-    "logit-bias": ("/v1/completions", comp(logit_bias={"1": 5}), 400, "logit_bias"),
+    "presence-penalty": ("/v1/completions", comp(presence_penalty=2.5), 400, "presence_penalty"),
+    "frequency-penalty": ("/v1/completions", comp(frequency_penalty=-2.5), 400, "frequency_penalty"),
+    "logit-bias": ("/v1/completions", comp(logit_bias={"one": 5}), 400, "logit_bias"),
+    "logit-bias-value": ("/v1/completions", comp(logit_bias={"1": 500}), 400, "logit_bias"),
     "best-of": ("/v1/completions", comp(best_of=3), 400, "best_of"),
     "suffix": ("/v1/completions", comp(suffix="x"), 400, "suffix"),
     "echo-logprobs-6": ("/v1/completions", comp(echo=True, logprobs=6, max_tokens=0), 400, "logprobs"),
@@ -72,8 +73,8 @@ CASES = {
     "chat-image-part": ("/v1/chat/completions",
                         {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
                         400, "image_url"),
-    "chat-tools": ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
-                   400, "tools"),
+    "chat-tools-auto": ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+                        400, "tool_choice"),
     "chat-top-logprobs-without-logprobs": ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "logprobs"),
     "chat-too-long": ("/v1/chat/completions", {**CHAT, "max_tokens": 127}, 400, "max_tokens"),
     "chat-unknown-model": ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "nope"),
@@ -108,7 +109,7 @@ def test_bad_input(server, case):
         assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 1
 
 
-def test_neutral_values_of_unsupported_fields_are_accepted(server):
+def test_neutral_values_of_optional_fields_are_accepted(server):
     with server.http() as http:
         r = http.post("/v1/completions", json=comp(presence_penalty=0, frequency_penalty=0.0, logit_bias={},
                                                    best_of=1, user="u", some_future_field={"x": 1}))
@@ -141,7 +142,7 @@ def test_error_shape_from_openai_client(client):
         client.completions.create(model="other", prompt="x", max_tokens=1)
     assert e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="tiny", prompt="x", max_tokens=1, presence_penalty=1.0)
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, presence_penalty=3.0)
     assert "presence_penalty" in e.value.message and json.dumps(e.value.body)
 
 
