@@ -11,24 +11,20 @@ A round, in its phases:
 - finish: per sequence, acceptance (verification.accept_candidates), the correction or bonus token,
   one Observation for every learner, and both caches cut back to the accepted prefix;
 - account: the round's measured cost to the planner, its time to each request's statistics.
-`ar` requests ride in the same batch with no candidates. A request with a grammar first takes the
-tokens its grammar forces (jump-forward: no draft, no check), then drafts under the grammar's mask;
-every verified row gets the mask at its position (logits_processors.py).
+`ar` requests ride in the same batch with no candidates. A grammar's forced tokens go first, with no
+draft and no check; then drafts and verified rows take the request's masks and controls (constrained.py).
 """
 
 from __future__ import annotations
 
 import time
 
-import torch
-
+from adasd_core.constrained import Grammars, jump_forward, verified_logits
 from adasd_core.costs import AcceptancePrior, BatchPlanner, OnlineCorrection, RoundClock, StepCosts, measure
 from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
 from adasd_core.device import synchronize
 from adasd_core.drafting import WINDOW
 from adasd_core.errors import InvalidRequestError
-from adasd_core.grammar import Constraint, GrammarDeadEnd, ll_tokenizer
-from adasd_core.logits_processors import Rows, process_logits
 from adasd_core.models import ModelPair
 from adasd_core.postprocess import finish_batch, score_prompts, scored_prompt
 from adasd_core.proposer import DraftModelProposer
@@ -44,7 +40,6 @@ from adasd_core.warm import ADAPTIVE_METHODS, WarmState, family_key
 
 __all__ = ["METHODS", "VERIFICATIONS", "SpecConfig", "SpeculativeEngine"]
 Event = tuple[Sequence, "Delta | PromptLogprobs | Exception"]
-MAX_FORCED = 64  # forced tokens taken per round (each still costs a mask; the verify pass takes them all)
 
 
 class SpeculativeEngine:
@@ -64,13 +59,12 @@ class SpeculativeEngine:
         self.scheduler = Scheduler(self.runner, max_running, 2048 if pair.device.type == "cuda" else 256)
         self.warm = warm or WarmState()
         self.prior = AcceptancePrior()  # per method, from finished rounds of all requests
-        self.clock = RoundClock()
-        self.rounds = 0
+        self.clock, self.rounds = RoundClock(), 0
         self._alone_planner: BatchPlanner | None = None
         self.costs = StepCosts.nominal()
         self.target_step_s = 0.0
         self.min_posterior = pair.min_posterior  # the Bayesian check's gate measured for this pair
-        self._ll_tokenizer = None  # llguidance's view of the tokenizer, made at the first grammar request
+        self.grammars = Grammars(pair)
         if calibrate:
             self.calibrate()
         self.warm.adopt_plan(self.costs)  # reproducible requests plan with this table, or the one saved before
@@ -111,15 +105,7 @@ class SpeculativeEngine:
         pair, params, spec = self.pair, params or SamplingParams(), spec or self.default_spec
         ids = pair.tokenizer(prompt, add_special_tokens=True)["input_ids"] if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(ids, pair.vocab_size, pair.context_length)
-        for name, tokens in (("logit_bias", list(params.logit_bias or ())), ("stop_token_ids", params.stop_token_ids)):
-            if any(not 0 <= t < pair.vocab_size for t in tokens):
-                raise InvalidRequestError(
-                    f"{name} names a token id outside the vocabulary (0 to {pair.vocab_size - 1})", param=name)
-        constraint = None
-        if params.grammar is not None:
-            if self._ll_tokenizer is None:
-                self._ll_tokenizer = ll_tokenizer(pair.tokenizer, pair.vocab_size, pair.eos_token_ids)
-            constraint = Constraint(self._ll_tokenizer, params.grammar, pair.vocab_size)
+        constraint = self.grammars.constraint(params)  # the controls checked against the vocabulary, too
         if spec.method != "ar" and pair.draft is None:
             raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none",
                                       param="method")
@@ -134,10 +120,9 @@ class SpeculativeEngine:
             relaxed = start.seed(policy, relaxed)
         if self.min_posterior is not None and hasattr(relaxed, "min_posterior"):
             relaxed.min_posterior = self.min_posterior
-        # a request whose tokens the draft lengths decide (seeded, or greedy with a check that can relax) plans them
-        # as if alone, from saved state only, so its output depends on neither its batch mates nor the
-        # server's timings; the others (greedy lossless: their tokens are the target's whatever the
-        # lengths; sampled without a seed) plan by the batch size
+        # a request whose tokens the draft lengths decide (seeded, or greedy with a check that can relax) plans
+        # as if alone, from saved state only: its output depends on neither its batch mates nor the server's timings;
+        # the others (greedy lossless: the target's tokens at any length; sampled without a seed) plan by the batch
         plan_prior = None
         if params.seed is not None or (params.greedy and relaxed.can_relax):
             acceptance = start.acceptance if start is not None else None
@@ -221,11 +206,8 @@ class SpeculativeEngine:
     # ---------------------------------------------------------------- one round
 
     def _round(self, seqs: list[Sequence]) -> list[Event]:
-        lengths = [self.runner.lengths(s.slot) for s in seqs]
-        # the drafts of a failed batch drew from the sampled requests' generators: a retry starts from the
-        # same draws, so a seeded request gives the same tokens whether or not its batch failed
-        rng = [s.generator.get_state() if len(seqs) > 1 and not s.params.greedy else None for s in seqs]
-        grammar = [s.constraint.consumed if s.constraint is not None else 0 for s in seqs]
+        # a retry starts from the same draws, so a seeded request gives the same tokens whether or not its batch failed
+        saved = [(self.runner.lengths(s.slot), s.checkpoint(len(seqs) > 1)) for s in seqs]
         try:
             return self._round_batch(seqs)
         except Exception as exc:
@@ -235,11 +217,8 @@ class SpeculativeEngine:
                 return [(seqs[0], exc)]
         # the batch failed before any sequence changed: undo its cache writes, then run one sequence
         # at a time so that only the one that fails ends
-        for seq, before, state, consumed in zip(seqs, lengths, rng, grammar):
-            if state is not None:
-                seq.generator.set_state(state)
-            if seq.constraint is not None:
-                seq.constraint.restore(consumed)
+        for seq, (before, state) in zip(seqs, saved):
+            seq.rewind(state)
             self.runner.restore(seq.slot, before)
         return [event for seq in list(seqs) for event in self._round([seq])]
 
@@ -247,7 +226,7 @@ class SpeculativeEngine:
         """One round of the batch, in its phases: plan, propose, verify, finish, account."""
         t0 = time.perf_counter()
         self.rounds += 1
-        ended = self._jump_forward(seqs)
+        ended = jump_forward(seqs)
         seqs = [s for s in seqs if not s.finished]
         if not seqs:  # every one ended at its grammar
             for seq, _ in ended:
@@ -259,7 +238,7 @@ class SpeculativeEngine:
         cands = [drafts[s].ids if s in drafts else [] for s in seqs]
         feeds = [[s.tokens[-1]] + s.forced + c for s, c in zip(seqs, cands)]
         logits = self.runner.verify([s.slot for s in seqs], feeds)  # [sum (F_b + k_b + 1), V]
-        target_probs = logits_to_probs_rows(self._verified_logits(seqs, drafts, cands, logits),
+        target_probs = logits_to_probs_rows(verified_logits(seqs, drafts, cands, logits),
                                             [s.params for s, c in zip(seqs, cands) for _ in range(len(c) + 1)])
         synchronize(self.pair.device)  # every timed phase ends on the device too (no-op on the CPU)
         t2 = time.perf_counter()
@@ -267,57 +246,10 @@ class SpeculativeEngine:
         self._account(seqs, drafts, feeds, events + ended, (t0, t1, t2, time.perf_counter()))
         return events + ended
 
-    def _jump_forward(self, seqs: list[Sequence]) -> list[Event]:
-        """Each constrained sequence takes the tokens its grammar forces (its mask allows one token),
-        up to one fewer than it may still add (the round adds one); a sequence whose grammar allows no
-        token ends here, finish reason "grammar_dead_end"."""
-        ended = []
-        for seq in seqs:
-            seq.forced = []
-            c = seq.constraint
-            if c is None:
-                continue
-            try:
-                while len(seq.forced) < min(seq.remaining - 1, MAX_FORCED) and not c.stopped:
-                    token = c.forced(c.mask())
-                    if token is None:
-                        break
-                    c.consume(token)
-                    seq.forced.append(token)
-                c.mask()
-            except GrammarDeadEnd:
-                c.restore(c.consumed - len(seq.forced))
-                seq.forced = []
-                logprobs = [] if seq.params.logprobs is not None else None
-                sources = [] if seq.token_sources else None
-                ended.append((seq, seq.emit([], logprobs, sources, finish="grammar_dead_end")))
-        return ended
-
-    def _verified_logits(self, seqs: list[Sequence], drafts: dict[Sequence, Draft], cands: list[list[int]],
-                         logits: torch.Tensor) -> torch.Tensor:
-        """The rows the round verifies (each sequence's last k_b + 1: its forced tokens' rows are not
-        checked), processed by the request's controls and its grammar's masks: [sum (k_b + 1), V]."""
-        forced = [len(s.forced) for s in seqs]
-        if any(forced):
-            rows, start = [], 0
-            for f, c in zip(forced, cands):
-                rows += range(start + f, start + f + len(c) + 1)
-                start += f + len(c) + 1
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        runs, start = [], 0
-        for s, c in zip(seqs, cands):
-            masks = None
-            if s.constraint is not None:
-                masks = (drafts[s].masks if s in drafts else []) + [s.constraint.row_mask()]
-            runs.append(Rows(s, start, s.forced + c, [len(s.forced) + j for j in range(len(c) + 1)], masks))
-            start += len(c) + 1
-        return process_logits(logits, runs)
-
     def _draft_caps(self, seqs: list[Sequence]) -> list[int]:
-        """Each sequence's most candidates this round. Under `batch_aware`, the adaptive sequences'
-        caps are planned together (BatchPlanner.plan_batch): when drafting cannot win at this batch and
-        these acceptances, the plan is 0 for all of them and the round is plain decoding; reproducible
-        ones plan as if alone, from the warm state's plan."""
+        """Each sequence's most candidates this round. Under `batch_aware`, the adaptive sequences' caps are
+        planned together (BatchPlanner.plan_batch): when drafting cannot win at this batch and these acceptances,
+        the plan is 0 for all and the round is plain decoding; reproducible ones plan alone, from the warm plan."""
         caps, free = [], []
         for i, seq in enumerate(seqs):
             cap = 0 if seq.policy is None else min(seq.remaining - 1 - len(seq.forced), seq.policy.max_draft)  # +1
@@ -346,8 +278,7 @@ class SpeculativeEngine:
 
     def _account(self, seqs: list[Sequence], drafts: dict[Sequence, Draft], feeds: list[list[int]],
                  events: list[Event], times: tuple[float, float, float, float]) -> None:
-        """The round's measured cost (to the planner) and time (to each request's statistics);
-        finished sequences leave the batch."""
+        """The round's measured cost (to the planner) and time (to each request's statistics); finished ones leave."""
         t0, t1, t2, t3 = times
         if self.costs.measured:  # a nominal table (tests) learns nothing from timings
             draft_steps = max((len(d.ids) for d in drafts.values()), default=0)

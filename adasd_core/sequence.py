@@ -125,6 +125,19 @@ class Sequence:
         """Tokens this request may still add."""
         return min(self.params.max_tokens - self.generated, self.context_length - len(self.tokens))
 
+    def checkpoint(self, batched: bool) -> tuple:
+        """What a failed batch's retry restores: the generator's state (a sampled request in a batch:
+        its drafts drew from it) and the grammar matcher's position."""
+        state = self.generator.get_state() if batched and not self.params.greedy else None
+        return state, None if self.constraint is None else self.constraint.consumed
+
+    def rewind(self, saved: tuple) -> None:
+        state, consumed = saved
+        if state is not None:
+            self.generator.set_state(state)
+        if consumed is not None:
+            self.constraint.restore(consumed)
+
     def acceptance_estimate(self, prior: float, weight: float = 4.0) -> float:
         """P(a candidate is accepted | the ones before it were): accepted / examined candidates (each
         round examines its accepted ones plus at most one rejection), shrunk towards `prior` while
