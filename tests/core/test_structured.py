@@ -13,7 +13,7 @@ from toy import markov_pair, random_tables
 
 from adasd_core.engine import SpecConfig
 from adasd_core.errors import InvalidRequestError
-from adasd_core.grammar import GrammarDeadEnd, GrammarSpec
+from adasd_core.grammar import GrammarDeadEnd, GrammarSpec, apply_bitmask
 from adasd_core.llm import LLM
 from adasd_core.sampling import SamplingParams
 
@@ -205,3 +205,29 @@ def test_a_dead_end_ends_that_request_alone():
     tokens = eng.run_together([doomed, other])
     assert doomed.finish_reason == "grammar_dead_end" and 3 <= len(tokens[0]) < 10
     assert tokens[1] == alone.token_ids and other.finish_reason == "length"
+
+
+def _bitmask(allowed: set[int], vocab: int) -> torch.Tensor:
+    """llguidance's layout: bit t % 32 of int32 word t // 32 says token t is allowed."""
+    words = [0] * ((vocab + 31) // 32)
+    for t in allowed:
+        words[t // 32] |= 1 << (t % 32)
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+
+
+def test_a_draft_row_the_mask_empties_proposes_uniformly_over_the_allowed_tokens():
+    # a draft head over a subset of the vocabulary (tokens 0-3 here) has -inf logits elsewhere: a mask that
+    # allows only tokens outside it leaves the row empty, and the draft must still propose an allowed token
+    vocab = 40
+    logits = torch.full((2, vocab), float("-inf"))
+    logits[:, :4] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    masks = [_bitmask({5, 33}, vocab), _bitmask({1, 2, 33}, vocab)]
+    target = logits.clone()
+    apply_bitmask(target, [0, 1], masks)
+    assert torch.isinf(target[0]).all()  # the target's rows are not changed into a proposal
+    draft = logits.clone()
+    apply_bitmask(draft, [0, 1], masks, uniform_fallback=True)
+    probs = torch.softmax(draft, dim=-1)
+    assert probs[0, 5].item() == pytest.approx(0.5) and probs[0, 33].item() == pytest.approx(0.5)
+    assert probs[1].nonzero().flatten().tolist() == [1, 2]  # a row with allowed tokens left: only masked
+    assert draft[1, 1].item() == 2.0 and draft[1, 2].item() == 3.0
