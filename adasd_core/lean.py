@@ -27,6 +27,10 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # speed, where the plain call repacks the weight every time (1.4-1.8x slower at 5-16 rows, fp32)
 PACK_ENV = "ADASD_MKL_PACK"
 PACK_ROWS = 64  # MKL's kernel choice follows the row count given at packing; 64 serves 1-256 rows well
+# the packed layout adds a fixed few MB per matrix: small matrices grow to several times their bytes (the
+# default target's q/k/v, o and down projections: 4.3x, 7.2x, 3.4x) without running faster; beyond this
+# growth the plain product serves (default pair: 350 MiB less resident, decode and verify steps no slower)
+PACK_MAX_GROWTH = 3.0
 # rope types whose cos/sin depend on the position only (not on the sequence length)
 # int8 weights for a draft whose folder asks for them (config adasd_draft.int8_weights): fbgemm's
 # dynamically quantised GEMM reads a quarter of fp32's bytes; the draft only proposes, so the target's
@@ -115,9 +119,9 @@ def int8_weights(model) -> bool:
 
 
 class Linear:
-    """y = x W^T + b over [T, in] rows; on the CPU in float32 through MKL's packed GEMM (the packed
-    copy holds the weight once more; it serves any row count), or with int8 weights (per output
-    row scales) through fbgemm's dynamically quantised GEMM."""
+    """y = x W^T + b over [T, in] rows; on the CPU in float32 through MKL's packed GEMM where its
+    layout does not grow the weight past PACK_MAX_GROWTH (it serves any row count), or with int8
+    weights (per output row scales) through fbgemm's dynamically quantised GEMM."""
 
     __slots__ = ("weight", "bias", "packed", "int8")
 
@@ -134,9 +138,11 @@ class Linear:
             return
         if pack and _can_pack(weight):
             try:
-                self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
             except RuntimeError:
-                self.packed = None
+                packed = None
+            if packed is not None and packed.numel() <= PACK_MAX_GROWTH * weight.numel():
+                self.packed = packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:  # activations quantised per call at 7 bits (fbgemm's overflow-safe range)

@@ -141,14 +141,26 @@ def test_engine_output_is_the_same_on_either_path(quick_engine, monkeypatch):
 def test_packed_linear_matches_the_plain_one_at_every_row_count():
     """MKL's packed GEMM (CPU, float32) serves any number of rows with the plain product's values."""
     torch.manual_seed(3)
-    weight, bias = torch.randn(300, 64), torch.randn(300)
+    weight, bias = torch.randn(3072, 576), torch.randn(3072)  # wide enough to keep its packed copy
     lin = lean.Linear(weight, bias)
     if torch.backends.mkl.is_available():
         assert lin.packed is not None
     for rows in (1, 2, 3, 5, 8, 15, 16, 17, 64, 100):
-        x = torch.randn(rows, 64)
+        x = torch.randn(rows, 576)
         torch.testing.assert_close(lin(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
     assert lean.Linear(weight.double()).packed is None  # other dtypes take the plain product
+
+
+def test_a_packed_layout_that_would_grow_the_weight_past_the_limit_is_not_kept():
+    """MKL's packed layout carries a fixed overhead of a few MB: the default target's output projection
+    (576 x 576) packs to ~7x its bytes, its MLP's gate/up (3072 x 576) to under 3x. Only the latter keeps it."""
+    if not torch.backends.mkl.is_available():
+        pytest.fail("the CPU build of torch here has MKL; this test checks its packed path")
+    narrow, wide = lean.Linear(torch.randn(576, 576)), lean.Linear(torch.randn(3072, 576))
+    assert narrow.packed is None and wide.packed is not None
+    assert wide.packed.numel() <= lean.PACK_MAX_GROWTH * wide.weight.numel()
+    x = torch.randn(3, 576)
+    torch.testing.assert_close(narrow(x), F.linear(x, narrow.weight), rtol=1e-5, atol=1e-4)
 
 
 def test_a_subset_head_scores_only_its_tokens_on_either_path():
