@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: install setup serve serve-tiny test test-tools draft tiny bench clean
+.PHONY: install setup serve serve-tiny test test-tools lint draft tiny bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ serve-tiny: install
 # ~/.cache/adasd) on its first run, about 1.5 min, and reuses it afterwards.
 test: install test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff with the configuration in pyproject.toml; tests/test_lint.py runs the same check
+lint: install
+	$(BIN)/ruff check .
 
 # command:Debian package for each tool the tests run. Installed with apt-get when running as root;
 # otherwise make stops here with the command to run. (kubectl comes from PyPI, in .venv.)

@@ -9,7 +9,6 @@ import os
 import statistics
 import traceback
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -24,10 +23,10 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOG_LEVEL_ENV = "ADASD_LOG_LEVEL"
-_log_level: Optional[str] = None  # set by --log-level (or $ADASD_LOG_LEVEL)
+_log_level: str | None = None  # set by --log-level (or $ADASD_LOG_LEVEL)
 
 
-def _set_log_level(level: Optional[str], reset: bool = False) -> None:
+def _set_log_level(level: str | None, reset: bool = False) -> None:
     global _log_level
     if reset:
         _log_level = None
@@ -58,7 +57,7 @@ def model_errors(fn):
             if _debug():
                 traceback.print_exc()
             err_console.print(Text.assemble(("error: ", "red"), exc.message))
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -68,11 +67,11 @@ LogLevelOpt = typer.Option(None, "--log-level", envvar=LOG_LEVEL_ENV,
 
 
 @app.callback()
-def _options(log_level: Optional[str] = LogLevelOpt):
+def _options(log_level: str | None = LogLevelOpt):
     _set_log_level(log_level, reset=True)
 
 
-def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: Optional[str], trust_remote_code: bool,
+def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: str | None, trust_remote_code: bool,
                  need_draft: bool = True, prompt: str | None = None, max_tokens: int | None = None,
                  calibrate: bool = True):
     """An engine sized for what one command runs: one KV slot of the prompt's length plus max_tokens
@@ -91,7 +90,8 @@ def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: O
 
 
 ModelOpts = dict(
-    target=typer.Option("smollm2", help="Target model: 'smollm2' or 'tiny' (built-in pairs), a hub id or a local path."),
+    target=typer.Option("smollm2",
+                        help="Target model: 'smollm2' or 'tiny' (built-in pairs), a hub id or a local path."),
     draft=typer.Option("smollm2", help="Draft model: 'smollm2', 'tiny', a hub id or a local path."),
 )
 
@@ -105,7 +105,7 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
-    seed: Optional[int] = typer.Option(None),
+    seed: int | None = typer.Option(None),
     k: int = typer.Option(5, help="Draft length for vanilla and verify-only."),
     verification: str = typer.Option("bayes", help=f"Relaxed check: {', '.join(VERIFICATIONS)}."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
@@ -117,9 +117,9 @@ def generate(
     draft: str = ModelOpts["draft"],
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto' spreads the target over GPUs."),
+    device_map: str | None = typer.Option(None, "--device-map", help="'auto' spreads the target over GPUs."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    log_level: Optional[str] = LogLevelOpt,
+    log_level: str | None = LogLevelOpt,
 ):
     """Generate a completion with one method, or compare all methods."""
     _set_log_level(log_level)
@@ -127,7 +127,8 @@ def generate(
     from adasd_core.sampling import SamplingParams
 
     try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed, stop=stop)
         spec = SpecConfig(method=method, k=k, verification=verification)
         shown = prompt
         if chat:
@@ -141,7 +142,7 @@ def generate(
         result = engine.generate(prompt, params, spec)
     except AdasdError as exc:
         console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if as_json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                           "stats": result.stats.to_dict()}))
@@ -204,8 +205,9 @@ def _compare(engine, prompt, params, k, verification, repeats, as_json):
     for col in ("method", "tok/s", "vs ar", "accept", "draft len", "tok/round", "est. speedup"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
-        table.add_row(r["method"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_ar']:.2f}x", f"{r['acceptance_rate']:.2f}",
-                      f"{r['mean_draft_length']:.2f}", f"{r['tokens_per_round']:.2f}", f"{r['estimated_speedup']:.2f}x")
+        table.add_row(r["method"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_ar']:.2f}x",
+                      f"{r['acceptance_rate']:.2f}", f"{r['mean_draft_length']:.2f}", f"{r['tokens_per_round']:.2f}",
+                      f"{r['estimated_speedup']:.2f}x")
     console.print(table)
 
 

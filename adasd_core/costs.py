@@ -78,11 +78,12 @@ class StepCosts:
     def round_cost(self, batch: int, draft_steps: int, tokens_per_sequence: float) -> float:
         """Predicted seconds of a round: its batched draft steps and a target forward over
         `tokens_per_sequence` tokens per sequence (k+1 when every sequence drafts k)."""
-        drafting = self.draft_cost(batch) + (draft_steps - 1) * self.draft_cost(batch, warm=True) if draft_steps else 0.0
+        drafting = (self.draft_cost(batch) + (draft_steps - 1) * self.draft_cost(batch, warm=True)
+                    if draft_steps else 0.0)
         return drafting + self.target_cost(batch, tokens_per_sequence)
 
     @classmethod
-    def nominal(cls) -> "StepCosts":
+    def nominal(cls) -> StepCosts:
         """A fixed model for engines that do not measure (tests): a draft step costs 0.15 of a
         target step, and a target forward grows by 3% per extra token in the batch."""
         bs, ns = [1, 32], [1, 21]
@@ -97,7 +98,7 @@ class StepCosts:
                 "draft_warm": None if self.draft_warm is None else list(self.draft_warm), "measured": self.measured}
 
     @classmethod
-    def from_json(cls, data: dict) -> "StepCosts":
+    def from_json(cls, data: dict) -> StepCosts:
         floats = lambda xs: [float(x) for x in xs]  # noqa: E731
         costs = cls([int(b) for b in data["batch_sizes"]], [int(n) for n in data["lengths"]],
                     [floats(r) for r in data["target"]], floats(data["draft"]),
@@ -325,10 +326,10 @@ def measure(target_pool, draft_pool, vocab: int, max_batch: int, context: int = 
     def one_pass() -> tuple[list[list[float]], list[float], list[float]]:
         target, draft, warm = [], [], []
         for b in batch_sizes:
-            target.append([fastest(lambda: target_step(b, n)) for n in lengths])
+            target.append([fastest(lambda b=b, n=n: target_step(b, n)) for n in lengths])
             has_draft = draft_pool is not None
-            draft.append(fastest(lambda: draft_step(b)) if has_draft else float("inf"))
-            warm.append(fastest(lambda: draft_step(b, warm=True)) if has_draft else float("inf"))
+            draft.append(fastest(lambda b=b: draft_step(b)) if has_draft else float("inf"))
+            warm.append(fastest(lambda b=b: draft_step(b, warm=True)) if has_draft else float("inf"))
         return target, draft, warm
 
     # two passes a little apart, cell by cell the faster: a burst of load rarely covers both

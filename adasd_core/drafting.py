@@ -28,7 +28,7 @@ class RejectedEntropy:
     def threshold(self) -> float | None:
         return self.total / self.count if self.count else None
 
-    def observe(self, obs: "Observation") -> None:
+    def observe(self, obs: Observation) -> None:
         rejected = obs.rejected_entropies
         self.total += sum(rejected)
         self.count += len(rejected)
@@ -47,7 +47,7 @@ class DraftPolicy:
     def keep_drafting(self, entropy: float, n_drafted: int) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def observe(self, obs: "Observation") -> None:
+    def observe(self, obs: Observation) -> None:
         pass
 
     @property
@@ -96,7 +96,7 @@ class EntropyStop(DraftPolicy):
         t = self.threshold
         return t is None or entropy <= t
 
-    def observe(self, obs: "Observation") -> None:
+    def observe(self, obs: Observation) -> None:
         self.rejected.observe(obs)
 
 
@@ -117,6 +117,6 @@ class CappedEntropyStop(EntropyStop):
     def keep_drafting(self, entropy: float, n_drafted: int) -> bool:
         return n_drafted < self.cap and super().keep_drafting(entropy, n_drafted)
 
-    def observe(self, obs: "Observation") -> None:
+    def observe(self, obs: Observation) -> None:
         super().observe(obs)
         self.cap = min(self.window, self.cap + 2) if obs.all_accepted else max(1, self.cap - 1)

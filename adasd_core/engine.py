@@ -11,16 +11,18 @@ A round, in its phases:
 - finish: per sequence, acceptance (verification.accept_candidates), the correction or bonus token,
   one Observation for every learner, and both caches cut back to the accepted prefix;
 - account: the round's measured cost to the planner, its time to each request's statistics.
-`ar` requests ride in the same batch with no candidates.
+`ar` requests ride in the same batch with no candidates. A grammar's forced tokens go first, with no
+draft and no check; then drafts and verified rows take the request's masks and controls (constrained.py).
 """
 
 from __future__ import annotations
 
 import time
 
+from adasd_core.constrained import Grammars, jump_forward, verified_logits
 from adasd_core.costs import AcceptancePrior, BatchPlanner, OnlineCorrection, RoundClock, StepCosts, measure
-from adasd_core.device import synchronize
 from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
+from adasd_core.device import synchronize
 from adasd_core.drafting import WINDOW
 from adasd_core.errors import InvalidRequestError
 from adasd_core.models import ModelPair
@@ -57,12 +59,12 @@ class SpeculativeEngine:
         self.scheduler = Scheduler(self.runner, max_running, 2048 if pair.device.type == "cuda" else 256)
         self.warm = warm or WarmState()
         self.prior = AcceptancePrior()  # per method, from finished rounds of all requests
-        self.clock = RoundClock()
-        self.rounds = 0
+        self.clock, self.rounds = RoundClock(), 0
         self._alone_planner: BatchPlanner | None = None
         self.costs = StepCosts.nominal()
         self.target_step_s = 0.0
         self.min_posterior = pair.min_posterior  # the Bayesian check's gate measured for this pair
+        self.grammars = Grammars(pair)
         if calibrate:
             self.calibrate()
         self.warm.adopt_plan(self.costs)  # reproducible requests plan with this table, or the one saved before
@@ -103,8 +105,10 @@ class SpeculativeEngine:
         pair, params, spec = self.pair, params or SamplingParams(), spec or self.default_spec
         ids = pair.tokenizer(prompt, add_special_tokens=True)["input_ids"] if isinstance(prompt, str) else list(prompt)
         check_prompt_ids(ids, pair.vocab_size, pair.context_length)
+        constraint = self.grammars.constraint(params)  # the controls checked against the vocabulary, too
         if spec.method != "ar" and pair.draft is None:
-            raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none", param="method")
+            raise InvalidRequestError(f"method {spec.method!r} needs a draft model; this server has none",
+                                      param="method")
         stats = GenerationStats(method=spec.method, prompt_tokens=len(ids), target_step_s=self.target_step_s,
                                 trace=[] if spec.trace else None)
         policy, relaxed = spec.draft_policy(), spec.relaxed_check()
@@ -116,20 +120,20 @@ class SpeculativeEngine:
             relaxed = start.seed(policy, relaxed)
         if self.min_posterior is not None and hasattr(relaxed, "min_posterior"):
             relaxed.min_posterior = self.min_posterior
-        # a request whose tokens the draft lengths decide (seeded, or greedy with a check that can relax) plans them
-        # as if alone, from saved state only, so its output depends on neither its batch mates nor the
-        # server's timings; the others (greedy lossless: their tokens are the target's whatever the
-        # lengths; sampled without a seed) plan by the batch size
+        # a request whose tokens the draft lengths decide (seeded, or greedy with a check that can relax) plans
+        # as if alone, from saved state only: its output depends on neither its batch mates nor the server's timings;
+        # the others (greedy lossless: the target's tokens at any length; sampled without a seed) plan by the batch
         plan_prior = None
         if params.seed is not None or (params.greedy and relaxed.can_relax):
             acceptance = start.acceptance if start is not None else None
             plan_prior = AcceptancePrior.START if acceptance is None else acceptance
         return Sequence(
             prompt_ids=ids, params=params, method=spec.method, policy=policy, relaxed=relaxed,
-            generator=make_generator(params.seed, pair.device), eos=set() if params.ignore_eos else pair.eos_token_ids,
+            generator=make_generator(params.seed, pair.device),
+            eos=(set() if params.ignore_eos else set(pair.eos_token_ids)) | set(params.stop_token_ids),
             detok=IncrementalDetokenizer(pair.tokenizer, ids), stop=StopStringMatcher(params.stop), stats=stats,
             context_length=pair.context_length, request_id=request_id, family=family, token_sources=spec.token_sources,
-            plan_prior=plan_prior, fingerprint=fp,
+            plan_prior=plan_prior, fingerprint=fp, constraint=constraint,
         )
 
     def _with_plan(self, method: str) -> bool:
@@ -202,10 +206,8 @@ class SpeculativeEngine:
     # ---------------------------------------------------------------- one round
 
     def _round(self, seqs: list[Sequence]) -> list[Event]:
-        lengths = [self.runner.lengths(s.slot) for s in seqs]
-        # the drafts of a failed batch drew from the sampled requests' generators: a retry starts from the
-        # same draws, so a seeded request gives the same tokens whether or not its batch failed
-        rng = [s.generator.get_state() if len(seqs) > 1 and not s.params.greedy else None for s in seqs]
+        # a retry starts from the same draws, so a seeded request gives the same tokens whether or not its batch failed
+        saved = [(self.runner.lengths(s.slot), s.checkpoint(len(seqs) > 1)) for s in seqs]
         try:
             return self._round_batch(seqs)
         except Exception as exc:
@@ -215,9 +217,8 @@ class SpeculativeEngine:
                 return [(seqs[0], exc)]
         # the batch failed before any sequence changed: undo its cache writes, then run one sequence
         # at a time so that only the one that fails ends
-        for seq, before, state in zip(seqs, lengths, rng):
-            if state is not None:
-                seq.generator.set_state(state)
+        for seq, (before, state) in zip(seqs, saved):
+            seq.rewind(state)
             self.runner.restore(seq.slot, before)
         return [event for seq in list(seqs) for event in self._round([seq])]
 
@@ -225,26 +226,35 @@ class SpeculativeEngine:
         """One round of the batch, in its phases: plan, propose, verify, finish, account."""
         t0 = time.perf_counter()
         self.rounds += 1
+        ended = jump_forward(seqs)
+        seqs = [s for s in seqs if not s.finished]
+        if not seqs:  # every one ended at its grammar
+            for seq, _ in ended:
+                self.scheduler.release(seq)
+            return ended
         caps = self._draft_caps(seqs)
         drafts = self.proposer.propose([s for s, c in zip(seqs, caps) if c > 0], [c for c in caps if c > 0])
         t1 = time.perf_counter()
-        feeds = [[s.tokens[-1]] + (drafts[s].ids if s in drafts else []) for s in seqs]
-        logits = self.runner.verify([s.slot for s in seqs], feeds)  # [sum k_b + 1, V]
-        target_probs = logits_to_probs_rows(logits, [s.params for s, f in zip(seqs, feeds) for _ in f])
+        cands = [drafts[s].ids if s in drafts else [] for s in seqs]
+        feeds = [[s.tokens[-1]] + s.forced + c for s, c in zip(seqs, cands)]
+        logits = self.runner.verify([s.slot for s in seqs], feeds)  # [sum (F_b + k_b + 1), V]
+        target_probs = logits_to_probs_rows(verified_logits(seqs, drafts, cands, logits),
+                                            [s.params for s, c in zip(seqs, cands) for _ in range(len(c) + 1)])
         synchronize(self.pair.device)  # every timed phase ends on the device too (no-op on the CPU)
         t2 = time.perf_counter()
         events = list(zip(seqs, finish_batch(seqs, drafts, target_probs, logits, self.runner, self.warm, self.prior)))
-        self._account(seqs, drafts, feeds, events, (t0, t1, t2, time.perf_counter()))
-        return events
+        self._account(seqs, drafts, feeds, events + ended, (t0, t1, t2, time.perf_counter()))
+        return events + ended
 
     def _draft_caps(self, seqs: list[Sequence]) -> list[int]:
-        """Each sequence's most candidates this round. Under `batch_aware`, the adaptive sequences'
-        caps are planned together (BatchPlanner.plan_batch): when drafting cannot win at this batch and
-        these acceptances, the plan is 0 for all of them and the round is plain decoding; reproducible
-        ones plan as if alone, from the warm state's plan."""
+        """Each sequence's most candidates this round. Under `batch_aware`, the adaptive sequences' caps are
+        planned together (BatchPlanner.plan_batch): when drafting cannot win at this batch and these acceptances,
+        the plan is 0 for all and the round is plain decoding; reproducible ones plan alone, from the warm plan."""
         caps, free = [], []
         for i, seq in enumerate(seqs):
-            cap = 0 if seq.policy is None else min(seq.remaining - 1, seq.policy.max_draft)  # the round adds one
+            cap = 0 if seq.policy is None else min(seq.remaining - 1 - len(seq.forced), seq.policy.max_draft)  # +1
+            if seq.constraint is not None and seq.constraint.stopped:
+                cap = 0  # only EOS can follow
             if self.batch_aware and cap > 0 and seq.policy.adaptive:
                 if seq.plan_prior is not None:
                     cap = self._alone().best_draft_length(1, seq.acceptance_estimate(seq.plan_prior), cap)
@@ -268,8 +278,7 @@ class SpeculativeEngine:
 
     def _account(self, seqs: list[Sequence], drafts: dict[Sequence, Draft], feeds: list[list[int]],
                  events: list[Event], times: tuple[float, float, float, float]) -> None:
-        """The round's measured cost (to the planner) and time (to each request's statistics);
-        finished sequences leave the batch."""
+        """The round's measured cost (to the planner) and time (to each request's statistics); finished ones leave."""
         t0, t1, t2, t3 = times
         if self.costs.measured:  # a nominal table (tests) learns nothing from timings
             draft_steps = max((len(d.ids) for d in drafts.values()), default=0)

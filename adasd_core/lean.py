@@ -67,8 +67,8 @@ def supports(model) -> bool:
     return True
 
 
-_supported: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
-_models: "weakref.WeakKeyDictionary[torch.nn.Module, LeanModel]" = weakref.WeakKeyDictionary()
+_supported: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+_models: weakref.WeakKeyDictionary[torch.nn.Module, LeanModel] = weakref.WeakKeyDictionary()
 
 
 def supports_cached(model) -> bool:
@@ -93,7 +93,8 @@ def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
                 lin.bias = torch.nn.Parameter(bias[start : start + n], requires_grad=False)
             start += n
     if any(has_bias) and bias is None:  # some but not all have a bias: pad the missing ones with zeros
-        bias = torch.cat([lin.bias if lin.bias is not None else weight.new_zeros(lin.weight.shape[0]) for lin in linears])
+        bias = torch.cat([lin.bias if lin.bias is not None else weight.new_zeros(lin.weight.shape[0])
+                          for lin in linears])
     return weight, bias
 
 
@@ -199,7 +200,8 @@ class LeanModel:
             qkv = Linear(*_fuse(attn.q_proj, attn.k_proj, attn.v_proj), int8=q8, per_call=per_call)
             gate_up = Linear(*_fuse(mlp.gate_proj, mlp.up_proj), int8=q8, per_call=per_call)
             o, down = (Linear(m.weight, m.bias, int8=q8, per_call=per_call) for m in (attn.o_proj, mlp.down_proj))
-            self.layers.append((layer.input_layernorm.weight, qkv, o, layer.post_attention_layernorm.weight, gate_up, down))
+            ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            self.layers.append((ln1, qkv, o, ln2, gate_up, down))
         self.vocab_size = model.lm_head.weight.shape[0]
         # a draft whose head covers a subset of the vocabulary (adasd_core.draft_head): its logits are
         # computed over those rows only and are -inf elsewhere
@@ -346,8 +348,8 @@ def forward(
     nqk, half = H + Hkv, D // 2
     for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(lean.layers):
         if lean.split and x.device != lean.layer_devices[i]:  # the next card: the hidden state and indices move
-            x, cos, sin, pos, b_idx, j_idx, slot_idx, slot_tok, mask = _to(lean.layer_devices[i], x, cos, sin, pos, b_idx,
-                                                                          j_idx, slot_idx, slot_tok, mask)
+            x, cos, sin, pos, b_idx, j_idx, slot_idx, slot_tok, mask = _to(
+                lean.layer_devices[i], x, cos, sin, pos, b_idx, j_idx, slot_idx, slot_tok, mask)
         fused = qkv(lean.rms_norm(x, ln1))  # [T, (H + 2 H_kv) D]
         qk = fused[:, : nqk * D].view(T, nqk, D)
         qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # rotary on q and k heads at once

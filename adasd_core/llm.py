@@ -3,8 +3,8 @@ benchmarks, tests). A server drives SpeculativeEngine itself with add() and step
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from adasd_core.engine import SpeculativeEngine
 from adasd_core.sampling import SamplingParams
@@ -33,7 +33,7 @@ class LLM(SpeculativeEngine):
         return self.pair.tokenizer.decode(ids, skip_special_tokens=True)
 
     def start(self, prompt: str | list[int], params: SamplingParams | None = None,
-              spec: SpecConfig | None = None) -> "Generation":
+              spec: SpecConfig | None = None) -> Generation:
         if not self.idle:
             raise RuntimeError("start()/generate() need an idle engine; a server drives it with add() and step()")
         seq = self.new_sequence(prompt, params, spec)

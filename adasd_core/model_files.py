@@ -35,8 +35,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def advice(name: str, role: str, offline: bool = False) -> str:
     cache = "" if offline else " and set HF_HUB_OFFLINE=1 to load it from the cache only"
-    return (f"pass a local model folder (config.json, weights, tokenizer files), 'smollm2' or 'tiny' (the built-in pairs) "
-            f"to {_flag(role)}, or download the model where there is network (`hf download {name}`){cache}")
+    return ("pass a local model folder (config.json, weights, tokenizer files), 'smollm2' or 'tiny' "
+            f"(the built-in pairs) to {_flag(role)}, or download the model where there is network "
+            f"(`hf download {name}`){cache}")
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ def locate(name: str, role: str = "target", tiny_dir: Path | None = None) -> Mod
         if not _looks_like_path(name):
             why += ", and it is not a hub id (org/name in letters, digits, '-', '_' and '.')"
         raise ModelNotFoundError(f"the {role} model {name!r}: {why}. Check the spelling, or pass a local model "
-                                 f"folder or a hub id (org/name) to {_flag(role)}, or 'smollm2' / 'tiny' for a built-in pair.")
+                                 f"folder or a hub id (org/name) to {_flag(role)}, or 'smollm2' / 'tiny' "
+                                 "for a built-in pair.")
 
     snapshot = _cached_snapshot(name)
     cache_note = f"the Hugging Face cache ({hub_cache()})"

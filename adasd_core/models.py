@@ -8,11 +8,19 @@ from pathlib import Path
 
 import torch
 
+from adasd_core import draft_head
 from adasd_core.device import resolve_device, resolve_dtype
 from adasd_core.errors import IncompatiblePairError, ModelLoadError
-from adasd_core import draft_head
-from adasd_core.model_files import (SMOLLM2, TINY_DIR, ModelSource, host_available_bytes, hub_parameter_count, human_bytes,
-                                    locate, parameter_count)
+from adasd_core.model_files import (
+    SMOLLM2,
+    TINY_DIR,
+    ModelSource,
+    host_available_bytes,
+    hub_parameter_count,
+    human_bytes,
+    locate,
+    parameter_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +172,8 @@ def _check_memory(sizes: _Sizes, device: torch.device, names: dict[str, str], de
     where = f"the {torch.cuda.device_count()} GPUs together" if spread else str(device)
     pair = " and ".join(f"{role} {names[role]!r}" for role in sizes.bytes)
     if free is not None and need > free:
-        offload = " (the device map would leave the rest in host memory or on disk, reloaded at every step)" if spread else ""
+        offload = (" (the device map would leave the rest in host memory or on disk, reloaded at every step)"
+                   if spread else "")
         raise ModelLoadError(
             f"the {pair} do not fit on {where}: {sizes.text()} (together {human_bytes(need)}, before the KV cache), "
             f"but {human_bytes(free)} is free{offload}. To fix: {sizes.advice(spread)}.")
@@ -175,7 +184,8 @@ def _check_memory(sizes: _Sizes, device: torch.device, names: dict[str, str], de
             f"{human_bytes(free_here)} free. To fix: {sizes.advice()}.")
 
 
-def _load_failed(role: str, name: str, source: ModelSource, what: str, exc: BaseException, sizes=None) -> ModelLoadError:
+def _load_failed(role: str, name: str, source: ModelSource, what: str, exc: BaseException,
+                 sizes=None) -> ModelLoadError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if _is_memory_error(exc):
         size = f" ({sizes.text()})" if sizes else ""
@@ -262,7 +272,8 @@ def load_pair(
         widths.append(draft_model.get_output_embeddings().weight.shape[0])
     vocab = min(widths)
     if vocab < len(tokenizer):
-        raise IncompatiblePairError(f"model output width {vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+        raise IncompatiblePairError(
+            f"model output width {vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
 
     context = getattr(target_model.config, "max_position_embeddings", None) or 2048
     if draft_model is not None:

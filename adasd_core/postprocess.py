@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from adasd_core.costs import AcceptancePrior
+from adasd_core.grammar import GrammarDeadEnd
 from adasd_core.round_output import Draft, token_logprobs, token_sources
 from adasd_core.runner import ModelRunner
 from adasd_core.sequence import Delta, PromptLogprobs, Sequence, TokenLogprob
@@ -17,15 +18,17 @@ SCORE_ROWS = 256  # prompt logprobs are computed this many positions at a time (
 
 def finish_batch(seqs: list[Sequence], drafts: dict[Sequence, Draft], target_probs: torch.Tensor,
                  logits: torch.Tensor, runner: ModelRunner, warm: WarmState, prior: AcceptancePrior) -> list:
-    """Every sequence's round after the verify pass: target_probs and logits [sum (k_b + 1), V], per
-    sequence its last token's row and each candidate's. The verdicts come from one batched call
-    (one transfer to the host); each sequence's Delta, or the exception that ended it alone."""
+    """Every sequence's round after the verify pass: target_probs [sum (k_b + 1), V], per sequence its
+    verified rows (the one before its first candidate, each candidate's); logits [sum (F_b + k_b + 1), V]
+    the target's raw rows, its forced tokens' first. The verdicts come from one batched call (one
+    transfer to the host); each sequence's Delta, or the exception that ended it alone."""
     cands = [drafts[s].ids if s in drafts else [] for s in seqs]
     draft_probs = torch.stack([q for s in seqs if s in drafts for q in drafts[s].probs]) if drafts else None
     verdicts = accept_batch(cands, target_probs, draft_probs, [s.params.greedy for s in seqs],
                             [s.generator for s in seqs], [s.relaxed for s in seqs])
     out = []
-    for seq, verdict, rows in zip(seqs, verdicts, logits.split([len(c) + 1 for c in cands])):
+    sizes = [len(s.forced) + len(c) + 1 for s, c in zip(seqs, cands)]
+    for seq, verdict, rows in zip(seqs, verdicts, logits.split(sizes)):
         try:
             out.append(finish_round(seq, drafts.get(seq), verdict, rows, runner, warm, prior))
         except Exception as exc:  # one broken request must not take the others down
@@ -36,10 +39,11 @@ def finish_batch(seqs: list[Sequence], drafts: dict[Sequence, Draft], target_pro
 
 def finish_round(seq: Sequence, draft: Draft | None, verdict: Verdict, logits: torch.Tensor,
                  runner: ModelRunner, warm: WarmState, prior: AcceptancePrior) -> Delta:
-    """One sequence's round after its verdict: what it teaches, the caches cut back, the output.
-    logits [k+1, V]: the target's raw rows (for log-probabilities)."""
+    """One sequence's round after its verdict: what it teaches, the caches cut back, the grammar's
+    matcher back past the rejection and on over the last token, the output. logits [F+k+1, V]: the
+    target's raw rows (for log-probabilities)."""
     candidates = draft.ids if draft else []
-    k, n_acc = len(candidates), verdict.n_accepted
+    k, n_acc, forced = len(candidates), verdict.n_accepted, seq.forced
     seq.stats.target_forwards += 1
     if k:  # every learner reads the same observation: the candidates examined, labelled by the standard check
         obs = verdict.observation(k, draft.entropies)
@@ -59,15 +63,26 @@ def finish_round(seq: Sequence, draft: Draft | None, verdict: Verdict, logits: t
             seq.stats.trace.append(record)
 
     # caches: keep the sequence up to the last accepted candidate (the new last token is not in them)
-    runner.rollback(seq.slot, len(seq.tokens) + n_acc)
+    runner.rollback(seq.slot, len(seq.tokens) + len(forced) + n_acc)
+    dead_end = None
+    if seq.constraint is not None:
+        seq.constraint.rollback(k - n_acc)
+        try:
+            seq.constraint.consume(verdict.token)
+        except GrammarDeadEnd:  # only where the row was left free (a dead end): the request ends here
+            dead_end = "grammar_dead_end"
+    seq.stats.forced_tokens += len(forced)
 
-    emitted = candidates[:n_acc] + [verdict.token]
-    logprobs = token_logprobs(logits[: n_acc + 1], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
-    sources = token_sources(draft, verdict, seq.stats.rounds) if seq.token_sources else None
-    delta = seq.emit(emitted, logprobs, sources)
+    emitted = forced + candidates[:n_acc] + [verdict.token]
+    logprobs = None
+    if seq.params.logprobs is not None:
+        logprobs = token_logprobs(logits[: len(forced) + n_acc + 1], emitted, seq.params.logprobs)
+    sources = token_sources(draft, verdict, seq.stats.rounds, len(forced)) if seq.token_sources else None
+    seq.forced = []
+    delta = seq.emit(emitted, logprobs, sources, finish=dead_end)
     if sources is not None:
         delta.round = {"round": seq.stats.rounds, "relaxed": verdict.n_relaxed, **record}
-    seq.stats.observe_surprisal(verdict.excess[: len(delta.token_ids)])  # EOS may cut the round short
+    seq.stats.observe_surprisal(([0.0] * len(forced) + verdict.excess)[: len(delta.token_ids)])  # EOS may cut it short
     if seq.finished:
         seq.stats.record_thresholds(seq.policy.threshold if seq.policy else None, seq.relaxed.state())
     return delta

@@ -20,15 +20,17 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: int) -> list[
     return [TokenLogprob(t, lp, list(zip(ids, vals))) for t, lp, ids, vals in zip(tokens, chosen, top_ids, top_vals)]
 
 
-def token_sources(draft: "Draft | None", verdict, round_no: int) -> list[TokenSource]:
-    """Where each token a round emits came from, from what the round already holds on the host."""
+def token_sources(draft: Draft | None, verdict, round_no: int, forced: int = 0) -> list[TokenSource]:
+    """Where each token a round emits came from, from what the round already holds on the host
+    (`forced`: the round's forced tokens, before its candidates)."""
     n, k = verdict.n_accepted, len(draft.ids) if draft else 0
 
     def drafted(i: int, source: str, rejected: int | None = None) -> TokenSource:
         return TokenSource(source, round_no, draft.entropies[i], verdict.distances[i] if verdict.distances else None,
                            verdict.posteriors[i] if verdict.posteriors else None, rejected)
 
-    out = [drafted(i, "standard" if verdict.standard[i] else "relaxed") for i in range(n)]
+    out = [TokenSource("forced", round_no) for _ in range(forced)]
+    out += [drafted(i, "standard" if verdict.standard[i] else "relaxed") for i in range(n)]
     if n < k:
         out.append(drafted(n, "correction", rejected=draft.ids[n]))
     else:
@@ -43,3 +45,4 @@ class Draft:
     ids: list[int]
     probs: list[torch.Tensor]  # [V] each
     entropies: list[float]
+    masks: list[torch.Tensor] | None = None  # the grammar's bitmask [W] before each candidate (None: no grammar)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adasd_core.errors import InvalidRequestError
+from adasd_core.grammar import GrammarSpec
 
 
 @dataclass
@@ -20,6 +21,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N target logprobs per generated token
     prompt_logprobs: int | None = None  # top-N target logprobs per prompt token (scoring: echo with logprobs)
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability (after temperature)
+    # the controls below change the logits at every position, draft and target alike (logits_processors.py)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100: never, in practice)
+    presence_penalty: float = 0.0  # minus this for every token already generated
+    frequency_penalty: float = 0.0  # minus this times its count in the generated tokens
+    repetition_penalty: float = 1.0  # a seen token's (prompt or output) logit divided (> 0) or multiplied (< 0) by it
+    stop_token_ids: list[int] = field(default_factory=list)  # end the output like EOS
+    grammar: GrammarSpec | None = None  # the output must match it (grammar.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -34,10 +43,25 @@ class SamplingParams:
             raise InvalidRequestError("logprobs must be between 0 and 20", param="logprobs")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
             raise InvalidRequestError("prompt_logprobs must be between 0 and 20", param="prompt_logprobs")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError("min_p must be between 0 and 1", param="min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be between -2 and 2", param=name)
+        if not 0.0 < self.repetition_penalty <= 100.0:
+            raise InvalidRequestError("repetition_penalty must be in (0, 100]", param="repetition_penalty")
+        if self.logit_bias and any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
+            raise InvalidRequestError("logit_bias values must be between -100 and 100", param="logit_bias")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty", param="stop")
+
+    @property
+    def controls(self) -> bool:
+        """Whether the logits change before processing (bias or penalties)."""
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty) or \
+            self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:
@@ -58,6 +82,9 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
     if params.top_p < 1.0:
         probs = top_p_filter(probs, params.top_p)
     return probs
@@ -120,7 +147,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def _processing_key(params: SamplingParams) -> tuple:
-    return (True,) if params.greedy else (False, params.temperature, params.top_k, params.top_p)
+    return (True,) if params.greedy else (False, params.temperature, params.top_k, params.top_p, params.min_p)
 
 
 def logits_to_probs_rows(logits: torch.Tensor, row_params: list[SamplingParams]) -> torch.Tensor:
@@ -140,7 +167,8 @@ def logits_to_probs_rows(logits: torch.Tensor, row_params: list[SamplingParams])
     return out
 
 
-def sample_rows(probs: torch.Tensor, row_params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+def sample_rows(probs: torch.Tensor, row_params: list[SamplingParams],
+                generators: list[torch.Generator]) -> torch.Tensor:
     """[N, V] -> [N] token ids; sampled rows draw from their own request's generator."""
     out = probs.argmax(-1)
     for i, (params, gen) in enumerate(zip(row_params, generators)):

@@ -9,6 +9,7 @@ import torch
 
 from adasd_core.detokenize import IncrementalDetokenizer, StopStringMatcher
 from adasd_core.drafting import DraftPolicy
+from adasd_core.grammar import Constraint
 from adasd_core.sampling import SamplingParams
 from adasd_core.stats import GenerationStats
 from adasd_core.verification import RelaxedCheck
@@ -29,7 +30,7 @@ class PromptLogprobs:
     logprobs: list[TokenLogprob]
 
 
-SOURCES = ("standard", "relaxed", "correction", "bonus", "ar")
+SOURCES = ("standard", "relaxed", "correction", "bonus", "ar", "forced")
 
 
 @dataclass
@@ -38,7 +39,8 @@ class TokenSource:
 
     source: a drafted candidate accepted by the standard check (`standard`) or only by the relaxed
     check (`relaxed`); the target's `correction` at the first candidate that failed both; the `bonus`
-    token after a round whose candidates were all accepted; `ar`: a round with no candidates.
+    token after a round whose candidates were all accepted; `ar`: a round with no candidates; `forced`:
+    the only token the request's grammar allows there, emitted without drafting or checking (jump-forward).
     The numbers are those of the draft's candidate at this position (for a correction: the one it
     replaced), where the round computed them; nothing is computed for this record alone."""
 
@@ -57,7 +59,7 @@ class Delta:
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "grammar_dead_end" | None
     logprobs: list[TokenLogprob] | None = None
     sources: list[TokenSource] | None = None  # one per token id, when the request asked for them
     round: dict | None = None  # the round's counts and thresholds after it, with `sources`
@@ -83,6 +85,8 @@ class Sequence:
     # towards, from the state they started from; None: they plan by the batch size (SpeculativeEngine._draft_caps)
     plan_prior: float | None = None
     fingerprint: str = ""  # the system_fingerprint of what it started from (a server's engine sets it)
+    constraint: Constraint | None = None  # the grammar's matcher (SamplingParams.grammar)
+    forced: list[int] = field(default_factory=list)  # this round's forced tokens, before its candidates
     tokens: list[int] = field(default_factory=list)
     slot: int = -1  # KV slot in both pools while admitted
     admitted_at: float | None = None  # time.monotonic() when the scheduler gave it a slot
@@ -121,6 +125,19 @@ class Sequence:
         """Tokens this request may still add."""
         return min(self.params.max_tokens - self.generated, self.context_length - len(self.tokens))
 
+    def checkpoint(self, batched: bool) -> tuple:
+        """What a failed batch's retry restores: the generator's state (a sampled request in a batch:
+        its drafts drew from it) and the grammar matcher's position."""
+        state = self.generator.get_state() if batched and not self.params.greedy else None
+        return state, None if self.constraint is None else self.constraint.consumed
+
+    def rewind(self, saved: tuple) -> None:
+        state, consumed = saved
+        if state is not None:
+            self.generator.set_state(state)
+        if consumed is not None:
+            self.constraint.restore(consumed)
+
     def acceptance_estimate(self, prior: float, weight: float = 4.0) -> float:
         """P(a candidate is accepted | the ones before it were): accepted / examined candidates (each
         round examines its accepted ones plus at most one rejection), shrunk towards `prior` while
@@ -130,8 +147,9 @@ class Sequence:
         return (s.accepted_tokens + weight * prior) / (s.accepted_tokens + rejections + weight)
 
     def emit(self, emitted: list[int], logprobs: list[TokenLogprob] | None,
-             sources: list[TokenSource] | None = None) -> Delta:
-        """Append tokens, apply EOS / length / stop strings, and produce the text delta."""
+             sources: list[TokenSource] | None = None, finish: str | None = None) -> Delta:
+        """Append tokens, apply EOS / length / stop strings, and produce the text delta. `finish`: end
+        the request with this reason unless those end it first."""
         for i, t in enumerate(emitted):
             if t in self.eos:
                 emitted = emitted[: i + 1]
@@ -143,6 +161,8 @@ class Sequence:
         self.stats.generated_tokens = self.generated
         if self.finish_reason is None and self.remaining <= 0:
             self.finish_reason = "length"
+        if self.finish_reason is None and finish:
+            self.finish_reason = finish
         if sources is None:
             text = self.detok.push([t for t in emitted if t not in self.eos])
             if self.finished:

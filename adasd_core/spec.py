@@ -30,10 +30,13 @@ class SpecConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise InvalidRequestError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}", param="method")
+            raise InvalidRequestError(
+                f"unknown method {self.method!r}: use one of {', '.join(METHODS)}", param="method"
+            )
         if self.verification not in VERIFICATIONS:
             raise InvalidRequestError(
-                f"unknown verification {self.verification!r}: use one of {', '.join(VERIFICATIONS)}", param="verification"
+                f"unknown verification {self.verification!r}: use one of {', '.join(VERIFICATIONS)}",
+                param="verification",
             )
         if not 1 <= self.k <= WINDOW:
             raise InvalidRequestError(f"k must be between 1 and {WINDOW}", param="k")

@@ -15,6 +15,7 @@ class GenerationStats:
     accepted_standard: int = 0
     accepted_relaxed: int = 0
     bonus_tokens: int = 0
+    forced_tokens: int = 0  # the only token the grammar allowed, taken without drafting (jump-forward)
     target_forwards: int = 0
     draft_forwards: int = 0
     time_draft_s: float = 0.0
@@ -40,7 +41,8 @@ class GenerationStats:
     # (T_G, T_V or P(A) summary) after each round, when tracing is on
     trace: list[dict] | None = None
 
-    def observe_round(self, drafted: int, n_standard: int, n_relaxed: int, bonus: bool, accepted_flags: list[bool]) -> None:
+    def observe_round(self, drafted: int, n_standard: int, n_relaxed: int, bonus: bool,
+                      accepted_flags: list[bool]) -> None:
         self.rounds += 1
         self.drafted_tokens += drafted
         self.accepted_standard += n_standard

@@ -97,7 +97,7 @@ class Verdict:
     def examined(self) -> int:
         return len(self.standard)
 
-    def observation(self, drafted: int, entropies: list[float]) -> "Observation":
+    def observation(self, drafted: int, entropies: list[float]) -> Observation:
         """What this round teaches the learners (`entropies`: the draft's, one per candidate)."""
         n = self.examined
         return Observation(drafted, self.n_accepted, tuple(self.standard), tuple(entropies[:n]),
@@ -137,7 +137,7 @@ def accept_candidates(
     draft_probs: torch.Tensor | None,
     greedy: bool,
     generator: torch.Generator | None,
-    relaxed: "RelaxedCheck",
+    relaxed: RelaxedCheck,
 ) -> Verdict:
     """One sequence's round (accept_batch of one): candidates [k], target_probs [k+1, V] (the last
     row is the bonus position), draft_probs [k, V]."""
@@ -150,7 +150,7 @@ def accept_batch(
     draft_probs: torch.Tensor | None,
     greedy: list[bool],
     generators: list[torch.Generator | None],
-    relaxed: list["RelaxedCheck"],
+    relaxed: list[RelaxedCheck],
 ) -> list[Verdict]:
     """Every sequence of a round at once: accept candidates in order; the first that fails both
     checks ends that sequence's round, with the correction token there (else the bonus token).

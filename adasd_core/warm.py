@@ -81,7 +81,7 @@ class SharedStats:
                 "relaxed": self.relaxed.to_json()}
 
     @classmethod
-    def from_json(cls, data: dict) -> "SharedStats":
+    def from_json(cls, data: dict) -> SharedStats:
         s = cls(kind=data["kind"], rejected=RejectedEntropy(float(data["sum_rejected"]), int(data["n_rejected"])),
                 rounds=int(data.get("rounds", 0)), accepted=int(data.get("accepted", 0)),
                 examined=int(data.get("examined", 0)))
@@ -102,7 +102,7 @@ class Snapshot:
 
     @staticmethod
     @functools.cache
-    def empty(kind: str) -> "Snapshot":
+    def empty(kind: str) -> Snapshot:
         """What a family starts from before its first publication, and a cold request always."""
         return Snapshot(SharedStats(kind=kind))
 
@@ -172,7 +172,7 @@ class WarmState:
 
     @classmethod
     def open(cls, path: str | None, identity: str, schedule: Schedule | None = None,
-             static_fingerprint: str = "") -> "WarmState":
+             static_fingerprint: str = "") -> WarmState:
         """The state saved at `path` for this pair (`identity`), or a new one where there is none."""
         warm = cls(schedule, static_fingerprint, path, identity)
         if path is None:
@@ -207,7 +207,7 @@ class WarmState:
     # ------------------------------------------------------------------ requests
 
     def start(self, family: str | None, kind: str, warm: bool, epoch: int | None,
-              with_plan: bool) -> "tuple[SharedStats | Snapshot | None, str]":
+              with_plan: bool) -> tuple[SharedStats | Snapshot | None, str]:
         """(what a new request starts from, None when cold or for a method that learns nothing; its
         system_fingerprint, "" without a schedule). Every family a request has used learns from its
         rounds, warm or cold; `epoch` pins the published state (default the latest)."""

@@ -1,7 +1,8 @@
 """How often batch mates change a reproducible request's tokens (issues 15 and 32).
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/batch_invariance.py [--pair DIR|tiny|smollm2]
-        [--requests 60] [--tokens 32] [--batch 4] [--repeats 1] [--int8 row,call] [--no-batch-aware] [--out result.json]
+        [--requests 60] [--tokens 32] [--batch 4] [--repeats 1] [--int8 row,call] [--no-batch-aware]
+        [--out result.json]
     ... --throughput [plan] [--pair tiny] [--batch 16] [--passes 3]
     ... --throughput int8 --pair smollm2 [--batch 4] [--passes 5]
 
@@ -246,7 +247,8 @@ def load(args):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pair", default=None, help="folder with target/ and draft/, tiny, or smollm2 (default: the quick pair)")
+    ap.add_argument("--pair", default=None,
+                    help="folder with target/ and draft/, tiny, or smollm2 (default: the quick pair)")
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
@@ -269,8 +271,9 @@ def main(argv=None) -> None:
     task = continuation_task(pair.tokenizer, demo_sources(), args.requests + 16, 48, args.tokens, pair.context_length)
     prompts = [p.ids for p in task.prompts]
     # warm the server's state first, as a server that has served for a while
-    warm_up = [(prompts[i % len(prompts)], SamplingParams(max_tokens=args.tokens, temperature=t, seed=i,
-                                                           ignore_eos=True), SpecConfig(method="adasd", warm_start=True))
+    warm_up = [(prompts[i % len(prompts)],
+                SamplingParams(max_tokens=args.tokens, temperature=t, seed=i, ignore_eos=True),
+                SpecConfig(method="adasd", warm_start=True))
                for i, t in enumerate([0.0, 1.0] * (args.warm_requests // 2))]
     for i in range(0, len(warm_up), args.batch):
         run(engine, warm_up[i : i + args.batch], None)

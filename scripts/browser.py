@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 CHROMIUM = os.environ.get("ADASD_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ADASD_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -20,7 +20,7 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 def missing() -> str | None:
     """What is not installed, with the command that installs it; None when all is there."""
-    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+    for path, _package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not os.access(path, os.X_OK):
             return f"{path} not found: install it with `apt-get install -y chromium chromium-driver` (make test-tools)"
     try:

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from adasd_core import kv_cache, lean  # noqa: E402
 from adasd_core.device import FOLD_ENV  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from gpu_step_costs import timed  # noqa: E402  (one timing loop for both GPU scripts)
 
 # Llama 3.1 8B: 8.03 G parameters, 32 query heads over 8 KV heads of 128
 SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -82,22 +84,8 @@ def release(model) -> None:
         torch.cuda.empty_cache()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_s(fn, device: torch.device, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed(fn, device, iters, warmup)["median_ms"] / 1e3
 
 
 def check(name: str, value: float, limit: float, enforced: bool = True, below: bool = True) -> dict:
@@ -133,7 +121,8 @@ def step_checks(t: dict, sizes: dict, context: int, chunk: int, bandwidth: float
                 enforced: bool) -> list[dict]:
     """The thresholds on the measured step times `t` (seconds): decode_b1, decode_b8, verify_b1_8,
     verify_b8_5, chunk (a prefill chunk of `chunk` tokens)."""
-    out = [check(f"{name} / floor at {context}", t[name] / floor_s(sizes, b, context, bandwidth), STEP_OVER_FLOOR, enforced)
+    out = [check(f"{name} / floor at {context}", t[name] / floor_s(sizes, b, context, bandwidth),
+                 STEP_OVER_FLOOR, enforced)
            for name, b in (("decode_b1", 1), ("decode_b8", 8), ("verify_b1_8", 1), ("verify_b8_5", 8))]
     out.append(check("decode_b8 / decode_b1", t["decode_b8"] / t["decode_b1"], BATCH8_OVER_BATCH1, enforced))
     out.append(check("verify_b1_8 / decode_b1", t["verify_b1_8"] / t["decode_b1"], VERIFY8_OVER_DECODE, enforced))
@@ -171,14 +160,15 @@ def part_exact(shape, device, contexts, chunk, gen) -> tuple[dict, list[dict]]:
     for s, n in enumerate(lengths):
         for pool in (ref, fast):
             prefill(pool, s, seqs[s][:n], chunk)
-    feeds = [seqs[0][lengths[0] : lengths[0] + 5], seqs[1][lengths[1] : lengths[1] + 1], seqs[2][lengths[2] : lengths[2] + 8]]
+    feeds = [seqs[0][lengths[0] : lengths[0] + 5], seqs[1][lengths[1] : lengths[1] + 1],
+             seqs[2][lengths[2] : lengths[2] + 8]]
     got = fast.forward([0, 1, 2], feeds, all_logits=True)
     want = ref.forward([0, 1, 2], feeds, all_logits=True)
     result = {"lengths": lengths, "feeds": [len(f) for f in feeds], **agreement(got, want)}
     del ref, fast
     release(model)
-    return result, [check("exact: float32 ragged verify after long prompts, max |diff| / max", result["max_abs_over_max"],
-                          EXACT)]
+    return result, [check("exact: float32 ragged verify after long prompts, max |diff| / max",
+                          result["max_abs_over_max"], EXACT)]
 
 
 @torch.inference_mode()
@@ -222,12 +212,14 @@ def part_steps(model, device, context, chunk, iters, warmup, gen, bandwidth, flo
 
     def call(slots, n, all_logits=True):
         def run():
-            pool.forward(slots, [more[:n]] * len(slots), all_logits=all_logits).argmax(-1).tolist()  # the round's host read
+            # the round's host read
+            pool.forward(slots, [more[:n]] * len(slots), all_logits=all_logits).argmax(-1).tolist()
             for s in slots:
                 pool.rollback(s, context)
         return run
 
-    shapes = {"decode_b1": ([0], 1), "decode_b8": (list(range(8)), 1), "verify_b1_8": ([0], 8), "verify_b8_5": (list(range(8)), 5)}
+    shapes = {"decode_b1": ([0], 1), "decode_b8": (list(range(8)), 1),
+              "verify_b1_8": ([0], 8), "verify_b8_5": (list(range(8)), 5)}
     t = {name: median_s(call(slots, n), device, iters, warmup) for name, (slots, n) in shapes.items()}
     t["chunk"] = median_s(call([0], chunk, all_logits=False), device, max(3, iters // 4), 1)
     _fold(False)
@@ -263,7 +255,7 @@ def part_steps(model, device, context, chunk, iters, warmup, gen, bandwidth, flo
         out["kernels"] = kernels
         checks += [check(f"fused kernel: {k}", float(v == "fused"), 1.0, below=False) for k, v in kernels.items()
                    if k.endswith("folded")]
-    del pool
+    pool = None  # frees the KV pool before the next part (the closures above are done with it)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out, checks
@@ -318,7 +310,8 @@ def part_memory(model, device, context, chunk, gen, memory_fraction=0.9) -> tupl
     # full pool take less than half of it
     checks.append(check("card free after using the full pool / card", free1 / total, (1 - memory_fraction) / 2,
                         below=False))
-    checks.append(check("planned slots x per slot / budget", slots * per_slot / (free0 - (1 - memory_fraction) * total), 1.001))
+    budget = free0 - (1 - memory_fraction) * total
+    checks.append(check("planned slots x per slot / budget", slots * per_slot / budget, 1.001))
     del pool
     torch.cuda.empty_cache()
     return out, checks

@@ -8,9 +8,10 @@ device and dtype, with a KV cache of `--context` tokens already filled, it times
   batch_B   one new token for each of B sequences (B = 1, 2, 4, 8, 16): what batching buys
 
 The transformers forward (DynamicCache) is timed for every shape; the engine's own single-sequence
-path (adasd_core.kv_cache, the lean forward for Llama) for step and verify. Each figure is the median of `--iters` timed calls after warm-ups; the cache is cropped back to
-`--context` after each call, so every call sees the same cache length. Written as JSON (and a
-Markdown table on stdout). Used by scripts/gpu_check.sh; `--tiny` is its CPU smoke mode.
+path (adasd_core.kv_cache, the lean forward for Llama) for step and verify. Each figure is the
+median of `--iters` timed calls after warm-ups; the cache is cropped back to `--context` after each
+call, so every call sees the same cache length. Written as JSON (and a Markdown table on stdout).
+Used by scripts/gpu_check.sh; `--tiny` is its CPU smoke mode.
 
     python scripts/gpu_step_costs.py --device cuda --dtype bfloat16 --out step_costs.json
 """
@@ -156,7 +157,8 @@ def markdown(result: dict) -> str:
     rows.append("")
     rows.append(f"draft step / target step: {r['draft_over_target_step']:.3f}; target verify_k / step: "
                 + ", ".join(f"k={k}: {v:.2f}" for k, v in r["target_verify_over_step"].items())
-                + "; target batch_B / step: " + ", ".join(f"B={b}: {v:.2f}" for b, v in r["target_batch_over_step"].items()))
+                + "; target batch_B / step: "
+                + ", ".join(f"B={b}: {v:.2f}" for b, v in r["target_batch_over_step"].items()))
     return "\n".join(rows)
 
 

@@ -1,12 +1,12 @@
 """Where a served token's time goes: py-spy samples the worker and the front end while one client
-streams greedy requests, and the lean step is timed alone beside it.
+streams greedy requests (compare its inter-token time with scripts/step_profile.py's lean step).
 
     python scripts/profile_serve.py --method ar --requests 6 --max-tokens 128 [--target smollm2 --draft smollm2]
 
-Prints (and with --json writes) the client's inter-token time, the lean single-token step measured in
-the same process layout, and the worker's and the front end's time by function (self time, and the
+Prints (and with --json writes) the client's inter-token time and the worker's and the front end's
+time by function (self time, and the
 inclusive time of the frames that matter: the engine step, the target forward, the pipe, the
-detokenizer). Run it alone on the cores: py-spy's samples are proportions, but the step times are not.
+detokenizer). Run it alone on the cores: py-spy's samples are proportions, but the inter-token time is not.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # inclusive-time frames reported for the worker: (label, function name as py-spy prints it)
 WORKER_FRAMES = [("engine step", "step (adasd_core/engine.py"), ("target forward", "forward (adasd_core/lean.py"),
                  ("feed prompts", "feed_prompts (adasd_core/runner.py"), ("propose", "propose (adasd_core/proposer.py"),
-                 ("finish round", "finish_round (adasd_core/postprocess.py"), ("emit / detokenize", "emit (adasd_core/sequence.py"),
+                 ("finish round", "finish_round (adasd_core/postprocess.py"),
+                 ("emit / detokenize", "emit (adasd_core/sequence.py"),
                  ("pipe send", "send (server/worker.py"), ("pipe poll", "poll (server/worker.py"),
-                 ("kv report", "report_kv (server/worker.py"), ("probs", "logits_to_probs_rows (adasd_core/sampling.py")]
+                 ("kv report", "report_kv (server/worker.py"),
+                 ("probs", "logits_to_probs_rows (adasd_core/sampling.py")]
 
 
 def wait_ready(url: str, timeout: float = 600.0) -> None:
@@ -133,7 +135,9 @@ def main(argv=None) -> None:
             continue
         total, own, incl = aggregate(raw)
         top = [{"frame": f, "share": round(n / total, 4)} for f, n in own.most_common(15)]
-        rows = {label: round(inclusive(incl, key) / total, 4) for label, key in WORKER_FRAMES} if name == "worker" else {}
+        rows = {}
+        if name == "worker":
+            rows = {label: round(inclusive(incl, key) / total, 4) for label, key in WORKER_FRAMES}
         result["processes"][name] = {"samples": total, "self_top": top, "inclusive": rows}
     print(json.dumps(result, indent=1))
     if args.json:

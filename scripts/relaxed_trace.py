@@ -5,10 +5,11 @@
 
 Every request runs in process (LLM, calibrate=False), seeds 0..S-1 for every method,
 on held-out prompts: continuation windows of the tiny pair's held-out modules, or for `smollm2` the
-held-out chat and code requests (bench/prompts/smollm2_eval.jsonl, chat and code alternating). Per method: mean excess surprisal per emitted token
-(-log p(x) - H(p), processed target distribution) with its standard error over requests, mean
-target log-prob per token (temperature-1 softmax, as `logprobs` reports it), acceptance, relaxed
-share; per relaxed acceptance: d, P(A|d), its round, the group sizes and the token's excess surprisal.
+held-out chat and code requests (bench/prompts/smollm2_eval.jsonl, chat and code alternating). Per
+method: mean excess surprisal per emitted token (-log p(x) - H(p), processed target distribution)
+with its standard error over requests, mean target log-prob per token (temperature-1 softmax, as
+`logprobs` reports it), acceptance, relaxed share; per relaxed acceptance: d, P(A|d), its round, the
+group sizes and the token's excess surprisal.
 """
 
 from __future__ import annotations

@@ -3,17 +3,16 @@
     PYTHONPATH=$PWD OMP_NUM_THREADS=2 python scripts/task_accuracy.py [--methods ar,vanilla,adasd]
         [--min-posterior 0.7,0.9] [--temperature 0] [--seeds 1] [--max-tokens 192] [--out acc.json]
 
-In process (LLM, warm start as the server has it), every prompt of
-bench/prompts/smollm2_eval.jsonl with a checkable answer, in the chat template, stopped at EOS: chat rows score 1 when one of
-their answers appears in the reply, code rows when the function passes its tests (a subprocess).
-`adasd` rows run once per `--min-posterior` setting. Prints one JSON line per row: accuracy (chat,
-code, all) and the rows whose verdict differs from the first row's.
+In process (LLM, warm start as the server has it), every prompt of bench/prompts/smollm2_eval.jsonl
+with a checkable answer, in the chat template, stopped at EOS: chat rows score 1 when one of their
+answers appears in the reply, code rows when the function passes its tests (a subprocess). `adasd`
+rows run once per `--min-posterior` setting. Prints one JSON line per row: accuracy (chat, code,
+all) and the rows whose verdict differs from the first row's.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -30,7 +29,6 @@ from adasd_core.llm import LLM  # noqa: E402
 from adasd_core.models import load_pair  # noqa: E402
 from adasd_core.sampling import SamplingParams  # noqa: E402
 from adasd_core.verification import BayesCheck  # noqa: E402
-
 
 SETTING: dict = {}
 _accept = engine_mod.accept_candidates

@@ -51,7 +51,9 @@ def main(argv=None) -> None:
     def traced_publish():
         for family in publish():
             s = snap.warm.published[family].stats
-            post = {f"P(A|{d})": s.relaxed.posterior(d) for d in (0.2, 0.4, 0.6)} if hasattr(s.relaxed, "posterior") else {}
+            post = {}
+            if hasattr(s.relaxed, "posterior"):
+                post = {f"P(A|{d})": s.relaxed.posterior(d) for d in (0.2, 0.4, 0.6)}
             publications.append({"family": family, "rounds": s.rounds, "entropy_threshold": s.entropy_threshold,
                                  "acceptance": s.acceptance, **s.relaxed.state(), **post})
         return []
@@ -104,7 +106,8 @@ def main(argv=None) -> None:
     print("| row | tok/s | vs vanilla | candidates / round |\n|---|---:|---:|---:|")
     for name, r in table.items():
         print(f"| {name} | {r['tok_s']:.1f} | {r['vs_vanilla']:.3f}x | {r['candidates_per_round']:.2f} |")
-    print("| snapshot at rounds | T_G | acceptance | KDE sizes | P(A|0.2) | P(A|0.4) | P(A|0.6) |\n|---:|---:|---:|---|---:|---:|---:|")
+    print("| snapshot at rounds | T_G | acceptance | KDE sizes | P(A|0.2) | P(A|0.4) | P(A|0.6) |\n"
+          "|---:|---:|---:|---|---:|---:|---:|")
     f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for e in publications:
         print(f"| {e['rounds']} | {f(e['entropy_threshold'])} | {f(e['acceptance'])} | {e.get('kde_accepted')} / "

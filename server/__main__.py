@@ -76,7 +76,7 @@ def check_models(settings: Settings) -> None:
         if settings.log_level in ("debug", "trace"):
             traceback.print_exc()
         print(f"adasd serve: error: {exc.message}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = settings_from_args(argv)
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"adasd serve: invalid settings:\n{exc}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     check_models(settings)
     from server.app import run
 

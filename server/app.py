@@ -145,8 +145,8 @@ class MetricsEndpoint:
         if scope["type"] != "http" or scope["path"] != "/metrics" or scope["method"] not in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
         body, content_type = self.metrics.render()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]})
+        headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
 
 

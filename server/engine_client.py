@@ -19,8 +19,9 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from adasd_core.errors import AdasdError, InvalidRequestError
 from server import messages as m
@@ -82,7 +83,7 @@ class _Slot:
     """One generation in flight."""
 
     rid: str
-    group: "RequestGroup"
+    group: RequestGroup
     index: int
     method: str
     arrival: float
@@ -94,7 +95,7 @@ class _Slot:
 class RequestGroup:
     """The generations of one HTTP request; iterate for (index, Output) until all have ended."""
 
-    def __init__(self, client: "EngineClient", size: int, fingerprint: str | None = None):
+    def __init__(self, client: EngineClient, size: int, fingerprint: str | None = None):
         self.client = client
         self.size = size
         self.fingerprint = fingerprint  # system_fingerprint: the published state every generation reads
@@ -239,8 +240,8 @@ class EngineClient:
                 await asyncio.to_thread(handle.proc.join, 5)
             handle.outbox.put(None)
         self.metrics.worker_up.set(0)
-        self._fail_all(ServiceUnavailableError("the server shut down before this request finished", code="shutting_down"),
-                       status="cancelled")
+        shut_down = ServiceUnavailableError("the server shut down before this request finished", code="shutting_down")
+        self._fail_all(shut_down, status="cancelled")
 
     # ------------------------------------------------------------------ threads
 

@@ -86,7 +86,9 @@ class ServiceUnavailableError(ServerError):
 
 
 class EngineDeadError(ServiceUnavailableError):
-    def __init__(self, message: str = "the worker process died during this request; it is being restarted, retry shortly"):
+    def __init__(
+        self, message: str = "the worker process died during this request; it is being restarted, retry shortly"
+    ):
         super().__init__(message, code="worker_died")
 
 

@@ -87,7 +87,7 @@ class FaultFile:
         self.path = path
 
     @classmethod
-    def from_env(cls) -> "FaultFile | None":
+    def from_env(cls) -> FaultFile | None:
         path = os.environ.get(FAULT_FILE_ENV)
         return cls(path) if path else None
 

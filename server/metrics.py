@@ -20,7 +20,8 @@ from prometheus_client.utils import floatToGoString as fmt
 
 REQUEST_STATUSES = ("success", "cancelled", "error", "rejected")
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                   40.0, 80.0)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
 RATE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 SPEEDUP_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 8.0)
@@ -273,9 +274,11 @@ class AdasdMetrics:
 
         self.requests = counter("adasd_requests_total", "Finished generations by method and outcome "
                                 "(success, cancelled, error, rejected).", ("method", "status"))
-        self.prompt_tokens = counter("adasd_prompt_tokens_total", "Prompt tokens of started generations.").labels(model_name)
+        self.prompt_tokens = counter("adasd_prompt_tokens_total",
+                                     "Prompt tokens of started generations.").labels(model_name)
         self.generation_tokens = counter("adasd_generation_tokens_total", "Generated tokens.").labels(model_name)
-        self.draft_tokens = counter("adasd_draft_tokens_total", "Candidate tokens proposed by the draft.").labels(model_name)
+        self.draft_tokens = counter("adasd_draft_tokens_total",
+                                    "Candidate tokens proposed by the draft.").labels(model_name)
         accepted = counter("adasd_accepted_tokens_total", "Draft tokens accepted, by the check that accepted "
                            "them: standard (rejection sampling) or relaxed (JS / Bayes).", ("check",))
         self.accepted_standard = accepted.labels(model_name, "standard")
@@ -283,21 +286,26 @@ class AdasdMetrics:
         self.target_forwards = counter("adasd_target_forwards_total", "Target model forward passes.").labels(model_name)
         self.draft_forwards = counter("adasd_draft_forwards_total", "Draft model forward passes.").labels(model_name)
 
-        self.ttft = histogram("adasd_time_to_first_token_seconds", "Time from arrival to the first token.", LATENCY_BUCKETS)
+        self.ttft = histogram("adasd_time_to_first_token_seconds", "Time from arrival to the first token.",
+                              LATENCY_BUCKETS)
         self.itl = histogram("adasd_inter_token_latency_seconds", "Time between tokens (a round's wait "
                              "divided over the tokens it produced).", LATENCY_BUCKETS)
-        self.e2e = histogram("adasd_e2e_request_latency_seconds", "Arrival to last token of successful generations.", E2E_BUCKETS)
+        self.e2e = histogram("adasd_e2e_request_latency_seconds", "Arrival to last token of successful generations.",
+                             E2E_BUCKETS)
         self.queue_time = histogram("adasd_request_queue_time_seconds", "Time a generation waited for a worker slot.",
                                     E2E_BUCKETS)
-        self.acceptance_rate = histogram("adasd_request_acceptance_rate", "Per-request accepted / drafted tokens.", RATE_BUCKETS)
-        self.speedup = histogram("adasd_request_speedup", "Per-request estimated speedup over the target alone.", SPEEDUP_BUCKETS)
+        self.acceptance_rate = histogram("adasd_request_acceptance_rate", "Per-request accepted / drafted tokens.",
+                                         RATE_BUCKETS)
+        self.speedup = histogram("adasd_request_speedup", "Per-request estimated speedup over the target alone.",
+                                 SPEEDUP_BUCKETS)
         self.mean_draft_length = histogram("adasd_request_mean_draft_length", "Per-request mean candidates per round.",
                                            DRAFT_LENGTH_BUCKETS)
 
         self.running = gauge("adasd_num_requests_running", "Generations the worker is interleaving.")
         self.waiting = gauge("adasd_num_requests_waiting", "Generations waiting for a worker slot.")
         self.worker_up = gauge("adasd_worker_up", "1 while the worker process is loaded and serving, else 0.")
-        self.entropy_threshold = lazy_gauge("adasd_entropy_threshold", "T_G at the end of the most recently finished request.")
+        self.entropy_threshold = lazy_gauge("adasd_entropy_threshold",
+                                            "T_G at the end of the most recently finished request.")
         self.js_threshold = lazy_gauge("adasd_js_threshold", "T_V at the end of the most recently finished request "
                                   "(threshold verification).")
 

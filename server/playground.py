@@ -9,7 +9,7 @@ page holds an API key only in its own memory: it never stores it.
 from __future__ import annotations
 
 import html
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
@@ -29,7 +29,7 @@ HEADERS = {
 router = APIRouter(include_in_schema=False)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _asset(name: str) -> bytes | None:
     path = ASSETS / name
     if path.suffix not in TYPES or path.parent != ASSETS or not path.is_file():

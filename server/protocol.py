@@ -1,8 +1,10 @@
 """Pydantic request and response models of the OpenAI-compatible API (the subset adasd serves).
 
 Unknown request fields are ignored, as vLLM does. Fields OpenAI defines but adasd cannot honour
-(penalties, logit_bias, best_of, suffix, tools) are accepted at their neutral value and refused
-otherwise by the serving layer, with a message that says so.
+(best_of, suffix) are accepted at their neutral value and refused otherwise by the serving layer,
+with a message that says so. Structured outputs: `response_format` (json_object, json_schema) and
+vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (Lark); tools with
+`tool_choice` "required" or a named function (docs/structured-outputs.md).
 
 Below the schema, requests are checked here too, so that no such input reaches the tokenizer or
 the engine: every string field must be valid Unicode (JSON allows a lone UTF-16 surrogate such as
@@ -106,6 +108,16 @@ class SamplingFields(RequestModel):
     logit_bias: dict[Text, float] | None = None
     user: Text | None = None
     ignore_eos: bool = False  # extension (vLLM)
+    # extensions (vLLM): sampling controls
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    stop_token_ids: list[TokenId] | None = None
+    # structured outputs: OpenAI's, and vLLM's guided_* extensions (one of them per request)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None  # Lark
     adasd: AdasdOptions | None = None
 
     @property
@@ -140,7 +152,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: Text | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
 
 
 # ---------------------------------------------------------------------------- responses
@@ -170,7 +183,7 @@ class TokenSourceInfo(OpenAIBaseModel):
 
     token_id: int
     text: str  # its share of the output text (before a stop string cuts it)
-    source: Literal["standard", "relaxed", "correction", "bonus", "ar"]
+    source: Literal["standard", "relaxed", "correction", "bonus", "ar", "forced"]
     round: int  # from 1
     entropy: float | None = None  # draft entropy at this position (nats)
     js_distance: float | None = None  # where the relaxed check is on
@@ -235,9 +248,21 @@ class ChatLogprobs(OpenAIBaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: random_id("call"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_absent_if_none)
 
 
 class ChatChoice(OpenAIBaseModel):
@@ -261,6 +286,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatStreamChoice(OpenAIBaseModel):

@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar, get_args
+from typing import Any, TypeVar, get_args
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -23,7 +24,6 @@ from server.errors import (
     InternalError,
     ModelNotFoundError,
     ServiceUnavailableError,
-    UnsupportedError,
     error_dict,
 )
 from server.protocol import AdasdOptions, SamplingFields, UsageInfo
@@ -64,6 +64,11 @@ class Tokenizer:
     @property
     def loaded(self) -> bool:
         return self.tokenizer is not None
+
+    @property
+    def template_has_tools(self) -> bool:
+        """Whether the chat template renders tools (a template without them cannot prompt free tool calls)."""
+        return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
 
     def _run(self, fn, *args) -> Awaitable:
         return asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -123,12 +128,16 @@ class OpenAIServing:
         if not self.tokenizer.loaded:
             raise ServiceUnavailableError("the tokenizer is still loading; retry shortly")
 
-    def check_unsupported(self, request: SamplingFields) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(request, name):
-                raise UnsupportedError(name, f"{name} is not supported by this server: send 0 or omit it")
-        if request.logit_bias:
-            raise UnsupportedError("logit_bias")
+    @staticmethod
+    def logit_bias(request: SamplingFields) -> dict[int, float] | None:
+        """OpenAI's {"token id": bias} -> {id: bias} (the ids' range is checked once the vocabulary is known)."""
+        out = {}
+        for key, value in (request.logit_bias or {}).items():
+            if not key.isdigit() or len(key) > 10:
+                raise InvalidRequestError(f"logit_bias keys are token ids as strings (got {key[:24]!r})",
+                                          param="logit_bias")
+            out[int(key)] = value
+        return out or None
 
     @property
     def model_info(self) -> dict:
@@ -188,7 +197,9 @@ class OpenAIServing:
 
         return fingerprint_key(spec.method, spec.verification, params.greedy, spec.warm_start)
 
-    def sampling_params(self, request: SamplingFields, max_tokens: int, logprobs: int | None, choice: int):
+    def sampling_params(self, request: SamplingFields, max_tokens: int, logprobs: int | None, choice: int,
+                        grammar=None):
+        """The engine's SamplingParams of one choice; `grammar` the GrammarSpec its output must match."""
         from adasd_core.sampling import SamplingParams
 
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
@@ -204,6 +215,13 @@ class OpenAIServing:
             stop=stop,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
+            min_p=request.min_p or 0.0,
+            logit_bias=self.logit_bias(request),
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+            stop_token_ids=list(request.stop_token_ids or []),
+            grammar=grammar,
         )
 
 
@@ -223,7 +241,7 @@ class Choices:
     sources: list[dict | None]  # {"token_sources": [...], "rounds": [...]} gathered (None: not asked for)
 
     @classmethod
-    def of(cls, request: SamplingFields, n: int, texts: list[list[str]] | None = None) -> "Choices":
+    def of(cls, request: SamplingFields, n: int, texts: list[list[str]] | None = None) -> Choices:
         on = bool(request.adasd and request.adasd.token_sources)
         return cls([None] * n, [None] * n, texts or [[] for _ in range(n)],
                    [{"token_sources": [], "rounds": []} if on else None for _ in range(n)])

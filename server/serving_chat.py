@@ -1,10 +1,11 @@
 """POST /v1/chat/completions: the tokenizer's chat template (or a plain fallback), then the same
-engine path as completions."""
+engine path as completions. A forced tool call (tool_choice "required" or a named function) is a
+grammar over the functions' parameter schemas, returned as tool_calls (server/structured.py)."""
 
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -23,35 +24,45 @@ from server.protocol import (
     random_id,
 )
 from server.serving import Choices, ChunkFrame, OpenAIServing, TokenOutput, collect_choices, make_usage, stream_choices
+from server.structured import ToolMode, output_grammar, tool_calls, tool_mode
 
 
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         alias_method = self.check_model(request.model)
-        self.check_unsupported(request)
-        if request.tools:
-            raise UnsupportedError("tools", "tools (function calling) are not supported by this server: omit them")
-        if request.response_format and request.response_format.get("type", "text") != "text":
-            raise UnsupportedError("response_format", 'only response_format {"type": "text"} is supported')
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        grammar = output_grammar(request)
         self.check_ready()
+        mode = tool_mode(request, self.tokenizer.template_has_tools)
+        if mode is not None:
+            if grammar is not None:
+                raise InvalidRequestError(f"{grammar.param} and a forced tool call both constrain the output: send one",
+                                          param=grammar.param)
+            grammar = mode.grammar
         spec = self.spec_config(request.adasd, alias_method)
 
-        ids = await self.tokenizer.encode_chat(_messages(request))
+        messages = _messages(request)
+        if mode is not None:  # the functions, told in a system message (the template has no tools)
+            if messages[0]["role"] == "system":
+                messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + mode.prompt}
+            else:
+                messages.insert(0, {"role": "system", "content": mode.prompt})
+        ids = await self.tokenizer.encode_chat(messages)
         max_tokens = request.max_completion_tokens or request.max_tokens
         max_tokens = self.check_prompt(ids, max_tokens, param="messages")
         top = (request.top_logprobs or 0) if request.logprobs else None
-        subs = [SubRequest(ids, self.sampling_params(request, max_tokens, top, j), spec) for j in range(request.n)]
+        subs = [SubRequest(ids, self.sampling_params(request, max_tokens, top, j, grammar), spec)
+                for j in range(request.n)]
 
         group = self.client.submit(subs, spec.method, self.fingerprint_key(spec, subs[0].params))
         rid, created = random_id("chatcmpl"), int(time.time())
         return await self.respond(raw_request, request.stream,
-                                  lambda: self._stream(request, group, rid, created, len(ids)),
-                                  lambda: self._collect(request, group, rid, created, len(ids)))
+                                  lambda: self._stream(request, group, rid, created, len(ids), mode),
+                                  lambda: self._collect(request, group, rid, created, len(ids), mode))
 
     async def _collect(self, request: ChatCompletionRequest, group: RequestGroup, rid: str, created: int,
-                       prompt_tokens: int) -> ChatCompletionResponse:
+                       prompt_tokens: int, mode: ToolMode | None) -> ChatCompletionResponse:
         logprobs = [ChatLogprobs(content=[]) if request.logprobs else None for _ in range(group.size)]
 
         def add(index: int, out: TokenOutput) -> None:
@@ -59,15 +70,26 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs[index].content.extend(_chat_logprobs(out.logprobs))
 
         choices = await collect_choices(group, Choices.of(request, group.size), add)
+
+        def message(i: int) -> tuple[ChatResponseMessage, str | None]:
+            calls = tool_calls(mode, choices.text(i), random_id("call")) if mode is not None else None
+            if calls is None:
+                return ChatResponseMessage(content=choices.text(i)), choices.finish[i]
+            finish = "tool_calls" if choices.finish[i] == "stop" else choices.finish[i]
+            return ChatResponseMessage(tool_calls=calls), finish
+
+        messages = [message(i) for i in range(group.size)]
         return ChatCompletionResponse(
             id=rid, created=created, model=self.model_name, system_fingerprint=group.fingerprint,
-            choices=[ChatChoice(index=i, message=ChatResponseMessage(content=choices.text(i)), logprobs=logprobs[i],
-                                finish_reason=choices.finish[i], adasd=choices.sources[i]) for i in range(group.size)],
+            choices=[ChatChoice(index=i, message=messages[i][0], logprobs=logprobs[i], finish_reason=messages[i][1],
+                                adasd=choices.sources[i]) for i in range(group.size)],
             usage=make_usage(prompt_tokens, choices.stats))
 
     def _stream(self, request: ChatCompletionRequest, group: RequestGroup, rid: str, created: int,
-                prompt_tokens: int) -> AsyncIterator[str]:
+                prompt_tokens: int, mode: ToolMode | None) -> AsyncIterator[str]:
         frame = ChunkFrame(rid, "chat.completion.chunk", created, self.model_name, group.fingerprint)
+        call_ids = [random_id("call") for _ in range(group.size)]
+        held = [[] for _ in range(group.size)]  # "required": a choice's text until its call is complete
 
         def choice(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None,
                    adasd: dict | None = None) -> list[dict]:
@@ -79,16 +101,39 @@ class OpenAIServingChat(OpenAIServing):
 
         def first() -> Iterator[str]:
             for i in range(group.size):
-                yield frame(choice(i, {"role": "assistant", "content": ""}))
+                if mode is not None and mode.name is not None:  # the call's head; its arguments stream
+                    yield frame(choice(i, {"role": "assistant", "content": None, "tool_calls": [
+                        {"index": 0, "id": call_ids[i], "type": "function",
+                         "function": {"name": mode.name, "arguments": ""}}]}))
+                else:
+                    yield frame(choice(i, {"role": "assistant", "content": None if mode else ""}))
 
         def chunks(index: int, out: TokenOutput) -> Iterator[str]:
             if isinstance(out, PromptScores):  # chat never scores its prompt
+                return
+            if mode is not None:
+                yield from tool_chunks(index, out)
                 return
             if out.text or (request.logprobs and out.logprobs) or out.adasd:
                 yield frame(choice(index, {"content": out.text}, logprobs=out.logprobs if request.logprobs else None,
                                    adasd=out.adasd))
             if out.finish_reason:
                 yield frame(choice(index, {}, out.finish_reason))
+
+        def tool_chunks(index: int, out: TokenDelta) -> Iterator[str]:
+            finish = "tool_calls" if out.finish_reason == "stop" else out.finish_reason
+            if mode.name is not None:
+                if out.text:
+                    yield frame(choice(index, {"tool_calls": [{"index": 0, "function": {"arguments": out.text}}]}))
+            else:
+                held[index].append(out.text)
+                calls = tool_calls(mode, "".join(held[index]), call_ids[index]) if out.finish_reason else None
+                if calls is not None:
+                    yield frame(choice(index, {"tool_calls": [{"index": 0, **calls[0].model_dump()}]}))
+                elif out.finish_reason:  # cut short: what there is, as content
+                    yield frame(choice(index, {"content": "".join(held[index])}))
+            if out.finish_reason:
+                yield frame(choice(index, {}, finish))
 
         return stream_choices(group, frame, Choices.of(request, group.size), chunks, first,
                               usage_prompt_tokens=prompt_tokens if request.include_usage else None)

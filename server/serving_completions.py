@@ -9,8 +9,8 @@ log-likelihood tasks). The engine runs the target alone over the prompt for it (
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from typing import AsyncIterator, Iterator
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -20,12 +20,13 @@ from server.engine_client import PromptScores, RequestGroup, SubRequest
 from server.errors import UnsupportedError
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, random_id
 from server.serving import Choices, ChunkFrame, OpenAIServing, TokenOutput, collect_choices, make_usage, stream_choices
+from server.structured import output_grammar
 
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         alias_method = self.check_model(request.model)
-        self.check_unsupported(request)
+        grammar = output_grammar(request)
         if request.best_of not in (None, request.n):
             raise UnsupportedError("best_of", "best_of must equal n (or be omitted): this server returns every sample")
         if request.suffix:
@@ -40,7 +41,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if count * request.n > self.client.capacity:  # before tokenizing them all (150k prompts: 16 s)
             raise InvalidRequestError(
                 f"this request needs {count * request.n} generations (prompts x n) but the server holds at most "
-                f"{self.client.capacity} at once (max_running + max_queue); send fewer", param="prompt" if count > 1 else "n")
+                f"{self.client.capacity} at once (max_running + max_queue); send fewer",
+                param="prompt" if count > 1 else "n")
 
         prompts = await self._prompt_ids(request.prompt)
         scored = request.echo and request.logprobs is not None
@@ -49,7 +51,7 @@ class OpenAIServingCompletion(OpenAIServing):
             max_tokens = self.check_prompt(ids, request.max_tokens)
             prompt_tokens += len(ids)
             for j in range(request.n):
-                params = self.sampling_params(request, max_tokens, request.logprobs, j)
+                params = self.sampling_params(request, max_tokens, request.logprobs, j, grammar)
                 if scored:
                     params = replace(params, prompt_logprobs=request.logprobs)
                 subs.append(SubRequest(ids, params, spec))

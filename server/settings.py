@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         return v.lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _defaults(self) -> "Settings":
+    def _defaults(self) -> Settings:
         if self.served_model_name is None:
             self.served_model_name = BUILTIN_SERVED_NAMES.get(self.target, self.target)
         if self.draft is None and self.method != "ar":
@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "Settings":
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> Settings:
         """Settings from a YAML file; `overrides` (command-line flags) and ADASD_* env vars win."""
         token = _yaml_data.set(read_yaml(path))
         try:
@@ -124,7 +124,7 @@ class Settings(BaseSettings):
             _yaml_data.reset(token)
 
     @classmethod
-    def load(cls, config: str | os.PathLike | None = None, **overrides: Any) -> "Settings":
+    def load(cls, config: str | os.PathLike | None = None, **overrides: Any) -> Settings:
         """What `adasd serve` uses: `config` (or $ADASD_CONFIG) if any, then env, then flags.
 
         Overrides whose value is None (flags not given) are ignored.

@@ -320,9 +320,10 @@ def load_engine(settings: dict):
     identity = pair_identity(pair, {"window": spec.window, "dtype": str(pair.dtype), "device": pair.device.type,
                                     "hardware": device_identity(pair.device)})
     schedule = Schedule(first=settings.get("warm_epoch_rounds", 32), freeze=settings.get("warm_freeze_rounds", 4096))
-    warm = WarmState.open(warm_state_file(settings, identity), identity, schedule, static_fingerprint(identity, settings))
-    engine = SpeculativeEngine(pair, default_spec=spec, max_running=slots, batch_aware=settings.get("batch_aware", True),
-                               warm=warm)
+    warm = WarmState.open(warm_state_file(settings, identity), identity, schedule,
+                          static_fingerprint(identity, settings))
+    engine = SpeculativeEngine(pair, default_spec=spec, max_running=slots,
+                               batch_aware=settings.get("batch_aware", True), warm=warm)
     return engine, per_slot
 
 
@@ -411,8 +412,9 @@ def main(settings: dict, conn) -> None:
         "fingerprints": engine.fingerprints(),
     }
     log.info("loaded target=%s draft=%s on %s in %.1fs; %d KV slots of %s tokens (%.1f MiB each), %s engine",
-             settings["target"], settings["draft"], info["device"], info["load_s"], info["slots"], info["context_length"],
-             info["kv_mib_per_slot"], "batched" if info["batched"] else "unbatched (no lean path for this model)")
+             settings["target"], settings["draft"], info["device"], info["load_s"], info["slots"],
+             info["context_length"], info["kv_mib_per_slot"],
+             "batched" if info["batched"] else "unbatched (no lean path for this model)")
     try:
         conn.send(m.Ready(info))
     except OSError:

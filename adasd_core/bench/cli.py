@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -34,12 +33,12 @@ def bench(
     repeats: int = typer.Option(3, help="Repeats of the continuation task (medians are reported)."),
     max_tokens: int = typer.Option(128, "--max-tokens", help="New tokens per continuation request."),
     k: int = typer.Option(5, help="Draft length of vanilla SD and verify-only."),
-    gsm8k: Optional[str] = typer.Option(None, help="GSM8K JSONL (question, answer)."),
-    humaneval: Optional[str] = typer.Option(None, help="HumanEval JSONL (task_id, prompt, test, entry_point)."),
-    mmlu: Optional[str] = typer.Option(None, help="MMLU JSONL (question, choices, answer)."),
+    gsm8k: str | None = typer.Option(None, help="GSM8K JSONL (question, answer)."),
+    humaneval: str | None = typer.Option(None, help="HumanEval JSONL (task_id, prompt, test, entry_point)."),
+    mmlu: str | None = typer.Option(None, help="MMLU JSONL (question, choices, answer)."),
     chat: bool = typer.Option(False, help="Wrap GSM8K/HumanEval/MMLU prompts in the tokenizer's chat template."),
     out: str = typer.Option("bench_results", help="Output folder (bench.md, bench.json, PNGs)."),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)."),
     seed: int = typer.Option(0),
     quick: bool = typer.Option(False, help="A few tiny prompts: checks the pipeline in seconds."),
     plots: bool = typer.Option(True, "--plots/--no-plots"),
@@ -62,7 +61,7 @@ def bench(
         cfg = BenchConfig.quick(**opts) if quick else BenchConfig(**opts)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     result = run_bench(cfg, progress=not as_json)
     if as_json:
         print(json.dumps({"rows": result["rows"], "targets": result["targets"], "files": result["files"]}))
@@ -79,21 +78,21 @@ def bench_serve(
     repeats: int = typer.Option(3, help="Passes over levels x rows, interleaved (aggregate tok/s: the median)."),
     max_tokens: int = typer.Option(128, "--max-tokens"),
     temperature: float = typer.Option(0.0),
-    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="JSONL of {\"prompt\": ...} "
+    prompts_file: str | None = typer.Option(None, "--prompts-file", help="JSONL of {\"prompt\": ...} "
                                                "(default: the built-in set, --prompt-set)."),
     prompt_set: str = typer.Option("auto", "--prompt-set", help="chat (held-out chat and code requests), windows "
                                    "(the tiny pair's held-out modules), or auto (windows for tiny, else chat)."),
-    external: Optional[str] = typer.Option(None, help="Another OpenAI-compatible server's base URL (llama-server, "
+    external: str | None = typer.Option(None, help="Another OpenAI-compatible server's base URL (llama-server, "
                                            "vLLM...): a row of its own, plain OpenAI requests, same prompts."),
     external_name: str = typer.Option("external", "--external-name", help="The external server's row name."),
-    external_model: Optional[str] = typer.Option(None, "--external-model",
+    external_model: str | None = typer.Option(None, "--external-model",
                                                  help="Model name to send it (default: the first of its /v1/models)."),
-    external_api_key: Optional[str] = typer.Option(None, "--external-api-key"),
+    external_api_key: str | None = typer.Option(None, "--external-api-key"),
     arrival_rate: float = typer.Option(0.0, "--arrival-rate", help="Requests/s of the arrivals-while-streaming "
                                        "rows (ITL p99, stalls of running streams); 0: none."),
     arrival_pattern: str = typer.Option("poisson", "--arrival-pattern", help="poisson or fixed (every 1/rate s)."),
     arrival_requests: int = typer.Option(16, "--arrival-requests", help="Requests per arrivals row and repeat."),
-    baseline: Optional[str] = typer.Option(None, help="An earlier bench_serve.json: adasd at 1 client must be "
+    baseline: str | None = typer.Option(None, help="An earlier bench_serve.json: adasd at 1 client must be "
                                            "no slower (a target row)."),
     method: str = typer.Option("adasd", help="The method the overhead ratio runs (over HTTP and in process)."),
     ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos"),
@@ -101,10 +100,10 @@ def bench_serve(
                                     help="Also run the engine in process for the overhead ratio."),
     overhead_repeats: int = typer.Option(3, "--overhead-repeats",
                                          help="Passes of the interleaved HTTP / in-process comparison (median)."),
-    model: Optional[str] = typer.Option(None, help="Model name to send (default: the first of /v1/models)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY"),
+    model: str | None = typer.Option(None, help="Model name to send (default: the first of /v1/models)."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY"),
     out: str = typer.Option("bench_results"),
-    threads: Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
     plots: bool = typer.Option(True, "--plots/--no-plots"),
     as_json: bool = typer.Option(False, "--json"),
     target: str = typer.Option("smollm2", help="In-process target (and the prompts' tokenizer)."),
@@ -122,7 +121,8 @@ def bench_serve(
     try:
         cfg = ServeBenchConfig(base_url=base_url, concurrency=tuple(int(c) for c in _split(concurrency)),
                                methods=tuple(m for m in _split(methods)), requests=requests or None, repeats=repeats,
-                               max_tokens=max_tokens, temperature=temperature, prompts_file=prompts_file, prompt_set=prompt_set,
+                               max_tokens=max_tokens, temperature=temperature,
+                               prompts_file=prompts_file, prompt_set=prompt_set,
                                method=None if method == "server" else method, externals=externals,
                                arrival_rate=arrival_rate, arrival_pattern=arrival_pattern,
                                arrival_requests=arrival_requests, baseline=baseline,
@@ -132,7 +132,7 @@ def bench_serve(
                                dtype=dtype)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     try:
         result = run_bench_serve(cfg, progress=not as_json)
     except Exception as exc:  # noqa: BLE001 - an unreachable server is the usual cause: say so plainly
@@ -144,7 +144,7 @@ def bench_serve(
             except RuntimeError:  # an error raised without a request
                 url = cfg.base_url
             console.print(f"[red]error:[/red] cannot reach {url}: {exc}")
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         raise
     if as_json:
         print(json.dumps({k: result[k] for k in ("rows", "levels", "arrivals", "targets", "in_process", "overhead",

@@ -279,7 +279,8 @@ def gsm8k_task(path, tokenizer, context_length: int, n_prompts: int | None = Non
                n_shot: int = 4, chat: bool = False, repeats: int = 1) -> Task:
     rows = read_jsonl(path)
     items, _ = gsm8k_prompts(rows, n_shot=min(n_shot, len(rows) - 1), path=path)
-    prompts, skipped = _fit([(i, t, r, {}) for i, t, r in items], tokenizer, chat, max_tokens, context_length, n_prompts)
+    candidates = [(i, t, r, {}) for i, t, r in items]
+    prompts, skipped = _fit(candidates, tokenizer, chat, max_tokens, context_length, n_prompts)
     return Task(name="gsm8k", prompts=prompts, max_tokens=max_tokens, repeats=repeats, score=score_gsm8k,
                 stop=GSM8K_STOP, skipped=skipped,
                 notes=f"{n_shot}-shot; exact match of the final number")
@@ -289,7 +290,8 @@ def mmlu_task(path, tokenizer, context_length: int, n_prompts: int | None = None
               n_shot: int = 0, chat: bool = False, repeats: int = 1) -> Task:
     rows = read_jsonl(path)
     items = mmlu_prompts(rows, n_shot=min(n_shot, len(rows) - 1), path=path)
-    prompts, skipped = _fit([(i, t, r, {}) for i, t, r in items], tokenizer, chat, max_tokens, context_length, n_prompts)
+    candidates = [(i, t, r, {}) for i, t, r in items]
+    prompts, skipped = _fit(candidates, tokenizer, chat, max_tokens, context_length, n_prompts)
     return Task(name="mmlu", prompts=prompts, max_tokens=max_tokens, repeats=repeats, score=score_mmlu, skipped=skipped,
                 notes=f"{n_shot}-shot; the first A-D letter generated")
 

@@ -83,7 +83,7 @@ class BenchConfig:
             raise ValueError("the sampled mode's temperature must be in (0, 100]")
 
     @classmethod
-    def quick(cls, **overrides) -> "BenchConfig":
+    def quick(cls, **overrides) -> BenchConfig:
         """Seconds on the quick pair: what the tests run."""
         base = dict(next_line_prompts=4, next_line_context=48, next_line_max_tokens=12, continuation_prompts=2,
                     continuation_prompt_tokens=32, max_tokens=16, repeats=2, eval_prompts=3, eval_max_tokens=16,
@@ -214,7 +214,14 @@ def sampling_params(task: Task, mode: str, cfg: BenchConfig, prompt_index: int, 
 
 def run_bench(cfg: BenchConfig, pair: ModelPair | None = None, progress: bool = True) -> dict:
     """Run the benchmark, write bench.json / bench.md / PNGs under cfg.out_dir, return the results."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from transformers.utils import logging as hf_logging
 
     from adasd_core.costs import decode_step_seconds
@@ -261,7 +268,7 @@ def run_bench(cfg: BenchConfig, pair: ModelPair | None = None, progress: bool = 
 
     rows = aggregate(records, tasks, methods, cfg)
     result = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "wall_s": round(time.time() - started, 1),
         "machine": machine_info(),
         # other work on the machine during the run skews every timing: 1-minute load average
@@ -461,9 +468,11 @@ def _round(x, n):
 def check_targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, measured in this run, for adasd (bayes) (the paper's method) and for our hybrid."""
     def get(task, mode, method, col):
-        return next((r.get(col) for r in rows if r["task"] == task and r["mode"] == mode and r["method"] == method), None)
+        matches = (r.get(col) for r in rows if r["task"] == task and r["mode"] == mode and r["method"] == method)
+        return next(matches, None)
 
-    speed_task = "continuation" if any(r["task"] == "continuation" for r in rows) else (rows[0]["task"] if rows else None)
+    first_task = rows[0]["task"] if rows else None
+    speed_task = "continuation" if any(r["task"] == "continuation" for r in rows) else first_task
     out = []
     subjects = [m for m in ("adasd-bayes", "hybrid") if any(r["method"] == m for r in rows)]
     for mode in MODES:
@@ -486,8 +495,8 @@ def check_targets(rows: list[dict]) -> list[dict]:
         ours, hf = get(speed_task, mode, "target", "tokens_per_s"), get(speed_task, mode, "hf-target", "tokens_per_s")
         if ours and hf:  # our autoregressive loop must not be slower than transformers' generate()
             name = "our_target_vs_hf_generate"
-            out.append({"target": name, "method": "target", "task": speed_task, "mode": mode, "value": round(ours / hf, 3),
-                        "goal": f">= {TARGETS[name]}", "met": ours / hf >= TARGETS[name]})
+            out.append({"target": name, "method": "target", "task": speed_task, "mode": mode,
+                        "value": round(ours / hf, 3), "goal": f">= {TARGETS[name]}", "met": ours / hf >= TARGETS[name]})
         for task in sorted({r["task"] for r in rows if r["accuracy"] is not None}):
             for subject in subjects:
                 acc_a, acc_t = get(task, mode, subject, "accuracy"), get(task, mode, "target", "accuracy")

@@ -156,7 +156,8 @@ class HFMethod(Method):
         else:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
         if params.stop:
-            kw["stopping_criteria"] = StoppingCriteriaList([_StopText(self.pair.tokenizer, list(params.stop), prompt_len)])
+            stop_text = _StopText(self.pair.tokenizer, list(params.stop), prompt_len)
+            kw["stopping_criteria"] = StoppingCriteriaList([stop_text])
         if self.assistant is not None:
             kw["assistant_model"] = self.assistant
         return kw

@@ -52,7 +52,8 @@ def _pm(value, se, spec: str = "+.3f") -> str:
 
 
 def quality_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(QUALITY_COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(QUALITY_COLUMNS) - 1)) + "|"]
+    align = ["---"] + ["---:"] * (len(QUALITY_COLUMNS) - 1)
+    lines = ["| " + " | ".join(QUALITY_COLUMNS) + " |", "|" + "|".join(align) + "|"]
     for r in rows:
         cells = [r["label"], str(r.get("quality_requests", "-")), str(r.get("quality_tokens", "-")),
                  _pm(r.get("target_logprob"), r.get("target_logprob_se"), ".3f"),
@@ -83,11 +84,13 @@ def markdown(result: dict) -> str:
     for m in result["methods"]:
         if "assistant_schedule" in m:
             s = m["assistant_schedule"]
+            threshold = ("re-fitted every round" if s["confidence_threshold_adapts"]
+                         else "fixed: scikit-learn is not installed")
             out.append(
                 f"- HF assisted generation runs transformers' defaults: num_assistant_tokens "
                 f"{s['num_assistant_tokens']}, schedule `{s['num_assistant_tokens_schedule']}`, assistant confidence "
                 f"threshold {s['assistant_confidence_threshold']} "
-                f"({'re-fitted every round' if s['confidence_threshold_adapts'] else 'fixed: scikit-learn is not installed'})"
+                f"({threshold})"
             )
     out.append("")
     for t in result["tasks"]:
@@ -103,8 +106,8 @@ def markdown(result: dict) -> str:
             if mode == "sampled" and any(r.get("quality_requests") for r in rows):
                 out += [f"Quality, {t['name']}, sampled (nats per token):", "", quality_table(rows), ""]
     if result["targets"]:
-        out += ["## Targets (issue 4), measured in this run", "", "| target | method | task | mode | value | goal | met |",
-                "|---|---|---|---|---:|---|---|"]
+        out += ["## Targets (issue 4), measured in this run", "",
+                "| target | method | task | mode | value | goal | met |", "|---|---|---|---|---:|---|---|"]
         for t in result["targets"]:
             value = (f"{t['value']:+.2f} points" if t["target"].startswith("accuracy") else
                      f"{t['value']:.3f} nats" if t["target"] == "excess_surprisal" else f"{t['value']:.2f}x")

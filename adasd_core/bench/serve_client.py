@@ -145,7 +145,8 @@ async def stream_one(client, body: dict, index: int, count_tokens=None) -> Reque
                 chunk = json.loads(payload)
                 if "error" in chunk:
                     err = chunk["error"]
-                    res.error = "in-stream error: " + (err.get("message", str(err)) if isinstance(err, dict) else str(err))
+                    message = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                    res.error = "in-stream error: " + message
                     break
                 if chunk.get("usage"):
                     usage = chunk["usage"]

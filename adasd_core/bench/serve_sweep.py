@@ -475,7 +475,7 @@ def run_bench_serve(cfg: ServeBenchConfig, progress: bool = True, pair=None) -> 
     config = {k: v for k, v in asdict(cfg).items() if k != "api_key"}
     config["externals"] = [{k: v for k, v in e.items() if k != "api_key"} for e in cfg.externals]
     result = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "wall_s": round(time.time() - started, 1),
         "machine": machine_info(),
         "server": {"base_url": cfg.base_url, "model": models[runs[0].endpoint.name],

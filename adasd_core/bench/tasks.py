@@ -10,8 +10,8 @@ GSM8K, HumanEval and MMLU come from local JSONL files (adasd_core.bench.evals).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass
@@ -86,7 +86,7 @@ def next_line_task(tokenizer, sources: list[tuple[str, str]], n_prompts: int, co
         starts = {s: i for i, (s, e) in enumerate(offsets) if e > s}
         first = [s for s, _ in offsets]
 
-        def token_at(c: int) -> int | None:  # the token that covers character c
+        def token_at(c: int, first=first, offsets=offsets) -> int | None:  # the token that covers character c
             i = bisect.bisect_right(first, c) - 1
             return i if i >= 0 and offsets[i][0] <= c < offsets[i][1] else None
 
@@ -102,7 +102,8 @@ def next_line_task(tokenizer, sources: list[tuple[str, str]], n_prompts: int, co
             if j is None or end is None or j < 8 or offsets[j][0] < line_start or (end - j) + 1 > max_tokens - 1:
                 continue
             reference = text[offsets[j][0] : line_start + len(line)]
-            candidates.append(Prompt(id=f"{path}:{n + 1}", ids=ids[max(0, j - context_tokens) : j], reference=reference))
+            candidates.append(Prompt(id=f"{path}:{n + 1}", ids=ids[max(0, j - context_tokens) : j],
+                                     reference=reference))
     return Task(name="next-line", prompts=_evenly(candidates, n_prompts), max_tokens=max_tokens, repeats=repeats,
                 score=score_next_line, stop=["\n"],
                 notes="exact match of the generated rest of the line (the prompt ends after the line break and the "

@@ -12,9 +12,9 @@ import math
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ class BuildConfig:
     threads: int | None = None
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "BuildConfig":
+    def quick(cls, seed: int = 0) -> BuildConfig:
         return cls(
             seed=seed,
             threads=1,
@@ -203,7 +203,8 @@ def train_model(
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
         else:
             teacher_logp = F.log_softmax(teacher_logits.float(), dim=-1)
-            loss = F.kl_div(F.log_softmax(logits, dim=-1), teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+            kl = F.kl_div(F.log_softmax(logits, dim=-1), teacher_logp, log_target=True, reduction="none")
+            loss = kl.sum(-1).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -219,7 +220,7 @@ def train_model(
 
 @torch.inference_mode()
 def target_continuations(
-    model, stream: torch.Tensor, cfg: "BuildConfig", batch_size: int = 32, on_batch: Callable[[int], None] | None = None
+    model, stream: torch.Tensor, cfg: BuildConfig, batch_size: int = 32, on_batch: Callable[[int], None] | None = None
 ) -> torch.Tensor:
     """The target continues random corpus windows: [refine_sequences, prompt + new] int32.
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adasd_core.device import machine_info
 from adasd_core.costs import decode_step_seconds
+from adasd_core.device import machine_info
 from adasd_core.engine import SpecConfig
 from adasd_core.llm import LLM
 from adasd_core.models import load_pair
@@ -48,7 +48,8 @@ def make_report(out: Path, held_stream: torch.Tensor, cfg) -> dict:
 
     drafted = accepted = 0
     for p in prompts:
-        s = engine.generate(p, SamplingParams(max_tokens=new_tokens, ignore_eos=True), SpecConfig(method="vanilla", k=5)).stats
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        s = engine.generate(p, params, SpecConfig(method="vanilla", k=5)).stats
         drafted += s.drafted_tokens
         accepted += s.accepted_tokens
     target_step = decode_step_seconds(pair.target, pair, repeats=15)

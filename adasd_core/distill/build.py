@@ -53,7 +53,7 @@ class DraftBuildConfig:
     eval_max_tokens: int = 128
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "DraftBuildConfig":
+    def quick(cls, seed: int = 0) -> DraftBuildConfig:
         return cls(seed=seed, chat_prompts=6, code_write=3, code_explain=2, user_max_tokens=16, answer_max_tokens=16,
                    slots=4, context=256, shard=4, held_out_share=0.2, head_size=64, init_layers=(0, -1),
                    plan=TrainPlan(steps=4, batch_tokens=256, lr=1e-3, warmup=1), eval_max_tokens=8)
@@ -258,7 +258,8 @@ def _records(work: Path, cfg: DraftBuildConfig) -> tuple[list[Record], list[Reco
             records.append(Record(torch.tensor(ids, dtype=torch.int32), torch.tensor(pos, dtype=torch.int32),
                                   torch.tensor(top_ids, dtype=torch.int32), torch.tensor(top_lp, dtype=torch.float16)))
     rng = random.Random(cfg.seed + 11)
-    held = set(rng.sample(range(len(records)), max(1, int(round(cfg.held_out_share * len(records)))))) if records else set()
+    n_held = max(1, int(round(cfg.held_out_share * len(records))))
+    held = set(rng.sample(range(len(records)), n_held)) if records else set()
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 

@@ -4,8 +4,8 @@ its own top-k log-probabilities at every token it writes: the distributions the 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -3,8 +3,9 @@
 Chat prompts are written by the target itself: given its chat template up to the start of a user
 turn, an instruct model writes a plausible user message (Magpie). Code prompts come from the
 standard library's own functions (outside the modules the benchmarks continue, adasd_core.demo.data's
-HELD_OUT): a request to write one from its signature and docstring, or to explain its source. Evaluation prompts (adasd_core/bench/prompts/smollm2_eval.jsonl) are written
-by hand; a training prompt sharing a run of words with one of them is dropped.
+HELD_OUT): a request to write one from its signature and docstring, or to explain its source.
+Evaluation prompts (adasd_core/bench/prompts/smollm2_eval.jsonl) are written by hand; a training
+prompt sharing a run of words with one of them is dropped.
 """
 
 from __future__ import annotations

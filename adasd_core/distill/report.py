@@ -8,8 +8,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from adasd_core.distill.prompts import eval_prompts
 
 
@@ -73,10 +71,11 @@ def report(pair_target, out: Path, work: Path, cfg) -> dict:
     sample = engine.generate(_chat_ids(pair.tokenizer, q), SamplingParams(max_tokens=cfg.eval_max_tokens),
                              SpecConfig(method="adasd"))
     result["sample"] = {"prompt": q, "answer": sample.text}
+    head_tokens = getattr(pair.draft, "adasd_head_tokens", None)
     result["sizes"] = {
         "draft_layers": pair.draft.config.num_hidden_layers,
         "draft_parameters_own": sum(p.numel() for n, p in pair.draft.named_parameters() if "embed_tokens" not in n),
-        "head_tokens": int(pair.draft.adasd_head_tokens.numel()) if getattr(pair.draft, "adasd_head_tokens", None) is not None else None,
+        "head_tokens": int(head_tokens.numel()) if head_tokens is not None else None,
         "draft_int8": lean.int8_weights(pair.draft),
         "package_mib": round(sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 2**20, 2),
         "target_parameters": sum(p.numel() for p in pair.target.parameters()),
@@ -95,17 +94,21 @@ def markdown(r: dict, log: dict) -> str:
     acc, st, sz = r["acceptance"], r["steps"], r["sizes"]
     lines = ["# The SmolLM2 draft: build report", "",
              "Measured by `adasd build-draft` after export (the draft assembled with the target's embeddings), "
-             f"on {r['machine'].get('cpu')} ({r['machine'].get('torch_threads')} threads), torch {r['machine'].get('torch')}.",
+             f"on {r['machine'].get('cpu')} ({r['machine'].get('torch_threads')} threads), "
+             f"torch {r['machine'].get('torch')}.",
              "", "| | value |", "|---|---:|",
-             f"| draft decoder layers (from the target's {log.get('train', {}).get('init_layers', '?')}) | {sz['draft_layers']} |",
-             f"| draft's own parameters / package size (bf16) | {sz['draft_parameters_own'] / 1e6:.1f} M / {sz['package_mib']} MiB |",
+             f"| draft decoder layers (from the target's {log.get('train', {}).get('init_layers', '?')}) "
+             f"| {sz['draft_layers']} |",
+             "| draft's own parameters / package size (bf16) "
+             f"| {sz['draft_parameters_own'] / 1e6:.1f} M / {sz['package_mib']} MiB |",
              f"| head subset | {sz['head_tokens']} tokens |",
              f"| target decode step | {st['target_step_ms']} ms |",
              f"| draft decode step{' (int8 weights)' if sz.get('draft_int8') else ''} | {st['draft_step_ms']} ms "
              f"({st['draft_share']:.3f} of the target's) |"]
     for kind, a in acc.items():
-        lines.append(f"| vanilla SD (K=5, greedy) acceptance per drafted token, held-out {kind} prompts ({a['prompts']}) "
-                     f"| {a['acceptance']:.3f} ({a['tokens_per_target_forward']:.2f} tokens per target forward) |")
+        lines.append(f"| vanilla SD (K=5, greedy) acceptance per drafted token, held-out {kind} prompts "
+                     f"({a['prompts']}) | {a['acceptance']:.3f} "
+                     f"({a['tokens_per_target_forward']:.2f} tokens per target forward) |")
     data, head = log.get("data", {}), log.get("head", {})
     if data:
         lines.append(f"| training text: conversations / tokens the target wrote | {data.get('conversations')} / "
@@ -115,9 +118,12 @@ def markdown(r: dict, log: dict) -> str:
                      f"{head.get('coverage_held_out')} |")
     for key, label in (("agreement_init", "before training"), ("agreement_trained", "after training")):
         if key in log:
-            lines.append(f"| top-1 agreement with the target on held-out text, {label} | {log[key]['top1_agreement']} |")
+            lines.append(f"| top-1 agreement with the target on held-out text, {label} "
+                         f"| {log[key]['top1_agreement']} |")
     secs = log.get("seconds", {})
     if secs:
-        lines.append("| build time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()) + f" | {sum(secs.values()):.0f} |")
-    lines += ["", f"A held-out code prompt, greedy, adasd: **{r['sample']['prompt']}**", "", "```", r["sample"]["answer"], "```", ""]
+        per_stage = ", ".join(f"{k} {v:.0f}" for k, v in secs.items())
+        lines.append(f"| build time (s): {per_stage} | {sum(secs.values()):.0f} |")
+    lines += ["", f"A held-out code prompt, greedy, adasd: **{r['sample']['prompt']}**", "",
+              "```", r["sample"]["answer"], "```", ""]
     return "\n".join(lines)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +169,8 @@ def train(draft, records: list[Record], head_tokens: torch.Tensor, plan: TrainPl
             on_step(step, value)
         if step % ckpt_every == 0 or step == plan.steps:
             tmp = ckpt.with_suffix(".tmp")
-            model_state = {k: v for k, v in draft.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+            model_state = {k: v for k, v in draft.state_dict().items()
+                           if "embed_tokens" not in k and "lm_head" not in k}
             torch.save({"step": step, "model": model_state, "opt": opt.state_dict(), "curve": curve,
                         "time": time.time()}, tmp)
             os.replace(tmp, ckpt)

@@ -93,7 +93,7 @@ def main() -> None:
                 "2 replicas, nginx (least_conn)": both.base_url}
         levels = [int(c) for c in args.concurrency.split(",")]
         results: dict = {(name, c): [] for name in rows for c in levels}
-        for name, url in rows.items():  # warm-up: calibrated step costs, first-request paths
+        for url in rows.values():  # warm-up: calibrated step costs, first-request paths
             asyncio.run(run_level(url, 2, 4, 8))
         order = list(rows)
         for rep in range(args.repeats):

@@ -5,8 +5,9 @@
 Runs the server in this process (uvicorn, its worker process as usual) with the /metrics route
 timed from inside: the handler's wall time and the CPU time of the event-loop thread over it (the
 loop does nothing else meanwhile, so that is what the scrape takes from streaming), and render()
-alone (under the load, and afterwards with every family rendered afresh). A client process keeps `--clients` streams going and scrapes every 50 ms, as an endpoint
-picker does. Without --target / --draft it builds the quick pair (seconds). Loopback only.
+alone (under the load, and afterwards with every family rendered afresh). A client process keeps
+`--clients` streams going and scrapes every 50 ms, as an endpoint picker does. Without
+--target / --draft it builds the quick pair (seconds). Loopback only.
 """
 
 from __future__ import annotations

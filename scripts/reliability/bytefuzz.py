@@ -234,7 +234,7 @@ class RawConnection:
     def _recv(self) -> None:
         try:
             chunk = self.sock.recv(65536)
-        except (ConnectionError, socket.timeout) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             raise ConnectionLost(f"{type(exc).__name__}: {exc}") from None
         if not chunk:
             raise ConnectionLost("the server closed the connection")

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import signal
-import sys
 import time
 
 import httpx
@@ -46,7 +45,7 @@ class BodyLog:
 
     def bad_shape(self) -> list[str]:
         out = []
-        for status, text in self.bodies:
+        for _status, text in self.bodies:
             try:
                 err = json.loads(text)["error"]
                 if set(err) != ERROR_KEYS:
@@ -171,7 +170,8 @@ async def disconnects(srv: ServerProcess, clients: int = 24, max_tokens: int = 6
     async def one(i: int) -> dict:
         how = rng.choice(["timeout", "chunks", "chunks", "complete"])
         if how == "timeout":  # non-streamed: the client gives up while the request waits or runs
-            async with httpx.AsyncClient(base_url=srv.base_url, headers=srv.headers, timeout=0.05 + rng.random() * 0.5) as h:
+            give_up_s = 0.05 + rng.random() * 0.5
+            async with httpx.AsyncClient(base_url=srv.base_url, headers=srv.headers, timeout=give_up_s) as h:
                 r = await post_once(h, body(srv.model, max_tokens), log)
             return {"outcome": "gave up" if r["outcome"] != "ok" else "ok", "chunks": 0}
         async with client(srv) as h:
@@ -181,7 +181,8 @@ async def disconnects(srv: ServerProcess, clients: int = 24, max_tokens: int = 6
     results = await asyncio.gather(*(one(i) for i in range(clients)))
     t0 = time.monotonic()
     loop = asyncio.get_running_loop()
-    drained = await loop.run_in_executor(None, lambda: wait_for(lambda: gauges(srv.base_url) == (0, 0), timeout=30, interval=0.1))
+    drained = await loop.run_in_executor(
+        None, lambda: wait_for(lambda: gauges(srv.base_url) == (0, 0), timeout=30, interval=0.1))
     drain_s = time.monotonic() - t0
     cancelled = metric(srv.base_url, "adasd_requests_total", status="cancelled")
     async with client(srv) as h:
@@ -236,9 +237,12 @@ def bad_bodies_cases(model: str, max_body_bytes: int) -> list[tuple[str, str, by
         ("negative max_tokens", "/v1/completions", dumps({"model": model, "prompt": "x", "max_tokens": -1}), j, {400}),
         ("huge max_tokens", "/v1/completions", dumps({"model": model, "prompt": "x", "max_tokens": 10**12}), j, {400}),
         ("huge n", "/v1/completions", dumps({"model": model, "prompt": "x", "n": 10**6}), j, {400}),
-        ("NaN temperature", "/v1/completions", b'{"model": "%s", "prompt": "x", "temperature": NaN}' % model.encode(), j, {400}),
-        ("token id out of vocab", "/v1/completions", dumps({"model": model, "prompt": [10**9], "max_tokens": 1}), j, {400}),
-        ("deeply nested", "/v1/completions", b'{"model": "tiny", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", j, {400}),
+        ("NaN temperature", "/v1/completions",
+         b'{"model": "%s", "prompt": "x", "temperature": NaN}' % model.encode(), j, {400}),
+        ("token id out of vocab", "/v1/completions",
+         dumps({"model": model, "prompt": [10**9], "max_tokens": 1}), j, {400}),
+        ("deeply nested", "/v1/completions",
+         b'{"model": "tiny", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", j, {400}),
         ("lone surrogate in the prompt", "/v1/completions",
          b'{"model": "%s", "prompt": "abc \\udc80 def", "max_tokens": 1}' % model.encode(), j, {400}),
         ("unknown chat role", "/v1/chat/completions",
@@ -251,7 +255,8 @@ def bad_bodies_cases(model: str, max_body_bytes: int) -> list[tuple[str, str, by
          {"content-type": "text/plain"}, {200, 400, 415}),
         ("oversized body (413)", "/v1/completions", b'{"prompt": "' + b"a" * (max_body_bytes + 10) + b'"}', j, {413}),
         ("body 20x the limit (413)", "/v1/completions", b"a" * (max_body_bytes * 20), j, {413}),
-        ("prompt over the context", "/v1/completions", dumps({"model": model, "prompt": big_prompt, "max_tokens": 1}), j, {400}),
+        ("prompt over the context", "/v1/completions",
+         dumps({"model": model, "prompt": big_prompt, "max_tokens": 1}), j, {400}),
     ]
 
 
@@ -273,7 +278,8 @@ async def bad_bodies(srv: ServerProcess, max_body_bytes: int = 1 << 20) -> dict:
         after = await post_once(http, body(srv.model, 2), log)
     bad_shapes = log.bad_shape()
     return {"scenario": "bad_bodies", "cases": rows, "traces_in_bodies": len(log.traces()),
-            "bad_error_shapes": bad_shapes[:3], "request_after": after["outcome"], "server_alive": srv.proc.poll() is None,
+            "bad_error_shapes": bad_shapes[:3], "request_after": after["outcome"],
+            "server_alive": srv.proc.poll() is None,
             "ok": ok and not bad_shapes and after["outcome"] == "ok" and srv.proc.poll() is None}
 
 
@@ -286,7 +292,8 @@ async def slow_clients(srv: ServerProcess, slow: int = 4, fast: int = 8, read_de
         for _ in range(3):
             baseline.append((await post_once(http, body(srv.model, 8), log))["latency_s"])
         started = asyncio.Event()
-        slow_tasks = [asyncio.create_task(stream_once(http, body(srv.model, max_tokens), log, started, read_delay=read_delay))
+        slow_tasks = [asyncio.create_task(stream_once(http, body(srv.model, max_tokens), log, started,
+                                                      read_delay=read_delay))
                       for _ in range(slow)]
         await asyncio.wait_for(started.wait(), 60)
 

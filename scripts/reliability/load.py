@@ -17,7 +17,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -121,7 +121,8 @@ async def client_loop(i: int, base_url: str, headers: dict, model: str, deadline
     stream = i % 2 == 0
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout) as http:
         while time.monotonic() < deadline:
-            body = {"model": model, "prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(max(1, max_tokens // 2), max_tokens),
+            body = {"model": model, "prompt": rng.choice(PROMPTS),
+                    "max_tokens": rng.randint(max(1, max_tokens // 2), max_tokens),
                     "temperature": rng.choice([0.0, 0.8]), "seed": rng.randrange(1 << 30)}
             before = stats.rejected_429
             await one_request(http, body, stream, stats)
@@ -148,7 +149,7 @@ async def poll_gauges(base_url: str, stop: asyncio.Event, peaks: dict) -> None:
             peaks["scrape_errors"] = peaks.get("scrape_errors", 0) + 1
         try:
             await asyncio.wait_for(stop.wait(), 0.5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -179,13 +180,15 @@ async def run_load(base_url: str, headers: dict, model: str, clients: int, durat
     await poller
     loop = asyncio.get_running_loop()
     drained = await loop.run_in_executor(None, lambda: wait_for(
-        lambda: metric(base_url, "adasd_num_requests_running") == 0 and metric(base_url, "adasd_num_requests_waiting") == 0,
+        lambda: (metric(base_url, "adasd_num_requests_running") == 0
+                 and metric(base_url, "adasd_num_requests_waiting") == 0),
         timeout=30, interval=0.2))
     end = snapshot_rss(base_url, fe_pid)
 
     def growth(key: str) -> float | None:
         a, b = start.get(key), end.get(key)
-        return None if not a or b is None or start["worker_pid"] != end["worker_pid"] and key == "worker_rss_mb" else (b - a) / a * 100
+        restarted = start["worker_pid"] != end["worker_pid"] and key == "worker_rss_mb"
+        return None if not a or b is None or restarted else (b - a) / a * 100
 
     ms = lambda x: None if x is None else round(x * 1000, 1)  # noqa: E731
     return {
@@ -196,7 +199,8 @@ async def run_load(base_url: str, headers: dict, model: str, clients: int, durat
         "ttft_ms_p50": ms(pct(stats.ttft, 50)), "ttft_ms_p99": ms(pct(stats.ttft, 99)),
         "itl_ms_p50": ms(pct(stats.itl, 50)), "itl_ms_p99": ms(pct(stats.itl, 99)),
         "e2e_ms_p50": ms(pct(stats.e2e, 50)), "e2e_ms_p99": ms(pct(stats.e2e, 99)),
-        "peak_running": peaks.get("running"), "peak_waiting": peaks.get("waiting"), "peak_in_flight": peaks.get("in_flight"),
+        "peak_running": peaks.get("running"), "peak_waiting": peaks.get("waiting"),
+        "peak_in_flight": peaks.get("in_flight"),
         "gauges_back_to_zero": drained, "rss_start": start, "rss_end": end,
         "front_end_rss_growth_pct": growth("front_end_rss_mb"), "worker_rss_growth_pct": growth("worker_rss_mb"),
     }
@@ -207,7 +211,8 @@ def markdown(res: dict) -> str:
     s, e = res["rss_start"], res["rss_end"]
     rows = [
         ("clients / duration", f"{res['clients']} clients, {res['duration_s']:g} s (elapsed {res['elapsed_s']} s)"),
-        ("requests ok / 429 / failed", f"{res['requests_ok']} / {res['rejected_429']} / {res['failed']} {res['failures'] or ''}".strip()),
+        ("requests ok / 429 / failed",
+         f"{res['requests_ok']} / {res['rejected_429']} / {res['failed']} {res['failures'] or ''}".strip()),
         ("tokens/s (completion)", f(res["tokens_per_s"])),
         ("requests/s", f(res["requests_per_s"], 2)),
         ("TTFT p50 / p99 (ms, streams)", f"{f(res['ttft_ms_p50'])} / {f(res['ttft_ms_p99'])}"),
@@ -216,8 +221,10 @@ def markdown(res: dict) -> str:
         ("peak running / waiting / running+waiting gauges",
          f"{f(res['peak_running'], 0)} / {f(res['peak_waiting'], 0)} / {f(res['peak_in_flight'], 0)}"),
         ("gauges back to 0 after the run", str(res["gauges_back_to_zero"])),
-        ("front-end RSS start → end (MB)", f"{f(s['front_end_rss_mb'])} → {f(e['front_end_rss_mb'])} ({f(res['front_end_rss_growth_pct'])} %)"),
-        ("worker RSS start → end (MB)", f"{f(s['worker_rss_mb'])} → {f(e['worker_rss_mb'])} ({f(res['worker_rss_growth_pct'])} %)"),
+        ("front-end RSS start → end (MB)",
+         f"{f(s['front_end_rss_mb'])} → {f(e['front_end_rss_mb'])} ({f(res['front_end_rss_growth_pct'])} %)"),
+        ("worker RSS start → end (MB)",
+         f"{f(s['worker_rss_mb'])} → {f(e['worker_rss_mb'])} ({f(res['worker_rss_growth_pct'])} %)"),
     ]
     return "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
 

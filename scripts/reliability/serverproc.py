@@ -148,7 +148,7 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool:
     return False
 
 
-def attach_or_start(args) -> tuple["ServerProcess | None", str, str | None]:
+def attach_or_start(args) -> tuple[ServerProcess | None, str, str | None]:
     """The server a reliability script talks to: --url (loopback only), or one it starts on
     --target / --draft. Returns (the started server or None, base URL, model name if known)."""
     if args.url:

@@ -5,7 +5,7 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const SOURCES = ["standard", "relaxed", "correction", "bonus", "ar"];
+  const SOURCES = ["standard", "relaxed", "correction", "bonus", "forced", "ar"];
   // what tests (and curious users, from the console) can read: the raw data of the last runs
   const state = { runs: {}, busy: false, controller: null, model: null };
   window.adasdPlayground = state;
@@ -192,6 +192,7 @@
       seed: num("seed"),
       warmStart: $("warm-start").checked,
       ignoreEos: $("ignore-eos").checked,
+      schema: $("json-schema").value.trim(),
     };
   }
 
@@ -204,6 +205,9 @@
     if (f.temperature !== null) body.temperature = f.temperature;
     if (f.seed !== null) body.seed = f.seed;
     if (f.ignoreEos) body.ignore_eos = true;
+    if (f.schema) {
+      body.response_format = { type: "json_schema", json_schema: { name: "playground", schema: JSON.parse(f.schema), strict: true } };
+    }
     if (f.chat) {
       body.messages = [];
       if (f.system.trim()) body.messages.push({ role: "system", content: f.system });
@@ -298,6 +302,13 @@
     if (!form.reportValidity()) return;
     const f = readForm();
     showError("");
+    if (f.schema) {
+      try { JSON.parse(f.schema); } catch (e) {
+        showError(`The JSON schema is not JSON: ${e.message}`);
+        $("json-schema").focus();
+        return;
+      }
+    }
     $("comparison").textContent = "";
     $("panels").classList.toggle("compare", compare);
     $("panel-ar").hidden = !compare;

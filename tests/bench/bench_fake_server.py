@@ -60,7 +60,8 @@ def make_app(tokens_per_chunk: int = 2, delay_s: float = 0.002, loading_polls: i
                 k = min(tokens_per_chunk, n - sent)
                 sent += k
                 chunk = {"id": "cmpl-1", "object": "text_completion", "model": MODEL,
-                         "choices": [{"index": 0, "text": " tok" * k, "finish_reason": "length" if sent == n else None}]}
+                         "choices": [{"index": 0, "text": " tok" * k,
+                                      "finish_reason": "length" if sent == n else None}]}
                 yield f"data: {json.dumps(chunk)}\n\n"
                 if body.get("fail") == "stream":
                     yield f"data: {json.dumps({'error': {'message': 'worker died', 'code': 500}})}\n\n"

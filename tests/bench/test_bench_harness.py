@@ -158,7 +158,8 @@ def test_eval_tasks_run(random_pair, tmp_path):
     mmlu = [{"question": "2 + 2 = ?", "choices": ["3", "4", "5", "6"], "answer": 1}] * 2
     cfg = BenchConfig.quick(
         tasks=("gsm8k", "humaneval", "mmlu"), modes=("greedy",), methods=("target", "vanilla", "adasd-bayes"),
-        gsm8k=str(write_jsonl(tmp_path / "g.jsonl", GSM8K)), humaneval=str(write_jsonl(tmp_path / "h.jsonl", [HUMANEVAL])),
+        gsm8k=str(write_jsonl(tmp_path / "g.jsonl", GSM8K)),
+        humaneval=str(write_jsonl(tmp_path / "h.jsonl", [HUMANEVAL])),
         mmlu=str(write_jsonl(tmp_path / "m.jsonl", mmlu)), humaneval_timeout_s=5.0, out_dir=str(tmp_path / "out"),
         plots=False)
     res = run_bench(cfg, pair=random_pair, progress=False)
@@ -187,7 +188,8 @@ def test_stop_handling(random_pair):
     assert text == "\ny = 2\n\n\nz = 3"
     assert cut_at_stop(text, ["\n\n\n"]) == "\ny = 2"
     n = _useful_length(tok, prompt, gen, ["\n\n\n"])
-    assert "\n\n\n" in completion_text(tok, prompt, gen[:n]) and "\n\n\n" not in completion_text(tok, prompt, gen[: n - 1])
+    assert "\n\n\n" in completion_text(tok, prompt, gen[:n])
+    assert "\n\n\n" not in completion_text(tok, prompt, gen[: n - 1])
     assert _useful_length(tok, prompt, gen, []) == len(gen)
 
 

@@ -90,7 +90,8 @@ def test_targets():
     rows = [_row("ar", 1, 100.0), _row("adasd", 1, 160.0), _row("ar", 2, 150.0), _row("adasd", 2, 170.0),
             _row("ar", 8, 200.0), _row("adasd", 8, 640.0), _row("ar", 16, 700.0), _row("adasd", 16, 699.0),
             _row("llama-server", 1, 150.0), _row("llama-server", 8, 700.0)]
-    arrivals = [{"method": "adasd", "itl_ms": {"p50": 40.0, "p99": 90.0}}, {"method": "ar", "itl_ms": {"p50": 1, "p99": 1}}]
+    arrivals = [{"method": "adasd", "itl_ms": {"p50": 40.0, "p99": 90.0}},
+                {"method": "ar", "itl_ms": {"p50": 1, "p99": 1}}]
     got = {(t["target"], t.get("concurrency")): t
            for t in check_targets(rows, baseline=125.0, externals=["llama-server"], arrivals=arrivals)}
     assert got[("scaling_8_vs_1_client", None)]["value"] == 4.0 and got[("scaling_8_vs_1_client", None)]["met"]

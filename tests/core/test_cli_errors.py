@@ -25,7 +25,8 @@ runner = CliRunner()
 
 def _no_hub_env(tmp_path) -> dict:
     """No network for the hub (a closed local port) and an empty cache; HF_HUB_OFFLINE unset."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ADASD_LOG_LEVEL")}
+    dropped = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ADASD_LOG_LEVEL")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(ROOT),
                NO_COLOR="1", COLUMNS="200")
     return env

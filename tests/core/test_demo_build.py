@@ -12,9 +12,8 @@ from typer.testing import CliRunner
 
 from adasd_core.cli import app
 from adasd_core.demo.build import BuildConfig, encode_corpus
-from adasd_core.demo.report import held_out_loss
 from adasd_core.demo.data import HELD_OUT, load_corpus
-from adasd_core.demo.report import held_out_prompts
+from adasd_core.demo.report import held_out_loss, held_out_prompts
 from adasd_core.engine import SpecConfig
 from adasd_core.llm import LLM
 from adasd_core.models import load_pair

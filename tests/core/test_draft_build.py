@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adasd_core import draft_head, smollm2
+from adasd_core import draft_head
 from adasd_core.distill import build as draft_build
 from adasd_core.distill import prompts as draft_prompts
 from adasd_core.distill import train as draft_train

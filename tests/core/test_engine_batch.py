@@ -90,7 +90,8 @@ def test_a_seeded_request_does_not_depend_on_its_batch_mates(random_pair_dir):
 
     pair = load_pair(str(random_pair_dir / "target"), str(random_pair_dir / "draft"), device="cpu")
     engine = LLM(pair, calibrate=False, max_running=4)
-    mine = ("def f(x):", SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True), SpecConfig(method="adasd"))
+    mine = ("def f(x):", SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True),
+            SpecConfig(method="adasd"))
     alone = engine.generate(*mine[:2], mine[2]).token_ids
     others = [(p, SamplingParams(max_tokens=m, temperature=0.7, ignore_eos=True), SpecConfig(method=meth))
               for p, m, meth in [("import", 40, "hybrid"), ("class A:", 12, "ar"), ("x", 25, "vanilla")]]
@@ -184,18 +185,20 @@ def test_sampled_relaxed_check_accepts_with_the_posterior_probability():
     n = 4000
     for check, p in ((Fixed(), 0.3), (bayes, posterior)):
         gen = torch.Generator().manual_seed(0)
-        accepted = sum(accept_candidates([0], target_probs, draft_probs, False, gen, check).n_accepted for _ in range(n))
+        accepted = sum(accept_candidates([0], target_probs, draft_probs, False, gen, check).n_accepted
+                       for _ in range(n))
         sd = (n * p * (1 - p)) ** 0.5
         assert abs(accepted - n * p) < 4 * sd, (accepted, n * p)
 
 
 def test_best_draft_length_follows_costs_and_acceptance():
-    from adasd_core.costs import BatchPlanner, OnlineCorrection, StepCosts
+    from adasd_core.costs import BatchPlanner, StepCosts
 
     # draft step 0.1 of a target step; a target forward grows 2% per token alone, 30% per token at B=16
     bs, ns = [1, 16], [1, 21]
     costs = BatchPlanner(StepCosts(bs, ns, [[1.0, 1.4], [3.0, 3.0 + 0.3 * 20 * 16]], [0.1, 0.3]))
-    assert costs.best_draft_length(1, 0.9, 20) > costs.best_draft_length(1, 0.5, 20) > costs.best_draft_length(1, 0.1, 20)
+    assert (costs.best_draft_length(1, 0.9, 20) > costs.best_draft_length(1, 0.5, 20)
+            > costs.best_draft_length(1, 0.1, 20))
     assert costs.best_draft_length(1, 0.8, 20) > costs.best_draft_length(16, 0.8, 20)
     assert costs.best_draft_length(16, 0.3, 20) == 0  # plain batched decoding wins
     assert costs.best_draft_length(1, 0.99, 3) == 3  # never past the policy's own cap
@@ -262,7 +265,7 @@ def test_measured_rates_decide_where_the_table_says_drafting_pays():
 
 
 def test_a_round_planned_at_zero_runs_no_draft_work():
-    from adasd_core.costs import BatchPlanner, OnlineCorrection, StepCosts
+    from adasd_core.costs import StepCosts
 
     target, draft = random_tables(8, seed=16)
     engine = LLM(markov_pair(target, draft), calibrate=False, max_running=4, batch_aware=True)
@@ -272,7 +275,8 @@ def test_a_round_planned_at_zero_runs_no_draft_work():
     calls = []
     forward = engine.runner.draft.forward
     engine.runner.draft.forward = lambda slots, feeds, **kw: calls.append(len(feeds)) or forward(slots, feeds, **kw)
-    seqs = [engine.new_sequence([1 + i, 2, 3], params, SpecConfig(method="adasd", verification="none")) for i in range(4)]
+    seqs = [engine.new_sequence([1 + i, 2, 3], params, SpecConfig(method="adasd", verification="none"))
+            for i in range(4)]
     out = engine.run_together(seqs)
     assert out == ar
     assert len(calls) == 1 and calls[0] == 4  # the prompts' prefill only; no draft step in any round
@@ -280,7 +284,7 @@ def test_a_round_planned_at_zero_runs_no_draft_work():
 
 
 def test_batch_aware_cap_turns_drafting_off_where_it_does_not_pay():
-    from adasd_core.costs import BatchPlanner, OnlineCorrection, StepCosts
+    from adasd_core.costs import StepCosts
 
     target, draft = random_tables(8, seed=15)
     engine = LLM(markov_pair(target, draft), calibrate=False, max_running=4, batch_aware=True)
@@ -288,7 +292,8 @@ def test_batch_aware_cap_turns_drafting_off_where_it_does_not_pay():
     ar = engine.generate([1], params, SpecConfig(method="ar")).token_ids
     out = engine.generate([1], params, SpecConfig(method="gen-only"))
     assert out.stats.drafted_tokens > 0  # the nominal costs make drafting pay alone
-    engine.costs = StepCosts([1, 4], [1, 21], [[1.0, 30.0], [1.0, 30.0]], [1.0, 1.0])  # a draft step costs a target step
+    # a draft step costs a target step
+    engine.costs = StepCosts([1, 4], [1, 21], [[1.0, 30.0], [1.0, 30.0]], [1.0, 1.0])
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     ar = engine.generate([1], params, SpecConfig(method="ar")).token_ids
     for method in ("gen-only", "adasd", "hybrid"):

@@ -8,8 +8,8 @@ import torch
 
 from adasd_core.demo.data import load_corpus
 from adasd_core.engine import SpecConfig
-from adasd_core.llm import LLM
 from adasd_core.errors import IncompatiblePairError
+from adasd_core.llm import LLM
 from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
 
@@ -108,7 +108,8 @@ def test_different_vocabularies_are_refused(quick_pair_dir, tmp_path):
         (draft / f).unlink()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["something else entirely " * 50], trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"]))
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"])
+    tok.train_from_iterator(["something else entirely " * 50], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(draft)
     with pytest.raises(IncompatiblePairError, match="different vocabularies.*sizes"):
         load_pair(str(quick_pair_dir / "target"), str(draft), device="cpu")

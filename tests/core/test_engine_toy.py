@@ -9,8 +9,8 @@ from scipy.stats import chisquare
 from toy import markov_pair, random_tables, sequence_probability
 
 from adasd_core.engine import SpecConfig
-from adasd_core.llm import LLM
 from adasd_core.errors import ContextLengthError, InvalidRequestError
+from adasd_core.llm import LLM
 from adasd_core.sampling import SamplingParams
 
 V = 5

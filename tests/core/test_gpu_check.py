@@ -79,7 +79,8 @@ def test_long_context_thresholds_are_computed_as_documented():
     t = {"decode_b1": 2.0 * floor1, "decode_b8": 1.5 * 2.0 * floor1, "verify_b1_8": 3.0 * floor1,
          "verify_b8_5": 2.4 * floor8, "chunk": 0.2}
     checks = {c["name"]: c for c in lc.step_checks(t, sizes, 4096, 2048, 4.8e12, 7.9e14, enforced=True)}
-    assert checks["decode_b1 / floor at 4096"]["value"] == pytest.approx(2.0) and checks["decode_b1 / floor at 4096"]["ok"]
+    decode_b1 = checks["decode_b1 / floor at 4096"]
+    assert decode_b1["value"] == pytest.approx(2.0) and decode_b1["ok"]
     assert not checks["verify_b1_8 / floor at 4096"]["ok"]  # 3.0 > 2.5
     assert checks["verify_b8_5 / floor at 4096"]["ok"]
     assert checks["decode_b8 / decode_b1"]["value"] == pytest.approx(1.5) and checks["decode_b8 / decode_b1"]["ok"]

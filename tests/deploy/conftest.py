@@ -31,6 +31,7 @@ from deploy_support import (  # noqa: E402
     server_env,
 )
 
+
 @pytest.fixture(scope="session")
 def deploy_server(tmp_path_factory) -> Server:
     """The image's default command (Dockerfile CMD) serving the tiny config on the CPU."""

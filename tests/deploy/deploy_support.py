@@ -264,7 +264,8 @@ def promql_selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
         if m and (i == 0 or not (expr[i - 1].isalnum() or expr[i - 1] in "_.:")):
             word, i = m.group(0), m.end()
             rest = expr[i:].lstrip()
-            if word.lower() in ("by", "without", "on", "ignoring", "group_left", "group_right") and rest.startswith("("):
+            grouping = word.lower() in ("by", "without", "on", "ignoring", "group_left", "group_right")
+            if grouping and rest.startswith("("):
                 i = expr.index(")", i) + 1  # a list of label names
                 continue
             if word.lower() in PROMQL_KEYWORDS or rest.startswith("("):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from deploy_support import CONFIGS, DOCKER, REPO, require_package
 
 COMPOSE = DOCKER / "compose.yaml"

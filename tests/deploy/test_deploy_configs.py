@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from deploy_support import CONFIGS, K8S
 
 CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))

@@ -54,9 +54,10 @@ def test_runtime_contract():
 
 def test_dockerignore_keeps_what_the_build_needs():
     """The context is a whitelist: the package, its metadata and the configs are let in."""
-    lines = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
     assert lines[0] == "*"
     for needed in ("pyproject.toml", "README.md", "adasd_core/", "server/", "configs/"):
         assert f"!{needed}" in lines, needed
     # The demo weights are package data of adasd_core: nothing may exclude them again.
-    assert not any("weights" in l or l.startswith("adasd_core") for l in lines if not l.startswith("!"))
+    assert not any("weights" in e or e.startswith("adasd_core") for e in lines if not e.startswith("!"))

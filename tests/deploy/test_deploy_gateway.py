@@ -18,8 +18,6 @@ import time
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from deploy_support import (
     DOCKER,
     K8S,
@@ -30,6 +28,7 @@ from deploy_support import (
     run,
     schema_file,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 CORE_GROUPS = ("v1", "apps/v1")
 KUBERNETES_VERSIONS = ["1.29.0", "latest"]
@@ -294,7 +293,8 @@ def test_picker_metrics_follow_the_load(picker_server):
 
     body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
             "adasd": {"method": "ar"}}
-    threads = [threading.Thread(target=httpx.post, args=(base + "/v1/completions",), kwargs={"json": body, "timeout": 120})
+    threads = [threading.Thread(target=httpx.post, args=(base + "/v1/completions",),
+                                kwargs={"json": body, "timeout": 120})
                for _ in range(2)]
     for t in threads:
         t.start()
@@ -303,7 +303,8 @@ def test_picker_metrics_follow_the_load(picker_server):
         deadline, busy = time.monotonic() + 30, None
         while time.monotonic() < deadline:
             snap = scrape(base)
-            if gauge_value(snap, "adasd_num_requests_waiting") == 1 and gauge_value(snap, "adasd_kv_cache_tokens_perc") > 0:
+            if (gauge_value(snap, "adasd_num_requests_waiting") == 1
+                    and gauge_value(snap, "adasd_kv_cache_tokens_perc") > 0):
                 busy = snap
                 break
             time.sleep(0.05)
@@ -321,7 +322,8 @@ def test_picker_metrics_follow_the_load(picker_server):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         after = scrape(base)
-        if gauge_value(after, "adasd_kv_cache_tokens_perc") == 0 and gauge_value(after, "adasd_kv_cache_usage_perc") == 0:
+        if (gauge_value(after, "adasd_kv_cache_tokens_perc") == 0
+                and gauge_value(after, "adasd_kv_cache_usage_perc") == 0):
             break
         time.sleep(0.05)
     assert gauge_value(after, "adasd_kv_cache_tokens_perc") == 0 == gauge_value(after, "adasd_kv_cache_usage_perc")

@@ -11,7 +11,6 @@ import sys
 import zipfile
 
 import pytest
-
 from deploy_support import REPO, build_context_files, checkout_files
 
 WEIGHTS = "adasd_core/demo/weights/"

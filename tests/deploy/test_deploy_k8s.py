@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from deploy_support import CONFIGS, K8S, require_package
 
 # Oldest still-common cluster version and the newest the package knows.

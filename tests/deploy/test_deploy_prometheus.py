@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import yaml
-
 from deploy_support import DASHBOARD, DOCKER, dashboard_exprs, grafana_to_promql, require_tool, run
 
 PROMETHEUS_YML = DOCKER / "prometheus" / "prometheus.yml"

@@ -5,7 +5,6 @@ it sums waiting + running over this pool's pods only, and KEDA's AverageValue ar
 from __future__ import annotations
 
 import yaml
-
 from deploy_support import K8S_GATEWAY, kustomize_build, require_tool, run
 
 

@@ -123,10 +123,12 @@ def test_no_stack_traces_in_error_bodies(rel_server):
     h = rel_server.headers
     base = rel_server.base_url
     responses = [
-        httpx.post(base + "/v1/completions", content=b"{", headers={**h, "content-type": "application/json"}, timeout=60),
+        httpx.post(base + "/v1/completions", content=b"{", headers={**h, "content-type": "application/json"},
+                   timeout=60),
         httpx.post(base + "/v1/completions", json={"prompt": {"x": [1]}}, headers=h, timeout=60),
         httpx.post(base + "/v1/chat/completions", json={"messages": "x"}, headers=h, timeout=60),
-        httpx.post(base + "/v1/completions", json={"model": rel_server.model, "prompt": [10**12]}, headers=h, timeout=60),
+        httpx.post(base + "/v1/completions", json={"model": rel_server.model, "prompt": [10**12]}, headers=h,
+                   timeout=60),
         httpx.get(base + "/v1/nope", headers=h, timeout=60),
         httpx.delete(base + "/v1/completions", headers=h, timeout=60),
         httpx.get(base + "/v1/completions", headers=h, timeout=60),

@@ -67,7 +67,8 @@ def test_stream_disconnect_cancels_the_generation(server):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
     # closed after the first event: the worker stops it within a round and frees its slot
-    assert wait_for(lambda: server.metric("adasd_requests_total", status="cancelled") == cancelled + 1), server.log_tail()
+    assert wait_for(
+        lambda: server.metric("adasd_requests_total", status="cancelled") == cancelled + 1), server.log_tail()
     assert wait_for(lambda: server.metric("adasd_num_requests_running") == 0), server.log_tail()
     assert server.metric("adasd_requests_total", status="success") == success
     assert server.ready()[0] == 200
@@ -78,5 +79,6 @@ def test_non_stream_disconnect_cancels_the_generation(server):
     body = {**LONG, "n": 4}  # at least 2.4 s: far longer than the client waits
     with server.http(timeout=0.5) as http, pytest.raises(httpx.TimeoutException):
         http.post("/v1/completions", json=body)
-    assert wait_for(lambda: server.metric("adasd_requests_total", status="cancelled") == cancelled + 4), server.log_tail()
+    assert wait_for(
+        lambda: server.metric("adasd_requests_total", status="cancelled") == cancelled + 4), server.log_tail()
     assert wait_for(lambda: server.metric("adasd_num_requests_running") == 0), server.log_tail()

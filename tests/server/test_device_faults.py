@@ -29,7 +29,7 @@ def _raised_while(exc: BaseException, context: BaseException) -> BaseException:
         try:
             raise context
         except BaseException:
-            raise exc
+            raise exc  # noqa: B904 (the fault is to carry `context` as its __context__)
     except BaseException as e:
         return e
 
@@ -46,8 +46,10 @@ FATAL = {
     "triton": RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"),
     "driver": RuntimeError("CUDA driver error: unknown error"),
     "ecc": RuntimeError("CUDA error: uncorrectable ECC error encountered"),
-    "wrapped": _raised_from(ValueError("could not run the round"), RuntimeError("CUDA error: an illegal memory access")),
-    "while-handling": _raised_while(KeyError("slot"), torch.AcceleratorError("CUDA error: device-side assert triggered")),
+    "wrapped": _raised_from(ValueError("could not run the round"),
+                            RuntimeError("CUDA error: an illegal memory access")),
+    "while-handling": _raised_while(KeyError("slot"),
+                                    torch.AcceleratorError("CUDA error: device-side assert triggered")),
 }
 PER_REQUEST = {
     "oom": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "

@@ -69,8 +69,8 @@ def test_exporter_adds_up_stats_and_keeps_the_last_known_thresholds():
     assert math.isnan(value(start, "adasd_entropy_threshold")) and math.isnan(value(start, "adasd_js_threshold"))
     assert value(start, "adasd_requests_total", method="adasd", status="success") == 0
     stats = dict(method="adasd", prompt_tokens=5, generated_tokens=12, rounds=3, drafted_tokens=10, accepted_standard=6,
-                 accepted_relaxed=2, target_forwards=4, draft_forwards=13, acceptance_rate=0.8, mean_draft_length=3.3333,
-                 estimated_speedup=1.5, entropy_threshold=1.25, js_threshold=0.32)
+                 accepted_relaxed=2, target_forwards=4, draft_forwards=13, acceptance_rate=0.8,
+                 mean_draft_length=3.3333, estimated_speedup=1.5, entropy_threshold=1.25, js_threshold=0.32)
     m.observe_request("adasd", "success", stats)
     after_first = exported(m)
     assert value(after_first, "adasd_entropy_threshold") == 1.25 and value(after_first, "adasd_js_threshold") == 0.32
@@ -126,14 +126,15 @@ def test_metrics_match_each_requests_usage(tempered_server):
         spec = r.usage.speculative
         assert spec["generated_tokens"] == r.usage.completion_tokens == 48
 
-        def delta(name, **labels):
+        def delta(name, after=after, before=before, **labels):
             return value(after, name, **labels) - value(before, name, **labels)
 
         for (name, labels), field in COUNTER_FIELDS.items():
             assert delta(name, **dict(labels)) == spec[field], (name, spec)
         assert delta("adasd_requests_total", method="adasd", status="success") == 1
         for h in ("adasd_time_to_first_token_seconds", "adasd_e2e_request_latency_seconds",
-                  "adasd_request_queue_time_seconds", "adasd_request_acceptance_rate", "adasd_request_mean_draft_length"):
+                  "adasd_request_queue_time_seconds", "adasd_request_acceptance_rate",
+                  "adasd_request_mean_draft_length"):
             assert delta(h + "_count") == 1, h
         assert delta("adasd_request_acceptance_rate_sum") == pytest.approx(spec["acceptance_rate"])
         assert delta("adasd_request_mean_draft_length_sum") == pytest.approx(spec["mean_draft_length"])
@@ -146,7 +147,8 @@ def test_metrics_match_each_requests_usage(tempered_server):
 
 def test_prometheus_scrapes_the_server(server, client, tmp_path):
     prometheus = shutil.which("prometheus")
-    assert prometheus, "the prometheus binary is missing: `make test` installs it, or run: sudo apt-get install -y prometheus"
+    assert prometheus, ("the prometheus binary is missing: `make test` installs it, "
+                        "or run: sudo apt-get install -y prometheus")
     prom_port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
@@ -174,7 +176,8 @@ def test_prometheus_scrapes_the_server(server, client, tmp_path):
         assert result[0]["metric"]["job"] == "adasd"
         up = httpx.get(api, params={"query": "adasd_worker_up"}).json()["data"]["result"]
         assert float(up[0]["value"][1]) == 1
-        rate = httpx.get(api, params={"query": "sum(adasd_accepted_tokens_total) / sum(adasd_draft_tokens_total)"}).json()
+        query = "sum(adasd_accepted_tokens_total) / sum(adasd_draft_tokens_total)"
+        rate = httpx.get(api, params={"query": query}).json()
         assert rate["status"] == "success"
     finally:
         prom.terminate()

@@ -7,11 +7,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client import Counter as PCounter
 from prometheus_client import Gauge as PGauge
 from prometheus_client import Histogram as PHistogram
-from prometheus_client import disable_created_metrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import LATENCY_BUCKETS, AdasdMetrics, Counter, Gauge, Histogram, PoolState

@@ -93,7 +93,8 @@ def test_n_choices(client):
     r = client.completions.create(seed=5, n=3, **kw)
     assert [c.index for c in r.choices] == [0, 1, 2]
     # choice i is sampled with seed + i: distinct and reproducible
-    assert [c.text for c in r.choices] == [client.completions.create(seed=5 + i, **kw).choices[0].text for i in range(3)]
+    alone = [client.completions.create(seed=5 + i, **kw).choices[0].text for i in range(3)]
+    assert [c.text for c in r.choices] == alone
     spec = check_usage(r.usage)
     assert spec["choices"] == 3
     texts, finishes, usage = stream_text(client.completions.create(
@@ -144,7 +145,8 @@ def test_prompt_forms(client, pair_dir):
 def test_echo_and_logprobs(client):
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
     assert r.choices[0].text.startswith(PROMPT)
-    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2, extra_body=IGNORE_EOS)
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2,
+                                  extra_body=IGNORE_EOS)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens == 5
     assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(t) <= 2 for t in lp.top_logprobs)

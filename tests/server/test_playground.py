@@ -14,7 +14,7 @@ from server_support import API_KEY
 
 from scripts import browser
 
-SOURCES = ["standard", "relaxed", "correction", "bonus", "ar"]
+SOURCES = ["standard", "relaxed", "correction", "bonus", "forced", "ar"]
 PROMPT = "def parse(line):\n"
 
 
@@ -186,10 +186,31 @@ def test_keyboard_runs_and_inspects(page, server):
     assert page.find_element("id", "inspect-main").text.startswith("Token 12 of 12")
     current = page.find_elements("css selector", "#out-main .tok.current")
     assert len(current) == 1 and current[0].get_attribute("data-i") == "11"
-    # the sources differ by more than hue: each has its own underline style
+    # the sources differ by more than hue: each has its own lines (under, over) and line style
     styles = page.execute_script(
-        "return [...document.querySelectorAll('#legend .legend-item .tok')].map(s => getComputedStyle(s).textDecorationStyle)")
+        "return [...document.querySelectorAll('#legend .legend-item .tok')]"
+        ".map(s => getComputedStyle(s).textDecorationLine + ' ' + getComputedStyle(s).textDecorationStyle)")
     assert len(set(styles)) == len(SOURCES), styles
+
+
+def test_a_json_schema_constrains_the_output_and_its_forced_tokens_show(page, server):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    open_page(page, server, api_key=API_KEY, max_tokens=32, json_schema=json.dumps(schema))
+    page.find_element("id", "run").click()
+    run = wait_done(page)
+    assert run["error"] is None
+    assert isinstance(json.loads(run["text"])["ok"], bool)  # the tiny model's text, held to the schema
+    got = spans(page)
+    assert "forced" in {source_of(s) for s in got}  # '{"ok": ' has one way to be written
+    assert [source_of(s) for s in got] == [t["source"] for t in run["sources"]]
+
+    open_page(page, server, api_key=API_KEY, json_schema="{not json")  # caught in the page, nothing sent
+    page.find_element("id", "run").click()
+    box = page.find_element("id", "error")
+    assert box.is_displayed() and "not JSON" in box.text
+    assert page.switch_to.active_element.get_attribute("id") == "json-schema"
+    assert page.execute_script("return Object.keys(window.adasdPlayground.runs).length") == 0
 
 
 def test_api_key_stays_in_the_page(page, server):

@@ -79,7 +79,8 @@ def test_echo_alone_with_max_tokens_0_returns_the_prompt(server, target):
 
 
 def test_lists_of_prompts_and_n_are_scored_each(server, target):
-    ids = [encode(target, p) for p in PROMPTS]  # (prompts longer than a prefill chunk: tests/core/test_prompt_logprobs.py)
+    # (prompts longer than a prefill chunk: tests/core/test_prompt_logprobs.py)
+    ids = [encode(target, p) for p in PROMPTS]
     for prompt in (PROMPTS, ids):  # strings, and token ids as lm-eval sends them
         out = post(server, "/v1/completions", {**SCORE, "prompt": prompt, "n": 2})
         assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
@@ -148,7 +149,8 @@ def test_tokenizer_endpoints_speak_vllms_shapes(server, target):
     _, tok = target
     text = PROMPTS[0]
     out = post(server, "/tokenize", {"prompt": text})
-    assert out == {"count": len(out["tokens"]), "max_model_len": 128, "tokens": encode(target, text), "token_strs": None}
+    assert out == {"count": len(out["tokens"]), "max_model_len": 128, "tokens": encode(target, text),
+                   "token_strs": None}
     bare = post(server, "/tokenize", {"model": "tiny", "prompt": text, "add_special_tokens": False,
                                       "return_token_strs": True})
     assert bare["tokens"] == tok(text, add_special_tokens=False)["input_ids"]

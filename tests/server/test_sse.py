@@ -47,7 +47,8 @@ def test_sse_framing(server, endpoint):
                 finishes[choice["index"]] = finishes.get(choice["index"], 0) + 1
     assert finishes == {i: 1 for i in range(n_choices)}
     last = chunks[-1]  # the usage chunk comes after every finish_reason, right before [DONE]
-    assert last["choices"] == [] and last["usage"]["completion_tokens"] == last["usage"]["speculative"]["generated_tokens"]
+    assert last["choices"] == []
+    assert last["usage"]["completion_tokens"] == last["usage"]["speculative"]["generated_tokens"]
 
 
 def test_stream_without_usage_has_no_usage_chunk(server):

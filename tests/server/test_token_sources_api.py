@@ -34,7 +34,8 @@ def check_sources(adasd: dict, text: str, usage) -> Counter:
 
 
 def merged(parts: list[dict]) -> dict:
-    return {"token_sources": [t for p in parts for t in p["token_sources"]], "rounds": [r for p in parts for r in p["rounds"]]}
+    return {"token_sources": [t for p in parts for t in p["token_sources"]],
+            "rounds": [r for p in parts for r in p["rounds"]]}
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])

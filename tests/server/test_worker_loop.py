@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adasd_core.warm import WarmState
 from adasd_core.errors import InvalidRequestError
+from adasd_core.warm import WarmState
 from server.messages import Cancel, Delta, Done, Error, Fatal, KVUsage, Shutdown, Started, Submit
 from server.worker import DEVICE_FAULT_EXIT, Worker
 
@@ -148,7 +148,8 @@ def test_round_robin_interleaves_running_requests():
     sent = run([submit("a", 3), submit("b", 3), submit("c", 1)])
     assert deltas(sent) == ["a", "b", "c", "a", "b", "a", "b"]
     ends = endings(sent)
-    assert {rid: [m.status for m in ms] for rid, ms in ends.items()} == {"a": ["success"], "b": ["success"], "c": ["success"]}
+    statuses = {rid: [m.status for m in ms] for rid, ms in ends.items()}
+    assert statuses == {"a": ["success"], "b": ["success"], "c": ["success"]}
 
 
 def test_max_running_queues_the_rest():
