@@ -152,16 +152,16 @@ def plan_throughput(engine, prompts, args) -> dict:
 
 
 def draft_step_ms(engine, prompts, batch: int, reps: int = 20) -> float:
-    """One draft decode step over `batch` slots after 48-token prompts (median of `reps`), in ms."""
+    """One draft decode step over `batch` slots after 32-token prompts (median of `reps`), in ms."""
     pool, slots = engine.runner.draft, list(range(batch))
-    pool.forward(slots, [prompts[i][:48] for i in slots])
+    pool.forward(slots, [prompts[i][:32] for i in slots])
     times = []
     for r in range(reps):
         t0 = time.perf_counter()
-        pool.forward(slots, [[prompts[i][48 + r % 8]] for i in slots])
+        pool.forward(slots, [[prompts[i][32 + r % 8]] for i in slots])
         times.append(time.perf_counter() - t0)
         for s in slots:
-            pool.rollback(s, 48)
+            pool.rollback(s, 32)
     for s in slots:
         pool.clear(s)
     return 1e3 * statistics.median(times)
