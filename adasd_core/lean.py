@@ -34,7 +34,8 @@ PACK_MAX_GROWTH = 3.0
 # rope types whose cos/sin depend on the position only (not on the sequence length)
 # int8 weights for a draft whose folder asks for them (config adasd_draft.int8_weights): fbgemm's
 # dynamically quantised GEMM reads a quarter of fp32's bytes; the draft only proposes, so the target's
-# check keeps every lossless method exact. CPU only; ADASD_INT8=0 turns it off.
+# check keeps every lossless method exact. CPU only; ADASD_INT8=0 turns it off, ADASD_INT8=call takes
+# fbgemm's one activation scale per call (a row then depends on its batch mates; see Linear).
 INT8_ENV = "ADASD_INT8"
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
@@ -118,23 +119,44 @@ def int8_weights(model) -> bool:
             and "fbgemm" in torch.backends.quantized.supported_engines and os.environ.get(INT8_ENV, "1") != "0")
 
 
+def int8_per_call() -> bool:
+    """ADASD_INT8=call: one activation scale per call, over the whole batch (batch-dependent)."""
+    import os
+
+    return os.environ.get(INT8_ENV, "1") == "call"
+
+
 class Linear:
     """y = x W^T + b over [T, in] rows; on the CPU in float32 through MKL's packed GEMM where its
     layout does not grow the weight past PACK_MAX_GROWTH (it serves any row count), or with int8
-    weights (per output row scales) through fbgemm's dynamically quantised GEMM."""
+    weights (per output row scales) through fbgemm's dynamically quantised GEMM.
 
-    __slots__ = ("weight", "bias", "packed", "int8")
+    fbgemm quantises the activations with one scale per call, from the min and max of the whole
+    batch, so a row's output would depend on its batch mates. Each row is therefore divided by its
+    own abs-max, and an anchor row holding +1 and -1 pins the call's range to exactly [-1, 1]: the
+    scale is fixed, every row is quantised on its own, the integer products are exact, and the row's
+    scale (and the bias) are applied afterwards, element by element. A row's output is then bitwise
+    the same in any batch, at the price of one GEMM row and a few elementwise ops per call."""
+
+    __slots__ = ("weight", "bias", "packed", "int8", "anchor")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True,
-                 int8: bool = False):
-        self.weight, self.bias, self.packed, self.int8 = weight, bias, None, None
+                 int8: bool = False, per_call: bool = False):
+        self.weight, self.bias, self.packed, self.int8, self.anchor = weight, bias, None, None, None
         if int8:
             w = weight.detach().float()
             scale = (w.abs().amax(1).clamp_min(1e-12) / 127).double()
             with warnings.catch_warnings():  # quantised tensors are deprecated, still the int8 GEMM of torch 2.13
                 warnings.simplefilter("ignore", UserWarning)
                 q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-            self.int8 = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+            self.bias = None if bias is None else bias.detach().float()
+            if per_call:
+                self.int8 = torch.ops.quantized.linear_prepack(q, self.bias)
+            else:
+                self.int8 = torch.ops.quantized.linear_prepack(q, None)  # the bias goes on after the row scale
+                assert w.shape[1] > 1, "the anchor row needs two columns"
+                self.anchor = w.new_zeros(1, w.shape[1])
+                self.anchor[0, 0], self.anchor[0, -1] = 1.0, -1.0
             return
         if pack and _can_pack(weight):
             try:
@@ -145,7 +167,11 @@ class Linear:
                 self.packed = packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None:  # activations quantised per call at 7 bits (fbgemm's overflow-safe range)
+        if self.anchor is not None:  # activations at 7 bits (fbgemm's overflow-safe range), per row
+            scale = x.abs().amax(1, keepdim=True).clamp_min_(1e-30)  # [T, 1]
+            y = torch.ops.quantized.linear_dynamic(torch.cat((self.anchor, x / scale)), self.int8, True)[1:]
+            return y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
+        if self.int8 is not None:  # ADASD_INT8=call: one scale for the whole batch
             return torch.ops.quantized.linear_dynamic(x, self.int8, True)
         if self.packed is not None:  # one row too: 0.7x F.linear's matrix-vector product on the target's shapes
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, x.shape[0])
@@ -171,11 +197,15 @@ class LeanModel:
         self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.layers = []
         self.int8 = q8 = int8_weights(model)
+        # int8 rows that depend on their batch mates (ADASD_INT8=call); else each row is batch-invariant,
+        # and attention runs per sequence (forward)
+        self.int8_per_call = per_call = q8 and int8_per_call()
+        self.attend_alone = q8 and not per_call
         for layer in inner.layers[: self.n_layers]:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = Linear(*_fuse(attn.q_proj, attn.k_proj, attn.v_proj), int8=q8)
-            gate_up = Linear(*_fuse(mlp.gate_proj, mlp.up_proj), int8=q8)
-            o, down = (Linear(m.weight, m.bias, int8=q8) for m in (attn.o_proj, mlp.down_proj))
+            qkv = Linear(*_fuse(attn.q_proj, attn.k_proj, attn.v_proj), int8=q8, per_call=per_call)
+            gate_up = Linear(*_fuse(mlp.gate_proj, mlp.up_proj), int8=q8, per_call=per_call)
+            o, down = (Linear(m.weight, m.bias, int8=q8, per_call=per_call) for m in (attn.o_proj, mlp.down_proj))
             ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             self.layers.append((ln1, qkv, o, ln2, gate_up, down))
         self.vocab_size = model.lm_head.weight.shape[0]
@@ -184,12 +214,12 @@ class LeanModel:
         self.head_tokens = draft_head.tokens_of(model)
         head = model.lm_head
         if self.head_tokens is None:
-            self.head = Linear(head.weight, head.bias, int8=q8)
+            self.head = Linear(head.weight, head.bias, int8=q8, per_call=per_call)
         else:
             self.head_tokens = self.head_tokens.to(head.weight.device)
             rows = head.weight.index_select(0, self.head_tokens)
             bias = None if head.bias is None else head.bias.index_select(0, self.head_tokens)
-            self.head = Linear(rows, bias, int8=q8)
+            self.head = Linear(rows, bias, int8=q8, per_call=per_call)
         self.dtype, self.device = self.embed.dtype, self.embed.device
         # a model split over devices: where each layer runs (its weights, and its KV in the pool)
         self.layer_devices = [layer.input_layernorm.weight.device for layer in inner.layers[: self.n_layers]]
@@ -234,8 +264,22 @@ def lean_model(model) -> LeanModel:
     return lean
 
 
+def _masking(starts: list[int], ns: list[int], end: int, groups: int, dev: torch.device
+             ) -> tuple[torch.Tensor | None, bool, int]:
+    """(mask, causal, groups) of the attention of sequences that append ns[b] tokens at starts[b],
+    over keys 0..end-1."""
+    if len(ns) == 1 and ns[0] == 1:
+        return None, False, groups
+    if len(ns) == 1 and starts[0] == 0:  # a causal mask from the kernel: flash takes grouped heads without one
+        return None, True, 1
+    # column j of sequence b sits at position starts[b] + j and sees keys 0..starts[b] + j
+    pos_bn = torch.tensor(starts, device=dev)[:, None] + torch.arange(max(ns), device=dev)  # [B, n]
+    mask = (torch.arange(end, device=dev)[None, None, :] <= pos_bn[:, :, None])[:, None]  # [B, 1, n, end]
+    return (mask.repeat_interleave(groups, dim=2) if groups > 1 else mask), False, groups  # [B, 1, n G, end]
+
+
 def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-               scale: float, groups: int) -> torch.Tensor:
+               groups: int, scale: float) -> torch.Tensor:
     """q [B, n, H, D] over keys, values [B, H_kv, end, D] -> [B, n, H, D].
 
     groups > 1 folds the H / H_kv query heads of each KV head into its query rows ([B, H_kv, n G, D],
@@ -295,15 +339,16 @@ def forward(
     slot_idx = torch.tensor(slots, device=dev)
     slot_tok = slot_idx[b_idx]  # [T]
     groups = H // Hkv if Hkv != H and fold_query_groups(dev) else 1
-    if B == 1 and n == 1:
-        mask, causal = None, False
-    elif B == 1 and starts[0] == 0:  # a causal mask from the kernel: flash takes grouped heads without one
-        mask, causal, groups = None, True, 1
-    else:  # column j of sequence b sits at position starts[b] + j and sees keys 0..starts[b] + j
-        pos_bn = start_t[:, None] + torch.arange(n, device=dev)  # [B, n]
-        mask = (torch.arange(end, device=dev)[None, None, :] <= pos_bn[:, :, None])[:, None]  # [B, 1, n, end]
-        mask = mask.repeat_interleave(groups, dim=2) if groups > 1 else mask  # [B, 1, n G, end]
-        causal = False
+    # int8 activations are rounded to a grid, so the last bits of a batched attention (other key
+    # lengths, padded queries) can move a row's draft logits by whole grid steps: attention then runs
+    # per sequence, exactly as that sequence alone would, and each row's logits are batch-invariant
+    per_seq = B > 1 and lean.attend_alone and not lean.split
+    mask = None
+    if per_seq:
+        offsets = [sum(ns[:b]) for b in range(B)]
+        alone = [(_masking([s], [m], s + m, groups, dev), s + m) for s, m in zip(starts, ns)]
+    else:
+        mask, causal, groups = _masking(starts, ns, end, groups, dev)
 
     x = F.embedding(ids, lean.embed)  # [T, C]
     nqk, half = H + Hkv, D // 2
@@ -323,18 +368,22 @@ def forward(
         else:
             kc[slot_tok, :, pos] = k
             vc[slot_tok, :, pos] = v
-        if contiguous:
-            keys, values = kc[s0 : s0 + B, :, :end], vc[s0 : s0 + B, :, :end]
+        if per_seq:  # [T, H, D]
+            attn = torch.cat([_attention(q[o : o + m][None], kc[s : s + 1, :, :e], vc[s : s + 1, :, :e], *masking,
+                                         lean.scale)[0] for o, m, s, (masking, e) in zip(offsets, ns, slots, alone)])
         else:
-            keys, values = kc[slot_idx, :, :end], vc[slot_idx, :, :end]
-        if not ragged:
-            q = q.reshape(B, n, H, D)
-        else:
-            q_pad = q.new_zeros(B, n, H, D)
-            q_pad[b_idx, j_idx] = q
-            q = q_pad
-        attn = _attention(q, keys, values, mask, causal, lean.scale, groups)  # [B, n, H, D]
-        attn = attn[b_idx, j_idx] if ragged else attn
+            if contiguous:
+                keys, values = kc[s0 : s0 + B, :, :end], vc[s0 : s0 + B, :, :end]
+            else:
+                keys, values = kc[slot_idx, :, :end], vc[slot_idx, :, :end]
+            if not ragged:
+                q = q.reshape(B, n, H, D)
+            else:
+                q_pad = q.new_zeros(B, n, H, D)
+                q_pad[b_idx, j_idx] = q
+                q = q_pad
+            attn = _attention(q, keys, values, mask, causal, groups, lean.scale)  # [B, n, H, D]
+            attn = attn[b_idx, j_idx] if ragged else attn
         x = x + o_proj(attn.reshape(T, H * D))
         gate, up = gate_up(lean.rms_norm(x, ln2)).chunk(2, dim=-1)
         x = x + down(lean.act(gate) * up)

@@ -223,6 +223,57 @@ def test_a_draft_folder_asks_for_int8_weights(monkeypatch):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
 
 
+def test_int8_rows_do_not_depend_on_their_batch_mates():
+    """Each row is quantised with its own scale: bitwise the same output alone and in any batch, and
+    as precise beside a row 100x larger. fbgemm's one scale per call (ADASD_INT8=call) is neither."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.fail("this CPU build of torch has no fbgemm engine")
+    torch.manual_seed(7)
+    weight, bias = torch.randn(301, 67) * 0.05, torch.randn(301) * 0.1  # odd widths: vector tails too
+    x = torch.randn(40, 67) * torch.logspace(-1, 1, 40)[:, None]
+    ref = F.linear(x, weight, bias)
+    for per_call in (False, True):
+        lin = lean.Linear(weight, bias, int8=True, per_call=per_call)
+        alone = torch.cat([lin(x[r : r + 1]) for r in range(40)])
+        changed = sum(not torch.equal(lin(x[perm][:m]), alone[perm][:m]) for m in (2, 3, 8, 17, 40)
+                      for perm in (torch.arange(40), torch.arange(40).flip(0), torch.randperm(40)))
+        err = ((lin(x) - ref).abs().amax(1) / ref.abs().amax(1)).max()
+        if per_call:
+            assert changed > 0 and err > 0.05, (changed, float(err))
+        else:
+            assert changed == 0 and err < 0.03, (changed, float(err))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-bias-llama3-rope"])
+def test_an_int8_draft_gives_a_sequence_the_same_logits_in_any_batch(name, monkeypatch):
+    """The int8 lean forward (rows quantised on their own, attention per sequence): a sequence's logits
+    in a ragged batch, with idle slots, rollbacks and prefills beside other prompts, are bitwise those
+    it gets alone. With one activation scale per call they are not."""
+    import copy
+
+    for per_call in (False, True):
+        monkeypatch.setenv(lean.INT8_ENV, "call" if per_call else "1")
+        model = copy.deepcopy(MODELS[name]()).cpu()
+        model.config.adasd_draft = {"int8_weights": True}
+        together, alone = kv_cache.make_pool(model, 4, 256), kv_cache.make_pool(model, 4, 256)
+        assert together.lean.int8 and together.lean.int8_per_call == per_call
+        g = torch.Generator().manual_seed(3)
+        seqs = [torch.randint(0, SMALL["vocab_size"], (200,), generator=g).tolist() for _ in range(4)]
+        pos, changed = [0] * 4, 0
+        steps = [([0, 1, 2, 3], [30, 5, 1, 12]), ([0, 1, 2, 3], [1, 1, 1, 1]), ([1, 3], [4, 2]), ([0, 2, 3], [6, 1, 3]),
+                 ([0, 1, 2, 3], [3, 1, 5, 2]), ([2], [7]), ([0, 1, 3], [21, 1, 2])]
+        for slots, ns in steps:
+            feeds = [seqs[s][pos[s] : pos[s] + n] for s, n in zip(slots, ns)]
+            rows = together.forward(slots, feeds, all_logits=True).split(ns)
+            for s, f, row in zip(slots, feeds, rows):
+                changed += not torch.equal(row, alone.forward([s], [f], all_logits=True))
+            for s, n in zip(slots, ns):
+                pos[s] += n - min(2, n)  # roll back part of what was fed, as a rejection does
+                together.rollback(s, pos[s])
+                alone.rollback(s, pos[s])
+        assert (changed > 0) == per_call, changed
+
+
 GQA_MODELS = {
     "llama-gqa": MODELS["llama-gqa"],
     "qwen2": MODELS["qwen2"],

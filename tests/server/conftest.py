@@ -27,13 +27,30 @@ def pair_dir(request) -> Path:
 
 
 @pytest.fixture(scope="session")
+def int8_pair_dir(pair_dir, tmp_path_factory) -> Path:
+    """The test pair with the default pair's kind of draft: its folder asks for int8 weights
+    (config adasd_draft.int8_weights), which the lean forward then runs on the CPU."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("int8_pair")
+    shutil.copytree(pair_dir / "target", out / "target")
+    shutil.copytree(pair_dir / "draft", out / "draft")
+    config = json.loads((out / "draft" / "config.json").read_text())
+    config["adasd_draft"] = {**config.get("adasd_draft", {}), "int8_weights": True}
+    (out / "draft" / "config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
+@pytest.fixture(scope="session")
 def start_server(pair_dir, tmp_path_factory):
-    """Factory: start_server(**settings) -> ServerProcess (stopped at the end of the session)."""
+    """Factory: start_server(**settings) -> ServerProcess (stopped at the end of the session);
+    `pair=` another pair folder."""
     started: list[ServerProcess] = []
     log_dir = tmp_path_factory.mktemp("server_logs")
 
-    def start(api_key: str | None = None, wait: bool = True, **settings) -> ServerProcess:
-        srv = ServerProcess(pair_dir, log_dir, api_key=api_key, **settings)
+    def start(api_key: str | None = None, wait: bool = True, pair: Path | None = None, **settings) -> ServerProcess:
+        srv = ServerProcess(pair or pair_dir, log_dir, api_key=api_key, **settings)
         started.append(srv)
         if wait:
             srv.wait_ready()
