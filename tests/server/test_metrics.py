@@ -118,29 +118,29 @@ def test_metrics_match_each_requests_usage(tempered_server):
     """Counters grow by exactly what the request's usage reports; the threshold gauges show its T_G and T_V."""
     import openai
 
-    client = openai.OpenAI(base_url=tempered_server.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
-    for seed in (0, 1):
-        before = scrape(tempered_server.base_url)
-        r = client.completions.create(prompt=f"x = {seed}\n", seed=seed, **LONG_SAMPLED)
-        after = scrape(tempered_server.base_url)
-        spec = r.usage.speculative
-        assert spec["generated_tokens"] == r.usage.completion_tokens == 48
+    with openai.OpenAI(base_url=tempered_server.base_url + "/v1", api_key="none", max_retries=0, timeout=120) as client:
+        for seed in (0, 1):
+            before = scrape(tempered_server.base_url)
+            r = client.completions.create(prompt=f"x = {seed}\n", seed=seed, **LONG_SAMPLED)
+            after = scrape(tempered_server.base_url)
+            spec = r.usage.speculative
+            assert spec["generated_tokens"] == r.usage.completion_tokens == 48
 
-        def delta(name, after=after, before=before, **labels):
-            return value(after, name, **labels) - value(before, name, **labels)
+            def delta(name, after=after, before=before, **labels):
+                return value(after, name, **labels) - value(before, name, **labels)
 
-        for (name, labels), field in COUNTER_FIELDS.items():
-            assert delta(name, **dict(labels)) == spec[field], (name, spec)
-        assert delta("adasd_requests_total", method="adasd", status="success") == 1
-        for h in ("adasd_time_to_first_token_seconds", "adasd_e2e_request_latency_seconds",
-                  "adasd_request_queue_time_seconds", "adasd_request_acceptance_rate",
-                  "adasd_request_mean_draft_length"):
-            assert delta(h + "_count") == 1, h
-        assert delta("adasd_request_acceptance_rate_sum") == pytest.approx(spec["acceptance_rate"])
-        assert delta("adasd_request_mean_draft_length_sum") == pytest.approx(spec["mean_draft_length"])
-        assert spec["entropy_threshold"] is not None and spec["js_threshold"] is not None, spec  # see LONG_SAMPLED
-        for gauge, field in THRESHOLD_GAUGES.items():
-            assert value(after, gauge) == spec[field], gauge
+            for (name, labels), field in COUNTER_FIELDS.items():
+                assert delta(name, **dict(labels)) == spec[field], (name, spec)
+            assert delta("adasd_requests_total", method="adasd", status="success") == 1
+            for h in ("adasd_time_to_first_token_seconds", "adasd_e2e_request_latency_seconds",
+                      "adasd_request_queue_time_seconds", "adasd_request_acceptance_rate",
+                      "adasd_request_mean_draft_length"):
+                assert delta(h + "_count") == 1, h
+            assert delta("adasd_request_acceptance_rate_sum") == pytest.approx(spec["acceptance_rate"])
+            assert delta("adasd_request_mean_draft_length_sum") == pytest.approx(spec["mean_draft_length"])
+            assert spec["entropy_threshold"] is not None and spec["js_threshold"] is not None, spec  # see LONG_SAMPLED
+            for gauge, field in THRESHOLD_GAUGES.items():
+                assert value(after, gauge) == spec[field], gauge
     assert value(after, "adasd_worker_up") == 1
     assert value(after, "adasd_num_requests_running") == 0 and value(after, "adasd_num_requests_waiting") == 0
 
