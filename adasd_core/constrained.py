@@ -75,9 +75,10 @@ def verified_logits(seqs: list[Sequence], drafts: dict[Sequence, Draft], cands: 
         logits = logits[torch.tensor(rows, device=logits.device)]
     runs, start = [], 0
     for s, c in zip(seqs, cands):
-        masks = None
-        if s.constraint is not None:
-            masks = (drafts[s].masks if s in drafts else []) + [s.constraint.row_mask()]
-        runs.append(Rows(s, start, s.forced + c, [len(s.forced) + j for j in range(len(c) + 1)], masks))
+        if s.constraint is not None or s.params.controls:  # the others' rows stay as they are
+            masks = None
+            if s.constraint is not None:
+                masks = (drafts[s].masks if s in drafts else []) + [s.constraint.row_mask()]
+            runs.append(Rows(s, start, s.forced + c, [len(s.forced) + j for j in range(len(c) + 1)], masks))
         start += len(c) + 1
-    return process_logits(logits, runs)
+    return process_logits(logits, runs) if runs else logits

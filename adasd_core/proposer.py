@@ -35,10 +35,13 @@ class DraftModelProposer:
         while active:
             logits = self.runner.draft_step([s.slot for s, _ in active], feeds)
             params = [s.params for s, _ in active]
+            # only the rows a grammar or a control changes (an unconstrained batch builds nothing)
             runs = [Rows(s, i, s.forced + out[s].ids, [len(s.forced) + len(out[s].ids)],
                          [s.constraint.mask()] if s.constraint is not None else None)
-                    for i, (s, _) in enumerate(active)]
-            logits = process_logits(logits, runs, draft=True)
+                    for i, (s, _) in enumerate(active) if s.constraint is not None or s.params.controls]
+            if runs:
+                logits = process_logits(logits, runs, draft=True)
+            masks = {r.seq: r.masks[0] for r in runs if r.masks}
             q = logits_to_probs_rows(logits, params)  # [A, V]
             x = sample_rows(q, params, [s.generator for s, _ in active])
             vals = torch.stack([x.to(q.dtype), entropy(q)]).tolist()  # one host sync per draft step
@@ -51,7 +54,7 @@ class DraftModelProposer:
                 d.entropies.append(h)
                 seq.stats.draft_forwards += 1
                 if d.masks is not None:
-                    d.masks.append(runs[i].masks[0])
+                    d.masks.append(masks[seq])
                     seq.constraint.consume(token)
                 if token not in seq.eos and len(d.ids) < cap and seq.policy.keep_drafting(h, len(d.ids)) and \
                         (seq.constraint is None or seq.constraint.viable_mask() is not None):
