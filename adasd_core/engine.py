@@ -27,7 +27,7 @@ from adasd_core.drafting import WINDOW
 from adasd_core.errors import InvalidRequestError
 from adasd_core.models import ModelPair
 from adasd_core.postprocess import finish_batch, score_prompts, scored_prompt
-from adasd_core.proposer import DraftModelProposer
+from adasd_core.proposer import DraftModelProposer, EagleProposer
 from adasd_core.round_output import Draft
 from adasd_core.runner import ModelRunner
 from adasd_core.sampling import SamplingParams, logits_to_probs_rows, make_generator
@@ -55,7 +55,7 @@ class SpeculativeEngine:
         self.default_spec = default_spec or SpecConfig()
         capacity = pair.context_length + WINDOW + 2  # idle slots run a dummy token past their length
         self.runner = ModelRunner(pair, max_running, capacity)
-        self.proposer = DraftModelProposer(self.runner)
+        self.proposer = (EagleProposer if self.runner.head else DraftModelProposer)(self.runner)
         self.scheduler = Scheduler(self.runner, max_running, 2048 if pair.device.type == "cuda" else 256)
         self.warm = warm or WarmState()
         self.prior = AcceptancePrior()  # per method, from finished rounds of all requests
@@ -237,7 +237,8 @@ class SpeculativeEngine:
         t1 = time.perf_counter()
         cands = [drafts[s].ids if s in drafts else [] for s in seqs]
         feeds = [[s.tokens[-1]] + s.forced + c for s, c in zip(seqs, cands)]
-        logits = self.runner.verify([s.slot for s in seqs], feeds)  # [sum (F_b + k_b + 1), V]
+        logits = self.runner.verify([s.slot for s in seqs], feeds,  # [sum (F_b + k_b + 1), V]
+                                    [s.policy is not None for s in seqs])
         target_probs = logits_to_probs_rows(verified_logits(seqs, drafts, cands, logits),
                                             [s.params for s, c in zip(seqs, cands) for _ in range(len(c) + 1)])
         synchronize(self.pair.device)  # every timed phase ends on the device too (no-op on the CPU)

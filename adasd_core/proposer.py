@@ -27,13 +27,28 @@ class DraftModelProposer:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
 
-    def propose(self, seqs: list[Sequence], caps: list[int]) -> dict[Sequence, Draft]:
-        out = {s: Draft([], [], [], [] if s.constraint is not None else None) for s in seqs}
-        active = list(zip(seqs, caps))
+    def _first_step(self, seqs: list[Sequence]) -> torch.Tensor:
         # the draft slot may lag; the round's forced tokens go in with the first step
         feeds = [s.tokens[self.runner.draft_length(s.slot):] + s.forced for s in seqs]
+        return self.runner.draft_step([s.slot for s in seqs], feeds)
+
+    def _next_step(self, seqs: list[Sequence], rows: list[int], last: list[int]) -> torch.Tensor:
+        """The step after one: seqs (rows[i] their row in the previous step) each fed its last candidate."""
+        return self.runner.draft_step([s.slot for s in seqs], [[t] for t in last])
+
+    def _drafting(self, seqs: list[Sequence]) -> list[Sequence]:
+        return seqs
+
+    def _done(self, seqs: list[Sequence]) -> None:
+        pass
+
+    def propose(self, seqs: list[Sequence], caps: list[int]) -> dict[Sequence, Draft]:
+        capped = dict(zip(seqs, caps))
+        seqs = self._drafting(seqs)
+        out = {s: Draft([], [], [], [] if s.constraint is not None else None) for s in seqs}
+        active = [(s, capped[s]) for s in seqs]
+        logits = self._first_step(seqs) if seqs else None
         while active:
-            logits = self.runner.draft_step([s.slot for s, _ in active], feeds)
             params = [s.params for s, _ in active]
             # only the rows a grammar or a control changes (an unconstrained batch builds nothing)
             runs = [Rows(s, i, s.forced + out[s].ids, [len(s.forced) + len(out[s].ids)],
@@ -45,7 +60,7 @@ class DraftModelProposer:
             q = logits_to_probs_rows(logits, params)  # [A, V]
             x = sample_rows(q, params, [s.generator for s, _ in active])
             vals = torch.stack([x.to(q.dtype), entropy(q)]).tolist()  # one host sync per draft step
-            still = []
+            still, rows = [], []
             for i, (seq, cap) in enumerate(active):
                 token, h = int(vals[0][i]), vals[1][i]
                 d = out[seq]
@@ -59,7 +74,37 @@ class DraftModelProposer:
                 if token not in seq.eos and len(d.ids) < cap and seq.policy.keep_drafting(h, len(d.ids)) and \
                         (seq.constraint is None or seq.constraint.viable_mask() is not None):
                     still.append((seq, cap))
+                    rows.append(i)
             active = still
-            feeds = [[out[s].ids[-1]] for s, _ in active]
+            if active:
+                logits = self._next_step([s for s, _ in active], rows, [out[s].ids[-1] for s, _ in active])
+        self._done(seqs)
         return out
 
+
+class EagleProposer(DraftModelProposer):
+    """Draft steps of an EAGLE-3 head (adasd_core.eagle): the first reads the target's states at every
+    position the head has not seen (from the runner), the next ones the head's own output at the previous
+    row. A sequence with forced tokens this round, or with no state to read yet, does not draft; after
+    drafting, the head's slots keep only the positions that read the target's states."""
+
+    def _drafting(self, seqs: list[Sequence]) -> list[Sequence]:
+        return [s for s in seqs if not s.forced and self.runner.pending_states(s.slot) > 0]
+
+    def _first_step(self, seqs: list[Sequence]) -> torch.Tensor:
+        # position p reads the target's state there and the token after it: tokens draft_length + 1 ..
+        feeds = [s.tokens[self.runner.draft_length(s.slot) + 1 :] for s in seqs]
+        logits = self.runner.head_catch_up([s.slot for s in seqs], feeds)
+        self._hidden = self.runner.draft.hidden
+        return logits
+
+    def _next_step(self, seqs: list[Sequence], rows: list[int], last: list[int]) -> torch.Tensor:
+        hidden = self._hidden[torch.tensor(rows, device=self._hidden.device)]
+        logits = self.runner.draft_step([s.slot for s in seqs], [[t] for t in last], hidden=hidden)
+        self._hidden = self.runner.draft.hidden
+        return logits
+
+    def _done(self, seqs: list[Sequence]) -> None:
+        self._hidden = None
+        for s in seqs:
+            self.runner.head_drafted(s.slot)

@@ -4,13 +4,20 @@ Slot s of the target's pool and slot s of the draft's belong to the same sequenc
 slot holds every token of its sequence but the last; the draft's holds a prefix of that (it may
 lag: a sequence that has not drafted for a while catches up at its next draft step). Logits come
 back cut to the pair's common vocabulary, on the pair's device.
+
+With an EAGLE-3 head as the draft (adasd_core.eagle) the target's forwards also return the states the
+head reads (the inputs of its auxiliary layers) at every fed position; a slot keeps those of the
+positions the head has not read yet (`pending_states`: target length - head length), cut back with the
+target's rollback, and the head reads them at its next draft step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from adasd_core.kv_cache import make_pool
+from adasd_core.eagle import Eagle3Head
+from adasd_core.errors import ModelLoadError
+from adasd_core.kv_cache import LeanPool, make_pool
 from adasd_core.models import ModelPair
 
 
@@ -20,6 +27,23 @@ class ModelRunner:
         self.target = make_pool(pair.target, slots, capacity)
         self.draft = make_pool(pair.draft, slots, capacity) if pair.draft is not None else None
         self.batched = bool(self.target.batched)
+        self.head = isinstance(pair.draft, Eagle3Head)
+        self.capture: tuple[int, ...] = pair.draft.aux_layers if self.head else ()
+        if self.head and not isinstance(self.target, LeanPool):
+            raise ModelLoadError("an EAGLE-3 head needs a Llama-family target that runs on the lean forward")
+        self.states: list[torch.Tensor | None] = [None] * slots  # per slot: states the head has not read
+        self._read: dict[int, int] = {}  # head length after this round's catch-up, per drafting slot
+
+    def _target_forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool,
+                        keep_states: list[bool]) -> torch.Tensor:
+        if not self.head:
+            return self.target.forward(slots, feeds, all_logits=all_logits)
+        logits, states = self.target.forward(slots, feeds, all_logits=all_logits, capture=self.capture)
+        for slot, rows, keep in zip(slots, states.split([len(f) for f in feeds]), keep_states):
+            if keep:
+                held = self.states[slot]
+                self.states[slot] = rows if held is None or not len(held) else torch.cat((held, rows))
+        return logits
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[:, : self.vocab].to(self.device)
@@ -34,21 +58,47 @@ class ModelRunner:
         draft slots too."""
         slots = [seq.slot for seq, _ in batch]
         feeds = [seq.prompt_ids[seq.prefilled : seq.prefilled + n] for seq, n in batch]
-        logits = self.target.forward(slots, feeds, all_logits=keep_logits)
+        logits = self._target_forward(slots, feeds, keep_logits, [seq.policy is not None for seq, _ in batch])
         if keep_logits:
             return logits[:, : self.vocab]
         drafting = [(s, f) for (seq, _), s, f in zip(batch, slots, feeds) if seq.policy is not None]
-        if drafting:
+        if drafting and not self.head:  # a head reads the prompt's states at its first draft step
             self.draft.forward([s for s, _ in drafting], [f for _, f in drafting])
         return None
 
-    def verify(self, slots: list[int], feeds: list[list[int]]) -> torch.Tensor:
-        """One batched target forward of each slot's last token and candidates: [sum n_b, V] logits."""
-        return self._logits(self.target.forward(slots, feeds, all_logits=True))
+    def verify(self, slots: list[int], feeds: list[list[int]], drafting: list[bool] | None = None) -> torch.Tensor:
+        """One batched target forward of each slot's last token and candidates: [sum n_b, V] logits.
+        `drafting`: which slots' sequences draft (a head keeps their states)."""
+        keep = drafting if drafting is not None else [True] * len(slots)
+        return self._logits(self._target_forward(slots, feeds, True, keep))
 
-    def draft_step(self, slots: list[int], feeds: list[list[int]]) -> torch.Tensor:
-        """One batched draft forward: logits [B, V] at each slot's last fed token."""
+    def draft_step(self, slots: list[int], feeds: list[list[int]], hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """One batched draft forward: logits [B, V] at each slot's last fed token (a head's rows read
+        `hidden`, its own previous output)."""
+        if self.head:
+            return self._logits(self.draft.forward(slots, feeds, hidden=hidden))
         return self._logits(self.draft.forward(slots, feeds))
+
+    # ------------------------------------------------------------------ an EAGLE-3 head's states
+
+    def pending_states(self, slot: int) -> int:
+        held = self.states[slot]
+        return 0 if held is None else len(held)
+
+    def head_catch_up(self, slots: list[int], feeds: list[list[int]]) -> torch.Tensor:
+        """The head reads every target state it has not read (feeds[b]: the token after each of those
+        positions): logits [B, V] at each slot's last one."""
+        rows = []
+        for slot, feed in zip(slots, feeds):
+            assert len(feed) == self.pending_states(slot), (slot, len(feed), self.pending_states(slot))
+            rows.append(self.states[slot])
+            self.states[slot] = None
+        self._read = {slot: self.draft.length(slot) + len(f) for slot, f in zip(slots, feeds)}
+        return self._logits(self.draft.forward(slots, feeds, features=torch.cat(rows)))
+
+    def head_drafted(self, slot: int) -> None:
+        """After a round's drafting: the head's slot back to the positions that read the target's states."""
+        self.draft.rollback(slot, min(self.draft.length(slot), self._read.pop(slot)))
 
     # ------------------------------------------------------------------ slots
 
@@ -64,22 +114,35 @@ class ModelRunner:
         self.target.rollback(slot, length)
         if self.draft is not None:
             self.draft.rollback(slot, min(self.draft.length(slot), length))
+        self._cut_states(slot)
 
     def restore(self, slot: int, lengths: tuple[int, int]) -> None:
-        """Undo a failed forward's writes: back to lengths() taken before it."""
+        """Undo a failed forward's writes: back to lengths() taken before it (a head keeps what it read of
+        the target's states before then: those positions are the sequence's)."""
         self.target.rollback(slot, lengths[0])
         if self.draft is not None:
-            self.draft.rollback(slot, min(lengths[1], self.draft.length(slot)))
+            keep = lengths[0] if self.head else lengths[1]
+            self.draft.rollback(slot, min(keep, self.draft.length(slot)))
+        self._cut_states(slot)
+        if self.head:
+            self._read.pop(slot, None)
+
+    def _cut_states(self, slot: int) -> None:
+        held = self.states[slot]
+        if held is not None:
+            self.states[slot] = held[: self.target.length(slot) - self.draft.length(slot)]
 
     def swap(self, a: int, b: int) -> None:
         for pool in (self.target, self.draft):
             if pool is not None:
                 pool.swap(a, b)
+        self.states[a], self.states[b] = self.states[b], self.states[a]
 
     def clear(self, slot: int) -> None:
         for pool in (self.target, self.draft):
             if pool is not None:
                 pool.clear(slot)
+        self.states[slot] = None
 
     def kv_tokens(self, slots: list[int]) -> tuple[int, int]:
         """Tokens resident in the (target, draft) pools over these slots."""

@@ -163,6 +163,9 @@ def build_draft(work: Path, out: Path, cfg: DraftBuildConfig | None = None, targ
                 write(_engine(pair, cfg.slots), [jobs[i] for i in todo], cfg.top_k,
                       lambda n: bar.update(task, completed=len(jobs) - len(todo) + n), on_result)
             log["answers"] = {"shards": n_shards}
+        if not set(stages) - {"users", "answers"}:  # the conversations only (build-eagle reads them)
+            _save_json(log_path, log)
+            return log
 
         records, held_records = _records(work, cfg)
         log["data"] = {"conversations": len(records) + len(held_records), "held_out": len(held_records),
