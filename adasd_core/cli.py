@@ -92,7 +92,8 @@ def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: s
 ModelOpts = dict(
     target=typer.Option("smollm2",
                         help="Target model: 'smollm2' or 'tiny' (built-in pairs), a hub id or a local path."),
-    draft=typer.Option("smollm2", help="Draft model: 'smollm2', 'tiny', a hub id or a local path."),
+    draft=typer.Option("smollm2", help="Draft model: 'smollm2', 'smollm2-eagle3' (the default target's EAGLE-3 "
+                                       "head), 'tiny', a hub id or a local path (a draft model or an EAGLE-3 head)."),
 )
 
 

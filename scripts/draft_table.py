@@ -36,13 +36,14 @@ def step_shares(pairs: dict, repeats: int) -> dict[str, float]:
 
 def acceptance(pair, n_prompts: int, tokens: int, k: int) -> dict:
     from adasd_core.bench.tasks import chat_eval_prompts, chat_eval_rows
-    from adasd_core.engine import SpecConfig, SpeculativeEngine
+    from adasd_core.engine import SpecConfig
+    from adasd_core.llm import LLM
     from adasd_core.sampling import SamplingParams
 
     rows = chat_eval_rows(n_prompts)
     prompts = [pair.tokenizer(t, add_special_tokens=False)["input_ids"]
                for t in chat_eval_prompts(pair.tokenizer, n_prompts)]
-    engine = SpeculativeEngine(pair, calibrate=False, max_running=1)
+    engine = LLM(pair, calibrate=False, max_running=1)
     out: dict[str, dict] = {}
     for row, prompt in zip(rows, prompts):
         res = engine.generate(prompt, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
@@ -77,7 +78,9 @@ def main() -> None:
     from adasd_core.models import load_pair
 
     pairs = {name: load_pair("smollm2", name, device="cpu", max_model_len=1024) for name in args.drafts.split(",")}
-    result = {"steps": step_shares(pairs, args.repeats),
+    steps = step_shares(pairs, args.repeats)
+    print(json.dumps(steps), flush=True)
+    result = {"steps": steps,
               "acceptance": {name: acceptance(pair, args.prompts, args.tokens, args.k) for name, pair in pairs.items()},
               "setup": {"prompts": args.prompts, "tokens": args.tokens, "k": args.k,
                         "threads": torch.get_num_threads()}}

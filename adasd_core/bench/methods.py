@@ -224,6 +224,12 @@ def build_methods(pair: ModelPair, keys: tuple[str, ...] = METHOD_KEYS, k: int =
     needs_draft = [key for key in keys if key not in ("target", "hf-target")]
     if needs_draft and pair.draft is None:
         raise ValueError(f"method {needs_draft[0]!r} needs a draft model")
+    from adasd_core.eagle import Eagle3Head
+
+    standalone = [key for key in keys if key in ("draft", "hf-assisted")]
+    if standalone and isinstance(pair.draft, Eagle3Head):
+        raise ValueError(f"method {standalone[0]!r} runs the draft as a model of its own; an EAGLE-3 head reads "
+                         "the target's states and cannot")
     engine = engine or LLM(pair)
     rows: dict[str, Method] = {}
     if "draft" in keys:

@@ -43,7 +43,7 @@ class EagleBuildConfig:
     draft_vocab: int = 8192
     ttt_steps: int = 4  # draft steps simulated per position in training
     step_decay: float = 0.8  # loss weight of step s: decay ** (s - 1)
-    plan: TrainPlan = field(default_factory=lambda: TrainPlan(steps=1200, batch_tokens=4096, lr=1e-3, warmup=30))
+    plan: TrainPlan = field(default_factory=lambda: TrainPlan(steps=500, batch_tokens=4096, lr=1e-3, warmup=30))
     shard: int = 128  # conversations per saved shard of states
     states_batch: int = 8  # conversations per target forward while reading states
     ckpt_every: int = 50

@@ -254,3 +254,21 @@ def test_build_eagle_runs_every_stage_deterministically_and_resumes(quick_pair_d
     prompt = pair.tokenizer("the king said", add_special_tokens=False)["input_ids"]
     ref = engine.generate(prompt, SamplingParams(max_tokens=24), SpecConfig(method="ar")).token_ids
     assert engine.generate(prompt, SamplingParams(max_tokens=24), SpecConfig(method="vanilla")).token_ids == ref
+
+
+def test_the_shipped_head_loads_for_the_default_target_and_keeps_its_tokens():
+    """adasd_core/smollm2_eagle3 (built by build-eagle): the published layout, under the package's size
+    budget, drafting on the real target with greedy output equal to the target alone."""
+    from adasd_core.model_files import EAGLE_DIR
+
+    assert sum(f.stat().st_size for f in EAGLE_DIR.iterdir()) < 32 * 2**20
+    pair = load_pair("smollm2", "smollm2-eagle3", device="cpu", max_model_len=512)
+    assert isinstance(pair.draft, eagle.Eagle3Head) and pair.draft.aux_layers == (2, 15, 27)
+    engine = LLM(pair, calibrate=False, max_running=1)
+    prompt = pair.tokenizer.apply_chat_template([{"role": "user", "content": "Name three primary colours."}],
+                                                add_generation_prompt=True, tokenize=False)
+    ids = pair.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    ref = engine.generate(ids, params, SpecConfig(method="ar")).token_ids
+    out = engine.generate(ids, params, SpecConfig(method="vanilla", k=4))
+    assert out.token_ids == ref and out.stats.drafted_tokens > 0

@@ -33,6 +33,7 @@ PAIRS = {
     "qwen2.5-72b_qwen2.5-7b.yaml": ("Qwen/Qwen2.5-72B-Instruct", "Qwen/Qwen2.5-7B-Instruct"),
     "llama-3.1-8b_llama-3.2-1b.yaml": ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.2-1B-Instruct"),
     "qwen2.5-7b_qwen2.5-0.5b.yaml": ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
+    "llama-3.1-8b_eagle3.yaml": ("meta-llama/Llama-3.1-8B-Instruct", "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B"),
 }
 # Published architectures: (layers, kv heads, head dim) -> KV bytes per token in bf16.
 KV_KIB = {
@@ -42,6 +43,7 @@ KV_KIB = {
     "Qwen/Qwen2.5-72B-Instruct": 2 * 80 * 8 * 128 * 2 // 1024,
     "Qwen/Qwen2.5-7B-Instruct": 2 * 28 * 4 * 128 * 2 // 1024,
     "Qwen/Qwen2.5-0.5B-Instruct": 2 * 24 * 2 * 64 * 2 // 1024,
+    "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B": 2 * 1 * 8 * 128 * 2 // 1024,  # one decoder layer
 }
 
 
