@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adasd_core import lean
+from adasd_core.kv_cache import LeanPool
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -340,21 +341,20 @@ class _HeadLayout:
         return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-class EaglePool:
+class EaglePool(LeanPool):
     """A head's KV slots (one layer) and each slot's length, beside the target's pool.
 
     A slot's positions hold what the head read there: the target's state at every position up to the
     target's accepted length (a catch-up step feeds them, `features`), then this round's own drafted
     positions (`hidden`: the head's previous output), which the runner cuts off after drafting."""
 
-    batched = True
-
-    def __init__(self, head: Eagle3Head, slots: int, capacity: int):
+    def __init__(self, head: Eagle3Head, slots: int, capacity: int):  # LeanPool.__init__ is not called: no model
         self.head = head
         self.lean = m = _HeadLayout(head)
         shape = (1, slots, m.n_kv, capacity, m.head_dim)
         self.k = torch.zeros(shape, dtype=m.dtype, device=m.device)
         self.v = torch.zeros(shape, dtype=m.dtype, device=m.device)
+        self.buffers = [([0], self.k, self.v)]  # LeanPool's layout: its length, rollback, swap and clear serve
         self.lengths = [0] * slots
         self.capacity = capacity
         self.hidden: torch.Tensor | None = None  # [B, C]: the last call's output states at each last row
@@ -388,21 +388,3 @@ class EaglePool:
         out = m.lm_head(m.rms(rows, m.norm))
         full = out.new_full((out.shape[0], m.vocab_size), float("-inf"))
         return full.index_copy_(1, m.targets, out)
-
-    def length(self, slot: int) -> int:
-        return self.lengths[slot]
-
-    def rollback(self, slot: int, length: int) -> None:
-        assert 0 <= length <= self.lengths[slot], f"cannot roll slot {slot} of {self.lengths[slot]} forward to {length}"
-        self.lengths[slot] = length
-
-    def swap(self, a: int, b: int) -> None:
-        n = max(self.lengths[a], self.lengths[b])
-        for buf in (self.k, self.v):
-            tmp = buf[:, a, :, :n].clone()
-            buf[:, a, :, :n] = buf[:, b, :, :n]
-            buf[:, b, :, :n] = tmp
-        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
-
-    def clear(self, slot: int) -> None:
-        self.lengths[slot] = 0

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from adasd_core import eagle
 from adasd_core.distill.build import DraftBuildConfig, _records, _save_json, build_draft
-from adasd_core.distill.train import Record, TrainPlan, _lr, batches
+from adasd_core.distill.train import Record, TrainPlan, _lr, batches, resume
 
 STAGES = ("users", "answers", "states", "train", "export", "report")
 
@@ -180,12 +180,7 @@ def train_head(head, target, vocab_ids, records, states, cfg: EagleBuildConfig, 
     opt = torch.optim.AdamW(params, lr=plan.lr, betas=(0.9, 0.95), weight_decay=0.0)
     groups = batches(records, plan.batch_tokens)
     pad = target.config.eos_token_id if isinstance(target.config.eos_token_id, int) else 0
-    step, curve = 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        head.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["opt"])
-        step, curve = state["step"], state["curve"]
+    step, curve = resume(ckpt, head, opt)
     head.train()
     order: list[int] = []
     weights = [cfg.step_decay**s for s in range(cfg.ttt_steps)]

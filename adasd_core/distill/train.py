@@ -68,6 +68,16 @@ def trainable(draft) -> list[torch.nn.Parameter]:
     return params
 
 
+def resume(ckpt: Path, model, opt) -> tuple[int, list]:
+    """(step, curve) of a checkpoint, its weights and optimiser state loaded; (0, []) without one."""
+    if not ckpt.exists():
+        return 0, []
+    state = torch.load(ckpt, weights_only=False)
+    model.load_state_dict(state["model"], strict=False)
+    opt.load_state_dict(state["opt"])
+    return state["step"], state["curve"]
+
+
 def _lr(step: int, plan: TrainPlan) -> float:
     if step < plan.warmup:
         return plan.lr * (step + 1) / plan.warmup
@@ -136,12 +146,7 @@ def train(draft, records: list[Record], head_tokens: torch.Tensor, plan: TrainPl
     head_rows = draft.model.embed_tokens.weight.index_select(0, head_tokens).detach()  # [N, C], frozen
     groups = batches(records, plan.batch_tokens)
     pad = draft.config.eos_token_id if isinstance(draft.config.eos_token_id, int) else 0
-    step, curve = 0, []
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        draft.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["opt"])
-        step, curve = state["step"], state["curve"]
+    step, curve = resume(ckpt, draft, opt)
     draft.train()
     epoch_order: list[int] = []
     while step < plan.steps:
