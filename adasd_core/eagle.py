@@ -335,10 +335,7 @@ class _HeadLayout:
         return self.cos[positions], self.sin[positions]
 
     def rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, w.shape, w, self.eps)
-        h = x.float()
-        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return lean.rms_norm(x, w, self.eps)
 
 
 class EaglePool(LeanPool):
@@ -383,8 +380,7 @@ class EaglePool(LeanPool):
         x = x + m.down(F.silu(gate) * up)
         for s, n in zip(slots, ns):
             self.lengths[s] += n
-        rows = x if all_logits else batch.last_rows(x)
         self.hidden = batch.last_rows(x)
-        out = m.lm_head(m.rms(rows, m.norm))
+        out = m.lm_head(m.rms(x if all_logits else self.hidden, m.norm))
         full = out.new_full((out.shape[0], m.vocab_size), float("-inf"))
         return full.index_copy_(1, m.targets, out)

@@ -235,11 +235,7 @@ class LeanModel:
         return self.cos[positions], self.sin[positions]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, weight.shape, weight, self.eps)
-        h = x.float()  # as transformers: normalise in float32, scale in the model's dtype
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
+        return rms_norm(x, weight, self.eps)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[T, C] final hidden states -> [T, V] logits (-inf outside a subset head)."""
@@ -252,6 +248,14 @@ class LeanModel:
             return out
         full = out.new_full((out.shape[0], self.vocab_size), float("-inf"))
         return full.index_copy_(1, self.head_tokens, out)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    h = x.float()  # as transformers: normalise in float32, scale in the model's dtype
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def rotary_table(rotary_emb, like: torch.Tensor, head_dim: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,6 +395,8 @@ class Ragged:
 
     def last_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Each sequence's last fed row of x [T, ...] -> [B, ...]."""
+        if self.T == self.B:  # one row each (a decode or draft step): every row is a last one
+            return x
         return x[-1:] if self.B == 1 else x[torch.tensor(self.ns, device=x.device).cumsum(0) - 1]
 
 

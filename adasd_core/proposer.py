@@ -99,7 +99,9 @@ class EagleProposer(DraftModelProposer):
         return logits
 
     def _next_step(self, seqs: list[Sequence], rows: list[int], last: list[int]) -> torch.Tensor:
-        hidden = self._hidden[torch.tensor(rows, device=self._hidden.device)]
+        hidden = self._hidden
+        if len(rows) < len(hidden):  # some stopped: the others' rows only
+            hidden = hidden[torch.tensor(rows, device=hidden.device)]
         logits = self.runner.draft_step([s.slot for s in seqs], [[t] for t in last], hidden=hidden)
         self._hidden = self.runner.draft.hidden
         return logits

@@ -32,7 +32,6 @@ class ModelRunner:
         if self.head and not isinstance(self.target, LeanPool):
             raise ModelLoadError("an EAGLE-3 head needs a Llama-family target that runs on the lean forward")
         self.states: list[torch.Tensor | None] = [None] * slots  # per slot: states the head has not read
-        self._read: dict[int, int] = {}  # head length after this round's catch-up, per drafting slot
 
     def _target_forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool,
                         keep_states: list[bool]) -> torch.Tensor:
@@ -88,17 +87,17 @@ class ModelRunner:
     def head_catch_up(self, slots: list[int], feeds: list[list[int]]) -> torch.Tensor:
         """The head reads every target state it has not read (feeds[b]: the token after each of those
         positions): logits [B, V] at each slot's last one."""
-        rows = []
         for slot, feed in zip(slots, feeds):
             assert len(feed) == self.pending_states(slot), (slot, len(feed), self.pending_states(slot))
-            rows.append(self.states[slot])
+        logits = self.draft.forward(slots, feeds, features=torch.cat([self.states[s] for s in slots]))
+        for slot in slots:  # read: the head's slot now reaches the target's length
             self.states[slot] = None
-        self._read = {slot: self.draft.length(slot) + len(f) for slot, f in zip(slots, feeds)}
-        return self._logits(self.draft.forward(slots, feeds, features=torch.cat(rows)))
+        return self._logits(logits)
 
     def head_drafted(self, slot: int) -> None:
-        """After a round's drafting: the head's slot back to the positions that read the target's states."""
-        self.draft.rollback(slot, min(self.draft.length(slot), self._read.pop(slot)))
+        """After a round's drafting: the head's slot back to the positions that read the target's states
+        (those before the target's length; its own drafted positions come after)."""
+        self.draft.rollback(slot, min(self.draft.length(slot), self.target.length(slot)))
 
     # ------------------------------------------------------------------ slots
 
@@ -124,8 +123,6 @@ class ModelRunner:
             keep = lengths[0] if self.head else lengths[1]
             self.draft.rollback(slot, min(keep, self.draft.length(slot)))
         self._cut_states(slot)
-        if self.head:
-            self._read.pop(slot, None)
 
     def _cut_states(self, slot: int) -> None:
         held = self.states[slot]
