@@ -151,6 +151,9 @@ async def kill_worker(srv: ServerProcess, clients: int = 8, max_tokens: int = 12
         loop = asyncio.get_running_loop()
         new = await loop.run_in_executor(None, lambda: srv.wait_ready(timeout=300, not_pid=old_pid))
         recovery_s = time.monotonic() - t_kill
+    # a fresh connection: the pool's idle ones may be past the server's keep-alive timeout by now, and
+    # reusing one as the server closes it is a client-side race, not the recovery under test
+    async with client(srv) as http:
         after = await post_once(http, body(srv.model, 4), log)
     reaped = not _alive(old_pid)
     return {"scenario": "kill_worker", "clients": clients, "client_outcomes": tally(results),
