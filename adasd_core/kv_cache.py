@@ -75,9 +75,10 @@ class LeanPool:
 
     @torch.inference_mode()
     def forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool = False,
-                capture: tuple[int, ...] = ()):
+                capture: tuple[int, ...] = (), alone: bool = False):
         """feeds[b] appended to slots[b] -> logits [B, V] at each last token, or [sum n_b, V]; with
-        `capture`, (logits, the captured layers' inputs [sum n_b, ...]) (lean.forward)."""
+        `capture`, (logits, the captured layers' inputs [sum n_b, ...]); `alone`: rows batch-invariant
+        (lean.forward)."""
         keep = every = None
         lo, hi = min(slots), max(slots)
         if len(slots) > 1 and slots == sorted(slots) and hi - lo + 1 != len(slots) and hi - lo + 1 <= 2 * len(slots):
@@ -100,7 +101,7 @@ class LeanPool:
         else:
             fed = [len(f) for f in feeds]
         starts = [self.lengths[s] for s in slots]
-        out = lean.forward(self.lean, self.k, self.v, slots, starts, feeds, all_logits, capture)
+        out = lean.forward(self.lean, self.k, self.v, slots, starts, feeds, all_logits, capture, alone)
         for s, n in zip(slots, fed):
             self.lengths[s] += n
         if keep is None:
@@ -140,7 +141,9 @@ class HFPool:
         self.capacity = capacity
 
     @torch.inference_mode()
-    def forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool = False) -> torch.Tensor:
+    def forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool = False,
+                alone: bool = False) -> torch.Tensor:
+        """As LeanPool.forward; every sequence runs alone already."""
         device = self.model.get_input_embeddings().weight.device
         out = []
         for s, feed in zip(slots, feeds):

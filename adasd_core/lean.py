@@ -317,7 +317,8 @@ class Ragged:
     sequence with a mask that keeps each query to its own slot's keys. `owner` gives the heads and the
     rotary table (a LeanModel, or a draft head with the same attributes)."""
 
-    def __init__(self, owner, slots: list[int], starts: list[int], ns: list[int], capacity: int):
+    def __init__(self, owner, slots: list[int], starts: list[int], ns: list[int], capacity: int,
+                 alone: bool = False):
         dev = owner.device
         self.slots, self.starts, self.ns = slots, starts, ns
         self.B, self.n, self.T = len(slots), max(ns), sum(ns)
@@ -337,8 +338,10 @@ class Ragged:
         groups = self.H // self.Hkv if self.Hkv != self.H and fold_query_groups(dev) else 1
         # int8 activations are rounded to a grid, so the last bits of a batched attention (other key
         # lengths, padded queries) can move a row's draft logits by whole grid steps: attention then runs
-        # per sequence, exactly as that sequence alone would, and each row's logits are batch-invariant
-        self.per_seq = self.B > 1 and getattr(owner, "attend_alone", False) and not getattr(owner, "split", False)
+        # per sequence, exactly as that sequence alone would, and each row's logits are batch-invariant;
+        # only where the batch holds a request whose text must repeat (`alone`): it costs the others time
+        self.per_seq = self.B > 1 and alone and getattr(owner, "attend_alone", False) and \
+            not getattr(owner, "split", False)
         self.mask = None
         if self.per_seq:
             self.offsets = [sum(ns[:b]) for b in range(self.B)]
@@ -409,6 +412,7 @@ def forward(
     feeds: list[list[int]],
     all_logits: bool,
     capture: tuple[int, ...] = (),
+    alone: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Append feeds[b] to slot slots[b] at position starts[b]; k_pool, v_pool [L, S, H_kv, C, D] (or a
     list of L [S, H_kv, C, D], each on its layer's device, for a model split over devices).
@@ -418,10 +422,11 @@ def forward(
     attention pads them to [B, n_max] (with a mask), so ragged drafts cost no padded matmul rows.
     `capture`: layer ids whose inputs (the residual stream before them) come back too, concatenated in
     that order at every fed token, [T, len(capture) C] on the embedding's device: (logits, hidden) (EAGLE-3
-    heads; id L, the number of layers, is the last layer's output).
+    heads; id L, the number of layers, is the last layer's output). `alone`: an int8 model's rows are
+    bitwise what each sequence gets alone (attention per sequence; Ragged).
     """
     ns = [len(f) for f in feeds]
-    batch = Ragged(lean, slots, starts, ns, k_pool[0].size(2))
+    batch = Ragged(lean, slots, starts, ns, k_pool[0].size(2), alone)
     ids = torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=lean.device)  # [T]
     x = F.embedding(ids, lean.embed)  # [T, C]
     kept = {}

@@ -30,11 +30,12 @@ class DraftModelProposer:
     def _first_step(self, seqs: list[Sequence]) -> torch.Tensor:
         # the draft slot may lag; the round's forced tokens go in with the first step
         feeds = [s.tokens[self.runner.draft_length(s.slot):] + s.forced for s in seqs]
-        return self.runner.draft_step([s.slot for s in seqs], feeds)
+        return self.runner.draft_step([s.slot for s in seqs], feeds, alone=any(s.reproducible for s in seqs))
 
     def _next_step(self, seqs: list[Sequence], rows: list[int], last: list[int]) -> torch.Tensor:
         """The step after one: seqs (rows[i] their row in the previous step) each fed its last candidate."""
-        return self.runner.draft_step([s.slot for s in seqs], [[t] for t in last])
+        return self.runner.draft_step([s.slot for s in seqs], [[t] for t in last],
+                                      alone=any(s.reproducible for s in seqs))
 
     def _drafting(self, seqs: list[Sequence]) -> list[Sequence]:
         return seqs

@@ -62,7 +62,8 @@ class ModelRunner:
             return logits[:, : self.vocab]
         drafting = [(s, f) for (seq, _), s, f in zip(batch, slots, feeds) if seq.policy is not None]
         if drafting and not self.head:  # a head reads the prompt's states at its first draft step
-            self.draft.forward([s for s, _ in drafting], [f for _, f in drafting])
+            alone = any(seq.reproducible for seq, _ in batch if seq.policy is not None)
+            self.draft.forward([s for s, _ in drafting], [f for _, f in drafting], alone=alone)
         return None
 
     def verify(self, slots: list[int], feeds: list[list[int]], drafting: list[bool] | None = None) -> torch.Tensor:
@@ -71,12 +72,14 @@ class ModelRunner:
         keep = drafting if drafting is not None else [True] * len(slots)
         return self._logits(self._target_forward(slots, feeds, True, keep))
 
-    def draft_step(self, slots: list[int], feeds: list[list[int]], hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def draft_step(self, slots: list[int], feeds: list[list[int]], hidden: torch.Tensor | None = None,
+                   alone: bool = False) -> torch.Tensor:
         """One batched draft forward: logits [B, V] at each slot's last fed token (a head's rows read
-        `hidden`, its own previous output)."""
+        `hidden`, its own previous output). `alone`: the batch holds a reproducible request, so each
+        row is what its sequence would get alone (LeanPool.forward)."""
         if self.head:
             return self._logits(self.draft.forward(slots, feeds, hidden=hidden))
-        return self._logits(self.draft.forward(slots, feeds))
+        return self._logits(self.draft.forward(slots, feeds, alone=alone))
 
     # ------------------------------------------------------------------ an EAGLE-3 head's states
 

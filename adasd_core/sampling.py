@@ -111,10 +111,31 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
-def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of probs [..., V] (non-negative, need not sum to 1) -> [...] token ids."""
+def categorical(probs: torch.Tensor, generator: torch.Generator | None, stable: bool = False) -> torch.Tensor:
+    """One draw per row of probs [..., V] (non-negative, need not sum to 1) -> [...] token ids.
+    `stable`: by the exponential race (race), for requests whose text must repeat."""
+    if stable:
+        return race(probs, exponentials(probs.shape, generator, probs.device))
     u = torch.rand(probs.shape[:-1], dtype=torch.float64, device=probs.device, generator=generator)
     return inverse_cdf(probs, u)
+
+
+def exponentials(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
+                 device: torch.device) -> torch.Tensor:
+    """Exp(1) draws of `shape`, float64: the smallest of 49k draws decide the race, and float32's
+    24-bit uniforms would round them by ~0.3% (a zero uniform gives +inf, a key of 0 in race)."""
+    return torch.rand(shape, dtype=torch.float64, device=device, generator=generator).log_().neg_()
+
+
+def race(probs: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Rows of probs [..., V] (non-negative, need not sum to 1) and Exp(1) draws e [..., V] -> the token
+    of each row with the largest p_i / e_i: a draw from p / sum(p), exactly.
+
+    Unlike inverse_cdf, the draw moves only when two tokens' keys swap, so the last bits in which a
+    batched kernel's probabilities differ from a single row's almost never change it; inverse_cdf moves
+    whenever its uniform falls near any boundary of the cumulative sum, and over tens of thousands of
+    tail tokens one is near more often than not. The price: V uniforms a draw (seeded requests only)."""
+    return (probs.double() / e).argmax(-1)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -169,9 +190,10 @@ def logits_to_probs_rows(logits: torch.Tensor, row_params: list[SamplingParams])
 
 def sample_rows(probs: torch.Tensor, row_params: list[SamplingParams],
                 generators: list[torch.Generator]) -> torch.Tensor:
-    """[N, V] -> [N] token ids; sampled rows draw from their own request's generator."""
+    """[N, V] -> [N] token ids; sampled rows draw from their own request's generator (a seeded one by
+    the exponential race: its text repeats in any batch)."""
     out = probs.argmax(-1)
     for i, (params, gen) in enumerate(zip(row_params, generators)):
         if not params.greedy:
-            out[i] = categorical(probs[i], gen)
+            out[i] = categorical(probs[i], gen, stable=params.seed is not None)
     return out

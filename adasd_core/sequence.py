@@ -98,6 +98,11 @@ class Sequence:
         self.tokens = list(self.prompt_ids)
 
     @property
+    def reproducible(self) -> bool:
+        """Its text must repeat in any batch (seeded, or greedy with a check that can relax)."""
+        return self.plan_prior is not None
+
+    @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adasd_core.device import int_tensors
-from adasd_core.sampling import categorical, inverse_cdf
+from adasd_core.sampling import categorical, exponentials, inverse_cdf, race
 
 LN2 = math.log(2.0)
 
@@ -138,10 +138,11 @@ def accept_candidates(
     greedy: bool,
     generator: torch.Generator | None,
     relaxed: RelaxedCheck,
+    stable: bool = False,
 ) -> Verdict:
     """One sequence's round (accept_batch of one): candidates [k], target_probs [k+1, V] (the last
     row is the bonus position), draft_probs [k, V]."""
-    return accept_batch([candidates], target_probs, draft_probs, [greedy], [generator], [relaxed])[0]
+    return accept_batch([candidates], target_probs, draft_probs, [greedy], [generator], [relaxed], [stable])[0]
 
 
 def accept_batch(
@@ -151,6 +152,7 @@ def accept_batch(
     greedy: list[bool],
     generators: list[torch.Generator | None],
     relaxed: list[RelaxedCheck],
+    stable: list[bool] | None = None,
 ) -> list[Verdict]:
     """Every sequence of a round at once: accept candidates in order; the first that fails both
     checks ends that sequence's round, with the correction token there (else the bonus token).
@@ -161,7 +163,9 @@ def accept_batch(
     in one transfer. Only a check that can relax goes back to the host (P(A|d) from its KDEs); for
     it the last token is drawn at every row, with one uniform, and the host picks the row.
     Random draws, per sampled sequence from its own generator, in one call: the standard check's
-    k uniforms, the relaxed check's k (where it is on), one for the last token.
+    k uniforms, the relaxed check's k (where it is on), one for the last token; then, where `stable`
+    (a seeded request: its text must repeat in any batch), V exponentials, and its last token is drawn
+    by the exponential race (sampling.race) rather than by the inverse CDF.
     """
     B = len(candidates)
     ks = [len(c) for c in candidates]
@@ -179,6 +183,9 @@ def accept_batch(
     u_std = [u[:k] for u, k in zip(draws, ks)]
     u_rel = [u[k : 2 * k] if d else None for u, k, d in zip(draws, ks, uses_d)]
     u_last = torch.stack([u[-1] for u in draws])  # [B]
+    V = target_probs.shape[-1]
+    noise = [exponentials((V,), g, dev) if st and not gr else None
+             for g, gr, st in zip(generators, greedy, stable or [False] * B)]
 
     # every index the round needs, in one copy to the device
     last_seq, last_j = [], []  # the last token's sequence and row within it (-1: where the device says)
@@ -187,10 +194,11 @@ def accept_batch(
             last_seq.append(b)
             last_j.append(j)
     d_rows = [c for b in range(B) if uses_d[b] for c in range(cstart[b], cstart[b] + ks[b])]
-    (cand, rows, g_c, pad_b, pad_j, d_idx, greedy_t, ks_t, cstart_t, offsets_t, seq_t, j_fixed) = int_tensors(
+    raced = [i for i, b in enumerate(last_seq) if noise[b] is not None]  # last-token rows drawn by the race
+    (cand, rows, g_c, pad_b, pad_j, d_idx, greedy_t, ks_t, cstart_t, offsets_t, seq_t, j_fixed, raced_t) = int_tensors(
         dev, [t for c in candidates for t in c], [o + j for o, k in zip(offsets, ks) for j in range(k)],
         [gr for gr, k in zip(greedy, ks) for _ in range(k)], [b for b, k in enumerate(ks) for _ in range(k)],
-        [j for k in ks for j in range(k)], d_rows, greedy, ks, cstart, offsets, last_seq, last_j)
+        [j for k in ks for j in range(k)], d_rows, greedy, ks, cstart, offsets, last_seq, last_j, raced)
     entropy_rows = entropy(target_probs)  # [R]
     n_dev = ks_t  # kept candidates, as the device sees them (the check cannot relax)
     host: list[torch.Tensor] = []
@@ -221,7 +229,10 @@ def accept_batch(
         dist = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p_last)
     else:
         dist = p_last
-    token = torch.where(greedy_t.bool()[seq_t], p_last.argmax(-1), inverse_cdf(dist, u_last[seq_t]))  # [L]
+    drawn = inverse_cdf(dist, u_last[seq_t])  # [L]
+    if raced:
+        drawn[raced_t] = race(dist[raced_t], torch.stack([noise[last_seq[i]] for i in raced]))
+    token = torch.where(greedy_t.bool()[seq_t], p_last.argmax(-1), drawn)  # [L]
     s_last = -torch.log(p_last.gather(-1, token[:, None]).squeeze(-1).clamp_min(1e-30)) - entropy_rows[row_t]
     host += [n_dev.double(), token.double(), s_last.double()]
     flat = torch.cat(host).tolist()  # the round's one transfer to the host

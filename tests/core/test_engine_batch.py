@@ -301,3 +301,32 @@ def test_batch_aware_cap_turns_drafting_off_where_it_does_not_pay():
         assert out.stats.drafted_tokens == 0 and out.token_ids == ar
     # fixed-K methods are explicit baselines: the cap leaves them alone
     assert engine.generate([1], params, SpecConfig(method="vanilla", k=3)).stats.mean_draft_length > 2
+
+
+def test_draft_forwards_run_each_sequence_alone_only_beside_a_reproducible_request():
+    """Per-sequence attention (an int8 draft's rows bitwise what they are alone) costs time: a draft
+    forward asks for it only when its batch holds a seeded request, or a greedy one whose check can
+    relax; other batches run batched attention."""
+    from adasd_core.models import load_pair
+
+    engine = LLM(load_pair("tiny", "tiny", device="cpu"), calibrate=False, max_running=4)
+    draft = engine.runner.draft
+    calls = []
+    forward = draft.forward
+
+    def spy(slots, feeds, *a, alone=False, **kw):
+        owners = engine.scheduler.owner
+        calls.append((alone, any(owners[s].reproducible for s in slots)))
+        return forward(slots, feeds, *a, alone=alone, **kw)
+
+    draft.forward = spy
+    spec = SpecConfig(method="vanilla", k=3)
+    free = [([1 + i], SamplingParams(max_tokens=12, temperature=(0.0, 0.8)[i % 2], ignore_eos=True), spec)
+            for i in range(3)]
+    run_batch(engine, free)
+    assert calls and not any(alone for alone, _ in calls)
+    calls.clear()
+    seeded = ([9], SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True), spec)
+    run_batch(engine, free + [seeded])
+    assert any(alone for alone, _ in calls)
+    assert all(alone == holds for alone, holds in calls), calls
