@@ -111,6 +111,10 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
+# how a seeded request's draws are made: a response's system_fingerprint names it (another scheme, another text)
+SEEDED_DRAWS = "exponential-race-f64"
+
+
 def categorical(probs: torch.Tensor, generator: torch.Generator | None, stable: bool = False) -> torch.Tensor:
     """One draw per row of probs [..., V] (non-negative, need not sum to 1) -> [...] token ids.
     `stable`: by the exponential race (race), for requests whose text must repeat."""

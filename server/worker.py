@@ -338,15 +338,18 @@ def warm_state_file(settings: dict, identity: str) -> str | None:
 
 def static_fingerprint(identity: str, settings: dict) -> str:
     """What every response's system_fingerprint covers besides the plan and the snapshot: the pair
-    and its identity settings, the defaults a request may leave out, the code's version."""
+    and its identity settings, the defaults a request may leave out, the code's version and its seeded draws."""
     from importlib.metadata import PackageNotFoundError, version
+
+    from adasd_core.sampling import SEEDED_DRAWS
 
     try:
         code = version("adasd")
     except PackageNotFoundError:
         code = "unknown"
     keys = ("method", "k", "verification", "batch_aware")
-    return json.dumps({"identity": identity, "code": code, **{k: settings.get(k) for k in keys}}, sort_keys=True)
+    return json.dumps({"identity": identity, "code": code, "draws": SEEDED_DRAWS, **{k: settings.get(k) for k in keys}},
+                      sort_keys=True)
 
 
 def warm_state_path(settings: dict) -> str | None:
