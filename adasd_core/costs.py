@@ -130,8 +130,10 @@ class OnlineCorrection:
     REPROBE_EVERY = 64
 
     ratio: dict = field(default_factory=dict)  # (bucket, drafting) -> measured / predicted
+    ratio_n: dict = field(default_factory=dict)  # (bucket, drafting) -> rounds in it
     rates: dict = field(default_factory=dict)  # (bucket, drafting) -> (tokens/s per sequence, rounds)
     since_draft: dict = field(default_factory=dict)  # bucket -> plain rounds since a drafting one
+    _sums: dict = field(default_factory=dict)  # (bucket, drafting) -> (mean tokens per sequence, mean seconds, rounds)
     version: int = 0  # bumped when a ratio moves past RATIO_TOLERANCE: memoised plans are stale
 
     def observe(self, table: StepCosts, batch: int, draft_steps: int, tokens_per_sequence: float, seconds: float,
@@ -141,20 +143,47 @@ class OnlineCorrection:
         b = bucket(batch)
         key = (b, draft_steps > 0)
         r = seconds / table.round_cost(batch, draft_steps, tokens_per_sequence)
-        old = self.ratio.get(key)
-        self.ratio[key] = r if old is None else (1 - self.RATIO_SMOOTHING) * old + self.RATIO_SMOOTHING * r
-        if old is None or abs(self.ratio[key] - old) > self.RATIO_TOLERANCE * old:
+        old, n = self.ratio.get(key), self.ratio_n.get(key, 0)
+        w = max(self.RATIO_SMOOTHING, 1.0 / (n + 1))  # a running mean first: one slow round is one of many
+        self.ratio[key] = r if old is None else (1 - w) * old + w * r
+        self.ratio_n[key] = n + 1
+        if old is None or abs(self.ratio[key] - old) > self.RATIO_TOLERANCE * old or n + 1 == self.EXPLORE_ROUNDS:
             self.version += 1
         if tokens is not None and seconds > 0:
-            rate = tokens / batch / seconds
-            ema, n = self.rates.get(key, (rate, 0))
-            self.rates[key] = (rate if n == 0 else (1 - self.RATE_SMOOTHING) * ema + self.RATE_SMOOTHING * rate, n + 1)
-            self.since_draft[b] = 0 if draft_steps else self.since_draft.get(b, 0) + 1
+            # tokens and seconds averaged apart (a ratio of means, not a mean of per-round ratios, which
+            # over-weights short rounds), each a running mean until the EMA's window is reached: the
+            # first rounds, often a rejection, must not stand for the next twenty
+            n_tok, n_s, n = self._sums.get(key, (0.0, 0.0, 0))
+            w = max(self.RATE_SMOOTHING, 1.0 / (n + 1))
+            n_tok, n_s = (1 - w) * n_tok + w * tokens / batch, (1 - w) * n_s + w * seconds
+            self._sums[key] = (n_tok, n_s, n + 1)
+            self.rates[key] = (n_tok / n_s, n + 1)
+            before = self.since_draft.get(b, 0)
+            self.since_draft[b] = 0 if draft_steps else before + 1
+            if self.since_draft[b] == self.REPROBE_EVERY or (draft_steps and before >= self.REPROBE_EVERY):
+                self.version += 1  # a re-probe starts or ends: its plans differ (ratios)
 
     def ratios(self, batch: int) -> tuple[float, float]:
-        """(drafting, plain) measured / predicted round time at this batch size (1 where unmeasured)."""
+        """(drafting, plain) measured / predicted round time at this batch size. A kind with fewer than
+        EXPLORE_ROUNDS rounds takes the other's ratio (the table's error is mostly the whole machine's),
+        and so does drafting during a re-probe: a drafting ratio from one slow first round (a new shape's
+        first call) would make drafting look too dear to be planned, hence never measured again. 1 where
+        neither is measured."""
         b = bucket(batch)
-        return self.ratio.get((b, True), 1.0), self.ratio.get((b, False), 1.0)
+
+        def known(drafting: bool) -> float | None:
+            return self.ratio.get((b, drafting)) if self.ratio_n.get((b, drafting), 0) >= self.EXPLORE_ROUNDS else None
+
+        spec, plain = known(True), known(False)
+        if self._reprobing(b):
+            spec = None
+        return (spec if spec is not None else plain if plain is not None else 1.0,
+                plain if plain is not None else spec if spec is not None else 1.0)
+
+    def _reprobing(self, b: int) -> bool:
+        plain, spec = self.rates.get((b, False), (0.0, 0)), self.rates.get((b, True), (0.0, 0))
+        return plain[1] >= self.EXPLORE_ROUNDS and self.EXPLORE_ROUNDS <= spec[1] and spec[0] < plain[0] and \
+            self.since_draft.get(b, 0) >= self.REPROBE_EVERY
 
     def drafting_pays(self, batch: int) -> bool:
         """Whether drafting rounds have measured more tokens per second than plain ones at this batch

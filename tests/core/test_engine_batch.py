@@ -264,6 +264,46 @@ def test_measured_rates_decide_where_the_table_says_drafting_pays():
     assert plan() != [0] * 4 and costs.plan_batch([0.5] * 4, [5] * 4) != [0] * 4
 
 
+def test_a_bad_first_drafting_round_does_not_outweigh_the_next_ones():
+    """Measured rates are running means until the EMA's window fills: one rejected first round (a plain
+    token for a draft step's price) followed by rounds that gain must let drafting win."""
+    from adasd_core.costs import OnlineCorrection, StepCosts
+
+    table = StepCosts([1, 8], [1, 21], [[1.0, 1.1], [1.2, 1.4]], [0.1, 0.12])
+    c = OnlineCorrection()
+    for _ in range(c.EXPLORE_ROUNDS):
+        c.observe(table, 1, 0, 1.0, 1.0, tokens=1)  # plain: 1 token/s
+    c.observe(table, 1, 1, 2.0, 2.0, tokens=1)  # a first drafting round rejected: 0.5 token/s
+    for _ in range(c.EXPLORE_ROUNDS - 1):
+        c.observe(table, 1, 3, 4.0, 1.5, tokens=3)  # then 2 tokens/s
+    rate, rounds = c.rates[(1, True)]
+    assert rounds == c.EXPLORE_ROUNDS and rate == pytest.approx((1 + 3 * 7) / (2.0 + 1.5 * 7))
+    assert c.drafting_pays(1)
+
+
+def test_one_slow_first_drafting_round_does_not_turn_drafting_off_for_good():
+    """A drafting round measured at 3x its prediction (a new shape's first call) before any other: the
+    plan keeps drafting until EXPLORE_ROUNDS of them are measured; once drafting has lost on measured
+    rates, each re-probe drafts even where the measured ratio would plan none."""
+    from adasd_core.costs import BatchPlanner, OnlineCorrection, StepCosts
+
+    table = StepCosts([1, 8], [1, 21], [[1.0, 1.1], [1.2, 1.4]], [0.1, 0.12])  # drafting pays on paper
+    costs = BatchPlanner(table, OnlineCorrection())
+    plan = lambda: costs.plan_batch([0.6], [5])  # noqa: E731
+    for _ in range(OnlineCorrection.EXPLORE_ROUNDS):
+        costs.observe(1, 0, 1.0, table.round_cost(1, 0, 1.0), tokens=1)
+    k = plan()[0]
+    assert k > 0
+    costs.observe(1, k, k + 1.0, 3.0 * table.round_cost(1, k, k + 1.0), tokens=1)
+    assert plan()[0] > 0  # one slow round is not yet a verdict
+    for _ in range(OnlineCorrection.EXPLORE_ROUNDS - 1):
+        costs.observe(1, k, k + 1.0, 3.0 * table.round_cost(1, k, k + 1.0), tokens=1)
+    assert plan() == [0]  # measured: drafting rounds cost 3x and gain nothing
+    for _ in range(OnlineCorrection.REPROBE_EVERY):
+        costs.observe(1, 0, 1.0, table.round_cost(1, 0, 1.0), tokens=1)
+    assert plan()[0] > 0  # the re-probe drafts
+
+
 def test_a_round_planned_at_zero_runs_no_draft_work():
     from adasd_core.costs import StepCosts
 
