@@ -50,15 +50,16 @@ def random_head(target, draft_vocab: int, aux=(0, 1, 1), kv_heads: int = 2, seed
 @pytest.fixture(scope="module")
 def head_dir(quick_pair_dir, tmp_path_factory):
     """build-eagle's untrained start for the quick target (an early exit after its first layer, which the
-    target often agrees with), its layer's weights randomised a little, over 300 of the target's tokens."""
+    target often agrees with), its layer's weights randomised enough that it also disagrees (on any machine's
+    quick target: 0.02 gave full agreement on one CPU), over 300 of the target's tokens."""
     from adasd_core.distill.eagle import new_head
 
     target = load_pair(str(quick_pair_dir / "target"), None, device="cpu").target
     ids = torch.randperm(target.config.vocab_size, generator=torch.Generator().manual_seed(0))[:300].sort().values
     head = new_head(target, ids, (0, 1, 1))
     with torch.no_grad():
-        head.midlayer.self_attn.o_proj.weight.normal_(0, 0.02)
-        head.midlayer.mlp.down_proj.weight.normal_(0, 0.02)
+        head.midlayer.self_attn.o_proj.weight.normal_(0, 0.1)
+        head.midlayer.mlp.down_proj.weight.normal_(0, 0.1)
     out = tmp_path_factory.mktemp("head") / "eagle3"
     eagle.save(head, out, dtype=torch.float32)
     return out
@@ -153,7 +154,7 @@ def test_greedy_with_a_head_is_the_target_alone_for_every_lossless_method(quick_
         for spec in LOSSLESS:
             out = engine.generate(prompt, SamplingParams(max_tokens=40), spec)
             assert out.token_ids == ref, (spec, prompt)
-    stats = [engine.generate(p, SamplingParams(max_tokens=40), LOSSLESS[0]).stats for p in prompts]
+    stats = [engine.generate(p, SamplingParams(max_tokens=40, ignore_eos=True), LOSSLESS[0]).stats for p in prompts]
     assert 0 < sum(s.accepted_tokens for s in stats) < sum(s.drafted_tokens for s in stats)  # accepted and rejected
 
 
