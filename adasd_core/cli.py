@@ -93,7 +93,8 @@ ModelOpts = dict(
     target=typer.Option("smollm2",
                         help="Target model: 'smollm2' or 'tiny' (built-in pairs), a hub id or a local path."),
     draft=typer.Option("smollm2", help="Draft model: 'smollm2', 'smollm2-eagle3' (the default target's EAGLE-3 "
-                                       "head), 'tiny', a hub id or a local path (a draft model or an EAGLE-3 head)."),
+                                       "head), 'tiny', a hub id or a local path (a draft model or an EAGLE-3 head), "
+                                       "or 'self[:int4|int8[:full|HEAD]]' (the target's own quantised weights)."),
 )
 
 

@@ -316,6 +316,8 @@ def measure(target_pool, draft_pool, vocab: int, max_batch: int, context: int = 
 
     Each draft step is timed right after a target forward, as in a round (the target's weights
     have just evicted the draft's from the caches)."""
+    from adasd_core.kv_cache import SharedPool
+
     batch_sizes = [b for b in BATCH_SIZES if b <= max_batch] or [1]
     context = max(1, min(context, target_pool.capacity - max(LENGTHS) - 1))  # slots sized for one short request
     lengths = [n for n in LENGTHS if context + n < target_pool.capacity]
@@ -323,7 +325,7 @@ def measure(target_pool, draft_pool, vocab: int, max_batch: int, context: int = 
     prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
     slots = list(range(max(batch_sizes)))
     for pool in (target_pool, draft_pool):
-        if pool is not None:
+        if pool is not None and not isinstance(pool, SharedPool):  # a self-draft reads the target's slots
             pool.forward(slots, [prompt] * len(slots))
 
     def timed(fn) -> float:

@@ -27,7 +27,7 @@ from adasd_core.drafting import WINDOW
 from adasd_core.errors import InvalidRequestError
 from adasd_core.models import ModelPair
 from adasd_core.postprocess import finish_batch, score_prompts, scored_prompt
-from adasd_core.proposer import DraftModelProposer, EagleProposer
+from adasd_core.proposer import DraftModelProposer, EagleProposer, SelfDraftProposer
 from adasd_core.round_output import Draft
 from adasd_core.runner import ModelRunner
 from adasd_core.sampling import SamplingParams, logits_to_probs_rows, make_generator
@@ -55,7 +55,10 @@ class SpeculativeEngine:
         self.default_spec = default_spec or SpecConfig()
         capacity = pair.context_length + WINDOW + 2  # idle slots run a dummy token past their length
         self.runner = ModelRunner(pair, max_running, capacity)
-        self.proposer = (EagleProposer if self.runner.head else DraftModelProposer)(self.runner)
+        proposer = DraftModelProposer
+        if self.runner.head or self.runner.shared:
+            proposer = EagleProposer if self.runner.head else SelfDraftProposer
+        self.proposer = proposer(self.runner)
         self.scheduler = Scheduler(self.runner, max_running, 2048 if pair.device.type == "cuda" else 256)
         self.warm = warm or WarmState()
         self.prior = AcceptancePrior()  # per method, from finished rounds of all requests

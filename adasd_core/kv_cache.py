@@ -54,7 +54,7 @@ class LeanPool:
     batched = True
 
     def __init__(self, model, slots: int, capacity: int):
-        self.lean = lean.lean_model(model)
+        self.lean = model if isinstance(model, lean.LeanModel) else lean.lean_model(model)
         m = self.lean
         devices = list(dict.fromkeys(m.layer_devices))
         self.buffers = []  # (device's layers, K, V) [their count, slots, H_kv, capacity, D]
@@ -129,6 +129,23 @@ class LeanPool:
         self.lengths[slot] = 0
 
 
+class SharedPool(LeanPool):
+    """A self-draft's view of its target's pool (adasd_core.selfdraft): the same K, V buffers and the
+    same lengths, run with the draft's weights. Its forwards write past the target's length (the
+    proposer lowers it back after drafting); moving and clearing slots is the target pool's work."""
+
+    def __init__(self, model: lean.LeanModel, target: LeanPool):
+        self.lean = model
+        self.buffers, self.k, self.v = target.buffers, target.k, target.v
+        self.lengths, self.capacity = target.lengths, target.capacity
+
+    def swap(self, a: int, b: int) -> None:
+        pass
+
+    def clear(self, slot: int) -> None:
+        pass
+
+
 class HFPool:
     """transformers' forward over one DynamicCache per slot (models the lean path does not cover)."""
 
@@ -171,9 +188,12 @@ class HFPool:
 
 def make_pool(model, slots: int, capacity: int, use_lean: bool = True):
     from adasd_core.eagle import Eagle3Head, EaglePool
+    from adasd_core.selfdraft import SelfDraft
 
     if isinstance(model, Eagle3Head):
         return EaglePool(model, slots, capacity)
+    if isinstance(model, SelfDraft):  # alone (a timing); the runner gives it the target's pool (SharedPool)
+        return LeanPool(model.lean_model(), slots, capacity)
     if use_lean and lean.supports_cached(model):
         return LeanPool(model, slots, capacity)
     return HFPool(model, slots, capacity)
@@ -211,7 +231,12 @@ def layer_devices(model) -> list[torch.device]:
 
 
 def kv_bytes_per_device(model, capacity: int) -> dict[torch.device, int]:
-    """KV bytes one slot of `capacity` positions takes on each device this model's layers run on."""
+    """KV bytes one slot of `capacity` positions takes on each device this model's layers run on (none for
+    a self-draft: it writes into its target's slots)."""
+    from adasd_core.selfdraft import SelfDraft
+
+    if isinstance(model, SelfDraft):
+        return {}
     cfg = model.config
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

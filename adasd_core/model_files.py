@@ -161,6 +161,13 @@ def locate(name: str, role: str = "target", tiny_dir: Path | None = None) -> Mod
         path = smollm2.ensure_draft() if role == "draft" else smollm2.ensure_target()
         return ModelSource(name, str(path), "builtin")
 
+    from adasd_core.selfdraft import is_self, parse
+
+    if is_self(name):
+        if role != "draft":
+            raise ModelLoadError(f"{name!r} makes the target its own draft: pass it to --draft")
+        parse(name)  # a precision it does not know is refused here, before any load
+        return ModelSource(name, name, "builtin")
     if name == SMOLLM2_EAGLE:
         if role != "draft":
             raise ModelLoadError(f"{name!r} is an EAGLE-3 draft head: pass it to --draft (with --target smollm2)")

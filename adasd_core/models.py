@@ -249,14 +249,16 @@ def load_pair(
             raise _load_failed(role, names[role], sources[role], "tokenizer", exc) from exc
 
     tokenizer = tokenizer_of("target")
-    from adasd_core import eagle
+    from adasd_core import eagle, selfdraft
 
-    head = bool(draft) and eagle.is_eagle3(sources["draft"].path)  # it reads the target's own tokens and states
+    own = selfdraft.is_self(draft)  # the target's own weights, quantised here
+    # a head reads the target's own tokens and states
+    head = own or bool(draft) and eagle.is_eagle3(sources["draft"].path)
     if draft and not head:
         check_vocabularies(tokenizer, tokenizer_of("draft"), target, draft)  # before loading any weights
     _fix_tokenizer(tokenizer)
 
-    sizes = _Sizes(sources, dt, dev)
+    sizes = _Sizes({r: src for r, src in sources.items() if not (own and r == 'draft')}, dt, dev)
     _check_memory(sizes, dev, names, device_map)
 
     def model_of(role: str, role_map: str | None):
@@ -266,7 +268,9 @@ def load_pair(
             raise _load_failed(role, names[role], sources[role], "model", exc, sizes) from exc
 
     target_model = model_of("target", device_map)
-    if head:
+    if own:
+        draft_model = selfdraft.load(draft, target_model, target)
+    elif head:
         try:
             draft_model = eagle.load(sources["draft"].path, target_model, dev, dt)
         except (OSError, ValueError, RuntimeError) as exc:

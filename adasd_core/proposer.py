@@ -111,3 +111,17 @@ class EagleProposer(DraftModelProposer):
         self._hidden = None
         for s in seqs:
             self.runner.head_drafted(s.slot)
+
+
+class SelfDraftProposer(DraftModelProposer):
+    """Draft steps of a self-draft (adasd_core.selfdraft) over the target's own slots: the first feeds each
+    sequence's last token (the target's slot holds every token but the last), and after drafting each
+    target slot goes back to its length before the round's steps."""
+
+    def _drafting(self, seqs: list[Sequence]) -> list[Sequence]:
+        self._lengths = [self.runner.target.length(s.slot) for s in seqs]
+        return seqs
+
+    def _done(self, seqs: list[Sequence]) -> None:
+        for s, n in zip(seqs, self._lengths):
+            self.runner.self_drafted(s.slot, n)

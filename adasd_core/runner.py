@@ -9,6 +9,10 @@ With an EAGLE-3 head as the draft (adasd_core.eagle) the target's forwards also 
 head reads (the inputs of its auxiliary layers) at every fed position; a slot keeps those of the
 positions the head has not read yet (`pending_states`: target length - head length), cut back with the
 target's rollback, and the head reads them at its next draft step.
+
+A self-draft (adasd_core.selfdraft) has no pool of its own: its forwards run over the target's slots
+(kv_cache.SharedPool), so it needs no prefill and never lags; after drafting, the target's length goes
+back to what it was (`self_drafted`) and the verify pass overwrites the provisional K/V.
 """
 
 from __future__ import annotations
@@ -17,20 +21,26 @@ import torch
 
 from adasd_core.eagle import Eagle3Head
 from adasd_core.errors import ModelLoadError
-from adasd_core.kv_cache import LeanPool, make_pool
+from adasd_core.kv_cache import LeanPool, SharedPool, make_pool
 from adasd_core.models import ModelPair
+from adasd_core.selfdraft import SelfDraft
 
 
 class ModelRunner:
     def __init__(self, pair: ModelPair, slots: int, capacity: int):
         self.vocab, self.device = pair.vocab_size, pair.device
         self.target = make_pool(pair.target, slots, capacity)
-        self.draft = make_pool(pair.draft, slots, capacity) if pair.draft is not None else None
-        self.batched = bool(self.target.batched)
         self.head = isinstance(pair.draft, Eagle3Head)
+        self.shared = isinstance(pair.draft, SelfDraft)
+        if (self.head or self.shared) and not isinstance(self.target, LeanPool):
+            what = "an EAGLE-3 head" if self.head else "self-drafting"
+            raise ModelLoadError(f"{what} needs a Llama-family target that runs on the lean forward")
+        if self.shared:
+            self.draft = SharedPool(pair.draft.lean_model(), self.target)
+        else:
+            self.draft = make_pool(pair.draft, slots, capacity) if pair.draft is not None else None
+        self.batched = bool(self.target.batched)
         self.capture: tuple[int, ...] = pair.draft.aux_layers if self.head else ()
-        if self.head and not isinstance(self.target, LeanPool):
-            raise ModelLoadError("an EAGLE-3 head needs a Llama-family target that runs on the lean forward")
         self.states: list[torch.Tensor | None] = [None] * slots  # per slot: states the head has not read
 
     def _target_forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool,
@@ -61,7 +71,8 @@ class ModelRunner:
         if keep_logits:
             return logits[:, : self.vocab]
         drafting = [(s, f) for (seq, _), s, f in zip(batch, slots, feeds) if seq.policy is not None]
-        if drafting and not self.head:  # a head reads the prompt's states at its first draft step
+        # a head reads the prompt's states at its first draft step; a self-draft reads the target's KV
+        if drafting and not self.head and not self.shared:
             alone = any(seq.reproducible for seq, _ in batch if seq.policy is not None)
             self.draft.forward([s for s, _ in drafting], [f for _, f in drafting], alone=alone)
         return None
@@ -101,6 +112,11 @@ class ModelRunner:
         """After a round's drafting: the head's slot back to the positions that read the target's states
         (those before the target's length; its own drafted positions come after)."""
         self.draft.rollback(slot, min(self.draft.length(slot), self.target.length(slot)))
+
+    def self_drafted(self, slot: int, length: int) -> None:
+        """After a self-draft's steps: the target's slot back to its length before them (the drafted K/V
+        past it are provisional; the verify pass writes those positions again)."""
+        self.target.rollback(slot, length)
 
     # ------------------------------------------------------------------ slots
 
@@ -146,4 +162,5 @@ class ModelRunner:
 
     def kv_tokens(self, slots: list[int]) -> tuple[int, int]:
         """Tokens resident in the (target, draft) pools over these slots."""
-        return sum(self.target.length(s) for s in slots), sum(self.draft_length(s) for s in slots)
+        draft = 0 if self.shared else sum(self.draft_length(s) for s in slots)
+        return sum(self.target.length(s) for s in slots), draft

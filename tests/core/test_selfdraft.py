@@ -1,0 +1,173 @@
+"""Self-drafting (`--draft self`): the target's own weights quantised at load draft over the target's KV
+slots. Every lossless method stays exact (greedy: the target's tokens, alone and in mixed batches;
+sampled: its distribution), the verify pass leaves the target's cache exactly as the target alone writes
+it, the draft holds no KV of its own, and bad settings are refused clearly."""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import product
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from adasd_core import lean, selfdraft
+from adasd_core.engine import SpecConfig
+from adasd_core.errors import ModelLoadError
+from adasd_core.kv_cache import SharedPool, kv_bytes_per_slot, make_pool, plan_slots
+from adasd_core.llm import LLM
+from adasd_core.model_files import locate
+from adasd_core.models import ModelPair, load_pair
+from adasd_core.sampling import SamplingParams
+
+LOSSLESS = [SpecConfig(method="vanilla", k=5), SpecConfig(method="vanilla", k=1), SpecConfig(method="gen-only"),
+            SpecConfig(method="adasd", verification="none"), SpecConfig(method="hybrid", verification="none")]
+PRECISIONS = ["self:int8", "self"]  # self: int4
+
+
+def _prompts(tok) -> list[list[int]]:
+    from adasd_core.demo.data import load_corpus
+
+    prompts = [tok(text, add_special_tokens=False)["input_ids"][100:140] for _, text in load_corpus().held_out[:3]]
+    return [*prompts, prompts[0][:1]]  # and a one-token prompt
+
+
+@pytest.mark.parametrize("draft", PRECISIONS)
+def test_greedy_self_draft_is_the_target_alone_for_every_lossless_method(draft):
+    pair = load_pair("tiny", draft, device="cpu")  # trained, 12 layers: its quantised copy disagrees at times
+    engine = LLM(pair, calibrate=False)
+    assert isinstance(engine.runner.draft, SharedPool) and engine.runner.draft.k is engine.runner.target.k
+    drafted = accepted = 0
+    for prompt in _prompts(pair.tokenizer):
+        ref = engine.generate(prompt, SamplingParams(max_tokens=40, ignore_eos=True), SpecConfig(method="ar"))
+        for spec in LOSSLESS:
+            out = engine.generate(prompt, SamplingParams(max_tokens=40, ignore_eos=True), spec)
+            assert out.token_ids == ref.token_ids, (draft, spec, prompt)
+            drafted, accepted = drafted + out.stats.drafted_tokens, accepted + out.stats.accepted_tokens
+    assert 0 < accepted < drafted  # both paths of the check ran
+
+
+def test_the_verify_pass_leaves_the_targets_cache_as_the_target_alone_writes_it():
+    """The draft's provisional K/V are overwritten: after the same tokens, the target's slot holds what
+    `ar` wrote there (a stale draft entry would differ: the draft's weights are quantised)."""
+    pair = load_pair("tiny", "self:int4", device="cpu")
+    engine = LLM(pair, calibrate=False, max_running=1)
+    prompt = _prompts(pair.tokenizer)[0]
+    caches = {}
+    for method in ("ar", "vanilla"):
+        gen = engine.start(prompt, SamplingParams(max_tokens=30, ignore_eos=True), SpecConfig(method=method, k=4))
+        while not gen.finished:
+            gen.step()
+            if gen.seq.slot is not None:
+                slot, pool = gen.seq.slot, engine.runner.target
+                n = pool.length(slot)
+                if n <= caches.get(method, (0,))[0]:  # a finished sequence's slot is freed
+                    continue
+                caches[method] = (n, pool.k[:, slot, :, :n].clone(), pool.v[:, slot, :, :n].clone(), gen.seq.tokens[:])
+                assert engine.runner.kv_tokens([slot]) == (n, 0)  # the draft holds none of its own
+        if method == "vanilla":
+            assert gen.stats.drafted_tokens > gen.stats.accepted_tokens > 0
+        gen.close()
+    (n_ar, k_ar, v_ar, t_ar), (n_sd, k_sd, v_sd, t_sd) = caches["ar"], caches["vanilla"]
+    n = min(n_ar, n_sd)
+    assert n > len(prompt) and t_ar[:n] == t_sd[:n]
+    # equal up to the float rounding of a verify's several rows against ar's one-row products ...
+    assert (k_ar[:, :, :n] - k_sd[:, :, :n]).abs().max() < 1e-4 and (v_ar[:, :, :n] - v_sd[:, :, :n]).abs().max() < 1e-4
+    # ... far below what the quantised draft writes at the same positions
+    alone = make_pool(pair.draft, 1, n + 1)
+    alone.forward([0], [t_ar[:n]])
+    assert (alone.k[:, 0, :, :n] - k_ar[:, :, :n]).abs().max() > 1e-2
+
+
+def test_a_mixed_batch_with_a_self_draft_matches_each_request_alone():
+    pair = load_pair("tiny", "self:int8", device="cpu")
+    engine = LLM(pair, calibrate=False, max_running=4)
+    specs = [SpecConfig(method="ar"), *LOSSLESS]
+    prompts = ["the king", "once upon a time the", "and", "she said that the old man had", "it was", "we"]
+    requests = [(p, SamplingParams(max_tokens=20 + 5 * (i % 3), ignore_eos=True), specs[i % len(specs)])
+                for i, p in enumerate(prompts)]
+    alone = [engine.generate(*r).token_ids for r in requests]
+    together = engine.run_together([engine.new_sequence(p, params, spec) for p, params, spec in requests])
+    assert together == alone
+    assert engine.free_slots == engine.slots
+    for verification in ("bayes", "threshold"):  # the relaxed checks run on its distributions too
+        out = engine.generate("the king", SamplingParams(max_tokens=30, ignore_eos=True),
+                              SpecConfig(method="adasd", verification=verification))
+        assert len(out.token_ids) == 30 and out.stats.drafted_tokens > 0
+
+
+def test_sampling_with_a_self_draft_keeps_the_target_distribution(quick_pair_dir):
+    """Chi-square over every 3-token continuation of a small target drafted by its own int4 copy with a
+    head over part of the vocabulary (q = 0 elsewhere), in batches."""
+    v, n = 5, 3000
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, tie_word_embeddings=False)
+    target = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(8.0)  # distributions far from uniform, so that a wrong sampler shows
+    draft = selfdraft.SelfDraft(target, "int4", torch.tensor([0, 1, 3, 4]))
+    tok = load_pair(str(quick_pair_dir / "target"), None, device="cpu").tokenizer
+    pair = ModelPair(target=target, draft=draft, tokenizer=tok, device=torch.device("cpu"), dtype=torch.float32,
+                     context_length=64, vocab_size=v)
+    engine = LLM(pair, calibrate=False, max_running=8)
+    prompt = [1, 3]
+    specs = [SpecConfig(method="vanilla", k=2), SpecConfig(method="adasd", verification="none")]
+    counts, stats = Counter(), []
+    for i in range(0, n, 8):
+        seqs = [engine.new_sequence(prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=s, ignore_eos=True),
+                                    specs[s % 2]) for s in range(i, i + 8)]
+        counts.update(tuple(t) for t in engine.run_together(seqs))
+        stats.extend(s.stats for s in seqs)
+    cells = list(product(range(v), repeat=3))
+    probs = []
+    with torch.no_grad():
+        for c in cells:
+            lp = torch.log_softmax(target(torch.tensor([prompt + list(c)])).logits[0].float(), -1)
+            probs.append(float(sum(lp[len(prompt) - 1 + j, c[j]] for j in range(3)).exp()))
+    total = sum(probs)
+    assert abs(total - 1) < 1e-4
+    assert chisquare([counts[c] for c in cells], [n * p / total for p in probs]).pvalue > 1e-3
+    assert sum(k for c, k in counts.items() if 2 in c) > 0  # outside the head: the target's residual alone
+    drafted = sum(s.drafted_tokens for s in stats)
+    assert 0 < sum(s.accepted_tokens for s in stats) < drafted
+
+
+def test_the_self_draft_holds_no_kv_and_quantises_without_copying_the_target(quick_pair_dir):
+    pair = load_pair(str(quick_pair_dir / "target"), "self", device="cpu")
+    assert pair.draft.precision == "int4"
+    assert kv_bytes_per_slot(pair.draft, 128) == 0
+    _, per_slot = plan_slots(pair, 4)
+    assert per_slot == kv_bytes_per_slot(pair.target, pair.context_length + 2 + _window())
+    lm = pair.draft.lean_model()
+    # the int4 kernel where its layout fits (q/k/v, o), int8 where it does not (gate/up: 344 rows, down: 172 wide)
+    kinds = {type(m).__name__ for m in lm.layers[0][1:] if not isinstance(m, torch.Tensor)}
+    assert kinds == {"Int4Linear", "Linear"}
+    target = lean.lean_model(pair.target)
+    assert lm.layers[0][0] is target.layers[0][0] and lm.embed is target.embed  # shared, not copied
+    assert lm.layers[0][1].weight is not target.layers[0][1].weight
+
+
+def _window() -> int:
+    from adasd_core.drafting import WINDOW
+
+    return WINDOW
+
+
+def test_bad_self_draft_settings_are_refused_clearly(quick_pair_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="precision 'int3'"):
+        locate("self:int3", "draft")
+    with pytest.raises(ModelLoadError, match="pass it to --draft"):
+        locate("self", "target")
+    with pytest.raises(ModelLoadError, match="head_tokens.json"):
+        load_pair(str(quick_pair_dir / "target"), f"self:int8:{tmp_path}", device="cpu")
+    # a head subset from a draft folder's file, and the full head on request
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "head_tokens.json").write_text('{"tokens": [5, 9, 100]}')
+    pair = load_pair(str(quick_pair_dir / "target"), f"self:int8:{head}", device="cpu")
+    assert pair.draft.tokens.tolist() == [5, 9, 100]
+    assert load_pair(str(quick_pair_dir / "target"), "self:int8:full", device="cpu").draft.tokens is None
