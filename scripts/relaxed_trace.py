@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/relaxed_trace.py [--pair tiny|smollm2] [--prompts 12]
         [--seeds 3] [--tokens 96] [--temperature 1.0] [--methods vanilla,adasd-bayes,...] [--out trace.json]
+        [--draft self] [--min-posterior 0.7,0.9,1]
 
 Every request runs in process (LLM, calibrate=False), seeds 0..S-1 for every method,
 on held-out prompts: continuation windows of the tiny pair's held-out modules, or for `smollm2` the
@@ -79,6 +80,7 @@ def _traced(candidates, target_probs, draft_probs, greedy, generator, relaxed):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pair", default="tiny", choices=("tiny", "smollm2"))
+    ap.add_argument("--draft", default=None, help="the draft (default: the pair's own; e.g. self)")
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=96)
@@ -95,7 +97,7 @@ def main(argv=None) -> None:
     settings = [None] if args.min_posterior is None else [float(x) for x in args.min_posterior.split(",")]
 
     engine_mod.accept_candidates = _traced
-    pair = load_pair(args.pair, args.pair, device="cpu")
+    pair = load_pair(args.pair, args.draft or args.pair, device="cpu")
     if args.pair == "tiny":
         prompts = [p.ids for p in continuation_task(pair.tokenizer, demo_sources(), args.prompts, 128, args.tokens,
                                                     pair.context_length).prompts]

@@ -171,3 +171,23 @@ def test_bad_self_draft_settings_are_refused_clearly(quick_pair_dir, tmp_path):
     pair = load_pair(str(quick_pair_dir / "target"), f"self:int8:{head}", device="cpu")
     assert pair.draft.tokens.tolist() == [5, 9, 100]
     assert load_pair(str(quick_pair_dir / "target"), "self:int8:full", device="cpu").draft.tokens is None
+
+
+@pytest.mark.parametrize("draft", PRECISIONS)
+def test_self_draft_rows_are_the_same_batched_or_alone_for_reproducible_requests(draft):
+    """A seeded request's draft rows must not depend on its batch mates: with `alone` (the batch holds a
+    reproducible request) each row is bitwise what its sequence gets alone."""
+    pair = load_pair("tiny", draft, device="cpu")
+    pool = make_pool(pair.draft, 6, 128)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, pair.vocab_size, (n,), generator=gen).tolist() for n in (20, 35, 7, 50, 12, 28)]
+    pool.forward(list(range(6)), prompts, alone=True)
+    alone = []
+    for s in range(6):
+        alone.append(pool.forward([s], [[100 + s]], alone=True)[0])
+        pool.rollback(s, len(prompts[s]))
+    for batch in ([0, 1], [0, 1, 2, 3], list(range(6)), [1, 3, 5]):
+        out = pool.forward(batch, [[100 + s] for s in batch], alone=True)
+        for i, s in enumerate(batch):
+            assert torch.equal(out[i], alone[s]), (draft, batch, s)
+            pool.rollback(s, len(prompts[s]))
