@@ -27,7 +27,7 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-from adasd_core import engine as engine_mod  # noqa: E402
+from adasd_core import postprocess, verification  # noqa: E402
 from adasd_core.bench.tasks import chat_eval_prompts, chat_eval_rows, continuation_task, demo_sources  # noqa: E402
 from adasd_core.engine import SpecConfig  # noqa: E402
 from adasd_core.llm import LLM  # noqa: E402
@@ -46,13 +46,13 @@ ROWS = {
 }
 
 EVENTS: list[dict] = []
-_original = engine_mod.accept_candidates
+_original = verification.accept_candidates
 
 
 KNOBS: dict = {}
 
 
-def _traced(candidates, target_probs, draft_probs, greedy, generator, relaxed):
+def _traced(candidates, target_probs, draft_probs, greedy, generator, relaxed, stable=False):
     """accept_candidates, plus one event per examined candidate (no effect on the draws)."""
     for name, value in KNOBS.items():  # experiment settings of the relaxed check
         if hasattr(relaxed, name):
@@ -63,7 +63,7 @@ def _traced(candidates, target_probs, draft_probs, greedy, generator, relaxed):
     if candidates and relaxed.name != "none":
         d = js_distance(target_probs[: len(candidates)], draft_probs).tolist()
         posts = relaxed.accept_probability(d)
-    v = _original(candidates, target_probs, draft_probs, greedy, generator, relaxed)
+    v = _original(candidates, target_probs, draft_probs, greedy, generator, relaxed, stable)
     if candidates:
         k = len(candidates)
         idx = torch.tensor(candidates)[:, None]
@@ -75,6 +75,13 @@ def _traced(candidates, target_probs, draft_probs, greedy, generator, relaxed):
             EVENTS.append({"pos": i, "d": d[i], "std": std, "kept": i < v.n_accepted, "p": float(p_x[i]),
                            "q": float(q_x[i]), "excess": ex[i], "post": None if posts is None else posts[i], **state})
     return v
+
+
+def _traced_batch(candidates, target_probs, draft_probs, greedy, generators, relaxed, stable=None):
+    """accept_batch for the one request a row runs at a time, through _traced."""
+    assert len(candidates) == 1, "relaxed_trace runs one request at a time"
+    return [_traced(candidates[0], target_probs, draft_probs, greedy[0], generators[0], relaxed[0],
+                    bool(stable and stable[0]))]
 
 
 def main(argv=None) -> None:
@@ -96,7 +103,7 @@ def main(argv=None) -> None:
         KNOBS["position"] = args.tv_position
     settings = [None] if args.min_posterior is None else [float(x) for x in args.min_posterior.split(",")]
 
-    engine_mod.accept_candidates = _traced
+    postprocess.accept_batch = _traced_batch
     pair = load_pair(args.pair, args.draft or args.pair, device="cpu")
     if args.pair == "tiny":
         prompts = [p.ids for p in continuation_task(pair.tokenizer, demo_sources(), args.prompts, 128, args.tokens,

@@ -10,6 +10,7 @@ from itertools import product
 
 import pytest
 import torch
+from draft_checks import LOSSLESS, check_mixed_batch_matches_alone
 from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -20,9 +21,6 @@ from adasd_core.kv_cache import make_pool
 from adasd_core.llm import LLM
 from adasd_core.models import ModelPair, load_pair
 from adasd_core.sampling import SamplingParams
-
-LOSSLESS = [SpecConfig(method="vanilla", k=5), SpecConfig(method="vanilla", k=1), SpecConfig(method="gen-only"),
-            SpecConfig(method="adasd", verification="none"), SpecConfig(method="hybrid", verification="none")]
 
 
 def random_head(target, draft_vocab: int, aux=(0, 1, 1), kv_heads: int = 2, seed: int = 0, std: float = 0.05):
@@ -161,19 +159,8 @@ def test_greedy_with_a_head_is_the_target_alone_for_every_lossless_method(quick_
 def test_a_mixed_batch_with_a_head_matches_each_request_alone(quick_pair_dir, head_dir):
     pair = load_pair(str(quick_pair_dir / "target"), str(head_dir), device="cpu")
     engine = LLM(pair, calibrate=False, max_running=4)
-    specs = [SpecConfig(method="ar"), *LOSSLESS]
-    prompts = ["the king", "once upon a time the", "and", "she said that the old man had", "it was", "we"]
-    requests = [(p, SamplingParams(max_tokens=20 + 5 * (i % 3), ignore_eos=True), specs[i % len(specs)])
-                for i, p in enumerate(prompts)]
-    alone = [engine.generate(*r).token_ids for r in requests]
-    together = engine.run_together([engine.new_sequence(p, params, spec) for p, params, spec in requests])
-    assert together == alone
-    assert engine.free_slots == engine.slots and all(s is None for s in engine.runner.states)
-    # the relaxed checks run on a head's distributions as on a draft model's
-    for verification in ("bayes", "threshold"):
-        out = engine.generate("the king", SamplingParams(max_tokens=30, ignore_eos=True),
-                              SpecConfig(method="adasd", verification=verification))
-        assert len(out.token_ids) == 30 and out.stats.drafted_tokens > 0
+    check_mixed_batch_matches_alone(engine)
+    assert all(s is None for s in engine.runner.states)
 
 
 def _small_target(vocab: int, seed: int) -> LlamaForCausalLM:

@@ -10,6 +10,7 @@ from itertools import product
 
 import pytest
 import torch
+from draft_checks import LOSSLESS, check_mixed_batch_matches_alone
 from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,8 +23,6 @@ from adasd_core.model_files import locate
 from adasd_core.models import ModelPair, load_pair
 from adasd_core.sampling import SamplingParams
 
-LOSSLESS = [SpecConfig(method="vanilla", k=5), SpecConfig(method="vanilla", k=1), SpecConfig(method="gen-only"),
-            SpecConfig(method="adasd", verification="none"), SpecConfig(method="hybrid", verification="none")]
 PRECISIONS = ["self:int8", "self"]  # self: int4
 
 
@@ -84,18 +83,7 @@ def test_the_verify_pass_leaves_the_targets_cache_as_the_target_alone_writes_it(
 def test_a_mixed_batch_with_a_self_draft_matches_each_request_alone():
     pair = load_pair("tiny", "self:int8", device="cpu")
     engine = LLM(pair, calibrate=False, max_running=4)
-    specs = [SpecConfig(method="ar"), *LOSSLESS]
-    prompts = ["the king", "once upon a time the", "and", "she said that the old man had", "it was", "we"]
-    requests = [(p, SamplingParams(max_tokens=20 + 5 * (i % 3), ignore_eos=True), specs[i % len(specs)])
-                for i, p in enumerate(prompts)]
-    alone = [engine.generate(*r).token_ids for r in requests]
-    together = engine.run_together([engine.new_sequence(p, params, spec) for p, params, spec in requests])
-    assert together == alone
-    assert engine.free_slots == engine.slots
-    for verification in ("bayes", "threshold"):  # the relaxed checks run on its distributions too
-        out = engine.generate("the king", SamplingParams(max_tokens=30, ignore_eos=True),
-                              SpecConfig(method="adasd", verification=verification))
-        assert len(out.token_ids) == 30 and out.stats.drafted_tokens > 0
+    check_mixed_batch_matches_alone(engine)
 
 
 def test_sampling_with_a_self_draft_keeps_the_target_distribution(quick_pair_dir):
