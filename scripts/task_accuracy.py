@@ -1,7 +1,7 @@
 """Task accuracy of the default pair's methods on the held-out chat and code prompts.
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=2 python scripts/task_accuracy.py [--methods ar,vanilla,adasd]
-        [--min-posterior 0.7,0.9] [--temperature 0] [--seeds 1] [--max-tokens 192] [--out acc.json]
+        [--min-posterior 0.7,0.9] [--temperature 0] [--seeds 1] [--max-tokens 192] [--out acc.json] [--draft self]
 
 In process (LLM, warm start as the server has it), every prompt of bench/prompts/smollm2_eval.jsonl
 with a checkable answer, in the chat template, stopped at EOS: chat rows score 1 when one of their
@@ -21,7 +21,7 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-from adasd_core import engine as engine_mod  # noqa: E402
+from adasd_core import postprocess  # noqa: E402
 from adasd_core.bench.evals import score_chat_eval  # noqa: E402
 from adasd_core.bench.tasks import chat_eval_prompts, chat_eval_rows  # noqa: E402
 from adasd_core.engine import SpecConfig  # noqa: E402
@@ -31,14 +31,15 @@ from adasd_core.sampling import SamplingParams  # noqa: E402
 from adasd_core.verification import BayesCheck  # noqa: E402
 
 SETTING: dict = {}
-_accept = engine_mod.accept_candidates
+_accept = postprocess.accept_batch
 
 
-def _accept_at_setting(candidates, target_probs, draft_probs, greedy, generator, relaxed):
-    """accept_candidates with the row's min_posterior on the request's relaxed check."""
-    if "min_posterior" in SETTING and hasattr(relaxed, "min_posterior"):
-        relaxed.min_posterior = SETTING["min_posterior"]
-    return _accept(candidates, target_probs, draft_probs, greedy, generator, relaxed)
+def _accept_at_setting(candidates, target_probs, draft_probs, greedy, generators, relaxed, stable=None):
+    """accept_batch with the row's min_posterior on each request's relaxed check."""
+    for check in relaxed:
+        if "min_posterior" in SETTING and hasattr(check, "min_posterior"):
+            check.min_posterior = SETTING["min_posterior"]
+    return _accept(candidates, target_probs, draft_probs, greedy, generators, relaxed, stable)
 
 
 def main(argv=None) -> int:
@@ -50,14 +51,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--prompts", type=int, default=0, help="the first N checkable prompts only (0: all)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--draft", default="smollm2", help="the default target's draft (e.g. self)")
     args = ap.parse_args(argv)
-    pair = load_pair("smollm2", "smollm2", device="cpu")
+    pair = load_pair("smollm2", args.draft, device="cpu")
     # the rows with a checkable answer (short factual answers, functions with tests)
     pairs = [(r, t) for r, t in zip(chat_eval_rows(), chat_eval_prompts(pair.tokenizer))
              if "answers" in r or "tests" in r][: args.prompts or None]
     rows = [r for r, _ in pairs]
     prompts = [pair.tokenizer(t, add_special_tokens=False)["input_ids"] for _, t in pairs]
-    engine_mod.accept_candidates = _accept_at_setting
+    postprocess.accept_batch = _accept_at_setting
     results, first = {}, None
     for method in args.methods.split(","):
         settings = [float(x) for x in args.min_posterior.split(",")] if method == "adasd" else [None]
