@@ -258,7 +258,7 @@ def load_pair(
         check_vocabularies(tokenizer, tokenizer_of("draft"), target, draft)  # before loading any weights
     _fix_tokenizer(tokenizer)
 
-    sizes = _Sizes({r: src for r, src in sources.items() if not (own and r == 'draft')}, dt, dev)
+    sizes = _Sizes({r: src for r, src in sources.items() if not (own and r == "draft")}, dt, dev)
     _check_memory(sizes, dev, names, device_map)
 
     def model_of(role: str, role_map: str | None):
