@@ -174,16 +174,18 @@ class OnlineCorrection:
         def known(drafting: bool) -> float | None:
             return self.ratio.get((b, drafting)) if self.ratio_n.get((b, drafting), 0) >= self.EXPLORE_ROUNDS else None
 
-        spec, plain = known(True), known(False)
-        if self._reprobing(b):
-            spec = None
-        return (spec if spec is not None else plain if plain is not None else 1.0,
-                plain if plain is not None else spec if spec is not None else 1.0)
+        spec = None if self._lost(b) and self._reprobe_due(b) else known(True)
+        plain = known(False)
+        spec = spec or plain or 1.0  # ratios are positive
+        return spec, plain or spec
 
-    def _reprobing(self, b: int) -> bool:
+    def _lost(self, b: int) -> bool:
+        """Both kinds measured, and drafting rounds gave fewer tokens per second."""
         plain, spec = self.rates.get((b, False), (0.0, 0)), self.rates.get((b, True), (0.0, 0))
-        return plain[1] >= self.EXPLORE_ROUNDS and self.EXPLORE_ROUNDS <= spec[1] and spec[0] < plain[0] and \
-            self.since_draft.get(b, 0) >= self.REPROBE_EVERY
+        return min(plain[1], spec[1]) >= self.EXPLORE_ROUNDS and spec[0] < plain[0]
+
+    def _reprobe_due(self, b: int) -> bool:
+        return self.since_draft.get(b, 0) >= self.REPROBE_EVERY
 
     def drafting_pays(self, batch: int) -> bool:
         """Whether drafting rounds have measured more tokens per second than plain ones at this batch
@@ -191,12 +193,9 @@ class OnlineCorrection:
         first, then the plan's own choice; where drafting lost, one round in REPROBE_EVERY drafts
         again so the verdict follows the load."""
         b = bucket(batch)
-        plain, spec = self.rates.get((b, False), (0.0, 0)), self.rates.get((b, True), (0.0, 0))
-        if plain[1] < self.EXPLORE_ROUNDS:
+        if self.rates.get((b, False), (0.0, 0))[1] < self.EXPLORE_ROUNDS:
             return False
-        if spec[1] < self.EXPLORE_ROUNDS or spec[0] >= plain[0]:
-            return True
-        return self.since_draft.get(b, 0) >= self.REPROBE_EVERY
+        return not self._lost(b) or self._reprobe_due(b)
 
 
 class BatchPlanner:

@@ -125,9 +125,6 @@ class SelfDraft:
             self._lean = quantised(lean.lean_model(self.target), self.precision, self.tokens)
         return self._lean
 
-    def parameters(self):
-        return iter(())
-
 
 def quantised(target: lean.LeanModel, precision: str, tokens: torch.Tensor | None) -> lean.LeanModel:
     """A copy of a target's lean layout with its matrices in `precision` (the norms, embeddings and

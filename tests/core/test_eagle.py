@@ -5,21 +5,23 @@ distribution), batched and with rollbacks, and `build-eagle` runs end to end, de
 from __future__ import annotations
 
 import json
-from collections import Counter
-from itertools import product
 
 import pytest
 import torch
-from draft_checks import LOSSLESS, check_mixed_batch_matches_alone
-from scipy.stats import chisquare
-from transformers import LlamaConfig, LlamaForCausalLM
+from draft_checks import (
+    LOSSLESS,
+    check_mixed_batch_matches_alone,
+    check_sampling_keeps_target_distribution,
+    small_target,
+)
+from transformers import LlamaConfig
 
 from adasd_core import eagle
 from adasd_core.engine import SpecConfig
 from adasd_core.errors import ModelLoadError
 from adasd_core.kv_cache import make_pool
 from adasd_core.llm import LLM
-from adasd_core.models import ModelPair, load_pair
+from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
 
 
@@ -163,51 +165,21 @@ def test_a_mixed_batch_with_a_head_matches_each_request_alone(quick_pair_dir, he
     assert all(s is None for s in engine.runner.states)
 
 
-def _small_target(vocab: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # distributions far from uniform, so that a wrong sampler shows
-    return model.requires_grad_(False)
-
-
 def test_sampling_with_a_head_keeps_the_target_distribution(quick_pair_dir):
     """Chi-square over every 3-token continuation: vanilla and adasd with a head (over part of the
     vocabulary: q = 0 elsewhere) sample the target's own distribution, in batches."""
-    v, n, temperature = 5, 3000, 1.0
-    target = _small_target(v, seed=1)
+    target = small_target(5, seed=1)
     head = random_head(target, 4, aux=(0, 1, 1), std=0.3)
     with torch.no_grad():
         head.lm_head.weight.mul_(3.0)  # a draft unlike the target: every path of the check runs
     head.shared_embed = target.get_input_embeddings().weight
     head.eval().requires_grad_(False)
     tok = load_pair(str(quick_pair_dir / "target"), None, device="cpu").tokenizer
-    pair = ModelPair(target=target, draft=head, tokenizer=tok, device=torch.device("cpu"), dtype=torch.float32,
-                     context_length=64, vocab_size=v)
-    engine = LLM(pair, calibrate=False, max_running=8)
-    prompt = [1, 3]
-    specs = [SpecConfig(method="vanilla", k=2), SpecConfig(method="adasd", verification="none")]
-    counts = Counter()
-    for i in range(0, n, 8):
-        seqs = [engine.new_sequence(prompt, SamplingParams(max_tokens=3, temperature=temperature, seed=s,
-                                                           ignore_eos=True), specs[s % 2]) for s in range(i, i + 8)]
-        counts.update(tuple(t) for t in engine.run_together(seqs))
-    cells = list(product(range(v), repeat=3))
-    probs = []
-    with torch.no_grad():
-        for c in cells:
-            ids = torch.tensor([prompt + list(c)])
-            lp = torch.log_softmax(target(ids).logits[0].float() / temperature, -1)
-            probs.append(float(sum(lp[len(prompt) - 1 + j, c[j]] for j in range(3)).exp()))
-    total = sum(probs)
-    assert abs(total - 1) < 1e-4
-    assert chisquare([counts[c] for c in cells], [n * p / total for p in probs]).pvalue > 1e-3
+    engine, counts, _ = check_sampling_keeps_target_distribution(target, head, tok)
     outside = int((~head.t2d).nonzero()[0])  # never drafted: only the target's residual gives it its mass
     assert sum(k for c, k in counts.items() if outside in c) > 0
-    assert engine.generate(prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=0), specs[0]).stats.draft_forwards
+    params = SamplingParams(max_tokens=3, temperature=1.0, seed=0)
+    assert engine.generate([1, 3], params, SpecConfig(method="vanilla", k=2)).stats.draft_forwards
 
 
 def test_build_eagle_runs_every_stage_deterministically_and_resumes(quick_pair_dir, tmp_path, monkeypatch):

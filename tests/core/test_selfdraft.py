@@ -5,14 +5,14 @@ it, the draft holds no KV of its own, and bad settings are refused clearly."""
 
 from __future__ import annotations
 
-from collections import Counter
-from itertools import product
-
 import pytest
 import torch
-from draft_checks import LOSSLESS, check_mixed_batch_matches_alone
-from scipy.stats import chisquare
-from transformers import LlamaConfig, LlamaForCausalLM
+from draft_checks import (
+    LOSSLESS,
+    check_mixed_batch_matches_alone,
+    check_sampling_keeps_target_distribution,
+    small_target,
+)
 
 from adasd_core import lean, selfdraft
 from adasd_core.engine import SpecConfig
@@ -20,7 +20,7 @@ from adasd_core.errors import ModelLoadError
 from adasd_core.kv_cache import SharedPool, kv_bytes_per_slot, make_pool, plan_slots
 from adasd_core.llm import LLM
 from adasd_core.model_files import locate
-from adasd_core.models import ModelPair, load_pair
+from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
 
 PRECISIONS = ["self:int8", "self"]  # self: int4
@@ -89,36 +89,10 @@ def test_a_mixed_batch_with_a_self_draft_matches_each_request_alone():
 def test_sampling_with_a_self_draft_keeps_the_target_distribution(quick_pair_dir):
     """Chi-square over every 3-token continuation of a small target drafted by its own int4 copy with a
     head over part of the vocabulary (q = 0 elsewhere), in batches."""
-    v, n = 5, 3000
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, tie_word_embeddings=False)
-    target = LlamaForCausalLM(cfg).eval().requires_grad_(False)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(8.0)  # distributions far from uniform, so that a wrong sampler shows
+    target = small_target(5, seed=1)
     draft = selfdraft.SelfDraft(target, "int4", torch.tensor([0, 1, 3, 4]))
     tok = load_pair(str(quick_pair_dir / "target"), None, device="cpu").tokenizer
-    pair = ModelPair(target=target, draft=draft, tokenizer=tok, device=torch.device("cpu"), dtype=torch.float32,
-                     context_length=64, vocab_size=v)
-    engine = LLM(pair, calibrate=False, max_running=8)
-    prompt = [1, 3]
-    specs = [SpecConfig(method="vanilla", k=2), SpecConfig(method="adasd", verification="none")]
-    counts, stats = Counter(), []
-    for i in range(0, n, 8):
-        seqs = [engine.new_sequence(prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=s, ignore_eos=True),
-                                    specs[s % 2]) for s in range(i, i + 8)]
-        counts.update(tuple(t) for t in engine.run_together(seqs))
-        stats.extend(s.stats for s in seqs)
-    cells = list(product(range(v), repeat=3))
-    probs = []
-    with torch.no_grad():
-        for c in cells:
-            lp = torch.log_softmax(target(torch.tensor([prompt + list(c)])).logits[0].float(), -1)
-            probs.append(float(sum(lp[len(prompt) - 1 + j, c[j]] for j in range(3)).exp()))
-    total = sum(probs)
-    assert abs(total - 1) < 1e-4
-    assert chisquare([counts[c] for c in cells], [n * p / total for p in probs]).pvalue > 1e-3
+    _, counts, stats = check_sampling_keeps_target_distribution(target, draft, tok)
     assert sum(k for c, k in counts.items() if 2 in c) > 0  # outside the head: the target's residual alone
     drafted = sum(s.drafted_tokens for s in stats)
     assert 0 < sum(s.accepted_tokens for s in stats) < drafted
