@@ -66,8 +66,8 @@ def test_the_verify_pass_leaves_the_targets_cache_as_the_target_alone_writes_it(
                     continue
                 caches[method] = (n, pool.k[:, slot, :, :n].clone(), pool.v[:, slot, :, :n].clone(), gen.seq.tokens[:])
                 assert engine.runner.kv_tokens([slot]) == (n, 0)  # the draft holds none of its own
-        if method == "vanilla":
-            assert gen.stats.drafted_tokens > gen.stats.accepted_tokens > 0
+        if method == "vanilla":  # every drafted position was written by the draft first (rejections: the greedy test)
+            assert gen.stats.drafted_tokens > 0 and gen.stats.accepted_tokens > 0
         gen.close()
     (n_ar, k_ar, v_ar, t_ar), (n_sd, k_sd, v_sd, t_sd) = caches["ar"], caches["vanilla"]
     n = min(n_ar, n_sd)
