@@ -317,8 +317,12 @@ def measure(target_pool, draft_pool, vocab: int, max_batch: int, context: int = 
     have just evicted the draft's from the caches)."""
     from adasd_core.kv_cache import SharedPool
 
-    batch_sizes = [b for b in BATCH_SIZES if b <= max_batch] or [1]
     context = max(1, min(context, target_pool.capacity - max(LENGTHS) - 1))  # slots sized for one short request
+    for pool in (target_pool, draft_pool):  # no more sequences than the pools' blocks hold
+        blocks = getattr(pool, "blocks", None)
+        if blocks is not None and not isinstance(pool, SharedPool):
+            max_batch = min(max_batch, max(1, blocks.available // -(-(context + 2 * max(LENGTHS)) // blocks.size)))
+    batch_sizes = [b for b in BATCH_SIZES if b <= max_batch] or [1]
     lengths = [n for n in LENGTHS if context + n < target_pool.capacity]
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adasd_core import lean
-from adasd_core.kv_cache import LeanPool
+from adasd_core.kv_cache import SlotPool
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -338,20 +338,20 @@ class _HeadLayout:
         return lean.rms_norm(x, w, self.eps)
 
 
-class EaglePool(LeanPool):
+class EaglePool(SlotPool):
     """A head's KV slots (one layer) and each slot's length, beside the target's pool.
 
     A slot's positions hold what the head read there: the target's state at every position up to the
     target's accepted length (a catch-up step feeds them, `features`), then this round's own drafted
     positions (`hidden`: the head's previous output), which the runner cuts off after drafting."""
 
-    def __init__(self, head: Eagle3Head, slots: int, capacity: int):  # LeanPool.__init__ is not called: no model
+    def __init__(self, head: Eagle3Head, slots: int, capacity: int):  # SlotPool.__init__ is not called: no model
         self.head = head
         self.lean = m = _HeadLayout(head)
         shape = (1, slots, m.n_kv, capacity, m.head_dim)
         self.k = torch.zeros(shape, dtype=m.dtype, device=m.device)
         self.v = torch.zeros(shape, dtype=m.dtype, device=m.device)
-        self.buffers = [([0], self.k, self.v)]  # LeanPool's layout: its length, rollback, swap and clear serve
+        self.buffers = [([0], self.k, self.v)]  # SlotPool's layout: its length, rollback, swap and clear serve
         self.lengths = [0] * slots
         self.capacity = capacity
         self.hidden: torch.Tensor | None = None  # [B, C]: the last call's output states at each last row

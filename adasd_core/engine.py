@@ -50,11 +50,14 @@ class SpeculativeEngine:
     defines it (benchmarks, the CLI). `warm`: the warm-start state requests start from."""
 
     def __init__(self, pair: ModelPair, default_spec: SpecConfig | None = None, calibrate: bool = True,
-                 max_running: int = 16, batch_aware: bool = False, warm: WarmState | None = None):
+                 max_running: int = 16, batch_aware: bool = False, warm: WarmState | None = None,
+                 kv_blocks: int | None = None, block_size: int = 16, prefix_caching: bool = True):
         self.pair, self.slots, self.batch_aware = pair, max_running, batch_aware
         self.default_spec = default_spec or SpecConfig()
-        capacity = pair.context_length + WINDOW + 2  # idle slots run a dummy token past their length
-        self.runner = ModelRunner(pair, max_running, capacity)
+        capacity = pair.context_length + WINDOW + 2  # a sequence's prompt, output and one round's drafts
+        self.runner = ModelRunner(pair, max_running, capacity, kv_blocks, block_size, prefix_caching)
+        self.block_size, self.prefix_caching = block_size, self.runner.prefix_caching
+        self.kv_blocks = self.runner.target.blocks.n_blocks if self.runner.paged else 0
         proposer = DraftModelProposer
         if self.runner.head or self.runner.shared:
             proposer = EagleProposer if self.runner.head else SelfDraftProposer
@@ -98,6 +101,17 @@ class SpeculativeEngine:
     def kv_tokens(self) -> tuple[int, int]:
         """Tokens resident in the (target, draft) KV pools over the slots in use."""
         return self.runner.kv_tokens(self.scheduler.held_slots())
+
+    def kv_report(self) -> dict:
+        """The KV pool's state for the metrics: resident tokens, the target pool's blocks (held by
+        sequences, cached for reuse, in all), and since start the prefix cache's queried and found prompt
+        tokens and the preemptions."""
+        target, draft = self.kv_tokens()
+        blocks = self.runner.target.blocks if self.runner.paged else None
+        return {"target_tokens": target, "draft_tokens": draft, "block_size": self.block_size,
+                "blocks_total": self.kv_blocks, "blocks_used": blocks.used if blocks else 0,
+                "blocks_cached": len(blocks.idle) if blocks else 0, "prefix_queries": blocks.queries if blocks else 0,
+                "prefix_hits": blocks.hits if blocks else 0, "preemptions": self.scheduler.preemptions}
 
     # ---------------------------------------------------------------- requests
 
@@ -192,6 +206,7 @@ class SpeculativeEngine:
             elapsed = time.perf_counter() - t0
             for seq, n in batch:
                 seq.prefilled += n
+                self.runner.commit(seq.slot, seq.prefilled)
                 seq.stats.target_forwards += 1
                 seq.stats.draft_forwards += not scoring and seq.policy is not None
                 seq.stats.time_prefill_s += elapsed

@@ -11,7 +11,11 @@ forward over a DynamicCache per slot, one sequence at a time: correct, not batch
 
 from __future__ import annotations
 
+import heapq
 import inspect
+import math
+import mmap
+from collections import OrderedDict
 
 import torch
 
@@ -46,8 +50,9 @@ def hf_forward(model, ids: torch.Tensor, cache=None, logits_to_keep: int = 1):
     return out.logits, cache
 
 
-class LeanPool:
-    """K, V [layers, slots, H_kv, capacity, D] for the lean forward, and each slot's length. A model split
+class SlotPool:
+    """K, V [layers, slots, H_kv, capacity, D] for the lean forward, one whole slot per sequence, and each
+    slot's length (an EAGLE-3 head's one-layer cache, the head's training; requests run on PagedPool). A model split
     over devices keeps each layer's K, V on its layer's device: k, v are then lists of [slots, H_kv,
     capacity, D], views of one buffer per device."""
 
@@ -128,15 +133,277 @@ class LeanPool:
     def clear(self, slot: int) -> None:
         self.lengths[slot] = 0
 
+    def commit(self, slot: int, length: int) -> None:
+        pass
+
+    def match(self, slot: int, tokens: list[int], limit: int) -> int:
+        return 0  # whole slots: no prefix cache
+
+    def needed(self, slot: int, length: int) -> int:
+        return 0  # reserved at the start
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on the CPU over an anonymous memory map, whose pages the kernel zero-fills on first touch
+    (torch.zeros would write, and so make resident, every page at once)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    buf = mmap.mmap(-1, max(n, 1))
+    return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape)).view(shape)  # the tensor keeps buf alive
+
+
+class OutOfBlocks(RuntimeError):
+    """A pool has no free block left (the scheduler preempts before this can happen)."""
+
+
+class Blocks:
+    """The block tables of one pool: `size` positions per block, a table of block ids per slot, the
+    free blocks, and with `prefix_caching` the content-addressed blocks a later sequence may reuse.
+
+    A full block that holds final tokens (a prompt's, or those of a sequence that ended) is keyed by
+    its tokens and its parent block's key, as vLLM's automatic prefix caching: a sequence that starts
+    with the same tokens takes those blocks (counted references) and skips their prefill. A keyed
+    block no sequence holds stays readable until it is needed: new blocks come from the never-keyed
+    free ones first (lowest id, so memory that was never written stays untouched), then from the
+    least recently released keyed ones."""
+
+    def __init__(self, n_blocks: int, size: int, slots: int, prefix_caching: bool = True):
+        self.n_blocks, self.size, self.prefix_caching = n_blocks, size, prefix_caching
+        self.tables: list[list[int]] = [[] for _ in range(slots)]
+        self.tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's positions hold
+        self.keys: list[list] = [[] for _ in range(slots)]  # keys of each slot's leading final blocks
+        self.free = list(range(n_blocks))  # a heap
+        self.refs = [0] * n_blocks
+        self.key_of: list = [None] * n_blocks
+        self.cached: dict = {}  # key -> block
+        self.idle: OrderedDict[int, None] = OrderedDict()  # keyed blocks no slot holds, oldest first
+        self.queries = self.hits = 0  # prompt tokens looked up, found
+        self.copy = None  # (src, dst) -> None: the pool copies a block's K, V (copy on write)
+
+    @property
+    def available(self) -> int:
+        return len(self.free) + len(self.idle)
+
+    @property
+    def used(self) -> int:
+        return self.n_blocks - self.available
+
+    def needed(self, slot: int, length: int) -> int:
+        """Blocks `slot` must still take to hold `length` positions."""
+        return max(0, -(-length // self.size) - len(self.tables[slot]))
+
+    def _take(self) -> int:
+        if self.free:
+            block = heapq.heappop(self.free)
+        elif self.idle:
+            block, _ = self.idle.popitem(last=False)
+            del self.cached[self.key_of[block]]
+            self.key_of[block] = None
+        else:
+            raise OutOfBlocks(f"all {self.n_blocks} KV blocks are in use")
+        self.refs[block] = 1
+        return block
+
+    def _put(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            if self.key_of[block] is not None:
+                self.idle[block] = None
+            else:
+                heapq.heappush(self.free, block)
+
+    def grow(self, slot: int, tokens: list[int]) -> None:
+        """Blocks for `tokens` appended to the slot."""
+        table, held = self.tables[slot], self.tokens[slot]
+        if held and len(held) % self.size and len(held) // self.size < len(self.keys[slot]):
+            raise AssertionError("a keyed block is never written")  # truncate() un-keys the block it cuts into
+        held.extend(tokens)
+        while len(table) * self.size < len(held):
+            table.append(self._take())
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the slot's first `length` positions; whole blocks past them go back."""
+        table, size = self.tables[slot], self.size
+        keep = -(-length // size)
+        while len(table) > keep:
+            self._put(table.pop())
+        del self.tokens[slot][length:]
+        keys = self.keys[slot]
+        if len(keys) * size > length:  # cut into a keyed block: it will be written again
+            i = length // size
+            del keys[i:]
+            if i < len(table):
+                block = table[i]
+                if self.refs[block] > 1:  # another sequence reads it: this one writes a copy
+                    new = self._take()
+                    self.copy(block, new)
+                    self.refs[block] -= 1
+                    table[i] = new
+                elif self.key_of[block] is not None and self.cached.get(self.key_of[block]) == block:
+                    del self.cached[self.key_of[block]]
+                    self.key_of[block] = None
+
+    def _key(self, slot: int, i: int):
+        parent = self.keys[slot][i - 1] if i else None
+        return (hash(parent), tuple(self.tokens[slot][i * self.size : (i + 1) * self.size]))
+
+    def commit(self, slot: int, length: int) -> None:
+        """The slot's first `length` positions are final: key its full blocks among them."""
+        if not self.prefix_caching:
+            return
+        keys, table = self.keys[slot], self.tables[slot]
+        for i in range(len(keys), min(length, len(self.tokens[slot])) // self.size):
+            key = self._key(slot, i)
+            keys.append(key)
+            if key not in self.cached and self.key_of[table[i]] is None:
+                self.cached[key], self.key_of[table[i]] = table[i], key
+
+    def match(self, slot: int, tokens: list[int], limit: int) -> int:
+        """Attach the cached blocks that hold the longest prefix of `tokens` (at most `limit` positions)
+        to an empty slot: the positions found."""
+        assert not self.tables[slot], "a prefix goes into an empty slot"
+        if not self.prefix_caching:
+            return 0
+        self.queries += limit
+        keys, table, held = self.keys[slot], self.tables[slot], self.tokens[slot]
+        for i in range(limit // self.size):
+            held.extend(tokens[i * self.size : (i + 1) * self.size])
+            key = self._key(slot, i)
+            block = self.cached.get(key)
+            if block is None:
+                del held[i * self.size :]
+                break
+            if self.refs[block] == 0:
+                del self.idle[block]
+            self.refs[block] += 1
+            keys.append(key)
+            table.append(block)
+        self.hits += len(held)
+        return len(held)
+
+    def release(self, slot: int) -> None:
+        """The slot's sequence ended (or was preempted): its final blocks stay cached, all go back."""
+        self.commit(slot, len(self.tokens[slot]))
+        self.truncate_all(slot)
+
+    def truncate_all(self, slot: int) -> None:
+        for block in reversed(self.tables[slot]):
+            self._put(block)
+        self.tables[slot], self.tokens[slot], self.keys[slot] = [], [], []
+
+    def swap(self, a: int, b: int) -> None:
+        for lists in (self.tables, self.tokens, self.keys):
+            lists[a], lists[b] = lists[b], lists[a]
+
+
+class LeanPool:
+    """The lean forward's paged KV cache: K, V [layers, H_kv, blocks, block size, D] per device, a block
+    table per slot (Blocks), and each slot's length. A slot costs nothing until its sequence writes:
+    blocks are taken as positions are written and go back when a rollback or the sequence's end frees
+    them. A model split over devices keeps each layer's blocks on its layer's device (k, v: lists of
+    [H_kv, blocks, block size, D]).
+
+    On the CPU the buffers are anonymous memory maps (_zeros): pages become resident as blocks are first
+    written, so memory no block has used costs nothing."""
+
+    batched = True
+
+    def __init__(self, model, slots: int, capacity: int, blocks: int | None = None, block_size: int = 16,
+                 prefix_caching: bool = True):
+        self.lean = model if isinstance(model, lean.LeanModel) else lean.lean_model(model)
+        m = self.lean
+        blocks = blocks if blocks is not None else slots * -(-capacity // block_size)
+        devices = list(dict.fromkeys(m.layer_devices))
+        self.buffers = []  # (device's layers, K, V) [their count, H_kv, blocks, block size, D]
+        for device in devices:
+            layers = [i for i, d in enumerate(m.layer_devices) if d == device]
+            shape = (len(layers), m.n_kv, blocks, block_size, m.head_dim)
+            self.buffers.append((layers, _zeros(shape, m.dtype, device), _zeros(shape, m.dtype, device)))
+        if len(devices) == 1:
+            self.k, self.v = self.buffers[0][1], self.buffers[0][2]
+        else:
+            self.k, self.v = [None] * m.n_layers, [None] * m.n_layers
+            for layers, k, v in self.buffers:
+                for j, i in enumerate(layers):
+                    self.k[i], self.v[i] = k[j], v[j]
+        self.blocks = Blocks(blocks, block_size, slots, prefix_caching)
+        self.blocks.copy = self._copy_block
+        self.lengths = [0] * slots
+        self.capacity = capacity  # positions one sequence may hold
+
+    def _copy_block(self, src: int, dst: int) -> None:
+        for _, k, v in self.buffers:
+            k[:, :, dst] = k[:, :, src]
+            v[:, :, dst] = v[:, :, src]
+
+    @torch.inference_mode()
+    def forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool = False,
+                capture: tuple[int, ...] = (), alone: bool = False):
+        """feeds[b] appended to slots[b] -> logits [B, V] at each last token, or [sum n_b, V]; with
+        `capture`, (logits, the captured layers' inputs [sum n_b, ...]); `alone`: rows batch-invariant
+        (lean.forward)."""
+        blocks = self.blocks
+        starts = [self.lengths[s] for s in slots]
+        for s, start, feed in zip(slots, starts, feeds):
+            if start + len(feed) > self.capacity:
+                raise AssertionError(f"KV slot overflow: position {start + len(feed)} past capacity {self.capacity}")
+            blocks.grow(s, feed)
+        paged = lean.Paged([blocks.tables[s] for s in slots], blocks.size)
+        out = lean.forward(self.lean, self.k, self.v, slots, starts, feeds, all_logits, capture, alone, paged)
+        for s, feed in zip(slots, feeds):
+            self.lengths[s] += len(feed)
+        return out
+
+    def length(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def rollback(self, slot: int, length: int) -> None:
+        assert 0 <= length <= self.lengths[slot], f"cannot roll slot {slot} of {self.lengths[slot]} forward to {length}"
+        self.lengths[slot] = length
+        self.blocks.truncate(slot, length)
+
+    def commit(self, slot: int, length: int) -> None:
+        """The slot's first `length` positions are final (a prompt's): later sequences may reuse them."""
+        self.blocks.commit(slot, min(length, self.lengths[slot]))
+
+    def match(self, slot: int, tokens: list[int], limit: int) -> int:
+        """Reuse the cached prefix of `tokens` (at most `limit` positions) in an empty slot: its length."""
+        self.lengths[slot] = self.blocks.match(slot, tokens, limit)
+        return self.lengths[slot]
+
+    def needed(self, slot: int, length: int) -> int:
+        return self.blocks.needed(slot, length)
+
+    def swap(self, a: int, b: int) -> None:
+        self.blocks.swap(a, b)
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
+
+    def clear(self, slot: int) -> None:
+        self.blocks.truncate(slot, self.lengths[slot])
+        self.blocks.release(slot)
+        self.lengths[slot] = 0
+
+    def kv(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the slot's K, V [layers, H_kv, length, D] (tests, tools)."""
+        n, table = self.lengths[slot], self.blocks.tables[slot]
+        idx = torch.tensor(table, dtype=torch.long)
+
+        def read(bufs) -> torch.Tensor:
+            parts = [buf[:, :, idx.to(buf.device)].flatten(2, 3)[:, :, :n].to(self.lean.device) for buf in bufs]
+            return torch.cat(parts)
+
+        return read([k for _, k, _ in self.buffers]), read([v for _, _, v in self.buffers])
+
 
 class SharedPool(LeanPool):
-    """A self-draft's view of its target's pool (adasd_core.selfdraft): the same K, V buffers and the
-    same lengths, run with the draft's weights. Its forwards write past the target's length (the
-    proposer lowers it back after drafting); moving and clearing slots is the target pool's work."""
+    """A self-draft's view of its target's pool (adasd_core.selfdraft): the same K, V buffers, block tables
+    and lengths, run with the draft's weights. Its forwards write past the target's length (the proposer
+    lowers it back after drafting); moving and clearing slots is the target pool's work."""
 
     def __init__(self, model: lean.LeanModel, target: LeanPool):
         self.lean = model
-        self.buffers, self.k, self.v = target.buffers, target.k, target.v
+        self.buffers, self.k, self.v, self.blocks = target.buffers, target.k, target.v, target.blocks
         self.lengths, self.capacity = target.lengths, target.capacity
 
     def swap(self, a: int, b: int) -> None:
@@ -144,6 +411,12 @@ class SharedPool(LeanPool):
 
     def clear(self, slot: int) -> None:
         pass
+
+    def commit(self, slot: int, length: int) -> None:
+        pass
+
+    def match(self, slot: int, tokens: list[int], limit: int) -> int:
+        return self.lengths[slot]
 
 
 class HFPool:
@@ -185,17 +458,30 @@ class HFPool:
     def clear(self, slot: int) -> None:
         self.caches[slot] = None
 
+    def commit(self, slot: int, length: int) -> None:
+        pass
 
-def make_pool(model, slots: int, capacity: int, use_lean: bool = True):
+    def match(self, slot: int, tokens: list[int], limit: int) -> int:
+        return 0  # no blocks: no prefix cache
+
+    def needed(self, slot: int, length: int) -> int:
+        return 0  # a DynamicCache grows as it needs
+
+
+def make_pool(model, slots: int, capacity: int, use_lean: bool = True, blocks: int | None = None,
+              block_size: int = 16, prefix_caching: bool = True):
+    """A model's KV pool: `blocks` of `block_size` positions for the lean forward (None: as many as `slots`
+    sequences of `capacity` positions need), an EAGLE-3 head's one-layer slots, or transformers' caches."""
     from adasd_core.eagle import Eagle3Head, EaglePool
     from adasd_core.selfdraft import SelfDraft
 
     if isinstance(model, Eagle3Head):
         return EaglePool(model, slots, capacity)
+    paging = {"blocks": blocks, "block_size": block_size, "prefix_caching": prefix_caching}
     if isinstance(model, SelfDraft):  # alone (a timing); the runner gives it the target's pool (SharedPool)
-        return LeanPool(model.lean_model(), slots, capacity)
+        return LeanPool(model.lean_model(), slots, capacity, **paging)
     if use_lean and lean.supports_cached(model):
-        return LeanPool(model, slots, capacity)
+        return LeanPool(model, slots, capacity, **paging)
     return HFPool(model, slots, capacity)
 
 
@@ -266,29 +552,31 @@ def device_budget(device: torch.device, memory_fraction: float = 0.9) -> float:
         return float("inf")
 
 
-def plan_slots(pair, max_running: int, memory_fraction: float = 0.9) -> tuple[int, int]:
-    """How many KV slots fit: (slots, bytes per slot). Each device's share of a slot (the KV of the layers
-    placed there, for both models) is held against that device's budget (device_budget); the tightest
-    device decides. Raises ModelLoadError when not even one slot fits."""
+def plan_blocks(pair, max_running: int, block_size: int = 16, memory_fraction: float = 0.9) -> tuple[int, int]:
+    """How many KV blocks of `block_size` positions each pool gets: (blocks, bytes per block of both
+    pools). At most what `max_running` full-length sequences take; each device's share of a block (the
+    KV of the layers placed there, for both models) is held against that device's budget
+    (device_budget), and the tightest device decides. Raises ModelLoadError when not even one
+    full-length sequence fits."""
     from adasd_core.drafting import WINDOW
     from adasd_core.errors import ModelLoadError
 
-    capacity = pair.context_length + WINDOW + 2
+    per_seq = -(-(pair.context_length + WINDOW + 2) // block_size)
     need: dict[torch.device, int] = {}
     for model in (pair.target, pair.draft):
         if model is not None:
-            for device, n in kv_bytes_per_device(model, capacity).items():
+            for device, n in kv_bytes_per_device(model, block_size).items():
                 need[device] = need.get(device, 0) + n
-    fits = max_running
-    for device, per_slot in need.items():
+    fits = max_running * per_seq
+    for device, per_block in need.items():
         budget = device_budget(device, memory_fraction)
         if budget == float("inf"):
             continue
-        if budget < per_slot:
+        if budget < per_block * per_seq:
             raise ModelLoadError(
-                f"one KV slot of {pair.context_length} tokens needs {per_slot / 2**20:.0f} MiB on {device} but only "
-                f"{max(budget, 0) / 2**20:.0f} MiB are left there after loading the models: lower max_model_len "
-                "or raise gpu_memory_fraction, or use a larger device"
+                f"one sequence of {pair.context_length} tokens needs {per_block * per_seq / 2**20:.0f} MiB of KV on "
+                f"{device} but only {max(budget, 0) / 2**20:.0f} MiB are left there after loading the models: lower "
+                "max_model_len or raise gpu_memory_fraction, or use a larger device"
             )
-        fits = min(fits, int(budget // per_slot))
+        fits = min(fits, int(budget // per_block))
     return fits, sum(need.values())

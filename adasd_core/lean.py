@@ -19,7 +19,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from adasd_core import draft_head
+from adasd_core import draft_head, paged_attention
 from adasd_core.device import fold_query_groups
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -318,8 +318,9 @@ class Ragged:
     rotary table (a LeanModel, or a draft head with the same attributes)."""
 
     def __init__(self, owner, slots: list[int], starts: list[int], ns: list[int], capacity: int,
-                 alone: bool = False):
+                 alone: bool = False, paged: Paged | None = None):
         dev = owner.device
+        self.paged = paged
         self.slots, self.starts, self.ns = slots, starts, ns
         self.B, self.n, self.T = len(slots), max(ns), sum(ns)
         self.ragged = self.n * self.B != self.T
@@ -329,7 +330,7 @@ class Ragged:
         self.j_idx = torch.tensor([j for m in ns for j in range(m)], device=dev)  # [T] its column
         self.pos = start_t[self.b_idx] + self.j_idx  # [T]
         self.end = end = max(s + m for s, m in zip(starts, ns))  # keys 0..end-1 cover every query
-        assert end <= capacity, f"KV slot overflow: position {end} past capacity {capacity}"
+        assert paged is not None or end <= capacity, f"KV slot overflow: position {end} past capacity {capacity}"
         cos, sin = owner.rotary(self.pos, end)  # [T, D]
         self.cos, self.sin = cos[:, None], sin[:, None]  # [T, 1, D]
         self.contiguous = slots == list(range(slots[0], slots[0] + self.B))
@@ -342,6 +343,8 @@ class Ragged:
         # only where the batch holds a request whose text must repeat (`alone`): it costs the others time
         self.per_seq = self.B > 1 and alone and getattr(owner, "attend_alone", False) and \
             not getattr(owner, "split", False)
+        if paged is not None:
+            paged.lay_out(self, dev)
         self.mask = None
         if self.per_seq:
             self.offsets = [sum(ns[:b]) for b in range(self.B)]
@@ -349,11 +352,11 @@ class Ragged:
         else:
             self.mask, self.causal, self.groups = _masking(starts, ns, end, groups, dev)
 
-    _MOVED = ("cos", "sin", "pos", "b_idx", "j_idx", "slot_idx", "slot_tok", "mask")
+    _MOVED = ("cos", "sin", "pos", "b_idx", "j_idx", "slot_idx", "slot_tok", "mask", "blk", "off", "table")
 
     def to(self, device: torch.device) -> None:
         """Move the layout to another card (a model split over devices)."""
-        for name, t in zip(self._MOVED, _to(device, *(getattr(self, n) for n in self._MOVED))):
+        for name, t in zip(self._MOVED, _to(device, *(getattr(self, n, None) for n in self._MOVED))):
             setattr(self, name, t)
 
     def rotate(self, fused: torch.Tensor, nqk: int) -> torch.Tensor:
@@ -364,12 +367,14 @@ class Ragged:
     def attend(self, fused: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
         """fused [T, (H + 2 H_kv) D] q, k, v rows -> attention output [T, H D]; k and v written into
         kc, vc [S, H_kv, C, D] at their positions first."""
-        T, H, Hkv, D, B, n = self.T, self.H, self.Hkv, self.D, self.B, self.n
+        T, H, Hkv, D, B = self.T, self.H, self.Hkv, self.D, self.B
         nqk = H + Hkv
         qk = self.rotate(fused[:, : nqk * D].view(T, nqk, D), nqk)
         q, k = qk[:, :H], qk[:, H:]
         v = fused[:, nqk * D :].view(T, Hkv, D)
         end, starts, slots = self.end, self.starts, self.slots
+        if self.paged is not None:
+            return self.paged.attend(self, q, k, v, kc, vc).reshape(T, H * D)
         if B == 1:
             s0 = slots[0]
             kc[s0, :, starts[0] : end] = k.transpose(0, 1)
@@ -386,21 +391,86 @@ class Ragged:
                 keys, values = kc[slots[0] : slots[0] + B, :, :end], vc[slots[0] : slots[0] + B, :, :end]
             else:
                 keys, values = kc[self.slot_idx, :, :end], vc[self.slot_idx, :, :end]
-            if not self.ragged:
-                q = q.reshape(B, n, H, D)
-            else:
-                q_pad = q.new_zeros(B, n, H, D)
-                q_pad[self.b_idx, self.j_idx] = q
-                q = q_pad
-            attn = _attention(q, keys, values, self.mask, self.causal, self.groups, self.scale)  # [B, n, H, D]
-            attn = attn[self.b_idx, self.j_idx] if self.ragged else attn
+            attn = self.batched(q, keys, values)
         return attn.reshape(T, H * D)
+
+    def batched(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D] over each sequence's keys, values [B, H_kv, end, D] -> [T, H, D] (or [B, n, H, D])."""
+        B, n, H, D = self.B, self.n, self.H, self.D
+        if not self.ragged:
+            q = q.reshape(B, n, H, D)
+        else:
+            q_pad = q.new_zeros(B, n, H, D)
+            q_pad[self.b_idx, self.j_idx] = q
+            q = q_pad
+        attn = _attention(q, keys, values, self.mask, self.causal, self.groups, self.scale)  # [B, n, H, D]
+        return attn[self.b_idx, self.j_idx] if self.ragged else attn
 
     def last_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Each sequence's last fed row of x [T, ...] -> [B, ...]."""
         if self.T == self.B:  # one row each (a decode or draft step): every row is a last one
             return x
         return x[-1:] if self.B == 1 else x[torch.tensor(self.ns, device=x.device).cumsum(0) - 1]
+
+
+class Paged:
+    """A batch's block tables over a paged pool (kv_cache.LeanPool): sequence b's position p lives in
+    block tables[b][p // size] at offset p % size of each layer's K, V [H_kv, blocks, size, D].
+
+    A sequence whose blocks are consecutive (one sequence running alone, as its blocks were taken) reads
+    them as one view; otherwise attention reads the tables in place (adasd_core.paged_attention) or,
+    where that kernel is not available, gathers each sequence's blocks."""
+
+    def __init__(self, tables: list[list[int]], size: int):
+        self.tables, self.size = tables, size
+
+    def lay_out(self, r: Ragged, dev: torch.device) -> None:
+        size = self.size
+        m = self.blocks = -(-r.end // size)
+        first = self.tables[0]
+        self.view = r.B == 1 and first[m - 1] - first[0] == m - 1 and all(
+            b == a + 1 for a, b in zip(first[: m - 1], first[1:m]))
+        # the CPU kernel reads the tables in place, each row on its own (batch-invariant)
+        self.kernel = dev.type == "cpu" and paged_attention.kernel_available()
+        r.table = r.blk = r.off = None
+        if not self.view:  # written through indices; read by the kernel, or gathered
+            rows = [t[:m] + [t[0]] * (m - len(t[:m])) for t in self.tables]  # padded with a block of its own
+            r.table = torch.tensor(rows, dtype=torch.long, device=dev)  # [B, m]
+            r.blk = r.table[r.b_idx, r.pos // size]  # [T]
+            r.off = r.pos % size
+        if self.kernel:
+            self.table32 = (r.table.int() if r.table is not None else
+                            torch.arange(first[0], first[0] + m, dtype=torch.int32)[None])
+            self.seq32, self.pos32 = r.b_idx.int(), r.pos.int()
+
+    def attend(self, r: Ragged, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
+               vc: torch.Tensor) -> torch.Tensor:
+        """k, v [T, H_kv, D] written at their positions, then q [T, H, D] over each sequence's keys."""
+        Hkv, D, m, size = r.Hkv, r.D, self.blocks, self.size
+        if self.view:  # one sequence over consecutive blocks: one view, no index tensors
+            b0, start = self.tables[0][0], r.starts[0]
+            keys = kc[:, b0 : b0 + m].view(1, Hkv, m * size, D)[:, :, : r.end]
+            values = vc[:, b0 : b0 + m].view(1, Hkv, m * size, D)[:, :, : r.end]
+            keys[0, :, start:] = k.transpose(0, 1)
+            values[0, :, start:] = v.transpose(0, 1)
+        else:
+            kc[:, r.blk, r.off] = k.transpose(0, 1)
+            vc[:, r.blk, r.off] = v.transpose(0, 1)
+        if self.kernel and paged_attention.fits(q, kc, vc):
+            return paged_attention.paged_attention(q, kc, vc, self.table32, self.seq32, self.pos32, r.scale)
+        if self.view:
+            return r.batched(q, keys, values).reshape(r.T, r.H, D)
+        if r.per_seq:  # each sequence as alone: its own blocks only
+            out = []
+            for b, (o, n_b, (masking, e)) in enumerate(zip(r.offsets, r.ns, r.alone)):
+                idx = r.table[b, : -(-e // size)]
+                keys = kc[:, idx].reshape(1, Hkv, -1, D)[:, :, :e]
+                values = vc[:, idx].reshape(1, Hkv, -1, D)[:, :, :e]
+                out.append(_attention(q[o : o + n_b][None], keys, values, *masking, r.scale)[0])
+            return torch.cat(out)
+        keys = kc[:, r.table].transpose(0, 1).reshape(r.B, Hkv, m * size, D)[:, :, : r.end]
+        values = vc[:, r.table].transpose(0, 1).reshape(r.B, Hkv, m * size, D)[:, :, : r.end]
+        return r.batched(q, keys, values).reshape(r.T, r.H, D)
 
 
 def forward(
@@ -413,6 +483,7 @@ def forward(
     all_logits: bool,
     capture: tuple[int, ...] = (),
     alone: bool = False,
+    paged: Paged | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Append feeds[b] to slot slots[b] at position starts[b]; k_pool, v_pool [L, S, H_kv, C, D] (or a
     list of L [S, H_kv, C, D], each on its layer's device, for a model split over devices).
@@ -426,7 +497,7 @@ def forward(
     bitwise what each sequence gets alone (attention per sequence; Ragged).
     """
     ns = [len(f) for f in feeds]
-    batch = Ragged(lean, slots, starts, ns, k_pool[0].size(2), alone)
+    batch = Ragged(lean, slots, starts, ns, k_pool[0].size(-2), alone, paged)
     ids = torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=lean.device)  # [T]
     x = F.embedding(ids, lean.embed)  # [T, C]
     kept = {}

@@ -27,18 +27,25 @@ from adasd_core.selfdraft import SelfDraft
 
 
 class ModelRunner:
-    def __init__(self, pair: ModelPair, slots: int, capacity: int):
+    def __init__(self, pair: ModelPair, slots: int, capacity: int, blocks: int | None = None, block_size: int = 16,
+                 prefix_caching: bool = True):
         self.vocab, self.device = pair.vocab_size, pair.device
-        self.target = make_pool(pair.target, slots, capacity)
         self.head = isinstance(pair.draft, Eagle3Head)
         self.shared = isinstance(pair.draft, SelfDraft)
+        # a head reads the target's states at every position, which a reused prefix never computed
+        self.prefix_caching = prefix_caching and not self.head
+        paging = {"blocks": blocks, "block_size": block_size, "prefix_caching": self.prefix_caching}
+        self.target = make_pool(pair.target, slots, capacity, **paging)
         if (self.head or self.shared) and not isinstance(self.target, LeanPool):
             what = "an EAGLE-3 head" if self.head else "self-drafting"
             raise ModelLoadError(f"{what} needs a Llama-family target that runs on the lean forward")
         if self.shared:
             self.draft = SharedPool(pair.draft.lean_model(), self.target)
         else:
-            self.draft = make_pool(pair.draft, slots, capacity) if pair.draft is not None else None
+            self.draft = make_pool(pair.draft, slots, capacity, **paging) if pair.draft is not None else None
+        # the pools whose blocks run out (a self-draft's are its target's; a head's are slots)
+        self.paged = [p for p in (self.target, None if self.shared or self.head else self.draft)
+                      if isinstance(p, LeanPool)]
         self.batched = bool(self.target.batched)
         self.capture: tuple[int, ...] = pair.draft.aux_layers if self.head else ()
         self.states: list[torch.Tensor | None] = [None] * slots  # per slot: states the head has not read
@@ -66,13 +73,15 @@ class ModelRunner:
         moved in chunks by the caller), and no draft work; else the sequences that draft feed their
         draft slots too."""
         slots = [seq.slot for seq, _ in batch]
-        feeds = [seq.prompt_ids[seq.prefilled : seq.prefilled + n] for seq, n in batch]
+        feeds = [seq.prefill_ids[seq.prefilled : seq.prefilled + n] for seq, n in batch]
         logits = self._target_forward(slots, feeds, keep_logits, [seq.policy is not None for seq, _ in batch])
         if keep_logits:
             return logits[:, : self.vocab]
-        drafting = [(s, f) for (seq, _), s, f in zip(batch, slots, feeds) if seq.policy is not None]
-        # a head reads the prompt's states at its first draft step; a self-draft reads the target's KV
-        if drafting and not self.head and not self.shared:
+        # a head reads the prompt's states at its first draft step; a self-draft reads the target's KV; a draft
+        # slot that holds less (a shorter cached prefix) catches up in the same forward
+        drafting = [(seq.slot, seq.prefill_ids[self.draft.length(seq.slot) : seq.prefilled + n])
+                    for seq, n in batch if seq.policy is not None] if not self.head and not self.shared else []
+        if drafting:
             alone = any(seq.reproducible for seq, _ in batch if seq.policy is not None)
             self.draft.forward([s for s, _ in drafting], [f for _, f in drafting], alone=alone)
         return None
@@ -159,6 +168,24 @@ class ModelRunner:
             if pool is not None:
                 pool.clear(slot)
         self.states[slot] = None
+
+    def reuse_prefix(self, slot: int, ids: list[int], limit: int) -> int:
+        """Take the cached blocks of the longest prefix of `ids` (at most `limit` positions) into an empty
+        slot: the target's positions found (the draft's may be fewer: it catches up when fed)."""
+        found = self.target.match(slot, ids, limit)
+        if self.draft is not None and not self.shared:
+            self.draft.match(slot, ids, found)
+        return found
+
+    def commit(self, slot: int, length: int) -> None:
+        """The slot's first `length` positions hold final tokens (a prompt's): cacheable."""
+        for pool in (self.target, self.draft):
+            if pool is not None:
+                pool.commit(slot, length)
+
+    def shortfall(self, wanted: list[tuple[int, int]]) -> int:
+        """Blocks missing, in the tightest pool, for every (slot, positions) in `wanted` to fit."""
+        return max((sum(p.needed(s, n) for s, n in wanted) - p.blocks.available for p in self.paged), default=-1)
 
     def kv_tokens(self, slots: list[int]) -> tuple[int, int]:
         """Tokens resident in the (target, draft) pools over these slots."""

@@ -1,11 +1,16 @@
 """Which sequences the engine works on: one waiting queue, admission to KV slots, the prompt
 tokens each step may feed, and slot ownership.
 
-A sequence waits until a slot is free, then either has its prompt scored (prompt log-probabilities,
-or nothing to generate: `Sequence.scores_prompt`) or prefilled, in chunks under one budget of prompt
-tokens per step (scoring first), so a long prompt never freezes the running streams for long.
-Once all but its last prompt token are in, it runs: one round per step. Running sequences hold
-slots 0..R-1 (the batch is a contiguous range of both pools); new ones are admitted from the top.
+A sequence waits until a slot is free and the KV blocks its prompt needs are, then either has its
+prompt scored (prompt log-probabilities, or nothing to generate: `Sequence.scores_prompt`) or
+prefilled, in chunks under one budget of prompt tokens per step (scoring first), so a long prompt
+never freezes the running streams for long; a prefill starts after the longest prefix the pools
+hold in cached blocks. Once all but its last prompt token are in, it runs: one round per step.
+Running sequences hold slots 0..R-1; new ones are admitted from the top.
+
+Every step first makes room: each running sequence may write GROWTH positions in its next round, and
+when the blocks for that are not free, the newest sequence is preempted (its blocks freed, its
+final ones left in the prefix cache) and waits at the head of the queue to recompute its tokens.
 """
 
 from __future__ import annotations
@@ -14,8 +19,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from adasd_core.constrained import MAX_FORCED
+from adasd_core.drafting import WINDOW
 from adasd_core.runner import ModelRunner
 from adasd_core.sequence import Sequence
+
+GROWTH = 2 + WINDOW + MAX_FORCED  # positions one round may write past a sequence's length (forced, drafts, verify)
 
 
 @dataclass
@@ -35,6 +44,7 @@ class Scheduler:
         self.scoring: list[Sequence] = []
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []  # running[i].slot == i
+        self.preemptions = 0
 
     @property
     def idle(self) -> bool:
@@ -50,12 +60,48 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def _wanted(self) -> list[tuple[int, int]]:
+        """(slot, positions) each admitted sequence may hold by the end of this step."""
+        cap = self.runner.target.capacity
+        out = [(s.slot, min(self.runner.target.length(s.slot) + GROWTH, cap)) for s in self.running]
+        out += [(s.slot, min(len(s.prefill_ids) + GROWTH, cap)) for s in self.prefilling]
+        return out + [(s.slot, s.prompt_len) for s in self.scoring]
+
+    def _make_room(self) -> None:
+        """Preempt the newest sequences until every admitted one's next step fits in the blocks."""
+        while self.runner.shortfall(self._wanted()) > 0:
+            held = self.running + self.prefilling
+            if len(held) + len(self.scoring) <= 1:
+                return  # one sequence always fits (plan_blocks)
+            self.preempt(max(held, key=lambda s: s.admitted_at))
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running or prefilling sequence's blocks; it waits first in line to recompute its tokens."""
+        if seq in self.running:
+            self.release(seq)
+        else:
+            self.drop(seq)
+        seq.preempted()
+        seq.admitted_at = None
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
     def schedule(self) -> ScheduledStep:
-        """Admit waiting sequences to free slots, then choose this step's prompt chunks."""
+        """Make room, admit waiting sequences to free slots while blocks allow (after the cached prefix of
+        their prompt), then choose this step's prompt chunks."""
+        self._make_room()
         while self.waiting and None in self.owner:
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
             slot = len(self.owner) - 1 - self.owner[::-1].index(None)  # from the top: running grows from 0
-            self.owner[slot], seq.slot, seq.admitted_at = seq, slot, time.monotonic()
+            n = len(seq.prefill_ids)
+            found = 0 if seq.scores_prompt else self.runner.reuse_prefix(slot, seq.prefill_ids, n - 1)
+            busy = self.running or self.prefilling or self.scoring
+            wanted = self._wanted() + [(slot, min(n + GROWTH, self.runner.target.capacity))]
+            if busy and self.runner.shortfall(wanted) > 0:
+                self.runner.clear(slot)  # its blocks are not free yet: it waits, the cached prefix stays cached
+                break
+            self.waiting.popleft()
+            self.owner[slot], seq.slot, seq.admitted_at, seq.prefilled = seq, slot, time.monotonic(), found
             (self.scoring if seq.scores_prompt else self.prefilling).append(seq)
         score = _chunks(self.scoring, self.prefill_budget, lambda s: s.params.prompt_logprobs is not None)
         prefill = _chunks(self.prefilling, self.prefill_budget - sum(n for _, n in score), lambda s: True)
@@ -112,7 +158,7 @@ def _chunks(queue: list[Sequence], budget: int, wanted) -> list[tuple[Sequence, 
     up to `budget` tokens in all."""
     batch = []
     for seq in queue:
-        n = min(seq.prompt_len - 1 - seq.prefilled, budget) if wanted(seq) else 0
+        n = min(len(seq.prefill_ids) - 1 - seq.prefilled, budget) if wanted(seq) else 0
         if n > 0:
             batch.append((seq, n))
             budget -= n

@@ -90,12 +90,16 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     slot: int = -1  # KV slot in both pools while admitted
     admitted_at: float | None = None  # time.monotonic() when the scheduler gave it a slot
-    prefilled: int = 0  # prompt tokens already in the caches (all but the last are prefilled)
+    prefilled: int = 0  # prefill_ids already in the caches (all but the last are prefilled)
+    # what its prefill feeds: the prompt, or after a preemption every token so far (recomputed)
+    prefill_ids: list[int] = field(default_factory=list)
+    preemptions: int = 0
     finish_reason: str | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far (tokens 1..prefilled)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)
+        self.prefill_ids = self.prompt_ids
 
     @property
     def reproducible(self) -> bool:
@@ -115,7 +119,12 @@ class Sequence:
     def prompt_ready(self) -> bool:
         """All of its prompt but the last token is in the caches (scored without log-probabilities:
         nothing to feed)."""
-        return self.prefilled == self.prompt_len - 1 or (self.scores_prompt and self.params.prompt_logprobs is None)
+        scored_only = self.scores_prompt and self.params.prompt_logprobs is None
+        return self.prefilled == len(self.prefill_ids) - 1 or scored_only
+
+    def preempted(self) -> None:
+        """Its KV was freed for others: the next prefill recomputes every token but the last."""
+        self.prefill_ids, self.prefilled, self.preemptions = list(self.tokens), 0, self.preemptions + 1
 
     @property
     def finished(self) -> bool:

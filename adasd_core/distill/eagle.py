@@ -102,13 +102,13 @@ def new_head(target, vocab_ids: torch.Tensor, aux: tuple[int, ...]) -> eagle.Eag
 @torch.inference_mode()
 def read_states(target, records: list[Record], aux: tuple[int, ...], batch: int) -> list[dict]:
     """Per conversation: the head's input states [L, 3 C] and the target's last-layer output [L, C], bf16."""
-    from adasd_core.kv_cache import LeanPool
+    from adasd_core.kv_cache import SlotPool
 
     n_layers = target.config.num_hidden_layers
     capture = (*aux, n_layers)
     c = target.config.hidden_size
     longest = max(len(r.ids) for r in records)
-    pool = LeanPool(target, batch, longest + 1)
+    pool = SlotPool(target, batch, longest + 1)
     out = []
     for i in range(0, len(records), batch):
         group = records[i : i + batch]

@@ -4,7 +4,7 @@ queries and transformers' loader are replaced by fakes that record what they wer
 - load_model puts the weights straight on the device (a device map of one card), never host-then-copy;
 - the pre-load memory check covers device maps (all GPUs together, the draft on its card) and hub ids
   (the hub's safetensors summary), and says why when a size is unknown;
-- plan_slots holds each device's share of a KV slot against that device's free memory."""
+- plan_blocks holds each device's share of a KV block against that device's free memory."""
 
 import logging
 from types import SimpleNamespace
@@ -179,19 +179,19 @@ def test_each_devices_kv_share_is_held_against_that_device(fake_gpus):
     draft.hf_device_map = {"": 0}
     assert kv_cache.layer_devices(target) == [torch.device("cuda", 0)] * 2 + [torch.device("cuda", 1)] * 2
     pair = SimpleNamespace(target=target, draft=draft, context_length=100)
-    cap = 100 + WINDOW + 2
-    on0, on1 = 2 * _layer_kv(target, cap) + 2 * _layer_kv(draft, cap), 2 * _layer_kv(target, cap)
+    per_seq = -(-(100 + WINDOW + 2) // 16)  # blocks of one full-length sequence
+    on0, on1 = 2 * _layer_kv(target, 16) + 2 * _layer_kv(draft, 16), 2 * _layer_kv(target, 16)  # one block's bytes
     total = 80 * GiB
-    fake_gpus([(int(0.1 * total) + 7 * on0 + 5, total), (int(0.1 * total) + 1000 * on1, total)])
-    slots, per_slot = kv_cache.plan_slots(pair, max_running=64, memory_fraction=0.9)
-    assert (slots, per_slot) == (7, on0 + on1)  # 7 fit on cuda:0; cuda:1 has room for 1000
-    assert kv_cache.kv_bytes_per_slot(target, cap) + kv_cache.kv_bytes_per_slot(draft, cap) == per_slot
-    fake_gpus([(int(0.1 * total) + 1000 * on0, total), (int(0.1 * total) + 3 * on1, total)])
-    assert kv_cache.plan_slots(pair, 64)[0] == 3  # now the second card limits
-    assert kv_cache.plan_slots(pair, 2)[0] == 2
-    fake_gpus([(int(0.1 * total) + on0 // 2, total), (total, total)])
-    with pytest.raises(ModelLoadError, match=r"needs \d+ MiB on cuda:0 but only"):
-        kv_cache.plan_slots(pair, 64)
+    fake_gpus([(int(0.1 * total) + 7 * per_seq * on0 + 5, total), (int(0.1 * total) + 1000 * per_seq * on1, total)])
+    blocks, per_block = kv_cache.plan_blocks(pair, max_running=64, memory_fraction=0.9)
+    assert (blocks, per_block) == (7 * per_seq, on0 + on1)  # 7 sequences fit on cuda:0; cuda:1 has room for 1000
+    assert kv_cache.kv_bytes_per_slot(target, 16) + kv_cache.kv_bytes_per_slot(draft, 16) == per_block
+    fake_gpus([(int(0.1 * total) + 1000 * per_seq * on0, total), (int(0.1 * total) + 3 * per_seq * on1, total)])
+    assert kv_cache.plan_blocks(pair, 64)[0] == 3 * per_seq  # now the second card limits
+    assert kv_cache.plan_blocks(pair, 2)[0] == 2 * per_seq  # never more than max_running full sequences
+    fake_gpus([(int(0.1 * total) + per_seq * on0 // 2, total), (total, total)])
+    with pytest.raises(ModelLoadError, match=r"needs \d+ MiB of KV on cuda:0 but only"):
+        kv_cache.plan_blocks(pair, 64)
 
 
 def test_offloaded_layers_keep_their_kv_on_the_card_they_run_on():

@@ -59,7 +59,9 @@ def test_scoring_then_generating_gives_what_generating_alone_does(quick_engine):
                                     spec)
         check_scores(quick_engine, ids, out.prompt_logprobs, 2)
         assert out.token_ids == alone.token_ids and out.text == alone.text
-        assert [lp.logprob for lp in out.logprobs] == [lp.logprob for lp in alone.logprobs]
+        # to the last bits only: `alone` may start from cached prompt blocks that another batch computed
+        assert all(math.isclose(a.logprob, b.logprob, abs_tol=1e-5) for a, b in zip(out.logprobs, alone.logprobs))
+        assert len(out.logprobs) == len(alone.logprobs) == 12
 
 
 def test_prompts_longer_than_a_chunk_are_scored_in_the_batch_with_running_generations(quick_engine, monkeypatch):

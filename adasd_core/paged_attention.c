@@ -1,0 +1,215 @@
+/* Paged attention on the CPU (adasd_core/paged_attention.py builds and calls this).
+ *
+ * One work item is (a run of at most ROWS consecutive query rows of one sequence, one KV head): the
+ * item reads each key and value once for its rows and their G = H / H_kv query heads. Each row's
+ * arithmetic is the same whatever else the item holds (chunks and groups of keys come from the key
+ * position and the block size alone, every sum runs in a fixed order), so a row gives the same bits
+ * in any batch. GCC / clang vector extensions: 16 lanes, lowered to what the target has.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 8      /* query rows sharing one read of K / V */
+#define CHUNK 16    /* keys scored before one softmax update (fewer at a block's end) */
+#define W 16        /* lanes */
+#define MAX_GD 1024 /* G * D of one row's accumulators */
+#define MAX_G 16    /* query heads per KV head */
+
+typedef float vec __attribute__((vector_size(4 * W)));
+typedef int32_t veci __attribute__((vector_size(4 * W)));
+
+static inline vec ld(const float *p) {
+    vec x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline void st(float *p, vec x) { memcpy(p, &x, sizeof x); }
+
+static inline vec blend(veci mask, vec a, vec b) { return (vec)(((veci)a & mask) | ((veci)b & ~mask)); }
+
+/* exp(x) for x <= 0 (Cephes' expf polynomial), 0 below -87 and for -inf */
+static inline vec exp_nonpositive(vec x) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    veci under = x < -87.0f;
+    x = blend(under, x - x + -87.0f, x);
+    vec n = (x * 1.44269504088896341f + magic) - magic;
+    vec r = x - n * 0.693359375f - n * -2.12194440e-4f;
+    vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    veci bits = (__builtin_convertvector(n, veci) + 127) << 23;
+    return (vec)((veci)(p * (vec)bits) & ~under);
+}
+
+/* lane k of the result: the sum of a[k]'s lanes, in a fixed tree */
+static inline vec sum16(const vec a[W]) {
+    vec t[8], u[4], w[2];
+    for (int i = 0; i < 8; i++)
+        t[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    for (int i = 0; i < 4; i++)
+        u[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+               __builtin_shufflevector(t[2 * i], t[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    for (int i = 0; i < 2; i++)
+        w[i] = __builtin_shufflevector(u[2 * i], u[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+               __builtin_shufflevector(u[2 * i], u[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    return __builtin_shufflevector(w[0], w[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(w[0], w[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+
+/* the sum of the lanes (a fixed tree) */
+static inline float hsum16(vec v) {
+    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    return v[0];
+}
+
+static inline vec vmax(vec a, vec b) { return blend(a > b, a, b); }
+
+/* the largest lane (a fixed tree) */
+static inline float hmax16(vec v) {
+    v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    v = vmax(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+    return v[0];
+}
+
+/* Rows r0..r1-1 (one sequence) over KV head g; D is a constant where inlined by the dispatch below. */
+static inline __attribute__((always_inline)) void
+attend_item(const float *q, const float *kh, const float *vh, const int32_t *table, const int32_t *q_pos,
+            float *out, int r0, int r1, int g, int H, int G, int D, int bs, int64_t k_sb, int64_t v_sb,
+            float scale) {
+    float qs[ROWS][MAX_GD], acc[ROWS][MAX_GD], m[ROWS][MAX_G], l[ROWS][MAX_G];
+    float s[MAX_G][CHUNK];
+    const vec lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    int R = r1 - r0, end = 0;
+    for (int r = 0; r < R; r++) {
+        const float *qr = q + ((int64_t)(r0 + r) * H + g * G) * D;
+        for (int i = 0; i < G * D; i++) qs[r][i] = qr[i] * scale;
+        memset(acc[r], 0, sizeof(float) * G * D);
+        for (int h = 0; h < G; h++) m[r][h] = -1.0f / 0.0f, l[r][h] = 0.0f;
+        if (q_pos[r0 + r] + 1 > end) end = q_pos[r0 + r] + 1;
+    }
+    for (int p0 = 0; p0 < end;) {
+        int off = p0 % bs, len = bs - off < CHUNK ? bs - off : CHUNK;
+        int64_t blk = table[p0 / bs];
+        const float *kc = kh + blk * k_sb + (int64_t)off * D, *vc = vh + blk * v_sb + (int64_t)off * D;
+        /* the next chunk's keys and values, fetched while this one is scored (a block is a page: the
+         * hardware prefetcher stops at its end) */
+        const float *nk = NULL, *nv = NULL;
+        int n_next = 0;
+        if (p0 + len < end) {
+            int64_t nxt = table[(p0 + len) / bs];
+            int o2 = (p0 + len) % bs;
+            nk = kh + nxt * k_sb + (int64_t)o2 * D, nv = vh + nxt * v_sb + (int64_t)o2 * D;
+            n_next = bs - o2 < CHUNK ? bs - o2 : CHUNK;
+        }
+        /* the first row with keys here prefetches the keys, the second (or the first alone) the values:
+         * spread out, they wait less for free line-fill buffers */
+        int seen = 0;
+        for (int r = 0; r < R; r++) {
+            int n = q_pos[r0 + r] + 1 - p0; /* this row's keys in the chunk */
+            if (n <= 0) continue;
+            if (n > len) n = len;
+            int fetch_k = nk && seen == 0, fetch_v = nk && (seen == 1 || (seen == 0 && r == R - 1));
+            seen++;
+            const float *qr = qs[r];
+            for (int j0 = 0; j0 < n; j0 += W) {
+                vec part[MAX_G][W];
+                for (int k = 0; k < W; k++) {
+                    const float *kj = kc + (int64_t)(j0 + k) * D;
+                    if (fetch_k && j0 + k < n_next)
+                        for (int i = 0; i < D; i += 16) __builtin_prefetch(nk + (int64_t)(j0 + k) * D + i); /* a line */
+                    for (int h = 0; h < G; h++) part[h][k] = (vec){0};
+                    if (j0 + k >= n) continue;
+                    for (int i = 0; i < D; i += W) {
+                        vec kv = ld(kj + i);
+                        for (int h = 0; h < G; h++) part[h][k] += ld(qr + h * D + i) * kv;
+                    }
+                }
+                veci live = lane < (float)(n - j0); /* keys past the row's end score -inf */
+                for (int h = 0; h < G; h++) st(s[h] + j0, blend(live, sum16(part[h]), lane - 1.0f / 0.0f));
+            }
+            for (int h = 0; h < G; h++) {
+                vec mv = ld(s[h]);
+                for (int j0 = W; j0 < n; j0 += W) mv = vmax(mv, ld(s[h] + j0));
+                float mx = hmax16(mv);
+                mx = mx > m[r][h] ? mx : m[r][h];
+                float corr = exp_nonpositive((vec){0} + (m[r][h] - mx))[0];
+                m[r][h] = mx;
+                vec total = {0};
+                for (int j0 = 0; j0 < n; j0 += W) {
+                    vec p = exp_nonpositive(ld(s[h] + j0) - mx);
+                    st(s[h] + j0, p);
+                    total += p;
+                }
+                l[r][h] = l[r][h] * corr + hsum16(total);
+                float *a = acc[r] + h * D;
+                for (int d0 = 0; d0 < D; d0 += 8 * W) { /* up to 8 registers of accumulators */
+                    int nd = D - d0 < 8 * W ? D - d0 : 8 * W;
+                    vec t[8];
+                    for (int i = 0; i < nd; i += W) t[i / W] = ld(a + d0 + i) * corr;
+                    for (int j = 0; j < n; j++) {
+                        if (fetch_v && h == 0 && d0 == 0 && j < n_next)
+                            for (int i = 0; i < D; i += 16) __builtin_prefetch(nv + (int64_t)j * D + i);
+                        const float *vj = vc + (int64_t)j * D + d0;
+                        for (int i = 0; i < nd; i += W) t[i / W] += s[h][j] * ld(vj + i);
+                    }
+                    for (int i = 0; i < nd; i += W) st(a + d0 + i, t[i / W]);
+                }
+            }
+        }
+        p0 += len;
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < G; h++) {
+            float *o = out + ((int64_t)(r0 + r) * H + g * G + h) * D, inv = 1.0f / l[r][h];
+            for (int d = 0; d < D; d++) o[d] = acc[r][h * D + d] * inv;
+        }
+}
+
+/* q, out [T, H, D]; K, V: head stride *_sh, block stride *_sb, [bs, D] contiguous within a block.
+ * Returns 0; -1: a block id, sequence or position out of range; -2: shapes past the limits; -3: no memory
+ * (nothing computed then). */
+int paged_attention(const float *q, const float *k, const float *v, const int32_t *tables, const int32_t *q_seq,
+                    const int32_t *q_pos, float *out, int T, int H, int Hkv, int D, int B, int nb_max, int NB,
+                    int bs, int64_t k_sh, int64_t k_sb, int64_t v_sh, int64_t v_sb, float scale, int threads) {
+    int G = H / Hkv;
+    if (G * D > MAX_GD || G > MAX_G || D % W) return -2;
+    for (int i = 0; i < B * nb_max; i++)
+        if (tables[i] < 0 || tables[i] >= NB) return -1;
+    for (int t = 0; t < T; t++)
+        if (q_seq[t] < 0 || q_seq[t] >= B || q_pos[t] < 0 || q_pos[t] >= nb_max * bs) return -1;
+    /* runs of at most ROWS rows of one sequence */
+    int n_runs = 0;
+    int *starts = malloc(sizeof(int) * (T + 1));
+    if (!starts) return -3;
+    for (int t = 0; t < T; t++)
+        if (t == 0 || q_seq[t] != q_seq[t - 1] || t - starts[n_runs - 1] == ROWS) starts[n_runs++] = t;
+    starts[n_runs] = T;
+    int items = n_runs * Hkv; /* KV head major: a thread's next item is likely the same K / V */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && items > 1)
+    for (int i = 0; i < items; i++) {
+        int g = i / n_runs, run = i % n_runs, r0 = starts[run], r1 = starts[run + 1];
+        const int32_t *table = tables + (int64_t)q_seq[r0] * nb_max;
+        const float *kh = k + g * k_sh, *vh = v + g * v_sh;
+        if (D == 64 && G == 3)
+            attend_item(q, kh, vh, table, q_pos, out, r0, r1, g, H, 3, 64, bs, k_sb, v_sb, scale);
+        else if (D == 64)
+            attend_item(q, kh, vh, table, q_pos, out, r0, r1, g, H, G, 64, bs, k_sb, v_sb, scale);
+        else if (D == 128)
+            attend_item(q, kh, vh, table, q_pos, out, r0, r1, g, H, G, 128, bs, k_sb, v_sb, scale);
+        else
+            attend_item(q, kh, vh, table, q_pos, out, r0, r1, g, H, G, D, bs, k_sb, v_sb, scale);
+    }
+    free(starts);
+    return 0;
+}

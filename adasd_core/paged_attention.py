@@ -1,0 +1,189 @@
+"""Attention over a paged KV cache, reading the blocks where they lie.
+
+One layer's pool is K, V [H_kv, NB, bs, D]: key position p of sequence b sits in block tables[b, p // bs]
+at offset p % bs. The batch's T query rows run packed (sequence-major); row t belongs to sequence
+q_seq[t], sits at position q_pos[t] and sees keys 0..q_pos[t] of its sequence (its own key is already
+in the pool). Query head h reads KV head h // (H / H_kv).
+
+On the CPU (float32) a small C kernel, paged_attention.c, does the work: compiled at first use with
+$CC (default gcc, -O3 -march=native) into $XDG_CACHE_HOME/adasd/kernels (default ~/.cache), keyed by
+a hash of the source, the compiler and the CPU's flags, and loaded through ctypes. It links against
+the OpenMP runtime torch has already loaded, so the process keeps one thread pool (a second runtime
+next to torch's oversubscribes the cores), and runs torch.get_num_threads() threads. Each row's
+output depends on that row alone: the same bits alone or in any batch.
+
+Elsewhere (CUDA, other dtypes, no compiler) `paged_attention_torch` gathers each sequence's blocks and
+runs scaled_dot_product_attention with a mask: correct, but it copies the keys and is not bitwise
+batch-invariant. The GPU path that reads blocks in place is a block-table attention (FlashAttention's
+flash_attn_with_kvcache(block_table=...) or FlashInfer's paged kernels); it is not built here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention.c")
+FLAGS = ["-O3", "-march=native", "-fPIC", "-fopenmp-simd"]
+MAX_GD, MAX_G = 1024, 16  # the kernel's per-row accumulators: (H / H_kv) * D floats, H / H_kv heads
+LANES = 16  # D must be a multiple
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+compile_seconds: float | None = None  # the last build's time, None when loaded from the disk cache
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                    q_seq: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [T, H, D] over the pool k_cache, v_cache [H_kv, NB, bs, D] (a layer's view of a bigger buffer is
+    fine: [bs, D] must be contiguous), tables int32 [B, m] (padded with any valid block id), q_seq, q_pos
+    int32 [T] -> softmax(q k^T scale) v [T, H, D], causal by position."""
+    T, H, D = q.shape
+    Hkv, NB, bs, Dk = k_cache.shape
+    assert v_cache.shape == k_cache.shape and Dk == D and H % Hkv == 0, (q.shape, k_cache.shape, v_cache.shape)
+    assert tables.dim() == 2 and q_seq.shape == q_pos.shape == (T,), (tables.shape, q_seq.shape, q_pos.shape)
+    if not fits(q, k_cache, v_cache) or (lib := _library()) is None:
+        return paged_attention_torch(q, k_cache, v_cache, tables, q_seq, q_pos, scale)
+    q = q.contiguous()
+    tables, q_seq, q_pos = (t.to(torch.int32).contiguous() for t in (tables, q_seq, q_pos))
+    out = torch.empty_like(q)
+    rc = lib.paged_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                             q_seq.data_ptr(), q_pos.data_ptr(), out.data_ptr(), T, H, Hkv, D, tables.size(0),
+                             tables.size(1), NB, bs, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+                             v_cache.stride(1), scale, torch.get_num_threads())
+    if rc == -1:
+        raise IndexError(f"paged_attention: a block id past the pool's {NB} blocks, a sequence past the table's "
+                         f"{tables.size(0)} rows, or a position past its {tables.size(1) * bs} keys")
+    assert rc == 0, rc
+    return out
+
+
+def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                          q_seq: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """paged_attention by gathering the tables' blocks and one masked SDPA over the rows padded per sequence."""
+    T, H, D = q.shape
+    Hkv, _, bs, _ = k_cache.shape
+    B, m = tables.shape
+    dev = q.device
+    seq, pos = q_seq.long(), q_pos.long()
+    # column of each row among its sequence's rows
+    order = torch.argsort(seq, stable=True)
+    counts = torch.bincount(seq, minlength=B)
+    col = torch.empty_like(seq)
+    col[order] = torch.arange(T, device=dev) - (counts.cumsum(0) - counts)[seq[order]]
+    n = int(counts.max())
+    # [B, H_kv, m bs, D]; slots past a sequence's last position may hold anything (NaN), zeroed so that
+    # masked keys weigh exactly 0
+    end = torch.zeros(B, dtype=torch.long, device=dev).scatter_reduce(0, seq, pos + 1, "amax")
+    live = (torch.arange(m * bs, device=dev) < end[:, None])[:, None, :, None]  # [B, 1, m bs, 1]
+    keys, values = (torch.where(live, c[:, tables.long()].reshape(Hkv, B, m * bs, D).transpose(0, 1), 0)
+                    for c in (k_cache, v_cache))
+    q_pad = q.new_zeros(B, n, H, D)
+    q_pad[seq, col] = q
+    pos_pad = torch.zeros(B, n, dtype=torch.long, device=dev)  # padded rows see key 0: no empty softmax
+    pos_pad[seq, col] = pos
+    mask = torch.arange(m * bs, device=dev) <= pos_pad[..., None]  # [B, n, m bs]
+    out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale,
+                                         enable_gqa=Hkv != H)  # [B, H, n, D]
+    return out.transpose(1, 2)[seq, col]
+
+
+def kernel_available() -> bool:
+    """Whether the CPU kernel is built and loaded (builds it on first call)."""
+    return _library() is not None
+
+
+def fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the CPU kernel takes these tensors (else paged_attention falls back to the torch path)."""
+    H, D, Hkv = q.size(1), q.size(2), k_cache.size(0)
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k_cache, v_cache))
+            and all(c.stride(3) == 1 and c.stride(2) == D for c in (k_cache, v_cache))
+            and D % LANES == 0 and H // Hkv * D <= MAX_GD and H // Hkv <= MAX_G)
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            try:
+                _lib = _load(_build())
+            except (OSError, subprocess.SubprocessError) as e:
+                log.warning("paged attention: no CPU kernel (%s); using the torch fallback (gathers the blocks)",
+                            str(e).strip()[-2000:])
+            _tried = True
+    return _lib
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adasd" / "kernels"
+
+
+def _openmp_runtime() -> Path | None:
+    """The OpenMP runtime torch loaded (its own libgomp in a pip wheel), from this process's mappings."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    found = re.findall(r"\s(/\S*/lib(?:gomp|iomp5|omp)\b[^/\s]*\.so[^/\s]*)$", maps, re.MULTILINE)
+    return Path(found[0]) if found else None
+
+
+def _build() -> Path:
+    """The kernel's shared library: from the disk cache, else compiled (to a temporary name, then renamed,
+    so that processes starting together never load a half-written file)."""
+    global compile_seconds
+    cc = os.environ.get("CC", "gcc")
+    if shutil.which(cc) is None:
+        raise OSError(f"no C compiler {cc!r}")
+    omp = _openmp_runtime()
+    compile_flags = FLAGS + (["-fopenmp"] if omp else [])  # no runtime: one thread
+    # the compiler's version and what -march=native expands to on this CPU
+    target = subprocess.run([cc, "-v", "-###", "-E", "-march=native", "-x", "c", os.devnull], capture_output=True,
+                            text=True, timeout=60)
+    if target.returncode != 0:
+        raise OSError(target.stderr)
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(compile_flags).encode(), target.stderr.encode(),
+                                     str(omp).encode()])).hexdigest()[:16]
+    out = cache_dir() / f"paged_attention-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
+        link = [str(omp), f"-Wl,-rpath,{omp.parent}"] if omp else []
+        for cmd in ([cc, *compile_flags, "-c", str(SOURCE), "-o", str(obj)],
+                    [cc, "-shared", str(obj), "-o", str(lib), *link]):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise OSError(f"{' '.join(cmd)}: {done.stderr}")
+        os.replace(lib, out)
+    compile_seconds = time.perf_counter() - start
+    log.info("paged attention: compiled the CPU kernel in %.2f s (%s)", compile_seconds, out)
+    return out
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.paged_attention.argtypes = [ptr] * 7 + [i32] * 8 + [i64] * 4 + [ctypes.c_float, i32]
+    lib.paged_attention.restype = i32
+    return lib

@@ -1,0 +1,162 @@
+"""Paged attention (adasd_core.paged_attention): the CPU kernel and the torch fallback against a naive
+float64 reference, batch invariance, garbage past each row's position, and the fallback's triggers."""
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from adasd_core import paged_attention as pa
+
+BS = 16
+LENGTHS = [1, 16, 37, 300, 7, 129]  # keys per sequence: one token, one block exactly, ragged tails, many blocks
+
+
+def make_batch(lengths: list[int], rows: list[int], H: int, Hkv: int, D: int, seed: int = 0, spare: int = 5):
+    """A pool whose slots hold NaN except each sequence's keys 0..L-1, random non-contiguous tables
+    padded with a never-written block, and each sequence's last rows[b] positions as query rows."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // BS) for n in lengths]
+    m, NB = max(need) + 1, sum(need) + spare
+    ids = torch.randperm(NB, generator=g)
+    pad = int(ids[-1])  # never written: NaN throughout
+    k_cache = torch.full((Hkv, NB, BS, D), float("nan"))
+    v_cache = torch.full((Hkv, NB, BS, D), float("nan"))
+    tables = torch.full((len(lengths), m), pad, dtype=torch.int32)
+    used = 0
+    for b, (n, c) in enumerate(zip(lengths, need)):
+        tables[b, :c] = ids[used : used + c]
+        used += c
+        for p in range(n):
+            blk, off = tables[b, p // BS], p % BS
+            k_cache[:, blk, off] = torch.randn(Hkv, D, generator=g)
+            v_cache[:, blk, off] = torch.randn(Hkv, D, generator=g)
+    q_seq = torch.tensor([b for b, r in enumerate(rows) for _ in range(r)], dtype=torch.int32)
+    q_pos = torch.tensor([n - r + j for n, r in zip(lengths, rows) for j in range(r)], dtype=torch.int32)
+    q = torch.randn(len(q_seq), H, D, generator=g)
+    return q, k_cache, v_cache, tables, q_seq, q_pos
+
+
+def reference(q, k_cache, v_cache, tables, q_seq, q_pos, scale):
+    """Row by row in float64: the row's keys gathered position by position, softmax, weighted values."""
+    H, Hkv = q.size(1), k_cache.size(0)
+    out = torch.empty_like(q)
+    for t in range(q.size(0)):
+        p = torch.arange(int(q_pos[t]) + 1)
+        blk = tables[int(q_seq[t])].long()[p // BS]
+        keys = k_cache[:, blk, p % BS].double().repeat_interleave(H // Hkv, 0)  # [H, n, D]
+        values = v_cache[:, blk, p % BS].double().repeat_interleave(H // Hkv, 0)
+        w = torch.softmax(torch.einsum("hd,hnd->hn", q[t].double(), keys) * scale, -1)
+        out[t] = torch.einsum("hn,hnd->hd", w, values).float()
+    return out
+
+
+# query rows per sequence; past 8 the kernel splits a sequence's rows into runs
+ROWS = {"1": [1] * len(LENGTHS), "6": [min(6, n) for n in LENGTHS], "ragged": [1, 6, 6, 1, 3, 6],
+        "11": [min(11, n) for n in LENGTHS]}
+SHAPES = [(9, 3, 64), (4, 4, 32)]  # (H, H_kv, D): grouped heads, and one query head per KV head
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    assert pa.kernel_available(), "the CPU kernel did not build (see the warning)"
+
+
+@pytest.mark.parametrize("H,Hkv,D", SHAPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+def test_matches_reference(kernel, impl, rows, H, Hkv, D):
+    batch = make_batch(LENGTHS, ROWS[rows], H, Hkv, D)
+    fn = pa.paged_attention if impl == "kernel" else pa.paged_attention_torch
+    out = fn(*batch, D**-0.5)
+    assert out.shape == batch[0].shape and torch.isfinite(out).all()  # the NaN past each row stays out
+    torch.testing.assert_close(out, reference(*batch, D**-0.5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("H,Hkv,D", SHAPES)
+@pytest.mark.parametrize("rows", ["ragged", "11"])
+def test_rows_batch_invariant(kernel, rows, H, Hkv, D):
+    rows = ROWS[rows]
+    q, k_cache, v_cache, tables, q_seq, q_pos = make_batch(LENGTHS, rows, H, Hkv, D)
+    batched = pa.paged_attention(q, k_cache, v_cache, tables, q_seq, q_pos, D**-0.5)
+    start = 0
+    for b, r in enumerate(rows):
+        sl = slice(start, start + r)
+        alone = pa.paged_attention(q[sl], k_cache, v_cache, tables[b : b + 1], torch.zeros(r, dtype=torch.int32),
+                                   q_pos[sl], D**-0.5)
+        assert torch.equal(alone, batched[sl]), b
+        last = pa.paged_attention(q[sl][-1:], k_cache, v_cache, tables[b : b + 1], torch.zeros(1, dtype=torch.int32),
+                                  q_pos[sl][-1:], D**-0.5)
+        assert torch.equal(last, batched[sl][-1:]), b
+        start += r
+    # the same rows in another batch order
+    perm = torch.tensor([5, 2, 0, 4, 1, 3])
+    starts = torch.tensor(rows).cumsum(0) - torch.tensor(rows)
+    idx = torch.cat([torch.arange(int(starts[b]), int(starts[b]) + rows[b]) for b in perm])
+    q_seq2 = torch.cat([torch.full((rows[b],), j, dtype=torch.int32) for j, b in enumerate(perm)])
+    other = pa.paged_attention(q[idx], k_cache, v_cache, tables[perm], q_seq2, q_pos[idx], D**-0.5)
+    assert torch.equal(other, batched[idx])
+
+
+def test_layer_view_of_a_bigger_buffer(kernel):
+    """K, V of one layer as a strided view ([H_kv, layers, NB, bs, D][:, 1]): read in place, same answer."""
+    q, k_cache, v_cache, tables, q_seq, q_pos = make_batch(LENGTHS, ROWS["6"], 9, 3, 64)
+    k_all = torch.randn(3, 2, *k_cache.shape[1:])
+    v_all = torch.randn(3, 2, *v_cache.shape[1:])
+    k_all[:, 1], v_all[:, 1] = k_cache, v_cache
+    view = pa.paged_attention(q, k_all[:, 1], v_all[:, 1], tables, q_seq, q_pos, 0.125)
+    assert torch.equal(view, pa.paged_attention(q, k_cache, v_cache, tables, q_seq, q_pos, 0.125))
+
+
+def test_out_of_range_block_raises(kernel):
+    q, k_cache, v_cache, tables, q_seq, q_pos = make_batch([20], [1], 4, 4, 32)
+    tables[0, 0] = k_cache.size(1)
+    with pytest.raises(IndexError, match="block id"):
+        pa.paged_attention(q, k_cache, v_cache, tables, q_seq, q_pos, 0.125)
+
+
+def test_one_openmp_runtime(kernel):
+    """The kernel shares torch's OpenMP runtime rather than loading a second one."""
+    maps = Path("/proc/self/maps").read_text()
+    runtimes = set(re.findall(r"\s(/\S*/lib(?:gomp|iomp5|omp)\b[^/\s]*\.so[^/\s]*)$", maps, re.MULTILINE))
+    assert len(runtimes) == 1, runtimes
+
+
+def test_fallback_without_kernel(kernel, monkeypatch):
+    batch = make_batch(LENGTHS, ROWS["ragged"], 9, 3, 64)
+    expected = pa.paged_attention(*batch, 0.125)
+    monkeypatch.setattr(pa, "_library", lambda: None)
+    fallback = pa.paged_attention(*batch, 0.125)
+    torch.testing.assert_close(fallback, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fallback, reference(*batch, 0.125), atol=1e-5, rtol=1e-5)
+
+
+def test_fallback_for_other_dtypes(kernel, monkeypatch):
+    q, k_cache, v_cache, tables, q_seq, q_pos = make_batch([40, 9], [3, 1], 4, 4, 32)
+    monkeypatch.setattr(pa, "paged_attention_torch", lambda *a: "torch")
+    assert pa.paged_attention(q.double(), k_cache.double(), v_cache.double(), tables, q_seq, q_pos, 0.1) == "torch"
+
+
+def test_no_compiler_warns_once_and_falls_back(kernel, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(pa, "_tried", False)
+    monkeypatch.setattr(pa, "_lib", None)
+    batch = make_batch([40, 9], [3, 1], 9, 3, 64)
+    with caplog.at_level(logging.WARNING, logger=pa.__name__):
+        assert not pa.kernel_available()
+        out = pa.paged_attention(*batch, 0.125)
+    assert len([r for r in caplog.records if "torch fallback" in r.message]) == 1
+    torch.testing.assert_close(out, reference(*batch, 0.125), atol=1e-5, rtol=1e-5)
+
+
+def test_disk_cache(kernel, monkeypatch, tmp_path):
+    """Built once into $XDG_CACHE_HOME/adasd/kernels, then loaded from there without compiling."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(pa, "compile_seconds", None)
+    path = pa._build()
+    assert path.parent == tmp_path / "adasd" / "kernels" and pa.compile_seconds is not None
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+    monkeypatch.setattr(pa, "compile_seconds", None)
+    assert pa._build() == path and pa.compile_seconds is None
