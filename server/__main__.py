@@ -28,12 +28,18 @@ HELP = {
     "verification": "relaxed check: bayes | threshold | none",
     "max_model_len": "cap the context length",
     "api_key": "require `Authorization: Bearer KEY` on /v1/* (prefer ADASD_API_KEY: flags show in ps)",
-    "max_queue": "generations that may wait for a slot before requests get 429",
-    "max_running": "generations batched together: one KV slot each (fewer if memory is short)",
-    "gpu_memory_fraction": "share of the GPU the models and KV slots may use",
+    "max_queue": "generations that may wait beyond the running ones before requests get 429",
+    "max_running": "generations batched together (the KV pool is sized for this many full-length sequences when "
+                   "memory allows; with less, the newest request is preempted when blocks run out)",
+    "gpu_memory_fraction": "share of the GPU the models and KV blocks may use",
+    "block_size": "positions per KV block: a power of two from 1 to 256",
+    "kv_blocks": "KV blocks per pool instead of what memory and max_running give (at least one full-length "
+                 "sequence's; for capacity trials)",
+    "prefix_caching": "reuse the KV blocks of a prompt prefix that an earlier request computed "
+                      "(--no-prefix-caching: every prompt is computed in full)",
     "batch_aware": "cap adaptive drafts by what pays at the current batch size (off: for experiments)",
-    "vllm_metric_names": "also publish the load gauges under vLLM's names (vllm:num_requests_waiting, ...) for "
-                         "endpoint pickers configured for vLLM",
+    "vllm_metric_names": "also publish the load and KV series under vLLM's names (vllm:num_requests_waiting, "
+                         "...) for endpoint pickers configured for vLLM",
     "warm_epoch_rounds": "a method family's warm-start statistics are first published after this many rounds, "
                          "then each time its rounds double",
     "warm_freeze_rounds": "no publication after a snapshot of this many rounds (0: never freeze)",

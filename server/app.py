@@ -70,7 +70,8 @@ async def ready(raw_request: Request) -> JSONResponse:
     if client.info:
         body["context_length"] = client.info["context_length"]
         body["device"] = client.info["device"]
-        body["slots"] = client.info.get("slots")  # KV slots: requests batched at once
+        body["slots"] = client.info.get("slots")  # requests batched at once
+        body["kv_blocks"], body["block_size"] = client.info.get("kv_blocks"), client.info.get("block_size")
     if not ok and client.last_error:
         body["error"] = client.last_error
     return JSONResponse(body, status_code=200 if ok else 503)

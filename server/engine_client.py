@@ -319,7 +319,7 @@ class EngineClient:
                     self.state = "restarting"
                     self._loop.call_later(FATAL_EXIT_GRACE_S, self._kill_stuck, handle)
             case m.KVUsage():
-                self.metrics.set_kv_tokens(msg.target_tokens, msg.draft_tokens)
+                self.metrics.observe_kv(msg)
             case m.Published():
                 self.epoch, self.fingerprints = msg.epoch, msg.fingerprints
             case m.Started() | m.PromptScored() | m.Delta() | m.Done() | m.Error():

@@ -48,7 +48,8 @@ ToWorker = Submit | Cancel | Shutdown
 
 @dataclass(frozen=True)
 class Ready:
-    """The models are loaded; info has pid, context_length, vocab_size, device, slots, epoch, fingerprints..."""
+    """The models are loaded; info has pid, context_length, vocab_size, device, slots, kv_blocks, block_size,
+    epoch, fingerprints..."""
 
     info: dict
 
@@ -110,10 +111,20 @@ class Error:
 
 @dataclass(frozen=True)
 class KVUsage:
-    """Tokens resident in the KV pools (sent when it changes, throttled)."""
+    """The KV pools' state, engine.kv_report() less the sizes Ready already gave (sent when it
+    changes, throttled). The prefix and preemption counts are cumulative since the worker started."""
 
-    target_tokens: int
-    draft_tokens: int
+    target_tokens: int = 0  # tokens resident in the target's pool
+    draft_tokens: int = 0
+    blocks_used: int = 0  # target pool blocks held by sequences
+    blocks_cached: int = 0  # free blocks that still hold a reusable prefix
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of those, tokens found
+    preemptions: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return self.target_tokens == self.draft_tokens == self.blocks_used == 0
 
 
 @dataclass(frozen=True)

@@ -143,30 +143,35 @@ class Histogram(Family):
 
 @dataclass
 class PoolState:
-    """The KV pool as the front end knows it: sizes from the worker's "ready" message, resident
-    tokens from its "kv" reports, running / waiting from the engine client. Read at each scrape."""
+    """The KV pools as the front end knows them: sizes from the worker's "ready" message, blocks and
+    resident tokens from its "kv" reports, running / waiting from the engine client. Read at each scrape.
+    The target's and the draft's pools have the same blocks, one table per sequence indexing both."""
 
     running: int = 0
     waiting: int = 0
-    slots: int = 0  # 0 until a worker is ready
-    slot_tokens: int = 0  # positions one slot holds (context length + draft window)
+    blocks_total: int = 0  # blocks in each pool; 0 until a worker is ready
+    block_size: int = 0  # positions per block
+    prefix_caching: bool = False
+    blocks_used: int = 0  # held by sequences
+    blocks_cached: int = 0  # free, still holding a reusable prefix
     target_bytes_per_token: int = 0
     draft_bytes_per_token: int = 0
-    target_tokens: int = 0  # tokens resident in the target's pool, all slots
+    target_tokens: int = 0  # tokens resident in the target's pool, all sequences
     draft_tokens: int = 0
     dtype: str = ""
 
-    def reserved_fraction(self) -> float:
-        """Share of the pool's KV memory held by admitted requests. A request holds one whole slot
-        (slot_tokens positions) in the target's pool and the same slot in the draft's from admission
-        to its end, whatever its length; both pools have `slots` slots, so the share is the same in
-        each and in their sum: occupied slots / slots. At 1 the next request waits."""
-        return min(self.running, self.slots) / self.slots if self.slots else 0.0
+    def usage_fraction(self) -> float:
+        """Share of the pool held by sequences: blocks used / blocks. A request holds the blocks its
+        tokens fill so far (the last one partly), not a whole context; cached blocks count as free,
+        since a new request may take them. At 1 a new request waits, or the newest one is preempted."""
+        return min(self.blocks_used, self.blocks_total) / self.blocks_total if self.blocks_total else 0.0
 
     def token_fraction(self) -> float:
         """Share of the pool's KV memory that holds tokens: resident tokens over capacity, the two
-        pools weighted by their bytes per token (the draft's cache is the smaller one)."""
-        capacity = self.slots * self.slot_tokens * (self.target_bytes_per_token + self.draft_bytes_per_token)
+        pools weighted by their bytes per token (the draft's cache is the smaller one). Below
+        usage_fraction by the unfilled tails of the sequences' last blocks."""
+        per_token = self.target_bytes_per_token + self.draft_bytes_per_token
+        capacity = self.blocks_total * self.block_size * per_token
         used = self.target_tokens * self.target_bytes_per_token + self.draft_tokens * self.draft_bytes_per_token
         return min(1.0, used / capacity) if capacity else 0.0
 
@@ -176,16 +181,18 @@ class PoolExport:
 
     The endpoint picker (Gateway API Inference Extension / llm-d-router) reads, per pod: queued
     requests, running requests, KV-cache usage 0-1 and, optionally, an info series whose labels give
-    the block size and block count. Our pool is one block per request: block_size is a slot's
-    positions and num_gpu_blocks the slot count (we have no prefix cache, so no block is shared).
-    With `vllm_names` the queue, running and usage gauges and the info series are also published
-    under vLLM's names, which the picker reads from pods without an `llm-d.ai/engine-type` label."""
+    the block size, the block count and whether prefix caching is on. With `vllm_names` the queue,
+    running and usage gauges and the info series are also published under vLLM's names, which the
+    picker reads from pods without an `llm-d.ai/engine-type` label."""
 
-    USAGE = ("adasd_kv_cache_usage_perc", "KV pool usage 0-1: slots held by admitted requests / slots "
-             "(a request holds a whole slot of the target's and of the draft's pool).")
+    USAGE = ("adasd_kv_cache_usage_perc", "KV pool usage 0-1: blocks held by sequences / blocks (cached prefix "
+             "blocks count as free).")
     TOKENS = ("adasd_kv_cache_tokens_perc", "KV pool fill 0-1: resident tokens / capacity, the target's "
               "and the draft's pools weighted by bytes per token.")
-    INFO_DOC = "KV pool configuration (value 1): block_size = positions per slot, num_gpu_blocks = slots."
+    BLOCKS = (("adasd_kv_blocks_total", "KV blocks in each pool (the target's and the draft's).", "blocks_total"),
+              ("adasd_kv_blocks_used", "KV blocks held by sequences.", "blocks_used"),
+              ("adasd_kv_blocks_cached", "Free KV blocks that still hold a reusable prompt prefix.", "blocks_cached"))
+    INFO_DOC = "KV pool configuration (value 1): block_size = positions per block, num_gpu_blocks = blocks per pool."
     VLLM = (("vllm:num_requests_waiting", "adasd_num_requests_waiting under vLLM's name.", "waiting"),
             ("vllm:num_requests_running", "adasd_num_requests_running under vLLM's name.", "running"),
             ("vllm:kv_cache_usage_perc", "adasd_kv_cache_usage_perc under vLLM's name.", "usage"))
@@ -193,27 +200,40 @@ class PoolExport:
     def __init__(self, model_name: str, pool: PoolState, vllm_names: bool = False):
         self.pool, self.labels = pool, label_text({"model_name": model_name})
         self.model_name = model_name
-        rows = [(*self.USAGE, "usage"), (*self.TOKENS, "tokens")] + (list(self.VLLM) if vllm_names else [])
+        rows = [(*self.USAGE, "usage"), (*self.TOKENS, "tokens"), *self.BLOCKS, *(self.VLLM if vllm_names else ())]
         self.rows = [(family_header(name, doc, "gauge") + name + self.labels + " ", what) for name, doc, what in rows]
         self.info_names = ["adasd_cache_config_info"] + (["vllm:cache_config_info"] if vllm_names else [])
         self.info_text = ""
 
     def set_info(self) -> None:
         pool = self.pool
-        if not pool.slots:
+        if not pool.blocks_total:
             self.info_text = ""
             return
-        labels = label_text({"model_name": self.model_name, "block_size": str(pool.slot_tokens),
-                             "num_gpu_blocks": str(pool.slots), "cache_dtype": pool.dtype,
-                             "enable_prefix_caching": "False"})
+        # str(bool), as vLLM writes its config values: "True" / "False"
+        labels = label_text({"model_name": self.model_name, "block_size": str(pool.block_size),
+                             "num_gpu_blocks": str(pool.blocks_total), "cache_dtype": pool.dtype,
+                             "enable_prefix_caching": str(pool.prefix_caching)})
         self.info_text = "".join(family_header(name, self.INFO_DOC, "gauge") + f"{name}{labels} 1.0\n"
                                  for name in self.info_names)
 
     def render(self) -> str:
         pool = self.pool
-        values = {"usage": pool.reserved_fraction(), "tokens": pool.token_fraction(),
-                  "waiting": pool.waiting, "running": pool.running}
+        values = {"usage": pool.usage_fraction(), "tokens": pool.token_fraction(), "waiting": pool.waiting,
+                  "running": pool.running, "blocks_total": pool.blocks_total, "blocks_used": pool.blocks_used,
+                  "blocks_cached": pool.blocks_cached}
         return "".join(f"{prefix}{fmt(values[what])}\n" for prefix, what in self.rows) + self.info_text
+
+
+# KVUsage's cumulative counts -> (adasd counter, vLLM's name for it, help)
+KV_COUNTERS = {
+    "prefix_queries": ("adasd_prefix_cache_queries_total", "vllm:prefix_cache_queries_total",
+                       "Prompt tokens looked up in the prefix cache."),
+    "prefix_hits": ("adasd_prefix_cache_hits_total", "vllm:prefix_cache_hits_total",
+                    "Prompt tokens found in the prefix cache (their KV blocks reused, not computed)."),
+    "preemptions": ("adasd_num_preemptions_total", "vllm:num_preemptions_total",
+                    "Requests preempted (their blocks freed, to be recomputed) when KV blocks ran out."),
+}
 
 
 class AdasdMetrics:
@@ -246,6 +266,11 @@ class AdasdMetrics:
           / sum by (model_name) (rate(adasd_request_mean_draft_length_count[5m]))
         sum by (model_name) (rate(adasd_generation_tokens_total[5m]))
           / sum by (model_name) (rate(adasd_target_forwards_total[5m]))
+
+    Prefix-cache hit rate (prompt tokens found / looked up), and preemptions per second:
+        sum by (model_name) (rate(adasd_prefix_cache_hits_total[5m]))
+          / sum by (model_name) (rate(adasd_prefix_cache_queries_total[5m]))
+        sum by (model_name) (rate(adasd_num_preemptions_total[5m]))
 
     Request rate by outcome, and p95 time to first token:
         sum by (model_name, status) (rate(adasd_requests_total[1m]))
@@ -292,8 +317,8 @@ class AdasdMetrics:
                              "divided over the tokens it produced).", LATENCY_BUCKETS)
         self.e2e = histogram("adasd_e2e_request_latency_seconds", "Arrival to last token of successful generations.",
                              E2E_BUCKETS)
-        self.queue_time = histogram("adasd_request_queue_time_seconds", "Time a generation waited for a worker slot.",
-                                    E2E_BUCKETS)
+        self.queue_time = histogram("adasd_request_queue_time_seconds",
+                                    "Time a generation waited before the worker admitted it.", E2E_BUCKETS)
         self.acceptance_rate = histogram("adasd_request_acceptance_rate", "Per-request accepted / drafted tokens.",
                                          RATE_BUCKETS)
         self.speedup = histogram("adasd_request_speedup", "Per-request estimated speedup over the target alone.",
@@ -302,7 +327,7 @@ class AdasdMetrics:
                                            DRAFT_LENGTH_BUCKETS)
 
         self.running = gauge("adasd_num_requests_running", "Generations the worker is interleaving.")
-        self.waiting = gauge("adasd_num_requests_waiting", "Generations waiting for a worker slot.")
+        self.waiting = gauge("adasd_num_requests_waiting", "Generations waiting for the worker to admit them.")
         self.worker_up = gauge("adasd_worker_up", "1 while the worker process is loaded and serving, else 0.")
         self.entropy_threshold = lazy_gauge("adasd_entropy_threshold",
                                             "T_G at the end of the most recently finished request.")
@@ -327,6 +352,13 @@ class AdasdMetrics:
 
         for status in REQUEST_STATUSES:  # make the common series exist at 0
             self.requests.labels(model_name, default_method, status)
+
+        # the worker reports totals since it started; these count on across its restarts
+        self.kv_counters = {field: [counter(name, doc).labels(model_name)]
+                            + ([counter(vllm_name, f"{name} under vLLM's name.").labels(model_name)]
+                               if vllm_names else [])
+                            for field, (name, vllm_name, doc) in KV_COUNTERS.items()}
+        self.kv_baseline = dict.fromkeys(KV_COUNTERS, 0)
 
         self.pool = PoolState()
         self.pool_export = PoolExport(model_name, self.pool, vllm_names)
@@ -361,21 +393,33 @@ class AdasdMetrics:
         self.pool.running, self.pool.waiting = running, waiting
 
     def set_pool(self, info: dict | None) -> None:
-        """The worker's "ready" info (None: no worker): pool sizes; resident tokens restart at 0."""
+        """The worker's "ready" info (None: no worker): pool sizes; resident tokens and blocks restart at 0,
+        and so do the worker's totals the counters' increments are taken from."""
         pool = self.pool
-        pool.target_tokens = pool.draft_tokens = 0
+        pool.target_tokens = pool.draft_tokens = pool.blocks_used = pool.blocks_cached = 0
+        self.kv_baseline = dict.fromkeys(KV_COUNTERS, 0)
         if info is None:
             return
-        pool.slots = int(info.get("slots") or 0)
-        pool.slot_tokens = int(info.get("slot_tokens") or 0)
+        pool.blocks_total = int(info.get("kv_blocks") or 0)
+        pool.block_size = int(info.get("block_size") or 0)
+        pool.prefix_caching = bool(info.get("prefix_caching"))
         per_token = info.get("kv_bytes_per_token") or {}
         pool.target_bytes_per_token = int(per_token.get("target") or 0)
         pool.draft_bytes_per_token = int(per_token.get("draft") or 0)
         pool.dtype = str(info.get("dtype") or "")
         self.pool_export.set_info()
 
-    def set_kv_tokens(self, target: int, draft: int) -> None:
-        self.pool.target_tokens, self.pool.draft_tokens = target, draft
+    def observe_kv(self, usage) -> None:
+        """A worker's KVUsage report: the pool's state, and its totals since it started as increments."""
+        pool = self.pool
+        pool.target_tokens, pool.draft_tokens = usage.target_tokens, usage.draft_tokens
+        pool.blocks_used, pool.blocks_cached = usage.blocks_used, usage.blocks_cached
+        for field, children in self.kv_counters.items():
+            total = getattr(usage, field)
+            step, self.kv_baseline[field] = total - self.kv_baseline[field], total
+            if step > 0:
+                for child in children:
+                    child.inc(step)
 
     def observe_warm_state(self, state: dict[str, dict] | None) -> None:
         """The worker's warm-start summary: {family: SharedStats.summary()}."""

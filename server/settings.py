@@ -25,6 +25,7 @@ from pydantic_settings import (
 from adasd_core.drafting import WINDOW
 
 CONFIG_ENV = "ADASD_CONFIG"
+MAX_BLOCK_SIZE = 256
 # the `model` clients send for the built-in pairs (any other target is served under its own id)
 BUILTIN_SERVED_NAMES = {"smollm2": "smollm2-135m-instruct", "tiny": "adasd-tiny"}
 
@@ -65,23 +66,36 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = None
-    max_queue: int = Field(64, ge=0)  # requests waiting for a slot beyond the running ones
-    max_running: int = Field(8, ge=1)  # generations batched together (KV slots; fewer if memory is short)
-    gpu_memory_fraction: float = Field(0.9, gt=0.0, le=1.0)  # share of the GPU the models and KV slots may use
+    max_queue: int = Field(64, ge=0)  # requests waiting beyond the running ones
+    max_running: int = Field(8, ge=1)  # generations batched together (the KV pool holds max_running full contexts
+    # when memory allows; with less, the newest request is preempted when blocks run out)
+    gpu_memory_fraction: float = Field(0.9, gt=0.0, le=1.0)  # share of the GPU the models and KV blocks may use
+    block_size: int = 16  # positions per KV block
+    kv_blocks: int | None = Field(None, ge=1)  # blocks per pool instead of the planned number (tests, capacity trials)
+    prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix an earlier request computed
     batch_aware: bool = True  # cap adaptive drafts by what pays at the current batch size (off: experiments)
-    # /metrics: also publish the endpoint picker's gauges under vLLM's names (vllm:num_requests_waiting,
-    # vllm:num_requests_running, vllm:kv_cache_usage_perc, vllm:cache_config_info)
+    # /metrics: also publish the endpoint picker's series under vLLM's names (vllm:num_requests_waiting,
+    # vllm:num_requests_running, vllm:kv_cache_usage_perc, vllm:cache_config_info, vllm:prefix_cache_queries, ...)
     vllm_metric_names: bool = False
     max_body_bytes: int = Field(1 << 20, ge=1024)
     shutdown_timeout: float = Field(30.0, ge=0)
     log_level: LogLevel = "info"
 
-    @field_validator("draft", "served_model_name", "device_map", "api_key", "max_model_len", mode="before")
+    @field_validator("draft", "served_model_name", "device_map", "api_key", "max_model_len", "kv_blocks",
+                     mode="before")
     @classmethod
     def _none_words(cls, v: Any) -> Any:
         # lets env vars and flags say "none": ADASD_DRAFT=none serves the target alone
         if isinstance(v, str) and v.strip().lower() in ("", "none", "null"):
             return None
+        return v
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if not 1 <= v <= MAX_BLOCK_SIZE or v & (v - 1):
+            raise ValueError(f"block_size must be a power of two from 1 to {MAX_BLOCK_SIZE} (16 is the default), "
+                             f"got {v}")
         return v
 
     @field_validator("log_level", mode="before")

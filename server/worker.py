@@ -6,10 +6,10 @@ Delta, Done, Error, KVUsage and Published out. Every submitted rid ends with exa
 Error.
 
 Every submitted request goes to the engine at once (its scheduler holds the one waiting queue and
-admits to free KV slots: a full pool queues, never fails). The loop runs one engine step (a chunk
-of prefill for new requests and one batched round for every running one), says which requests the
-step admitted, sends their outputs, then reads the pipe again, so a cancel stops its request within
-one round and frees its slot.
+admits up to max_running while KV blocks last: a full pool queues or preempts the newest request,
+never fails). The loop runs one engine step (a chunk of prefill for new requests and one batched
+round for every running one), says which requests the step admitted, sends their outputs, then
+reads the pipe again, so a cancel stops its request within one round and frees its blocks.
 
 A device error that can leave the CUDA context unusable (server/faults.py) ends the process: every
 request in flight gets a 503, a Fatal says why, and the worker exits with DEVICE_FAULT_EXIT so that
@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from adasd_core.errors import AdasdError
@@ -34,8 +34,9 @@ from server.faults import FAULT_FILE_ENV, FaultFile, is_device_fault, summary
 log = logging.getLogger("adasd.worker")
 
 POLL_IDLE_S = 0.5
-# KVUsage reports (tokens resident in the KV pools) at most this often; at once when the pool empties
+# KVUsage reports (engine.kv_report()) at most this often; at once when the pool empties
 KV_REPORT_S = 0.05
+KV_FIELDS = tuple(f.name for f in fields(m.KVUsage))
 # For tests and demos: sleep this long after each round of the loop, to make a tiny model
 # behave like a slow one (requests that reliably outlive a disconnect, a kill or a full queue).
 ROUND_DELAY_ENV = "ADASD_DEBUG_ROUND_DELAY_S"
@@ -48,7 +49,7 @@ class Request:
 
     submit: m.Submit
     seq: Any  # adasd_core.sequence.Sequence, queued in the engine from submission
-    started: bool = False  # the engine has admitted it to a KV slot (Started sent)
+    started: bool = False  # the engine has admitted it to the running set (Started sent)
 
     @property
     def rid(self) -> str:
@@ -107,12 +108,12 @@ class Worker:
         self.saved_at = time.monotonic()
         self.dirty = False
         self.announced_epoch = engine.warm.epoch
-        self.requests: dict[str, Request] = {}  # in the engine: waiting for a slot or running
+        self.requests: dict[str, Request] = {}  # in the engine: waiting or running
         self.token_text = TokenText(engine.pair.tokenizer)
         self.stopping = False
         self.exit_code = 0  # DEVICE_FAULT_EXIT once the device has failed
         self.faults = faults  # test-only injection point, checked before each step
-        self.kv_sent, self.kv_sent_at = (0, 0), 0.0
+        self.kv_sent, self.kv_sent_at = m.KVUsage(), 0.0
 
     # ------------------------------------------------------------------ loop
 
@@ -135,11 +136,12 @@ class Worker:
             self.save_state()
 
     def report_kv(self) -> None:
-        tokens = self.engine.kv_tokens()
+        report = self.engine.kv_report()
+        usage = m.KVUsage(**{name: int(report[name]) for name in KV_FIELDS})
         now = time.monotonic()
-        if tokens != self.kv_sent and (now - self.kv_sent_at >= KV_REPORT_S or tokens == (0, 0)):
-            self.kv_sent, self.kv_sent_at = tokens, now
-            self.send(m.KVUsage(*tokens))
+        if usage != self.kv_sent and (now - self.kv_sent_at >= KV_REPORT_S or usage.empty):
+            self.kv_sent, self.kv_sent_at = usage, now
+            self.send(usage)
 
     def warm_state(self) -> dict:
         """{family: summary} of the engine's warm-start statistics (the gauges show it)."""
@@ -188,7 +190,7 @@ class Worker:
                 log.error("unknown message %r", msg)
 
     def submit(self, sub: m.Submit) -> None:
-        """A request -> the engine's queue (it admits to free KV slots), or its error now."""
+        """A request -> the engine's queue (it admits while KV blocks last), or its error now."""
         try:
             seq = self.engine.new_sequence(sub.prompt_ids, sub.params, sub.spec, request_id=sub.rid, epoch=sub.epoch)
         except AdasdError as exc:
@@ -205,7 +207,7 @@ class Worker:
         self.requests[sub.rid] = Request(sub, seq)
 
     def report_started(self) -> None:
-        """Started for the requests the last step admitted to a KV slot (before any of their output)."""
+        """Started for the requests the last step admitted (before any of their output)."""
         for req in self.requests.values():
             if not req.started and req.seq.admitted_at is not None:
                 req.started = True
@@ -265,7 +267,7 @@ class Worker:
 
     def finish(self, req: Request) -> None:
         self.requests.pop(req.rid, None)
-        self.engine.abort(req.seq)  # frees its slot or its place in the queue (no-op once the engine released it)
+        self.engine.abort(req.seq)  # frees its blocks or its place in the queue (no-op once the engine released it)
 
     def cancel(self, rid: str) -> None:
         req = self.requests.get(rid)
@@ -298,10 +300,10 @@ def internal_error(rid: str) -> m.Error:
 
 
 def load_engine(settings: dict):
-    """The pair, its KV slots and the warm-start state, as the settings ask: (engine, KV bytes per slot)."""
+    """The pair, its KV blocks and the warm-start state, as the settings ask: (engine, KV bytes per block)."""
     from adasd_core.device import device_identity
     from adasd_core.engine import SpecConfig, SpeculativeEngine
-    from adasd_core.kv_cache import plan_slots
+    from adasd_core.kv_cache import plan_blocks
     from adasd_core.models import load_pair
     from adasd_core.warm import Schedule, WarmState, pair_identity
 
@@ -310,10 +312,23 @@ def load_engine(settings: dict):
         device_map=settings["device_map"], trust_remote_code=settings["trust_remote_code"],
         max_model_len=settings["max_model_len"],
     )
-    slots, per_slot = plan_slots(pair, settings["max_running"], settings.get("gpu_memory_fraction", 0.9))
-    if slots < settings["max_running"]:
-        log.warning("max_running=%d does not fit in memory: %d KV slots (%.1f MiB each)", settings["max_running"],
-                    slots, per_slot / 2**20)
+    max_running, block_size = settings["max_running"], settings.get("block_size", 16)
+    blocks, per_block = plan_blocks(pair, max_running, block_size, settings.get("gpu_memory_fraction", 0.9))
+    if settings.get("kv_blocks"):
+        from adasd_core.drafting import WINDOW
+        from adasd_core.errors import ModelLoadError
+
+        one = -(-(pair.context_length + WINDOW + 2) // block_size)
+        if settings["kv_blocks"] < one:
+            raise ModelLoadError(f"kv_blocks={settings['kv_blocks']} cannot hold one sequence of the context length "
+                                 f"{pair.context_length}: it takes {one} blocks of {block_size} "
+                                 "(or lower max_model_len)")
+        blocks = settings["kv_blocks"]
+    full = blocks * block_size // pair.context_length
+    if full < max_running:  # requests shorter than the context still run max_running at once
+        log.warning("KV memory holds %d full-length sequences, not max_running=%d: %d blocks of %d tokens "
+                    "(%.2f MiB each); the newest request is preempted when blocks run out", full, max_running,
+                    blocks, block_size, per_block / 2**20)
     spec = SpecConfig(method=settings["method"], k=settings["k"], verification=settings["verification"])
     # what the statistics and the plan depend on besides the models: the algorithm's settings, the device,
     # its model (GPU and capability, or CPU) and number format: a state file carried to other hardware is not used there
@@ -322,9 +337,10 @@ def load_engine(settings: dict):
     schedule = Schedule(first=settings.get("warm_epoch_rounds", 32), freeze=settings.get("warm_freeze_rounds", 4096))
     warm = WarmState.open(warm_state_file(settings, identity), identity, schedule,
                           static_fingerprint(identity, settings))
-    engine = SpeculativeEngine(pair, default_spec=spec, max_running=slots,
-                               batch_aware=settings.get("batch_aware", True), warm=warm)
-    return engine, per_slot
+    engine = SpeculativeEngine(pair, default_spec=spec, max_running=max_running,
+                               batch_aware=settings.get("batch_aware", True), warm=warm, kv_blocks=blocks,
+                               block_size=block_size, prefix_caching=settings.get("prefix_caching", True))
+    return engine, per_block
 
 
 def warm_state_file(settings: dict, identity: str) -> str | None:
@@ -364,6 +380,34 @@ def warm_state_path(settings: dict) -> str | None:
     return os.path.join(hf_home, "adasd")
 
 
+def ready_info(engine, settings: dict, block_bytes: int, load_s: float) -> dict:
+    """What the Ready message tells the front end about the loaded engine."""
+    from adasd_core.kv_cache import kv_bytes_per_slot
+
+    pair = engine.pair
+    return {
+        "pid": os.getpid(),
+        "context_length": pair.context_length,
+        "vocab_size": pair.vocab_size,
+        "device": str(pair.device),
+        "dtype": str(pair.dtype).removeprefix("torch."),
+        "target_step_s": engine.target_step_s,
+        "slots": settings["max_running"],  # requests run at once
+        "kv_blocks": engine.kv_blocks,  # in each pool, the target's and the draft's
+        "block_size": engine.block_size,
+        "prefix_caching": engine.prefix_caching,
+        "kv_bytes_per_block": block_bytes,  # target and draft together
+        "kv_bytes_per_token": {"target": kv_bytes_per_slot(pair.target, 1),
+                               "draft": kv_bytes_per_slot(pair.draft, 1) if pair.draft is not None else 0},
+        "batched": engine.runner.batched,
+        "step_costs": engine.costs.summary(),
+        "load_s": load_s,
+        "warm_state": engine.warm.summary(),
+        "epoch": engine.warm.epoch,
+        "fingerprints": engine.fingerprints(),
+    }
+
+
 def main(settings: dict, conn) -> None:
     """Process entry point (multiprocessing, spawn start method)."""
     # the front end orchestrates shutdown; a Ctrl-C or SIGTERM to the process group must not
@@ -377,7 +421,7 @@ def main(settings: dict, conn) -> None:
 
         hf_logging.disable_progress_bar()
         t0 = time.perf_counter()
-        engine, slot_bytes = load_engine(settings)
+        engine, block_bytes = load_engine(settings)
     except BaseException as exc:
         from adasd_core.errors import ModelLoadError
 
@@ -392,31 +436,11 @@ def main(settings: dict, conn) -> None:
         except OSError:
             pass
         return
-    from adasd_core.kv_cache import kv_bytes_per_slot
-
-    pair = engine.pair
-    info = {
-        "pid": os.getpid(),
-        "context_length": pair.context_length,
-        "vocab_size": pair.vocab_size,
-        "device": str(pair.device),
-        "dtype": str(pair.dtype).removeprefix("torch."),
-        "target_step_s": engine.target_step_s,
-        "slots": engine.slots,
-        "slot_tokens": engine.runner.target.capacity,
-        "kv_bytes_per_token": {"target": kv_bytes_per_slot(pair.target, 1),
-                               "draft": kv_bytes_per_slot(pair.draft, 1) if pair.draft is not None else 0},
-        "kv_mib_per_slot": round(slot_bytes / 2**20, 2),
-        "batched": engine.runner.batched,
-        "step_costs": engine.costs.summary(),
-        "load_s": round(time.perf_counter() - t0, 3),
-        "warm_state": engine.warm.summary(),
-        "epoch": engine.warm.epoch,
-        "fingerprints": engine.fingerprints(),
-    }
-    log.info("loaded target=%s draft=%s on %s in %.1fs; %d KV slots of %s tokens (%.1f MiB each), %s engine",
-             settings["target"], settings["draft"], info["device"], info["load_s"], info["slots"],
-             info["context_length"], info["kv_mib_per_slot"],
+    info = ready_info(engine, settings, block_bytes, round(time.perf_counter() - t0, 3))
+    log.info("loaded target=%s draft=%s on %s in %.1fs; %d KV blocks of %d tokens (%.2f MiB each), prefix caching "
+             "%s, up to %d requests at once, %s engine", settings["target"], settings["draft"], info["device"],
+             info["load_s"], info["kv_blocks"], info["block_size"], block_bytes / 2**20,
+             "on" if info["prefix_caching"] else "off", info["slots"],
              "batched" if info["batched"] else "unbatched (no lean path for this model)")
     try:
         conn.send(m.Ready(info))

@@ -95,7 +95,7 @@ def metrics_text(deploy_server: Server, completion: dict) -> str:
 
 @pytest.fixture(scope="session")
 def picker_server(quick_pair_dir, tmp_path_factory):
-    """The quick pair served with vLLM's names on and one KV slot (so a second request waits),
+    """The quick pair served with vLLM's names on and max_running 1 (so a second request waits),
     every round slowed a little so that requests outlive the scrapes that look at them."""
     from scripts.reliability.serverproc import ServerProcess
 

@@ -29,6 +29,14 @@ CONTRACT = {
     "adasd_worker_up": ("gauge", set()),
     "adasd_entropy_threshold": ("gauge", set()),
     "adasd_js_threshold": ("gauge", set()),
+    "adasd_kv_blocks_total": ("gauge", set()),
+    "adasd_kv_blocks_used": ("gauge", set()),
+    "adasd_kv_blocks_cached": ("gauge", set()),
+    "adasd_kv_cache_usage_perc": ("gauge", set()),
+    "adasd_kv_cache_tokens_perc": ("gauge", set()),
+    "adasd_prefix_cache_queries_total": ("counter", set()),
+    "adasd_prefix_cache_hits_total": ("counter", set()),
+    "adasd_num_preemptions_total": ("counter", set()),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
@@ -81,7 +89,8 @@ def test_dashboard_is_well_formed():
 def test_dashboard_has_the_panels_operators_need():
     titles = " | ".join(p["title"].lower() for p in dashboard()["panels"])
     for words in ("acceptance rate", "speedup", "tokens/s", "time to first token", "inter-token latency",
-                  "running / waiting", "queue time", "draft length", "thresholds", "requests by status", "worker"):
+                  "running / waiting", "queue time", "draft length", "thresholds", "requests by status", "worker",
+                  "kv blocks", "prefix-cache hit rate", "preemptions"):
         assert words in titles, words
     exprs = " ".join(e for _, e in dashboard_exprs(dashboard()))
     for q in ("histogram_quantile(0.5, sum by (le, model_name) (rate(adasd_request_speedup_bucket",

@@ -277,7 +277,8 @@ def test_picker_and_scaler_metrics_exist_as_gauges(picker_server, overlay):
 
 
 def test_picker_metrics_follow_the_load(picker_server):
-    """One slot: a first request holds it (usage 1, tokens resident), a second waits; then all 0."""
+    """One request at a time: a first one holds the blocks its tokens fill (usage above 0, tokens resident),
+    a second waits; then all 0 (the blocks left in the prefix cache count as free)."""
     base = picker_server.base_url
     ready = httpx.get(base + "/ready", timeout=10).json()
     assert ready["slots"] == 1
@@ -288,8 +289,10 @@ def test_picker_metrics_follow_the_load(picker_server):
     (info,) = idle["adasd_cache_config_info"][1]
     from adasd_core.drafting import WINDOW
 
-    assert info.labels["num_gpu_blocks"] == "1"
-    assert info.labels["block_size"] == str(ready["context_length"] + WINDOW + 2)
+    blocks, block_size = ready["kv_blocks"], ready["block_size"]
+    assert info.labels["num_gpu_blocks"] == str(blocks) and info.labels["block_size"] == str(block_size) == "16"
+    assert info.labels["enable_prefix_caching"] == "True"
+    assert blocks * block_size >= ready["context_length"], "one full-length sequence fits"
 
     body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
             "adasd": {"method": "ar"}}
@@ -311,11 +314,13 @@ def test_picker_metrics_follow_the_load(picker_server):
         assert busy is not None, picker_server.log_tail()
         assert gauge_value(busy, "adasd_num_requests_running") == gauge_value(busy, "vllm:num_requests_running") == 1
         assert gauge_value(busy, "vllm:num_requests_waiting") == 1
-        assert gauge_value(busy, "adasd_kv_cache_usage_perc") == gauge_value(busy, "vllm:kv_cache_usage_perc") == 1.0
         # tokens resident: at most the prompt (a token per character at most, and BOS), the 100
-        # tokens and a draft window, in the one slot
+        # tokens and a draft window, in the blocks they fill
         most = len(body["prompt"]) + 1 + 100 + WINDOW
-        assert 0 < gauge_value(busy, "adasd_kv_cache_tokens_perc") <= most / int(info.labels["block_size"])
+        usage = gauge_value(busy, "adasd_kv_cache_usage_perc")
+        assert usage == gauge_value(busy, "vllm:kv_cache_usage_perc")
+        assert 0 < usage <= -(-most // block_size) / blocks
+        assert 0 < gauge_value(busy, "adasd_kv_cache_tokens_perc") <= min(usage, most / (blocks * block_size))
     finally:
         for t in threads:
             t.join(120)

@@ -83,3 +83,27 @@ def test_method_names_match_the_engine():
 
     assert set(typing.get_args(Method)) == set(METHODS)
     assert set(typing.get_args(Verification)) == set(VERIFICATIONS)
+
+
+def test_kv_block_settings(tmp_path, monkeypatch):
+    assert (Settings().block_size, Settings().prefix_caching) == (16, True)
+    s = settings_from_args(["--block-size", "32", "--no-prefix-caching"])
+    assert (s.block_size, s.prefix_caching) == (32, False)
+    assert Settings.from_yaml(write(tmp_path, "block_size: 1\nprefix_caching: false\n")).block_size == 1
+    monkeypatch.setenv("ADASD_BLOCK_SIZE", "256")
+    assert Settings().block_size == 256
+    for bad in ("12", "0", "-16", "512"):
+        with pytest.raises(ValidationError, match="block_size must be a power of two from 1 to 256"):
+            settings_from_args(["--block-size", bad])
+    assert Settings().kv_blocks is None and settings_from_args(["--kv-blocks", "300"]).kv_blocks == 300
+    with pytest.raises(ValidationError, match="kv_blocks"):
+        settings_from_args(["--kv-blocks", "0"])
+
+
+def test_a_bad_block_size_stops_serve_with_its_reason(capsys):
+    from server.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--block-size", "24"])
+    assert stop.value.code == 2
+    assert "block_size must be a power of two from 1 to 256" in capsys.readouterr().err

@@ -90,8 +90,10 @@ class FakeEngine:
             self.aborted.append(seq.request_id)
         seq.finish_reason = seq.finish_reason or "abort"
 
-    def kv_tokens(self) -> tuple[int, int]:
-        return 0, 0  # this pool holds nothing: no KVUsage report (the tests below count messages)
+    def kv_report(self) -> dict:
+        # this pool holds nothing: no KVUsage report (the tests below count messages)
+        return {"target_tokens": 0, "draft_tokens": 0, "blocks_used": 0, "blocks_cached": 0, "blocks_total": 64,
+                "block_size": 16, "prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
 
 
 class FakeConn:
@@ -210,11 +212,26 @@ def test_slots_are_freed_on_finish_cancel_and_error_and_a_full_pool_queues():
 
 
 class FillingEngine(FakeEngine):
-    """Every running sequence holds one target and one draft token per round it has run."""
+    """Every running sequence holds one target and one draft token per round it has run, in blocks of
+    4 positions; a finished sequence leaves its full blocks in the prefix cache; every admission looks
+    up 8 prompt tokens and finds 4."""
 
-    def kv_tokens(self) -> tuple[int, int]:
+    def __init__(self, slots: int):
+        super().__init__(slots)
+        self.admitted, self.cached = 0, 0
+
+    def step(self):
+        self.admitted += min(len(self.waiting), self.free_slots)
+        running = list(self.running)
+        events = super().step()
+        self.cached += sum(seq.done_rounds // 4 for seq in running if seq not in self.running)
+        return events
+
+    def kv_report(self) -> dict:
         n = sum(seq.done_rounds for seq in self.running)
-        return n, n
+        return {**super().kv_report(), "target_tokens": n, "draft_tokens": n,
+                "blocks_used": sum(-(-seq.done_rounds // 4) for seq in self.running), "blocks_cached": self.cached,
+                "prefix_queries": 8 * self.admitted, "prefix_hits": 4 * self.admitted}
 
 
 def test_kv_reports_are_throttled_and_end_at_zero(monkeypatch):
@@ -229,12 +246,16 @@ def test_kv_reports_are_throttled_and_end_at_zero(monkeypatch):
 
     conn = FakeConn([submit("a", 30), submit("b", 30)], tick)
     Worker(FillingEngine(2), conn).run()
-    reports = [(i, (m.target_tokens, m.draft_tokens)) for i, m in enumerate(conn.sent) if isinstance(m, KVUsage)]
+    reports = [(i, m) for i, m in enumerate(conn.sent) if isinstance(m, KVUsage)]
     # about one report per KV_REPORT_S (50 ms) of the 0.6 s, not one per round (30)
     assert 4 <= len(reports) <= clock[0] / worker_module.KV_REPORT_S + 2 < 30, reports
-    assert all(t == d > 0 for _, (t, d) in reports[:-1])
+    for _, r in reports[:-1]:
+        assert r.target_tokens == r.draft_tokens > 0 and r.blocks_used == 2 * -(-(r.target_tokens // 2) // 4), r
+        assert (r.prefix_queries, r.prefix_hits, r.preemptions) == (16, 8, 0), r
     last_done = max(i for i, m in enumerate(conn.sent) if isinstance(m, Done))
-    assert reports[-1][1] == (0, 0) and reports[-1][0] > last_done, "the pool's emptying is reported at once"
+    i, last = reports[-1]
+    assert i > last_done and last.empty, "the pool's emptying is reported at once"
+    assert last == KVUsage(blocks_cached=2 * (30 // 4), prefix_queries=16, prefix_hits=8), last
 
 
 class FailingEngine(FakeEngine):
@@ -288,3 +309,74 @@ def test_out_of_memory_ends_its_step_and_the_worker_goes_on():
     assert [(e.status_code, e.code) for e in ends["a"] + ends["b"]] == [(500, "internal_error")] * 2
     assert ends["c"][0].status == "success"  # admitted after the failure, served by the same worker
     assert worker.exit_code == 0 and not any(isinstance(m, Fatal) for m in sent)
+
+
+def test_load_engine_plans_blocks_from_the_settings(monkeypatch):
+    """load_engine sizes the pool with plan_blocks and hands the engine its blocks, block size and
+    prefix caching; max_running stays the concurrency limit even where fewer full contexts fit."""
+    import adasd_core.device
+    import adasd_core.engine
+    import adasd_core.kv_cache
+    import adasd_core.models
+    import adasd_core.warm
+    from server.settings import Settings
+    from server.worker import load_engine
+
+    pair = SimpleNamespace(context_length=1024, dtype=torch.float32, device=torch.device("cpu"))
+    planned, built = [], []
+
+    def plan_blocks(pair_, max_running, block_size=16, memory_fraction=0.9):
+        planned.append((pair_, max_running, block_size, memory_fraction))
+        return 100, 4096  # 100 x 32 = 3200 positions: 3 full-length sequences, not 8
+
+    monkeypatch.setattr(adasd_core.kv_cache, "plan_blocks", plan_blocks, raising=False)
+    monkeypatch.setattr(adasd_core.models, "load_pair", lambda **kwargs: pair)
+    monkeypatch.setattr(adasd_core.device, "device_identity", lambda device: "cpu")
+    monkeypatch.setattr(adasd_core.warm, "pair_identity", lambda pair_, extra: "pair")
+    monkeypatch.setattr(adasd_core.engine, "SpeculativeEngine",
+                        lambda pair_, **kwargs: built.append(kwargs) or SimpleNamespace(**kwargs))
+    settings = Settings(block_size=32, prefix_caching=False, gpu_memory_fraction=0.8,
+                        warm_state_path="none").model_dump()
+    engine, per_block = load_engine(settings)
+    assert planned == [(pair, 8, 32, 0.8)] and per_block == 4096
+    (kwargs,) = built
+    assert (kwargs["max_running"], kwargs["kv_blocks"], kwargs["block_size"], kwargs["prefix_caching"]) == \
+        (8, 100, 32, False)
+    # kv_blocks overrides the plan, down to one full-length sequence (1024 + 22 positions: 33 blocks of 32)
+    built.clear()
+    load_engine({**settings, "kv_blocks": 33})
+    assert built[0]["kv_blocks"] == 33
+    from adasd_core.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="kv_blocks=32 cannot hold one sequence"):
+        load_engine({**settings, "kv_blocks": 32})
+
+
+def test_ready_info_sizes_the_front_ends_pool(monkeypatch):
+    """The Ready info's pool keys are the ones the front end's metrics read."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import adasd_core.kv_cache
+    from server.metrics import AdasdMetrics
+    from server.worker import ready_info
+
+    monkeypatch.setattr(adasd_core.kv_cache, "kv_bytes_per_slot", lambda model, capacity: model.per_token * capacity)
+    pair = SimpleNamespace(context_length=1024, vocab_size=100, device=torch.device("cpu"), dtype=torch.bfloat16,
+                           target=SimpleNamespace(per_token=2048), draft=SimpleNamespace(per_token=512))
+    engine = SimpleNamespace(pair=pair, target_step_s=0.01, kv_blocks=300, block_size=16, prefix_caching=False,
+                             runner=SimpleNamespace(batched=True), costs=SimpleNamespace(summary=dict),
+                             warm=WarmState(), fingerprints=dict)
+    info = ready_info(engine, {"max_running": 8}, 16 * (2048 + 512), 1.5)
+    assert {k: info[k] for k in ("slots", "kv_blocks", "block_size", "prefix_caching", "kv_bytes_per_block",
+                                 "kv_bytes_per_token", "dtype")} == {
+        "slots": 8, "kv_blocks": 300, "block_size": 16, "prefix_caching": False, "kv_bytes_per_block": 40960,
+        "kv_bytes_per_token": {"target": 2048, "draft": 512}, "dtype": "bfloat16"}
+    metrics = AdasdMetrics("tiny")
+    metrics.set_pool(info)
+    metrics.observe_kv(KVUsage(target_tokens=480, draft_tokens=480, blocks_used=30))
+    got = {f.name: f.samples for f in text_string_to_metric_families(metrics.render()[0].decode())}
+    assert got["adasd_cache_config_info"][0].labels == {"model_name": "tiny", "block_size": "16",
+                                                        "num_gpu_blocks": "300", "cache_dtype": "bfloat16",
+                                                        "enable_prefix_caching": "False"}
+    assert got["adasd_kv_cache_usage_perc"][0].value == 0.1
+    assert got["adasd_kv_cache_tokens_perc"][0].value == pytest.approx(480 / (300 * 16))
