@@ -13,7 +13,7 @@ enforced}; scripts/gpu_check.sh runs it (part long_context) and `--tiny` is its 
            (flash / efficient / cuDNN only), query groups folded; the grouped layout (enable_gqa with a mask)
            is tried the same way and reported
   memory   CUDA: a 2,048-token prefill chunk's scratch at 6k-8k (peak minus before), folded and grouped; the
-           planner's slots (kv_cache.plan_slots at memory_fraction 0.9) allocated, then used by a prefill chunk
+           planner's blocks (kv_cache.plan_blocks at memory_fraction 0.9) allocated, then used by a prefill chunk
            and a batched decode step: the pool takes what the plan said and the peak stays inside the card
 
     python scripts/gpu_long_context.py --device cuda --dtype bfloat16 --out long_context.json
@@ -263,7 +263,7 @@ def part_steps(model, device, context, chunk, iters, warmup, gen, bandwidth, flo
 
 @torch.inference_mode()
 def part_memory(model, device, context, chunk, gen, memory_fraction=0.9) -> tuple[dict, list[dict]]:
-    """CUDA: a late prefill chunk's scratch (folded, grouped); the planner's slots allocated and used."""
+    """CUDA: a late prefill chunk's scratch (folded, grouped); the planner's blocks allocated and used."""
     from adasd_core.drafting import WINDOW
 
     vocab = model.config.vocab_size
@@ -289,10 +289,11 @@ def part_memory(model, device, context, chunk, gen, memory_fraction=0.9) -> tupl
     # the capacity model: as many slots as the planner gives, then a chunk and a wide decode step in them
     pair = SimpleNamespace(target=model, draft=None, context_length=context, device=device)
     free0, total = torch.cuda.mem_get_info(device)
-    slots, per_slot = kv_cache.plan_slots(pair, max_running=4096, memory_fraction=memory_fraction)
+    blocks, per_block = kv_cache.plan_blocks(pair, max_running=4096, memory_fraction=memory_fraction)
     capacity = context + WINDOW + 2
+    slots = min(16, blocks // -(-capacity // 16))
     before = torch.cuda.memory_allocated()
-    pool = kv_cache.make_pool(model, slots, capacity)
+    pool = kv_cache.make_pool(model, slots, capacity, blocks=blocks)
     pool_bytes = torch.cuda.memory_allocated() - before
     torch.cuda.reset_peak_memory_stats()
     prefill(pool, 0, ids, chunk)
@@ -303,15 +304,15 @@ def part_memory(model, device, context, chunk, gen, memory_fraction=0.9) -> tupl
     torch.cuda.synchronize()
     peak_reserved = torch.cuda.max_memory_reserved()
     free1, _ = torch.cuda.mem_get_info(device)
-    out.update(slots=slots, per_slot_bytes=per_slot, pool_bytes=pool_bytes, card_bytes=total, free_before_pool=free0,
-               free_after=free1, peak_reserved=peak_reserved)
-    checks.append(check("pool bytes / planned (slots x per slot)", pool_bytes / (slots * per_slot), 1.001))
+    out.update(blocks=blocks, per_block_bytes=per_block, pool_bytes=pool_bytes, card_bytes=total,
+               free_before_pool=free0, free_after=free1, peak_reserved=peak_reserved)
+    checks.append(check("pool bytes / planned (blocks x per block)", pool_bytes / (blocks * per_block), 1.001))
     # the plan leaves (1 - memory_fraction) of the card to everything else: a chunk and a wide step in the
     # full pool take less than half of it
     checks.append(check("card free after using the full pool / card", free1 / total, (1 - memory_fraction) / 2,
                         below=False))
     budget = free0 - (1 - memory_fraction) * total
-    checks.append(check("planned slots x per slot / budget", slots * per_slot / budget, 1.001))
+    checks.append(check("planned blocks x per block / budget", blocks * per_block / budget, 1.001))
     del pool
     torch.cuda.empty_cache()
     return out, checks
