@@ -50,10 +50,29 @@ def hf_forward(model, ids: torch.Tensor, cache=None, logits_to_keep: int = 1):
     return out.logits, cache
 
 
+def _layer_buffers(m: lean.LeanModel, shape: tuple[int, ...], zeros):
+    """K and V buffers of `shape` per layer, one pair per device for its layers: (buffers, k, v), where
+    buffers is [(layer ids, K, V) [their count, *shape]] and k, v index by layer (the one device's
+    buffers, or lists of per-layer views for a model split over devices)."""
+    devices = list(dict.fromkeys(m.layer_devices))
+    buffers = []
+    for device in devices:
+        layers = [i for i, d in enumerate(m.layer_devices) if d == device]
+        full = (len(layers), *shape)
+        buffers.append((layers, zeros(full, dtype=m.dtype, device=device), zeros(full, dtype=m.dtype, device=device)))
+    if len(devices) == 1:
+        return buffers, buffers[0][1], buffers[0][2]
+    k, v = [None] * m.n_layers, [None] * m.n_layers
+    for layers, kb, vb in buffers:
+        for j, i in enumerate(layers):
+            k[i], v[i] = kb[j], vb[j]
+    return buffers, k, v
+
+
 class SlotPool:
     """K, V [layers, slots, H_kv, capacity, D] for the lean forward, one whole slot per sequence, and each
-    slot's length (an EAGLE-3 head's one-layer cache, the head's training; requests run on PagedPool). A model split
-    over devices keeps each layer's K, V on its layer's device: k, v are then lists of [slots, H_kv,
+    slot's length (an EAGLE-3 head's one-layer cache, the head's training; requests run on LeanPool). A
+    model split over devices keeps each layer's K, V on its layer's device: k, v are then lists of [slots, H_kv,
     capacity, D], views of one buffer per device."""
 
     batched = True
@@ -61,20 +80,9 @@ class SlotPool:
     def __init__(self, model, slots: int, capacity: int):
         self.lean = model if isinstance(model, lean.LeanModel) else lean.lean_model(model)
         m = self.lean
-        devices = list(dict.fromkeys(m.layer_devices))
-        self.buffers = []  # (device's layers, K, V) [their count, slots, H_kv, capacity, D]
-        for device in devices:
-            layers = [i for i, d in enumerate(m.layer_devices) if d == device]
-            shape = (len(layers), slots, m.n_kv, capacity, m.head_dim)
-            self.buffers.append((layers, torch.zeros(shape, dtype=m.dtype, device=device),
-                                 torch.zeros(shape, dtype=m.dtype, device=device)))
-        if len(devices) == 1:
-            self.k, self.v = self.buffers[0][1], self.buffers[0][2]
-        else:
-            self.k, self.v = [None] * m.n_layers, [None] * m.n_layers
-            for layers, k, v in self.buffers:
-                for j, i in enumerate(layers):
-                    self.k[i], self.v[i] = k[j], v[j]
+        # (device's layers, K, V) [their count, slots, H_kv, capacity, D]
+        self.buffers, self.k, self.v = _layer_buffers(
+            m, (slots, m.n_kv, capacity, m.head_dim), torch.zeros)
         self.lengths = [0] * slots
         self.capacity = capacity
 
@@ -143,7 +151,7 @@ class SlotPool:
         return 0  # reserved at the start
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _zeros(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros; on the CPU over an anonymous memory map, whose pages the kernel zero-fills on first touch
     (torch.zeros would write, and so make resident, every page at once)."""
     if device.type != "cpu":
@@ -314,19 +322,9 @@ class LeanPool:
         self.lean = model if isinstance(model, lean.LeanModel) else lean.lean_model(model)
         m = self.lean
         blocks = blocks if blocks is not None else slots * -(-capacity // block_size)
-        devices = list(dict.fromkeys(m.layer_devices))
-        self.buffers = []  # (device's layers, K, V) [their count, H_kv, blocks, block size, D]
-        for device in devices:
-            layers = [i for i, d in enumerate(m.layer_devices) if d == device]
-            shape = (len(layers), m.n_kv, blocks, block_size, m.head_dim)
-            self.buffers.append((layers, _zeros(shape, m.dtype, device), _zeros(shape, m.dtype, device)))
-        if len(devices) == 1:
-            self.k, self.v = self.buffers[0][1], self.buffers[0][2]
-        else:
-            self.k, self.v = [None] * m.n_layers, [None] * m.n_layers
-            for layers, k, v in self.buffers:
-                for j, i in enumerate(layers):
-                    self.k[i], self.v[i] = k[j], v[j]
+        # (device's layers, K, V) [their count, H_kv, blocks, block size, D]
+        self.buffers, self.k, self.v = _layer_buffers(
+            m, (m.n_kv, blocks, block_size, m.head_dim), _zeros)
         self.blocks = Blocks(blocks, block_size, slots, prefix_caching)
         self.blocks.copy = self._copy_block
         self.lengths = [0] * slots

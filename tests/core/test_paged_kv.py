@@ -188,7 +188,7 @@ def test_the_pools_memory_is_resident_only_where_blocks_were_written():
             return int(f.read().split()[1]) * 4096
 
     before = resident()
-    buf = _zeros((64, 1024, 1024), torch.float32, torch.device("cpu"))  # 256 MiB mapped
+    buf = _zeros((64, 1024, 1024), dtype=torch.float32, device=torch.device("cpu"))  # 256 MiB mapped
     buf[3, 5, 7] = 1.0
     assert resident() - before < 16 * 2**20
     buf[:8] = 2.0  # 32 MiB written
