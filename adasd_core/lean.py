@@ -332,6 +332,7 @@ class Ragged:
         self.end = end = max(s + m for s, m in zip(starts, ns))  # keys 0..end-1 cover every query
         assert paged is not None or end <= capacity, f"KV slot overflow: position {end} past capacity {capacity}"
         cos, sin = owner.rotary(self.pos, end)  # [T, D]
+        self.cos_rows, self.sin_rows = cos, sin
         self.cos, self.sin = cos[:, None], sin[:, None]  # [T, 1, D]
         self.contiguous = slots == list(range(slots[0], slots[0] + self.B))
         self.slot_idx = torch.tensor(slots, device=dev)
@@ -369,6 +370,10 @@ class Ragged:
         kc, vc [S, H_kv, C, D] at their positions first."""
         T, H, Hkv, D, B = self.T, self.H, self.Hkv, self.D, self.B
         nqk = H + Hkv
+        if self.paged is not None and self.paged.fused and kc.dtype == torch.float32:  # one kernel call
+            p = self.paged
+            return paged_attention.rope_write_attend(fused.contiguous(), self.cos_rows, self.sin_rows, kc, vc,
+                                                     p.table32, p.seq32, p.pos32, H, self.scale)
         qk = self.rotate(fused[:, : nqk * D].view(T, nqk, D), nqk)
         q, k = qk[:, :H], qk[:, H:]
         v = fused[:, nqk * D :].view(T, Hkv, D)
@@ -438,6 +443,9 @@ class Paged:
             r.table = torch.tensor(rows, dtype=torch.long, device=dev)  # [B, m]
             r.blk = r.table[r.b_idx, r.pos // size]  # [T]
             r.off = r.pos % size
+        # rotary, the K / V writes and attention in one call where the kernel takes this model's shapes
+        self.fused = self.kernel and r.D % paged_attention.LANES == 0 and r.H // r.Hkv <= paged_attention.MAX_G \
+            and r.H // r.Hkv * r.D <= paged_attention.MAX_GD and r.cos_rows.dtype == torch.float32
         if self.kernel:
             self.table32 = (r.table.int() if r.table is not None else
                             torch.arange(first[0], first[0] + m, dtype=torch.int32)[None])
@@ -501,6 +509,8 @@ def forward(
     ids = torch.tensor([t for f in feeds for t in f], dtype=torch.long, device=lean.device)  # [T]
     x = F.embedding(ids, lean.embed)  # [T, C]
     kept = {}
+    if small_ops_fused(lean, x):
+        return _forward_fused(lean, batch, x, k_pool, v_pool, all_logits, capture, kept)
     for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(lean.layers):
         if lean.split and x.device != lean.layer_devices[i]:  # the next card: the hidden state and indices move
             x = x.to(lean.layer_devices[i], non_blocking=True)
@@ -512,5 +522,38 @@ def forward(
         x = x + down(lean.act(gate) * up)
     if lean.n_layers in capture:  # the last layer's output (before the final norm)
         kept[lean.n_layers] = x.to(lean.device, non_blocking=True)
+    logits = lean.logits(x if all_logits else batch.last_rows(x))
+    return (logits, torch.cat([kept[i] for i in capture], dim=-1)) if capture else logits
+
+
+def small_ops_fused(lean: LeanModel, x: torch.Tensor) -> bool:
+    """Whether the layers' norms, residual adds and SiLU-gated products run as one kernel call each
+    (adasd_core.paged_attention's CPU library: float32 on one CPU device, SiLU MLPs)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not lean.split and lean.act is F.silu
+            and lean.embed.dtype == torch.float32 and paged_attention.kernel_available())
+
+
+def _forward_fused(lean: LeanModel, batch: Ragged, x: torch.Tensor, k_pool, v_pool, all_logits: bool,
+                   capture: tuple[int, ...], kept: dict):
+    """forward's layers with a residual add and the next norm in one call, and SiLU(gate) * up in one;
+    the same arithmetic row by row, so rows stay batch-invariant."""
+    layers, eps, K = lean.layers, lean.eps, paged_attention
+    h = K.rms_norm(x, layers[0][0], eps)
+    for i, (_, qkv, o_proj, ln2, gate_up, down) in enumerate(layers):
+        if i in capture:
+            kept[i] = x
+        x, h = K.add_rms_norm(x, o_proj(batch.attend(qkv(h), k_pool[i], v_pool[i])), ln2, eps)
+        gu = gate_up(h)
+        if gu.dtype == torch.float32 and gu.is_contiguous():
+            y = down(K.silu_mul(gu))
+        else:
+            gate, up = gu.chunk(2, dim=-1)
+            y = down(F.silu(gate) * up)
+        if i + 1 < len(layers):
+            x, h = K.add_rms_norm(x, y, layers[i + 1][0], eps)
+        else:
+            x = x + y
+    if lean.n_layers in capture:
+        kept[lean.n_layers] = x
     logits = lean.logits(x if all_logits else batch.last_rows(x))
     return (logits, torch.cat([kept[i] for i in capture], dim=-1)) if capture else logits

@@ -6,6 +6,7 @@
  * position and the block size alone, every sum runs in a fixed order), so a row gives the same bits
  * in any batch. GCC / clang vector extensions: 16 lanes, lowered to what the target has.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -212,4 +213,81 @@ int paged_attention(const float *q, const float *k, const float *v, const int32_
     }
     free(starts);
     return 0;
+}
+
+/* One layer's attention from its fused projection: fused [T, (H + 2 H_kv) D] holds each row's q, k and v
+ * heads. Rotary (x cos + roll(x, D / 2) sin, cos and sin [T, D] at each row's position) goes on q and k,
+ * k and v are written at the row's block and offset, then the rows attend as paged_attention does, q
+ * from qbuf [T, H, D]. One call for what would be a dozen tensor ops. Returns as paged_attention. */
+int rope_write_attend(const float *fused, const float *cos, const float *sin, float *k, float *v,
+                      const int32_t *tables, const int32_t *q_seq, const int32_t *q_pos, float *qbuf, float *out,
+                      int T, int H, int Hkv, int D, int B, int nb_max, int NB, int bs, int64_t k_sh, int64_t k_sb,
+                      int64_t v_sh, int64_t v_sb, float scale, int threads) {
+    int half = D / 2, width = (H + 2 * Hkv) * D;
+    if (D % W || D > 4096) return -2;
+    for (int t = 0; t < T; t++) {
+        if (q_seq[t] < 0 || q_seq[t] >= B || q_pos[t] < 0 || q_pos[t] >= nb_max * bs) return -1;
+        int32_t blk = tables[(int64_t)q_seq[t] * nb_max + q_pos[t] / bs];
+        if (blk < 0 || blk >= NB) return -1;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && T * (H + Hkv) > 64)
+    for (int i = 0; i < T * (H + 2 * Hkv); i++) {
+        int t = i / (H + 2 * Hkv), h = i % (H + 2 * Hkv);
+        const float *x = fused + (int64_t)t * width + (int64_t)h * D, *c = cos + (int64_t)t * D, *s = sin + (int64_t)t * D;
+        int off = q_pos[t] % bs;
+        int64_t blk = tables[(int64_t)q_seq[t] * nb_max + q_pos[t] / bs];
+        float *dst;
+        if (h < H) dst = qbuf + ((int64_t)t * H + h) * D;
+        else if (h < H + Hkv) dst = k + (h - H) * k_sh + blk * k_sb + (int64_t)off * D;
+        else {
+            memcpy(v + (h - H - Hkv) * v_sh + blk * v_sb + (int64_t)off * D, x, sizeof(float) * D);
+            continue;
+        }
+        for (int d = 0; d < D; d++) dst[d] = x[d] * c[d] + x[d < half ? d + half : d - half] * s[d];
+    }
+    return paged_attention(qbuf, k, v, tables, q_seq, q_pos, out, T, H, Hkv, D, B, nb_max, NB, bs, k_sh, k_sb, v_sh,
+                           v_sb, scale, threads);
+}
+
+/* The lean forward's small per-row ops, each one call instead of several tensor ops: x, y, out [T, C]. */
+
+static inline float row_inv_rms(const float *x, int C, float eps) {
+    vec acc = {0};
+    int i = 0;
+    for (; i + W <= C; i += W) {
+        vec a = ld(x + i);
+        acc += a * a;
+    }
+    float ss = hsum16(acc);
+    for (; i < C; i++) ss += x[i] * x[i];
+    return 1.0f / sqrtf(ss / (float)C + eps);
+}
+
+/* out = x / rms(x) * w */
+void rms_norm_rows(const float *x, const float *w, float *out, int T, int C, float eps) {
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (int64_t)t * C;
+        float inv = row_inv_rms(xr, C, eps), *o = out + (int64_t)t * C;
+        for (int i = 0; i < C; i++) o[i] = xr[i] * inv * w[i];
+    }
+}
+
+/* xo = x + y (the residual stream), out = rms_norm(xo) * w */
+void add_rms_norm(const float *x, const float *y, const float *w, float *xo, float *out, int T, int C, float eps) {
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (int64_t)t * C, *yr = y + (int64_t)t * C;
+        float *s = xo + (int64_t)t * C, *o = out + (int64_t)t * C;
+        for (int i = 0; i < C; i++) s[i] = xr[i] + yr[i];
+        float inv = row_inv_rms(s, C, eps);
+        for (int i = 0; i < C; i++) o[i] = s[i] * inv * w[i];
+    }
+}
+
+/* gate_up [T, 2 F] (gate, then up) -> out [T, F] = silu(gate) * up */
+void silu_mul(const float *gu, float *out, int T, int F) {
+    for (int t = 0; t < T; t++) {
+        const float *g = gu + (int64_t)t * 2 * F, *u = g + F;
+        float *o = out + (int64_t)t * F;
+        for (int i = 0; i < F; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
 }

@@ -73,6 +73,55 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
+def rope_write_attend(fused: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, tables: torch.Tensor, q_seq: torch.Tensor, q_pos: torch.Tensor,
+                      H: int, scale: float) -> torch.Tensor:
+    """One layer's attention from its fused projection on the CPU kernel: fused [T, (H + 2 H_kv) D] q, k, v
+    rows (contiguous), rotary cos, sin [T, D] at each row's position (x cos + roll(x, D / 2) sin on q and
+    k), k and v written into the pool at q_pos, then paged_attention -> [T, H D]. Tables, q_seq, q_pos
+    int32 contiguous; the caller has checked `fits` (and that the library loaded)."""
+    T = fused.size(0)
+    Hkv, NB, bs, D = k_cache.shape
+    qbuf = fused.new_empty(T, H, D)
+    out = fused.new_empty(T, H * D)
+    rc = _lib.rope_write_attend(fused.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+                                v_cache.data_ptr(), tables.data_ptr(), q_seq.data_ptr(), q_pos.data_ptr(),
+                                qbuf.data_ptr(), out.data_ptr(), T, H, Hkv, D, tables.size(0), tables.size(1), NB,
+                                bs, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+                                scale, torch.get_num_threads())
+    if rc == -1:
+        raise IndexError(f"rope_write_attend: a block id past the pool's {NB} blocks, a sequence past the table's "
+                         f"{tables.size(0)} rows, or a position past its {tables.size(1) * bs} keys")
+    assert rc == 0, rc
+    return out
+
+
+# The lean forward's per-row small ops on the same library (float32, contiguous rows, CPU): one call each
+# where torch runs several ops. The caller checks kernel_available().
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, C] / rms(x) * w."""
+    out = torch.empty_like(x)
+    _lib.rms_norm_rows(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.size(0), x.size(1), eps)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, rms_norm(x + y) * w) for [T, C] rows: a residual add and the next norm."""
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    _lib.add_rms_norm(x.data_ptr(), y.data_ptr(), w.data_ptr(), total.data_ptr(), out.data_ptr(), x.size(0),
+                      x.size(1), eps)
+    return total, out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 F] -> silu(gate) * up [T, F]."""
+    T, F2 = gate_up.shape
+    out = gate_up.new_empty(T, F2 // 2)
+    _lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), T, F2 // 2)
+    return out
+
+
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                           q_seq: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
     """paged_attention by gathering the tables' blocks and one masked SDPA over the rows padded per sequence."""
@@ -169,7 +218,7 @@ def _build() -> Path:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
         obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
-        link = [str(omp), f"-Wl,-rpath,{omp.parent}"] if omp else []
+        link = ([str(omp), f"-Wl,-rpath,{omp.parent}"] if omp else []) + ["-lm"]
         for cmd in ([cc, *compile_flags, "-c", str(SOURCE), "-o", str(obj)],
                     [cc, "-shared", str(obj), "-o", str(lib), *link]):
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -186,4 +235,12 @@ def _load(path: Path) -> ctypes.CDLL:
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.paged_attention.argtypes = [ptr] * 7 + [i32] * 8 + [i64] * 4 + [ctypes.c_float, i32]
     lib.paged_attention.restype = i32
+    lib.rope_write_attend.argtypes = [ptr] * 10 + [i32] * 8 + [i64] * 4 + [ctypes.c_float, i32]
+    lib.rope_write_attend.restype = i32
+    f32 = ctypes.c_float
+    lib.rms_norm_rows.argtypes = [ptr] * 3 + [i32, i32, f32]
+    lib.add_rms_norm.argtypes = [ptr] * 5 + [i32, i32, f32]
+    lib.silu_mul.argtypes = [ptr, ptr, i32, i32]
+    for name in ("rms_norm_rows", "add_rms_norm", "silu_mul"):
+        getattr(lib, name).restype = None
     return lib

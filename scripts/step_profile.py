@@ -3,6 +3,8 @@ own median (the gap between the two is the Python that runs between ops, which t
 
     python scripts/step_profile.py [--threads 2] [--compile]
 
+It also times the step's matrix products alone (the same weights, the same one-row inputs, in the same
+order), interleaved with whole steps: the step over its products is the per-op overhead's share.
 --compile also times a torch.compile'd copy of the same step (inductor's CPU C++ backend, static shapes),
 interleaved with the eager step. Run it alone on the cores (docs/performance/step-profile.md)."""
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from adasd_core import lean as L
-from adasd_core.kv_cache import make_pool
+from adasd_core.kv_cache import SlotPool, make_pool
 from adasd_core.models import load_pair
 
 TARGET = os.path.expanduser("~/.cache/adasd/smollm2-135m-instruct")
@@ -62,6 +64,36 @@ def decode_core(lm: L.LeanModel, k_pool, v_pool):
     return core
 
 
+def products_only(lm: L.LeanModel):
+    """The step's matrix products alone: every layer's q/k/v, o, gate/up and down, then the head, each on
+    a one-row input of its width."""
+    C, H, D = lm.embed.shape[1], lm.n_heads, lm.head_dim
+    x, attn = torch.randn(1, C), torch.randn(1, H * D)
+    inner = [torch.randn(1, down.weight.shape[1]) for *_, down in lm.layers]
+
+    def run():
+        for (_, qkv, o_proj, _, gate_up, down), h in zip(lm.layers, inner):
+            qkv(x)
+            o_proj(attn)
+            gate_up(x)
+            down(h)
+        lm.head(x)
+
+    return run
+
+
+def interleaved(fns, rounds: int) -> list[float]:
+    """Medians (ms) of each fn, run in turn (the order alternating), the first three rounds dropped."""
+    times = [[] for _ in fns]
+    for r in range(rounds + 3):
+        order = list(range(len(fns))) if r % 2 == 0 else list(range(len(fns)))[::-1]
+        for i in order:
+            t = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t[3:]) * 1e3 for t in times]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -81,6 +113,9 @@ def main() -> None:
     for _ in range(5):
         step()
     print(f"threads {args.threads}; eager step median {median_ms(step, args.rounds):.1f} ms")
+    whole, products = interleaved([step, products_only(L.lean_model(pair.target))], args.rounds)
+    print(f"interleaved: step {whole:.1f} ms, its matrix products alone {products:.1f} ms: "
+          f"step / products {whole / products:.2f}")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(10):
             step()
@@ -94,7 +129,9 @@ def main() -> None:
         return
     lm = L.lean_model(pair.target)
     lm.rotary(torch.arange(600), 600)
-    compiled = torch.compile(decode_core(lm, pool.k, pool.v))
+    slots = SlotPool(lm, 1, 600)  # the compiled core writes one contiguous slot
+    slots.forward([0], [ids])
+    compiled = torch.compile(decode_core(lm, slots.k, slots.v))
     tok, pos = torch.tensor([ids[0]]), torch.tensor([64])
     t0 = time.perf_counter()
     eager_logits = pool.forward([0], [ids[:1]])[-1]

@@ -160,3 +160,83 @@ def test_disk_cache(kernel, monkeypatch, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
     monkeypatch.setattr(pa, "compile_seconds", None)
     assert pa._build() == path and pa.compile_seconds is None
+
+
+def rotate(x, cos, sin):
+    """Rotary as the lean forward writes it (sin's first half negated): x cos + roll(x, D / 2) sin."""
+    return x * cos + x.roll(x.size(-1) // 2, -1) * sin
+
+
+@pytest.mark.parametrize("H,Hkv,D", SHAPES)
+def test_rope_write_attend_matches_rotary_then_write_then_attention(kernel, H, Hkv, D):
+    """One call from the fused projection: q and k rotated, k and v written at each row's block and
+    offset (nothing else in the pool changes), then paged attention over the written keys."""
+    q, k_cache, v_cache, tables, q_seq, q_pos = make_batch(LENGTHS, ROWS["ragged"], H, Hkv, D, seed=3)
+    T = q.size(0)
+    g = torch.Generator().manual_seed(4)
+    fused = torch.randn(T, (H + 2 * Hkv) * D, generator=g)
+    angles = torch.rand(T, D // 2, generator=g) * 6
+    cos = torch.cat((angles.cos(), angles.cos()), -1)
+    sin = torch.cat((-angles.sin(), angles.sin()), -1)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    qkv = fused.view(T, H + 2 * Hkv, D)
+    q_rot = rotate(qkv[:, :H], cos[:, None], sin[:, None])
+    k_rot = rotate(qkv[:, H : H + Hkv], cos[:, None], sin[:, None])
+    blk = tables[q_seq.long(), q_pos.long() // BS].long()
+    k_want[:, blk, q_pos.long() % BS] = k_rot.transpose(0, 1)
+    v_want[:, blk, q_pos.long() % BS] = qkv[:, H + Hkv :].transpose(0, 1)
+    want = reference(q_rot, k_want, v_want, tables, q_seq, q_pos, D**-0.5).reshape(T, H * D)
+    got = pa.rope_write_attend(fused, cos, sin, k_cache, v_cache, tables, q_seq, q_pos, H, D**-0.5)
+    torch.testing.assert_close(k_cache, k_want, atol=1e-6, rtol=1e-6, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_want, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(IndexError):
+        pa.rope_write_attend(fused, cos, sin, k_cache, v_cache, tables, q_seq, q_pos + 10_000, H, D**-0.5)
+
+
+@pytest.mark.parametrize("C", [576, 70])  # a multiple of the 16 lanes, and a ragged tail
+def test_norms_and_gated_product_match_torch_and_are_batch_invariant(kernel, C):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(7, C, generator=g) * 3, torch.randn(7, C, generator=g)
+    w = torch.rand(C, generator=g) + 0.5
+    eps = 1e-5
+    torch.testing.assert_close(pa.rms_norm(x, w, eps), torch.nn.functional.rms_norm(x, (C,), w, eps))
+    total, normed = pa.add_rms_norm(x, y, w, eps)
+    assert torch.equal(total, x + y)
+    torch.testing.assert_close(normed, torch.nn.functional.rms_norm(x + y, (C,), w, eps))
+    gu = torch.randn(7, 2 * C, generator=g) * 4
+    torch.testing.assert_close(pa.silu_mul(gu), torch.nn.functional.silu(gu[:, :C]) * gu[:, C:])
+    for r in (0, 3, 6):  # a row alone gives the same bits as in the batch
+        assert torch.equal(pa.rms_norm(x[r : r + 1], w, eps), pa.rms_norm(x, w, eps)[r : r + 1])
+        assert torch.equal(pa.add_rms_norm(x[r : r + 1], y[r : r + 1], w, eps)[1], normed[r : r + 1])
+        assert torch.equal(pa.silu_mul(gu[r : r + 1]), pa.silu_mul(gu)[r : r + 1])
+
+
+def test_lean_forward_runs_the_fused_ops_and_agrees_with_the_plain_ops(kernel, monkeypatch):
+    """The tiny target through the paged pool: the one-call layer ops are what runs on the CPU, and its
+    logits over a prefill, a ragged batch and a decode step match the plain tensor ops'."""
+    from transformers import AutoModelForCausalLM
+
+    from adasd_core import lean
+    from adasd_core.kv_cache import make_pool
+    from adasd_core.model_files import TINY_DIR
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_DIR / "target", torch_dtype=torch.float32).eval()
+    calls = []
+    monkeypatch.setattr(pa, "silu_mul", lambda gu, f=pa.silu_mul: calls.append(1) or f(gu))
+
+    def run():
+        pool = make_pool(model, 3, 256)
+        g = torch.Generator().manual_seed(0)
+        out = [pool.forward([s], [torch.randint(0, 500, (n,), generator=g).tolist()], all_logits=True)
+               for s, n in enumerate((40, 17, 3))]
+        out.append(pool.forward([0, 1, 2], [[5, 6, 7], [8], [9, 10]], all_logits=True))
+        return out + [pool.forward([0, 1, 2], [[1], [2], [3]])]
+
+    fused = run()
+    assert calls, "the fused layer ops did not run"
+    monkeypatch.setattr(lean, "small_ops_fused", lambda lean_model, x: False)
+    monkeypatch.setattr(lean.Paged, "lay_out", lambda self, r, dev, f=lean.Paged.lay_out: (
+        f(self, r, dev), setattr(self, "fused", False)))
+    for a, b in zip(fused, run()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
