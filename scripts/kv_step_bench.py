@@ -1,24 +1,28 @@
-"""Step times of the default target (ms, medians) on whichever adasd_core is first on sys.path, so two
-versions compare side by side (PYTHONPATH=<tree>): a decode step (one token each) and a verify row (six
-tokens each) for B sequences of L tokens, rolled back after every step. Prints one JSON line."""
+"""Step times of the default pair's target, or with --draft its draft (ms, medians), on whichever adasd_core
+is first on sys.path, so two versions compare side by side (PYTHONPATH=<tree>): a decode step (one token
+each) and a verify row (six tokens each) for B sequences of L tokens, rolled back after every step.
+Prints one JSON line."""
 
+import argparse
 import json
 import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from adasd_core import kv_cache
-from adasd_core.models import resolve_model_path
+from adasd_core.models import load_pair
 
 SHAPES = [(1, 300), (4, 200), (16, 200), (16, 512)]
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--draft", action="store_true", help="time the draft (as the engine loads it)")
+    args = ap.parse_args()
     torch.set_num_threads(2)
-    path = resolve_model_path("smollm2", "target")
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    pair = load_pair(device="cpu", max_model_len=2048)
+    model = pair.draft if args.draft else pair.target
     out = {}
     for B, L in SHAPES:
         pool = kv_cache.make_pool(model, B, 1024)
