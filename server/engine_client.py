@@ -322,7 +322,7 @@ class EngineClient:
                 self.metrics.observe_kv(msg)
             case m.Published():
                 self.epoch, self.fingerprints = msg.epoch, msg.fingerprints
-            case m.Started() | m.PromptScored() | m.Delta() | m.Done() | m.Error():
+            case m.Started() | m.Preempted() | m.PromptScored() | m.Delta() | m.Done() | m.Error():
                 slot = self._slots.get(msg.rid)
                 if slot is not None:
                     self._on_generation(slot, msg)
@@ -339,11 +339,16 @@ class EngineClient:
         self.epoch, self.fingerprints = self.info.pop("epoch", None), self.info.pop("fingerprints", None) or {}
         log.info("worker pid %s ready (context %s tokens)", handle.pid, self.info["context_length"])
 
-    def _on_generation(self, slot: _Slot, msg: m.Started | m.PromptScored | m.Delta | m.Done | m.Error) -> None:
+    def _on_generation(self, slot: _Slot, msg: m.Started | m.Preempted | m.PromptScored | m.Delta | m.Done | m.Error
+                       ) -> None:
         match msg:
             case m.Started():
                 slot.state = "running"
-                self.metrics.queue_time.observe(msg.queue_s)
+                if not msg.resumed:
+                    self.metrics.queue_time.observe(msg.queue_s)
+                self._update_gauges()
+            case m.Preempted():
+                slot.state = "waiting"
                 self._update_gauges()
             case m.PromptScored():
                 slot.group.put(slot.index, PromptScores(msg.logprobs))

@@ -63,10 +63,18 @@ class Fatal:
 
 @dataclass(frozen=True)
 class Started:
-    """A generation was admitted to the running set."""
+    """A generation was admitted to the running set (again, after a preemption: `resumed`)."""
 
     rid: str
     queue_s: float  # time from submit to admission
+    resumed: bool = False
+
+
+@dataclass(frozen=True)
+class Preempted:
+    """A running generation was preempted: it waits again to recompute its tokens (its output so far stands)."""
+
+    rid: str
 
 
 @dataclass(frozen=True)
@@ -135,4 +143,4 @@ class Published:
     fingerprints: dict[str, str]  # {warm.fingerprint_key: fingerprint}
 
 
-FromWorker = Ready | Fatal | Started | PromptScored | Delta | Done | Error | KVUsage | Published
+FromWorker = Ready | Fatal | Started | Preempted | PromptScored | Delta | Done | Error | KVUsage | Published

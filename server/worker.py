@@ -50,6 +50,7 @@ class Request:
     submit: m.Submit
     seq: Any  # adasd_core.sequence.Sequence, queued in the engine from submission
     started: bool = False  # the engine has admitted it to the running set (Started sent)
+    requeued: bool = False  # preempted and waiting again (Preempted sent)
 
     @property
     def rid(self) -> str:
@@ -207,11 +208,17 @@ class Worker:
         self.requests[sub.rid] = Request(sub, seq)
 
     def report_started(self) -> None:
-        """Started for the requests the last step admitted (before any of their output)."""
+        """Started for the requests the last step admitted (before any of their output); Preempted for
+        those it sent back to wait, and Started(resumed) when they run again."""
         for req in self.requests.values():
-            if not req.started and req.seq.admitted_at is not None:
-                req.started = True
-                self.send(m.Started(req.rid, max(0.0, req.seq.admitted_at - req.submit.submitted_at)))
+            admitted = req.seq.admitted_at is not None
+            if not req.started:
+                if admitted:
+                    req.started = True
+                    self.send(m.Started(req.rid, max(0.0, req.seq.admitted_at - req.submit.submitted_at)))
+            elif req.requeued == admitted:
+                req.requeued = not admitted
+                self.send(m.Preempted(req.rid) if req.requeued else m.Started(req.rid, 0.0, resumed=True))
 
     def step(self) -> None:
         from adasd_core.sequence import PromptLogprobs  # here: the front end imports this module without torch

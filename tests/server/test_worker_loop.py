@@ -11,7 +11,7 @@ import torch
 
 from adasd_core.errors import InvalidRequestError
 from adasd_core.warm import WarmState
-from server.messages import Cancel, Delta, Done, Error, Fatal, KVUsage, Shutdown, Started, Submit
+from server.messages import Cancel, Delta, Done, Error, Fatal, KVUsage, Preempted, Shutdown, Started, Submit
 from server.worker import DEVICE_FAULT_EXIT, Worker
 
 
@@ -159,6 +159,34 @@ def test_max_running_queues_the_rest():
     kinds = [(type(m), m.rid) for m in sent]
     assert kinds == [(Started, "a"), (Delta, "a"), (Delta, "a"), (Done, "a"),
                      (Started, "b"), (Delta, "b"), (Delta, "b"), (Done, "b")]
+
+
+class PreemptingEngine(FakeEngine):
+    """Preempts the newest running sequence once, at its second step, as the scheduler does when
+    blocks run out: it waits again at the head of the queue."""
+
+    steps = 0
+
+    def step(self):
+        self.steps += 1
+        if self.steps == 2:
+            seq = self.running.pop()
+            seq.admitted_at = None
+            self.waiting.appendleft(seq)
+            self.slots -= 1  # its blocks are taken until the other one ends
+        if self.steps == 4:
+            self.slots += 1
+        return super().step()
+
+
+def test_a_preempted_request_is_reported_waiting_then_running_again():
+    conn = FakeConn([submit("a", 6), submit("b", 6)])
+    Worker(PreemptingEngine(2), conn).run()
+    states = [(type(m).__name__, m.rid, getattr(m, "resumed", None)) for m in conn.sent
+              if isinstance(m, (Started, Preempted))]
+    assert states == [("Started", "a", False), ("Started", "b", False), ("Preempted", "b", None),
+                      ("Started", "b", True)], states
+    assert deltas(conn.sent).count("b") == 6 and [type(e) for e in endings(conn.sent)["b"]] == [Done]
 
 
 def test_cancel_stops_a_request_within_one_round():
