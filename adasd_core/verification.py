@@ -222,17 +222,19 @@ def accept_batch(
     has_q = j_t < ks_t[seq_t]  # a candidate's row (the residual), not the bonus row
     didx = cstart_t[seq_t] + j_t
     p_last = target_probs[row_t]  # [L, V]
-    if K:
-        q_last = draft_probs[didx.clamp(0, K - 1)] * has_q[:, None]
-        residual = (p_last - q_last).clamp_min(0.0)
-        # p == q leaves no residual mass; then p itself is the right distribution
-        dist = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p_last)
+    if all(greedy):  # no draw to make
+        token = p_last.argmax(-1)  # [L]
     else:
         dist = p_last
-    drawn = inverse_cdf(dist, u_last[seq_t])  # [L]
-    if raced:
-        drawn[raced_t] = race(dist[raced_t], torch.stack([noise[last_seq[i]] for i in raced]))
-    token = torch.where(greedy_t.bool()[seq_t], p_last.argmax(-1), drawn)  # [L]
+        if K:
+            q_last = draft_probs[didx.clamp(0, K - 1)] * has_q[:, None]
+            residual = (p_last - q_last).clamp_min(0.0)
+            # p == q leaves no residual mass; then p itself is the right distribution
+            dist = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p_last)
+        drawn = inverse_cdf(dist, u_last[seq_t])  # [L]
+        if raced:
+            drawn[raced_t] = race(dist[raced_t], torch.stack([noise[last_seq[i]] for i in raced]))
+        token = torch.where(greedy_t.bool()[seq_t], p_last.argmax(-1), drawn)  # [L]
     s_last = -torch.log(p_last.gather(-1, token[:, None]).squeeze(-1).clamp_min(1e-30)) - entropy_rows[row_t]
     host += [n_dev.double(), token.double(), s_last.double()]
     flat = torch.cat(host).tolist()  # the round's one transfer to the host
