@@ -28,8 +28,10 @@ LN2 = math.log(2.0)
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """[N, V] -> [N] Shannon entropy in nats."""
-    probs = probs.float()
-    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+    # clamped on both sides: a model's tail probabilities are often subnormal floats, whose products run
+    # several times slower on x86; the clamp adds at most V x 7e-29 nats
+    probs = probs.float().clamp_min(1e-30)
+    return -(probs * torch.log(probs)).sum(-1)
 
 
 def js_distance(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
