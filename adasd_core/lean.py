@@ -334,9 +334,10 @@ class Ragged:
         cos, sin = owner.rotary(self.pos, end)  # [T, D]
         self.cos_rows, self.sin_rows = cos, sin
         self.cos, self.sin = cos[:, None], sin[:, None]  # [T, 1, D]
-        self.contiguous = slots == list(range(slots[0], slots[0] + self.B))
-        self.slot_idx = torch.tensor(slots, device=dev)
-        self.slot_tok = self.slot_idx[self.b_idx]  # [T]
+        if paged is None:  # slots: written by slot and position
+            self.contiguous = slots == list(range(slots[0], slots[0] + self.B))
+            self.slot_idx = torch.tensor(slots, device=dev)
+            self.slot_tok = self.slot_idx[self.b_idx]  # [T]
         groups = self.H // self.Hkv if self.Hkv != self.H and fold_query_groups(dev) else 1
         # int8 activations are rounded to a grid, so the last bits of a batched attention (other key
         # lengths, padded queries) can move a row's draft logits by whole grid steps: attention then runs
@@ -346,6 +347,8 @@ class Ragged:
             not getattr(owner, "split", False)
         if paged is not None:
             paged.lay_out(self, dev)
+            if paged.fused:  # the kernel masks by position and reads each row's own blocks
+                return
         self.mask = None
         if self.per_seq:
             self.offsets = [sum(ns[:b]) for b in range(self.B)]
@@ -370,7 +373,7 @@ class Ragged:
         kc, vc [S, H_kv, C, D] at their positions first."""
         T, H, Hkv, D, B = self.T, self.H, self.Hkv, self.D, self.B
         nqk = H + Hkv
-        if self.paged is not None and self.paged.fused and kc.dtype == torch.float32:  # one kernel call
+        if self.paged is not None and self.paged.fused:  # one kernel call
             p = self.paged
             return paged_attention.rope_write_attend(fused.contiguous(), self.cos_rows, self.sin_rows, kc, vc,
                                                      p.table32, p.seq32, p.pos32, H, self.scale)
@@ -422,9 +425,11 @@ class Paged:
     """A batch's block tables over a paged pool (kv_cache.LeanPool): sequence b's position p lives in
     block tables[b][p // size] at offset p % size of each layer's K, V [H_kv, blocks, size, D].
 
-    A sequence whose blocks are consecutive (one sequence running alone, as its blocks were taken) reads
-    them as one view; otherwise attention reads the tables in place (adasd_core.paged_attention) or,
-    where that kernel is not available, gathers each sequence's blocks."""
+    On the CPU one kernel call per layer (adasd_core.paged_attention.rope_write_attend) rotates q and k,
+    writes k and v at their blocks and attends over the tables in place, row by row (batch-invariant).
+    Elsewhere (a GPU, another dtype, no compiler) k and v are written through indices and attention
+    reads one view of a sequence whose blocks are consecutive (one sequence running alone, as its blocks
+    were taken), else each sequence's blocks gathered."""
 
     def __init__(self, tables: list[list[int]], size: int):
         self.tables, self.size = tables, size
@@ -432,24 +437,22 @@ class Paged:
     def lay_out(self, r: Ragged, dev: torch.device) -> None:
         size = self.size
         m = self.blocks = -(-r.end // size)
+        rows = [t[:m] + [t[0]] * (m - len(t[:m])) for t in self.tables]  # padded with a block of its own
+        G, K = r.H // r.Hkv, paged_attention
+        self.fused = (dev.type == "cpu" and r.cos_rows.dtype == torch.float32 and r.D % K.LANES == 0
+                      and G <= K.MAX_G and G * r.D <= K.MAX_GD and K.kernel_available())
+        if self.fused:
+            self.table32 = torch.tensor(rows, dtype=torch.int32, device=dev)  # [B, m]
+            self.seq32, self.pos32 = r.b_idx.int(), r.pos.int()
+            return
         first = self.tables[0]
         self.view = r.B == 1 and first[m - 1] - first[0] == m - 1 and all(
             b == a + 1 for a, b in zip(first[: m - 1], first[1:m]))
-        # the CPU kernel reads the tables in place, each row on its own (batch-invariant)
-        self.kernel = dev.type == "cpu" and paged_attention.kernel_available()
         r.table = r.blk = r.off = None
-        if not self.view:  # written through indices; read by the kernel, or gathered
-            rows = [t[:m] + [t[0]] * (m - len(t[:m])) for t in self.tables]  # padded with a block of its own
+        if not self.view:  # written through indices, gathered to be read
             r.table = torch.tensor(rows, dtype=torch.long, device=dev)  # [B, m]
             r.blk = r.table[r.b_idx, r.pos // size]  # [T]
             r.off = r.pos % size
-        # rotary, the K / V writes and attention in one call where the kernel takes this model's shapes
-        self.fused = self.kernel and r.D % paged_attention.LANES == 0 and r.H // r.Hkv <= paged_attention.MAX_G \
-            and r.H // r.Hkv * r.D <= paged_attention.MAX_GD and r.cos_rows.dtype == torch.float32
-        if self.kernel:
-            self.table32 = (r.table.int() if r.table is not None else
-                            torch.arange(first[0], first[0] + m, dtype=torch.int32)[None])
-            self.seq32, self.pos32 = r.b_idx.int(), r.pos.int()
 
     def attend(self, r: Ragged, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
                vc: torch.Tensor) -> torch.Tensor:
@@ -461,13 +464,9 @@ class Paged:
             values = vc[:, b0 : b0 + m].view(1, Hkv, m * size, D)[:, :, : r.end]
             keys[0, :, start:] = k.transpose(0, 1)
             values[0, :, start:] = v.transpose(0, 1)
-        else:
-            kc[:, r.blk, r.off] = k.transpose(0, 1)
-            vc[:, r.blk, r.off] = v.transpose(0, 1)
-        if self.kernel and paged_attention.fits(q, kc, vc):
-            return paged_attention.paged_attention(q, kc, vc, self.table32, self.seq32, self.pos32, r.scale)
-        if self.view:
             return r.batched(q, keys, values).reshape(r.T, r.H, D)
+        kc[:, r.blk, r.off] = k.transpose(0, 1)
+        vc[:, r.blk, r.off] = v.transpose(0, 1)
         if r.per_seq:  # each sequence as alone: its own blocks only
             out = []
             for b, (o, n_b, (masking, e)) in enumerate(zip(r.offsets, r.ns, r.alone)):
@@ -543,12 +542,7 @@ def _forward_fused(lean: LeanModel, batch: Ragged, x: torch.Tensor, k_pool, v_po
         if i in capture:
             kept[i] = x
         x, h = K.add_rms_norm(x, o_proj(batch.attend(qkv(h), k_pool[i], v_pool[i])), ln2, eps)
-        gu = gate_up(h)
-        if gu.dtype == torch.float32 and gu.is_contiguous():
-            y = down(K.silu_mul(gu))
-        else:
-            gate, up = gu.chunk(2, dim=-1)
-            y = down(F.silu(gate) * up)
+        y = down(K.silu_mul(gate_up(h)))
         if i + 1 < len(layers):
             x, h = K.add_rms_norm(x, y, layers[i + 1][0], eps)
         else:

@@ -116,6 +116,7 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2 F] -> silu(gate) * up [T, F]."""
+    assert gate_up.dtype == torch.float32 and gate_up.is_contiguous(), (gate_up.dtype, gate_up.stride())
     T, F2 = gate_up.shape
     out = gate_up.new_empty(T, F2 // 2)
     _lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), T, F2 // 2)
