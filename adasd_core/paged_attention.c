@@ -291,3 +291,179 @@ void silu_mul(const float *gu, float *out, int T, int F) {
         for (int i = 0; i < F; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
+
+/* Weight-only 4-bit products (the self-draft's matrices): y [M, N] = x [M, K] W^T (+ bias [N]). W's row n is
+ * K / 64 groups of 64 weights, 32 bytes each (byte j holds element j's code in its low nibble and element
+ * j + 32's in its high one), with a bf16 scale and minimum per group in sm [N, K / 64, 2]: w = code * scale +
+ * min. With AVX-512 VNNI each group of a row of x is rounded to int8 (its own scale) and meets the codes in
+ * integer dot products, as llama.cpp's q4 x q8 products do; elsewhere the codes become floats. Either way a
+ * row's sums run in the same order whatever M is, so its output has the same bits alone or in any batch;
+ * the weights are read once for a tile of MT rows. Returns 0, -2 if K % 64, -3 without memory. */
+#define QG 64 /* weights per group */
+#define MT 4  /* rows of x per decoded weight */
+#define NR_MAX 4 /* weight rows decoded together */
+#ifndef PREFETCH
+#define PREFETCH 4
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define INT4_VNNI 1
+#include <immintrin.h>
+#endif
+
+static inline float bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#ifdef INT4_VNNI
+/* rows xq[0..R-1] (int8, stride K; scales xs [R, ng]) against NR weight rows (stride K / 2 bytes, scales
+ * ng * 2); R and NR constants where inlined: the accumulators stay in registers and the NR rows' loads
+ * are in flight together. Each (row, weight row) sum runs in the same order for every R and NR. */
+static inline __attribute__((always_inline)) void
+int4_rows(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *qn, const uint16_t *sn, float *y,
+          int R, int NR, int K, int ng, int N, const float *b) {
+    __m512 acc[MT][NR_MAX];
+    float lo[MT][NR_MAX];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < NR; j++) {
+            acc[i][j] = _mm512_setzero_ps();
+            lo[i][j] = 0.0f;
+        }
+    const __m256i nib = _mm256_set1_epi8(15);
+    for (int g = 0; g < ng; g++) {
+        __m512i codes[NR_MAX];
+        float s[NR_MAX], mn[NR_MAX];
+        for (int j = 0; j < NR; j++) {
+            __m256i p = _mm256_loadu_si256((const __m256i *)(qn + (int64_t)j * (K / 2) + g * 32));
+            codes[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(p, nib)),
+                                          _mm256_and_si256(_mm256_srli_epi16(p, 4), nib), 1);
+            s[j] = bf16(sn[(int64_t)j * ng * 2 + 2 * g]);
+            mn[j] = bf16(sn[(int64_t)j * ng * 2 + 2 * g + 1]);
+        }
+        for (int i = 0; i < R; i++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(xq + (int64_t)i * K + g * QG));
+            float sx = xs[(int64_t)i * ng + g], sumx = xsum[(int64_t)i * ng + g];
+            for (int j = 0; j < NR; j++) {
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[j], xv);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s[j] * sx), acc[i][j]);
+                lo[i][j] += mn[j] * sumx;
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < NR; j++)
+            y[(int64_t)i * N + j] = _mm512_reduce_add_ps(acc[i][j]) + lo[i][j] + (b ? b[j] : 0.0f);
+}
+#else
+/* 16 bytes -> their values as 16 int32 lanes */
+static inline veci widen16(const uint8_t *p) {
+    veci r;
+    for (int i = 0; i < W; i++) r[i] = p[i];
+    return r;
+}
+
+/* rows x[0..R-1] (float, stride K) against one weight row; R a constant where inlined */
+static inline __attribute__((always_inline)) void
+int4_row1(const float *x, const float *xsum, const uint8_t *qn, const uint16_t *sn, float *y, int R, int K, int ng,
+          int N, float b) {
+    vec acc[MT];
+    float lo[MT];
+    for (int i = 0; i < R; i++) {
+        acc[i] = (vec){0};
+        lo[i] = 0.0f;
+    }
+    for (int g = 0; g < ng; g++) {
+        veci c0 = widen16(qn + g * 32), c1 = widen16(qn + g * 32 + 16);
+        vec w0 = __builtin_convertvector(c0 & 15, vec), w1 = __builtin_convertvector(c1 & 15, vec);
+        vec w2 = __builtin_convertvector(c0 >> 4, vec), w3 = __builtin_convertvector(c1 >> 4, vec);
+        float s = bf16(sn[2 * g]), mn = bf16(sn[2 * g + 1]);
+        for (int i = 0; i < R; i++) {
+            const float *xg = x + (int64_t)i * K + g * QG;
+            vec t = w0 * ld(xg) + w1 * ld(xg + 16) + (w2 * ld(xg + 32) + w3 * ld(xg + 48));
+            acc[i] += t * s;
+            lo[i] += mn * xsum[(int64_t)i * ng + g];
+        }
+    }
+    for (int i = 0; i < R; i++) y[(int64_t)i * N] = hsum16(acc[i]) + lo[i] + b;
+}
+
+static inline __attribute__((always_inline)) void
+int4_rows(const float *x, const float *xs, const float *xsum, const uint8_t *qn, const uint16_t *sn, float *y,
+          int R, int NR, int K, int ng, int N, const float *b) {
+    (void)xs;
+    for (int j = 0; j < NR; j++)
+        int4_row1(x, xsum, qn + (int64_t)j * (K / 2), sn + (int64_t)j * ng * 2, y + j, R, K, ng, N, b ? b[j] : 0.0f);
+}
+#endif
+
+int int4_matmul(const float *x, const uint8_t *q, const uint16_t *sm, const float *bias, float *y, int M, int N,
+                int K, int threads) {
+    if (K % QG) return -2;
+    int ng = K / QG;
+    /* each row's sum over each group (the minimum's term), and with VNNI its int8 codes and their scales */
+    float *xsum = malloc(sizeof(float) * (size_t)M * ng * 2), *xs = xsum + (size_t)M * ng;
+    if (!xsum) return -3;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < ng; g++) {
+            const float *xg = x + (int64_t)m * K + g * QG;
+            xsum[(int64_t)m * ng + g] = hsum16(ld(xg) + ld(xg + 16) + (ld(xg + 32) + ld(xg + 48)));
+        }
+#ifdef INT4_VNNI
+    int8_t *xq = malloc((size_t)M * K);
+    if (!xq) {
+        free(xsum);
+        return -3;
+    }
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < ng; g++) {
+            const float *xg = x + (int64_t)m * K + g * QG;
+            float amax = 0.0f;
+            for (int i = 0; i < QG; i++) amax = fmaxf(amax, fabsf(xg[i]));
+            float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            xs[(int64_t)m * ng + g] = scale;
+            for (int i = 0; i < QG; i++) xq[(int64_t)m * K + g * QG + i] = (int8_t)lrintf(xg[i] * inv);
+        }
+#define XROWS(m0) (xq + (int64_t)(m0) * K)
+#else
+#define XROWS(m0) (x + (int64_t)(m0) * K)
+#endif
+    int tiles = (N + NR_MAX - 1) / NR_MAX;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N >= 64)
+    for (int tile = 0; tile < tiles; tile++) {
+        int n = tile * NR_MAX, nr = N - n < NR_MAX ? N - n : NR_MAX;
+        const uint8_t *qn = q + (int64_t)n * (K / 2);
+        const uint16_t *sn = sm + (int64_t)n * ng * 2;
+        const float *b = bias ? bias + n : NULL;
+        /* the weight rows PREFETCH tiles on, into L2: more reads in flight than the hardware's streams keep */
+        const uint8_t *ahead = qn + (int64_t)PREFETCH * NR_MAX * (K / 2), *end = q + (int64_t)N * (K / 2);
+        for (int64_t off = 0; off < (int64_t)NR_MAX * (K / 2) && ahead + off < end; off += 64)
+            __builtin_prefetch(ahead + off, 0, 2);
+        for (int m0 = 0; m0 < M; m0 += MT) {
+            const float *s0 = xs + (int64_t)m0 * ng, *sum0 = xsum + (int64_t)m0 * ng;
+            float *ym = y + (int64_t)m0 * N + n;
+            int mt = M - m0 < MT ? M - m0 : MT;
+#define ROWS_NR(R)                                                                         \
+    if (nr == NR_MAX) int4_rows(XROWS(m0), s0, sum0, qn, sn, ym, R, NR_MAX, K, ng, N, b); \
+    else                                                                                   \
+        for (int j = 0; j < nr; j++)                                                       \
+            int4_rows(XROWS(m0), s0, sum0, qn + (int64_t)j * (K / 2), sn + (int64_t)j * ng * 2, ym + j, R, 1, K, ng, N, \
+                      b ? b + j : NULL);
+            switch (mt) {
+            case 1: ROWS_NR(1) break;
+            case 2: ROWS_NR(2) break;
+            case 3: ROWS_NR(3) break;
+            default: ROWS_NR(4) break;
+            }
+#undef ROWS_NR
+        }
+    }
+#undef XROWS
+#ifdef INT4_VNNI
+    free(xq);
+#endif
+    free(xsum);
+    return 0;
+}

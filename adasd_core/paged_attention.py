@@ -123,6 +123,31 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+INT4_GROUP = 64  # int4_matmul's weights per group
+
+
+def int4_pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4_matmul's layout of codes [N, K] (0..15, w = code * scale + low per group of 64 along K) and
+    scale, low [N, K / 64]: (bytes uint8 [N, K / 2], scale and low as bf16 bits [N, K / 64, 2])."""
+    N, K = codes.shape
+    c = codes.to(torch.uint8).reshape(N, K // INT4_GROUP, 2, INT4_GROUP // 2)
+    packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+    sm = torch.stack((scale, low), -1).to(torch.bfloat16).view(torch.int16).contiguous()
+    return packed, sm
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] float32 times the int4_pack'ed W [N, K], transposed (+ bias) -> [M, N] float32."""
+    x = x.contiguous()
+    M, K = x.shape
+    N = packed.size(0)
+    y = x.new_empty(M, N)
+    rc = _lib.int4_matmul(x.data_ptr(), packed.data_ptr(), sm.data_ptr(), None if bias is None else bias.data_ptr(),
+                          y.data_ptr(), M, N, K, torch.get_num_threads())
+    assert rc == 0, rc
+    return y
+
+
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                           q_seq: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
     """paged_attention by gathering the tables' blocks and one masked SDPA over the rows padded per sequence."""
@@ -244,4 +269,6 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.silu_mul.argtypes = [ptr, ptr, i32, i32]
     for name in ("rms_norm_rows", "add_rms_norm", "silu_mul"):
         getattr(lib, name).restype = None
+    lib.int4_matmul.argtypes = [ptr] * 5 + [i32] * 4
+    lib.int4_matmul.restype = i32
     return lib

@@ -8,8 +8,9 @@ every candidate). Rollback stays lowering a length; there is no draft prefill an
 so the draft's memory is its quantised weights alone.
 
 Precisions (CPU): `int4` (the default: the cheaper step, docs/selfdraft.md): 4-bit weights in groups
-of 64 with bf16 activations (torch's packed CPU int4 kernel; a matrix it cannot lay out, with an
-output width not a multiple of 16 or an input width no group size of 32-256 divides, stays int8);
+of 64 through the CPU library's product (adasd_core/paged_attention.c int4_matmul: float32 activations,
+rounded to int8 per group on CPUs with AVX-512 VNNI), or torch's packed int4 kernel on bf16 activations
+where the library is not built; a matrix neither can lay out (an input width no group divides) stays int8;
 `int8`: int8 weights with per-row scales and each activation row quantised on its own (lean.Linear,
 fbgemm). The head: the rows of a subset of the vocabulary (adasd_core.draft_head), by default the
 shipped draft's 8,192 tokens for the SmolLM2 target and the full vocabulary for any other; `full` or
@@ -25,7 +26,7 @@ from types import SimpleNamespace
 
 import torch
 
-from adasd_core import draft_head, lean
+from adasd_core import draft_head, lean, paged_attention
 from adasd_core.errors import ModelLoadError
 
 SELF = "self"
@@ -69,31 +70,42 @@ def int4_group(k: int) -> int | None:
     return next((g for g in INT4_GROUPS if k % g == 0), None)
 
 
-class Int4Linear:
-    """y = x W^T + b with W in 4 bits (groups along the input, a scale and zero each), through torch's
-    packed CPU int4 kernel on bf16 activations; the output back in float32."""
+def own_int4(k: int) -> bool:
+    """Whether an input width k takes the CPU library's int4 product (else torch's packed kernel)."""
+    return k % paged_attention.INT4_GROUP == 0 and paged_attention.kernel_available()
 
-    __slots__ = ("packed", "scales", "bias", "group")
+
+class Int4Linear:
+    """y = x W^T + b with W in 4 bits (groups along the input, a scale and minimum each). On the CPU library
+    (paged_attention.int4_matmul: groups of 64) the activations stay float32 and nothing is converted;
+    elsewhere torch's packed CPU int4 kernel runs on bf16 activations. The output is float32."""
+
+    __slots__ = ("packed", "scales", "bias", "group", "own")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         w = weight.detach().float()
         n, k = w.shape
-        self.group = group = int4_group(k)
+        self.own = own_int4(k)
+        self.group = group = paged_attention.INT4_GROUP if self.own else int4_group(k)
         g = w.reshape(n, k // group, group)
         lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp_min(1e-12)
         q = torch.round((g - lo) / scale).clamp_(0, 15).to(torch.int32).reshape(n, k)
-        # the kernel reads w = (q - 8) * scale + zero
-        zero = lo + 8 * scale
-        self.scales = torch.stack((scale[..., 0], zero[..., 0]), -1).transpose(0, 1).contiguous().bfloat16()
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        if self.own:
+            self.packed, self.scales = paged_attention.int4_pack(q, scale[..., 0], lo[..., 0])
+        else:  # torch's kernel reads w = (q - 8) * scale + zero
+            zero = lo + 8 * scale
+            self.scales = torch.stack((scale[..., 0], zero[..., 0]), -1).transpose(0, 1).contiguous().bfloat16()
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self.bias = None if bias is None else bias.detach().float()
 
     @property
-    def weight(self) -> torch.Tensor:  # where lean reads a Linear's device and dtype
+    def weight(self) -> torch.Tensor:  # where lean reads a Linear's device
         return self.scales
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.own:
+            return paged_attention.int4_matmul(x, self.packed, self.scales, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, self.group, self.scales).float()
         return y if self.bias is None else y.add_(self.bias)
 
@@ -134,7 +146,8 @@ def quantised(target: lean.LeanModel, precision: str, tokens: torch.Tensor | Non
             return lean.Linear(lin.weight, lin.bias, int8=True)
     else:
         def q(lin):
-            if lin.weight.shape[0] % 16 or int4_group(lin.weight.shape[1]) is None:  # the kernel's layout
+            n, k = lin.weight.shape
+            if not own_int4(k) and (n % 16 or int4_group(k) is None):  # torch's kernel's layout
                 return lean.Linear(lin.weight, lin.bias, int8=True)
             return Int4Linear(lin.weight, lin.bias)
     m = copy.copy(target)

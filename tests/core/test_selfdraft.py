@@ -5,6 +5,8 @@ it, the draft holds no KV of its own, and bad settings are refused clearly."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 from draft_checks import (
@@ -14,7 +16,7 @@ from draft_checks import (
     small_target,
 )
 
-from adasd_core import lean, selfdraft
+from adasd_core import lean, paged_attention, selfdraft
 from adasd_core.engine import SpecConfig
 from adasd_core.errors import ModelLoadError
 from adasd_core.kv_cache import SharedPool, kv_bytes_per_slot, make_pool, plan_blocks
@@ -105,7 +107,7 @@ def test_the_self_draft_holds_no_kv_and_quantises_without_copying_the_target(qui
     _, per_block = plan_blocks(pair, 4)
     assert per_block == kv_bytes_per_slot(pair.target, 16)
     lm = pair.draft.lean_model()
-    # the int4 kernel where its layout fits (q/k/v, o), int8 where it does not (gate/up: 344 rows, down: 172 wide)
+    # int4 where the input width takes a kernel's groups (q/k/v, o, gate/up: 64 wide), int8 where not (down: 172)
     kinds = {type(m).__name__ for m in lm.layers[0][1:] if not isinstance(m, torch.Tensor)}
     assert kinds == {"Int4Linear", "Linear"}
     target = lean.lean_model(pair.target)
@@ -153,3 +155,41 @@ def test_self_draft_rows_are_the_same_batched_or_alone_for_reproducible_requests
         for i, s in enumerate(batch):
             assert torch.equal(out[i], alone[s]), (draft, batch, s)
             pool.rollback(s, len(prompts[s]))
+
+
+@pytest.fixture(params=["native", "no-vnni"])
+def int4_library(request, tmp_path, monkeypatch):
+    """The CPU library as this machine builds it, and built without AVX-512 VNNI (the float path other
+    CPUs take), swapped in for the test."""
+    assert paged_attention.kernel_available(), "the CPU kernel did not build (see the warning)"
+    if request.param == "no-vnni":
+        lib = tmp_path / "no_vnni.so"
+        subprocess.run(["gcc", *paged_attention.FLAGS, "-mno-avx512vnni", "-shared", str(paged_attention.SOURCE),
+                        "-o", str(lib), "-lm"], check=True, capture_output=True)
+        monkeypatch.setattr(paged_attention, "_lib", paged_attention._load(lib))
+    return request.param
+
+
+def test_the_cpu_librarys_int4_product_is_the_dequantised_product_and_batch_invariant(int4_library):
+    """int4_matmul against the dequantised weights in float64 (int8 activations where the CPU has VNNI
+    bound the error), for row counts across its tiles, output widths off its tile, with and without a bias;
+    each row bitwise the same alone as in any batch."""
+    gen = torch.Generator().manual_seed(0)
+    for n, k, bias in ((10, 64, True), (67, 128, False), (256, 576, True)):
+        w = torch.randn(n, k, generator=gen) * 0.05
+        b = torch.randn(n, generator=gen) if bias else None
+        lin = selfdraft.Int4Linear(w, b)
+        assert lin.own
+        g = w.reshape(n, k // 64, 64)
+        lo = g.amin(-1, keepdim=True)
+        scale = ((g.amax(-1, keepdim=True) - lo) / 15).clamp_min(1e-12)
+        codes = torch.round((g - lo) / scale).clamp(0, 15)
+        deq = (codes * scale.bfloat16().double() + lo.bfloat16().double()).reshape(n, k)
+        x = torch.randn(9, k, generator=gen)
+        ref = x.double() @ deq.T + (0 if b is None else b.double())
+        y = lin(x)
+        # int8 activations: each product off by at most |w| amax(x) / 254; float activations: rounding alone
+        bound = (deq.abs().sum(1) * x.abs().amax(1, keepdim=True) / 254).max() if int4_library == "native" else 1e-4
+        assert (y.double() - ref).abs().max() <= bound, (n, k, int4_library)
+        for rows in ([0], [3], [0, 1, 2], [4, 5, 6, 7, 8], list(range(9))):
+            assert torch.equal(lin(x[rows]), y[rows]), (n, k, rows)
