@@ -43,9 +43,12 @@ HELP = {
     "warm_epoch_rounds": "a method family's warm-start statistics are first published after this many rounds, "
                          "then each time its rounds double",
     "warm_freeze_rounds": "no publication after a snapshot of this many rounds (0: never freeze)",
+    "tool_parser": "how tool_choice \"auto\" reads tool calls from the output: hermes (Qwen2.5, Hermes) | llama3_json "
+                   "(Llama 3.1, 3.2) | none | auto (from the chat template)",
     "max_body_bytes": "largest request body (413 beyond)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
 }
+ALIASES = {"tool_parser": ["--tool-call-parser"]}  # vLLM's name of the flag
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,13 +59,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default=None, help=f"YAML file of flat settings (or ${CONFIG_ENV})")
     for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-"), *ALIASES.get(name, [])]
         default = "" if field.default is None else f" (default: {field.default})"
         help_text = HELP.get(name, name.replace("_", " ")) + default
         if field.annotation is bool:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+            p.add_argument(*flags, dest=name, default=None, metavar=name.upper(), help=help_text)
     return p
 
 

@@ -4,7 +4,7 @@ Unknown request fields are ignored, as vLLM does. Fields OpenAI defines but adas
 (best_of, suffix) are accepted at their neutral value and refused otherwise by the serving layer,
 with a message that says so. Structured outputs: `response_format` (json_object, json_schema) and
 vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (Lark); tools with
-`tool_choice` "required" or a named function (docs/structured-outputs.md).
+`tool_choice` "required", a named function or "auto" (docs/structured-outputs.md).
 
 Below the schema, requests are checked here too, so that no such input reaches the tokenizer or
 the engine: every string field must be valid Unicode (JSON allows a lone UTF-16 surrogate such as
@@ -139,10 +139,25 @@ class ContentPart(RequestModel):
     text: Text | None = None
 
 
+class MessageFunctionCall(RequestModel):
+    name: Text
+    arguments: Text = "{}"  # JSON text, as OpenAI returns it
+
+
+class MessageToolCall(RequestModel):
+    """A call in an earlier assistant message (multi-turn tool use)."""
+
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
 class ChatMessage(RequestModel):
     role: Role
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant
+    tool_call_id: Text | None = None  # tool: the call it answers
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -320,6 +335,7 @@ class TokenizeRequest(RequestModel):
     model: Text | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None  # with messages: rendered by the chat template, as vLLM
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template adds them)
     add_generation_prompt: bool = True
     continue_final_message: bool = False

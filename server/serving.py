@@ -66,9 +66,9 @@ class Tokenizer:
         return self.tokenizer is not None
 
     @property
-    def template_has_tools(self) -> bool:
-        """Whether the chat template renders tools (a template without them cannot prompt free tool calls)."""
-        return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
+    def chat_template(self) -> str | dict | None:
+        """The tokenizer's chat template (a dict where it has several by name; None: the fallback is used)."""
+        return getattr(self.tokenizer, "chat_template", None)
 
     def _run(self, fn, *args) -> Awaitable:
         return asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -80,12 +80,14 @@ class Tokenizer:
         return await self._run(lambda: self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                          continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
+                          continue_final_message: bool = False, add_special_tokens: bool = False,
+                          tools: list[dict] | None = None) -> list[int]:
+        """`tools`: rendered by the template itself (tool_choice "auto"), in OpenAI's shape."""
         def render() -> list[int]:
-            template = None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+            template = None if self.chat_template else FALLBACK_CHAT_TEMPLATE
             try:
                 text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                          add_generation_prompt=add_generation_prompt,
+                                                          add_generation_prompt=add_generation_prompt, tools=tools,
                                                           **({"continue_final_message": True} if continue_final_message
                                                              else {}))
             except Exception as exc:  # a template that raises on these messages (e.g. role order)

@@ -29,7 +29,8 @@ class OpenAIServingTokenization(OpenAIServing):
         self.check_ready()
         if request.messages is not None:
             ids = await self.tokenizer.encode_chat(_messages(request), request.add_generation_prompt,
-                                                   request.continue_final_message, bool(request.add_special_tokens))
+                                                   request.continue_final_message, bool(request.add_special_tokens),
+                                                   tools=request.tools)
         else:
             add = True if request.add_special_tokens is None else request.add_special_tokens
             ids = await self.tokenizer.encode(request.prompt, add_special_tokens=add)

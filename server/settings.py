@@ -34,6 +34,7 @@ BUILTIN_SERVED_NAMES = {"smollm2": "smollm2-135m-instruct", "tiny": "adasd-tiny"
 Method = Literal["ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid"]
 Verification = Literal["bayes", "threshold", "none"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+ToolParserName = Literal["auto", "hermes", "llama3_json", "none"]  # server/tool_parsers.py
 
 _yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_data", default=None)
 
@@ -62,6 +63,9 @@ class Settings(BaseSettings):
     # warm_freeze_rounds (0: never); responses' system_fingerprint changes only at a publication
     warm_epoch_rounds: int = Field(32, ge=1)
     warm_freeze_rounds: int = Field(4096, ge=0)
+    # tool_choice "auto": how the model's free output is read for tool calls (server/tool_parsers.py);
+    # auto: from the chat template's own format (hermes: <tool_call>; llama3_json: Llama 3.1's), none: "auto" is a 400
+    tool_parser: ToolParserName = "auto"
     # HTTP
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

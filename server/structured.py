@@ -1,6 +1,7 @@
 """Structured outputs in the front end: a request's response_format, guided_* fields or forced tool
 call -> the GrammarSpec the engine constrains its output with (every failure a 400 naming the field),
-and a constrained tool call's output -> OpenAI's tool_calls."""
+and a constrained tool call's output -> OpenAI's tool_calls. tool_choice "auto" is not constrained:
+the model's template lists the tools and its family's parser reads the calls (server/tool_parsers.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from adasd_core.errors import InvalidRequestError
 from adasd_core.grammar import GrammarSpec, choice_spec, json_schema_spec
 from server.protocol import ChatCompletionRequest, FunctionCall, SamplingFields, ToolCall
+from server.settings import ToolParserName
+from server.tool_parsers import ParsedCall, ToolParser, auto_parser, parse
 
 
 def output_grammar(request: SamplingFields) -> GrammarSpec | None:
@@ -62,8 +65,28 @@ class ToolMode:
     prompt: str  # what the model is told about the tools (a system message)
 
 
-def tool_mode(request: ChatCompletionRequest, template_has_tools: bool) -> ToolMode | None:
-    """The tool call a request forces (None: no tools, or tool_choice "none")."""
+@dataclass(frozen=True)
+class AutoTools:
+    """tool_choice "auto": the tools go to the chat template, the output is parsed for calls."""
+
+    parser: ToolParser
+    tools: list[dict]
+    parallel: bool  # parallel_tool_calls: false keeps the first call only
+
+    def message(self, text: str) -> tuple[str | None, list[ToolCall] | None]:
+        """A whole output as the message's (content, tool_calls); no calls: (text, None)."""
+        content, calls = parse(self.parser, text, self.parallel)
+        return (content, [as_tool_call(c) for c in calls]) if calls else (text, None)
+
+
+def as_tool_call(call: ParsedCall) -> ToolCall:
+    return ToolCall(function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def tool_mode(request: ChatCompletionRequest, template: str | dict | None,
+              parser: ToolParserName = "auto") -> ToolMode | AutoTools | None:
+    """The tool call a request forces, or its "auto" tools (None: no tools, or tool_choice "none");
+    `template` the model's chat template, `parser` the tool_parser setting (for "auto")."""
     choice = request.tool_choice
     if not request.tools or choice == "none":
         if isinstance(choice, dict) or choice in ("required",):
@@ -76,11 +99,8 @@ def tool_mode(request: ChatCompletionRequest, template_has_tools: bool) -> ToolM
             raise InvalidRequestError('each tool is {"type": "function", "function": {"name": ..., "parameters": '
                                       '{...}}}', param=f"tools.{i}")
         functions[fn["name"]] = (i, fn)
-    if choice in (None, "auto"):
-        why = ("this model's chat template has no tools" if not template_has_tools else
-               "this server does not parse free-form tool calls yet")
-        raise InvalidRequestError(f'tool_choice "auto" is not supported: {why}; send tool_choice "required" or '
-                                  '{"type": "function", "function": {"name": ...}}', param="tool_choice")
+    if choice in (None, "auto"):  # OpenAI's default with tools
+        return AutoTools(auto_parser(parser, template), list(request.tools), request.parallel_tool_calls is not False)
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
         if name not in functions:

@@ -17,13 +17,14 @@ CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))
 KEYS = {
     "target", "draft", "served_model_name", "device", "dtype", "device_map", "trust_remote_code", "method",
     "k", "verification", "max_model_len", "host", "port", "api_key", "max_queue", "max_running",
-    "max_body_bytes", "shutdown_timeout", "log_level",
+    "max_body_bytes", "shutdown_timeout", "log_level", "tool_parser",
 }
 CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},
     "device_map": {None, "auto"},
     "method": {"ar", "vanilla", "gen-only", "verify-only", "adasd", "hybrid"},
     "verification": {"bayes", "threshold", "none"},
+    "tool_parser": {"auto", "hermes", "llama3_json", "none"},
 }
 PAIRS = {
     "smollm2.yaml": ("smollm2", "smollm2"),
@@ -73,6 +74,8 @@ def test_config_follows_the_contract(path: Path):
     assert isinstance(config["k"], int) and config["k"] >= 1
     assert (config["target"], config["draft"]) == PAIRS[path.name]
     assert config.get("trust_remote_code", False) is False
+    family = "hermes" if "Qwen2.5" in config["target"] else "llama3_json" if "Llama-3.1" in config["target"] else None
+    assert config.get("tool_parser") == family  # the parser of the family's tool-call format
 
 
 BUILTIN = ("smollm2.yaml", "tiny.yaml")

@@ -107,3 +107,14 @@ def test_a_bad_block_size_stops_serve_with_its_reason(capsys):
         main(["--block-size", "24"])
     assert stop.value.code == 2
     assert "block_size must be a power of two from 1 to 256" in capsys.readouterr().err
+
+
+def test_tool_parser_setting(tmp_path, monkeypatch):
+    assert Settings().tool_parser == "auto"
+    assert settings_from_args(["--tool-call-parser", "hermes"]).tool_parser == "hermes"  # vLLM's flag
+    assert settings_from_args(["--tool-parser", "llama3_json"]).tool_parser == "llama3_json"
+    assert Settings.from_yaml(write(tmp_path, "tool_parser: none\n")).tool_parser == "none"
+    monkeypatch.setenv("ADASD_TOOL_PARSER", "hermes")
+    assert Settings().tool_parser == "hermes"
+    with pytest.raises(ValidationError, match="tool_parser"):
+        settings_from_args(["--tool-call-parser", "mistral"])

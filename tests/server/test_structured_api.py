@@ -80,15 +80,17 @@ def test_guided_fields(client):
 
 
 def test_greedy_speculation_equals_ar_under_the_schema(client):
+    """Fixed-K methods always draft; adasd's plan may rightly choose plain rounds on this tiny pair
+    (its draft step costs about what the target's does), so only its tokens are compared."""
     texts = {}
-    for method in ("ar", "vanilla", "adasd"):
-        out = client.chat.completions.create(model="tiny", messages=MESSAGES, response_format=RAW,
-                                             temperature=0, extra_body={"adasd": {"method": method,
-                                                                                  "verification": "none"}})
-        texts[method] = out.choices[0].message.content
-        if method != "ar":
+    for name, method, k in (("ar", "ar", 5), ("vanilla", "vanilla", 5), ("vanilla-2", "vanilla", 2),
+                            ("verify-only", "verify-only", 3), ("adasd", "adasd", 5)):
+        out = client.chat.completions.create(model="tiny", messages=MESSAGES, response_format=RAW, temperature=0,
+                                             extra_body={"adasd": {"method": method, "k": k, "verification": "none"}})
+        texts[name] = out.choices[0].message.content
+        if method in ("vanilla", "verify-only"):
             assert out.usage.speculative["drafted_tokens"] > 0
-    assert texts["vanilla"] == texts["ar"] == texts["adasd"]
+    assert len(set(texts.values())) == 1, texts
 
 
 def test_forced_tokens_are_their_own_source(client):
