@@ -92,9 +92,10 @@ def _load_engine(target: str, draft: str, device: str, dtype: str, device_map: s
 ModelOpts = dict(
     target=typer.Option("smollm2",
                         help="Target model: 'smollm2' or 'tiny' (built-in pairs), a hub id or a local path."),
-    draft=typer.Option("smollm2", help="Draft model: 'smollm2', 'smollm2-eagle3' (the default target's EAGLE-3 "
-                                       "head), 'tiny', a hub id or a local path (a draft model or an EAGLE-3 head), "
-                                       "or 'self[:int4|int8[:full|HEAD]]' (the target's own quantised weights)."),
+    draft=typer.Option("auto", help="Draft model: 'auto' (self on a float32 CPU target, else 'smollm2'), 'smollm2' "
+                                    "(the default target's distilled draft), 'smollm2-eagle3' (its EAGLE-3 head), "
+                                    "'tiny', a hub id or a local path (a draft model or an EAGLE-3 head), or "
+                                    "'self[:int4|int8[:full|HEAD]]' (the target's own quantised weights)."),
 )
 
 

@@ -27,6 +27,8 @@ SMOLLM2 = "smollm2"  # the default: SmolLM2-135M-Instruct and its draft, set up 
 # the EAGLE-3 head trained here for the SmolLM2 target (adasd build-eagle): a draft only
 SMOLLM2_EAGLE = "smollm2-eagle3"
 EAGLE_DIR = Path(__file__).parent / "smollm2_eagle3"
+# the default draft: chosen when the pair loads, by device (adasd_core.models.default_draft)
+AUTO_DRAFT = "auto"
 BUILTIN = (SMOLLM2, TINY, SMOLLM2_EAGLE)
 HUB_TIMEOUT_S = 5.0
 
@@ -163,6 +165,8 @@ def locate(name: str, role: str = "target", tiny_dir: Path | None = None) -> Mod
 
     from adasd_core.selfdraft import is_self, parse
 
+    if name == AUTO_DRAFT and role == "draft":  # resolved by the worker, which knows the device
+        return ModelSource(name, name, "builtin")
     if is_self(name):
         if role != "draft":
             raise ModelLoadError(f"{name!r} makes the target its own draft: pass it to --draft")

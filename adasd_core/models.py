@@ -12,6 +12,7 @@ from adasd_core import draft_head
 from adasd_core.device import resolve_device, resolve_dtype
 from adasd_core.errors import IncompatiblePairError, ModelLoadError
 from adasd_core.model_files import (
+    AUTO_DRAFT,
     SMOLLM2,
     TINY_DIR,
     ModelSource,
@@ -223,9 +224,24 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, device_map: 
     return model
 
 
+def default_draft(target: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What `--draft auto` (the default) loads: the target's own int4 copy where self-drafting runs (a
+    float32 target on the CPU; on the default pair the fastest draft through the server,
+    docs/selfdraft.md), else the default target's distilled draft; any other target names its draft."""
+    from adasd_core.selfdraft import SELF
+
+    if device.type == "cpu" and dtype == torch.float32:
+        return SELF
+    if target == SMOLLM2:
+        return SMOLLM2
+    raise ModelLoadError(f"--draft auto makes the draft from the target's own weights only for a float32 target on "
+                         f"the CPU; on {device.type} / {str(dtype).removeprefix('torch.')} pass a draft model or an "
+                         "EAGLE-3 head to --draft, or use --method ar")
+
+
 def load_pair(
     target: str = SMOLLM2,
-    draft: str | None = SMOLLM2,
+    draft: str | None = AUTO_DRAFT,
     device: str = "auto",
     dtype: str = "auto",
     device_map: str | None = None,
@@ -237,6 +253,8 @@ def load_pair(
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if draft == AUTO_DRAFT:
+        draft = default_draft(target, dev, dt)
     sources = {"target": locate_model(target, "target")}
     if draft:
         sources["draft"] = locate_model(draft, "draft")

@@ -16,7 +16,8 @@ from server.settings import CONFIG_ENV, Settings
 
 HELP = {
     "target": "target model: 'smollm2' or 'tiny' (built-in pairs), a hub id or a local folder",
-    "draft": "draft model: 'smollm2', 'smollm2-eagle3' (the default target's EAGLE-3 head), 'tiny', a hub id or a "
+    "draft": "draft model: 'auto' (self on a float32 CPU target, else 'smollm2'), 'smollm2' (the default target's "
+             "distilled draft), 'smollm2-eagle3' (the default target's EAGLE-3 head), 'tiny', a hub id or a "
              "local folder (a draft model or an EAGLE-3 head), 'self[:int4|int8[:full|HEAD]]' (the target's own "
              "weights quantised at load, over its KV cache), or 'none' (method ar only)",
     "served_model_name": "model id clients send (default: smollm2-135m-instruct / adasd-tiny, else the target id)",

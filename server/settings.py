@@ -44,7 +44,7 @@ class Settings(BaseSettings):
 
     # models
     target: str = "smollm2"
-    draft: str | None = "smollm2"
+    draft: str | None = "auto"  # self on a float32 CPU target, else the default target's distilled draft
     served_model_name: str | None = None  # default: smollm2-135m-instruct / adasd-tiny, else the target id
     device: str = "auto"
     dtype: str = "auto"

@@ -107,7 +107,7 @@ def bench_serve(
     plots: bool = typer.Option(True, "--plots/--no-plots"),
     as_json: bool = typer.Option(False, "--json"),
     target: str = typer.Option("smollm2", help="In-process target (and the prompts' tokenizer)."),
-    draft: str = typer.Option("smollm2"),
+    draft: str = typer.Option("auto", help="In-process draft (auto: the server's default)."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
 ):

@@ -80,7 +80,7 @@ class ServeBenchConfig:
     overhead_repeats: int = 3  # passes of the interleaved HTTP / in-process comparison (median ratio)
     baseline: str | None = None  # an earlier bench_serve.json: adasd at 1 client must be no slower
     target: str = "smollm2"  # the in-process pair (and the tokenizer of the prompts)
-    draft: str = "smollm2"
+    draft: str = "auto"  # as the server's default
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0

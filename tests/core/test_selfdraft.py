@@ -137,6 +137,20 @@ def test_bad_self_draft_settings_are_refused_clearly(quick_pair_dir, tmp_path):
     assert load_pair(str(quick_pair_dir / "target"), "self:int8:full", device="cpu").draft.tokens is None
 
 
+def test_the_default_draft_is_the_self_draft_on_a_cpu_and_the_distilled_one_elsewhere(quick_pair_dir):
+    from adasd_core.models import default_draft
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_draft("smollm2", cpu, torch.float32) == "self"
+    assert default_draft("smollm2", cuda, torch.bfloat16) == "smollm2"
+    assert default_draft("smollm2", cpu, torch.bfloat16) == "smollm2"  # self-drafting quantises float32 only
+    with pytest.raises(ModelLoadError, match="pass a draft model"):
+        default_draft("org/other-model", cuda, torch.bfloat16)
+    assert locate("auto", "draft").path == "auto"  # the front end leaves it to the worker, which knows the device
+    pair = load_pair(str(quick_pair_dir / "target"), "auto", device="cpu")
+    assert pair.draft_name == "self" and isinstance(pair.draft, selfdraft.SelfDraft)
+
+
 @pytest.mark.parametrize("draft", PRECISIONS)
 def test_self_draft_rows_are_the_same_batched_or_alone_for_reproducible_requests(draft):
     """A seeded request's draft rows must not depend on its batch mates: with `alone` (the batch holds a

@@ -27,7 +27,7 @@ CHOICES = {
     "tool_parser": {"auto", "hermes", "llama3_json", "none"},
 }
 PAIRS = {
-    "smollm2.yaml": ("smollm2", "smollm2"),
+    "smollm2.yaml": ("smollm2", "auto"),
     "tiny.yaml": ("tiny", "tiny"),
     "llama-3.1-70b_llama-3.1-8b.yaml": ("meta-llama/Llama-3.1-70B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"),
     "llama-3.1-70b_llama-3.2-1b.yaml": ("meta-llama/Llama-3.1-70B-Instruct", "meta-llama/Llama-3.2-1B-Instruct"),

@@ -29,7 +29,7 @@ def write(tmp_path, text: str):
 def test_defaults():
     s = Settings()
     assert (s.target, s.draft, s.served_model_name, s.host, s.port) == (
-        "smollm2", "smollm2", "smollm2-135m-instruct", "127.0.0.1", 8000)
+        "smollm2", "auto", "smollm2-135m-instruct", "127.0.0.1", 8000)
     assert (s.method, s.k, s.verification, s.api_key, s.device_map) == ("adasd", 5, "bayes", None, None)
     assert s.max_body_bytes == 1 << 20 and s.max_running >= 1 and s.max_queue >= 1
 
