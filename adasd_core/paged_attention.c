@@ -292,18 +292,23 @@ void silu_mul(const float *gu, float *out, int T, int F) {
     }
 }
 
-/* Weight-only 4-bit products (the self-draft's matrices): y [M, N] = x [M, K] W^T (+ bias [N]). W's row n is
- * K / 64 groups of 64 weights, 32 bytes each (byte j holds element j's code in its low nibble and element
- * j + 32's in its high one), with a bf16 scale and minimum per group in sm [N, K / 64, 2]: w = code * scale +
- * min. With AVX-512 VNNI each group of a row of x is rounded to int8 (its own scale) and meets the codes in
- * integer dot products, as llama.cpp's q4 x q8 products do; elsewhere the codes become floats. Either way a
- * row's sums run in the same order whatever M is, so its output has the same bits alone or in any batch;
- * the weights are read once for a tile of MT rows. Returns 0, -2 if K % 64, -3 without memory. */
+/* Weight-only 4-bit products (the self-draft's matrices): y [M, N] = x [M, K] W^T (+ bias [N]). W is stored in
+ * blocks of 16 rows (the last padded with zero rows): for each group of 64 weights along K, 8 x 64 bytes, byte
+ * 4 l + e of the cc-th holding row l's weight 8 cc + e in its low nibble and 8 cc + 4 + e in its high one; then
+ * per block and group a bf16 scale and minimum for each of the 16 rows (sm [N / 16, K / 64, 2, 16]): w = code *
+ * scale + min. So one vector of codes holds four consecutive weights of 16 rows, and a product's lanes are the
+ * block's 16 outputs: with AVX-512 VNNI each group of a row of x is rounded to int8 (its own scale) and four of
+ * its values, broadcast, meet the codes in one integer dot product (vpdpbusd), the group's sums are scaled once
+ * per 16 outputs; elsewhere the codes become floats. Either way a row's sums run in the same order whatever M
+ * is, so its output has the same bits alone or in any batch; a block's codes are decoded once for MT rows of x.
+ * Returns 0, -2 if K % 64, -3 without memory. */
 #define QG 64 /* weights per group */
-#define MT 4  /* rows of x per decoded weight */
-#define NR_MAX 4 /* weight rows decoded together */
+#define NB 16 /* weight rows per block: one output per lane */
+#ifndef MT
+#define MT 4 /* rows of x per decoded block */
+#endif
 #ifndef PREFETCH
-#define PREFETCH 4
+#define PREFETCH 1
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -311,91 +316,106 @@ void silu_mul(const float *gu, float *out, int T, int F) {
 #include <immintrin.h>
 #endif
 
-static inline float bf16(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
+static inline vec bf16x16(const uint16_t *p) {
+    typedef uint16_t vh __attribute__((vector_size(2 * W)));
+    typedef uint32_t vu __attribute__((vector_size(4 * W)));
+    vh h;
+    memcpy(&h, p, sizeof h);
+    return (vec)(__builtin_convertvector(h, vu) << 16);
 }
 
 #ifdef INT4_VNNI
-/* rows xq[0..R-1] (int8, stride K; scales xs [R, ng]) against NR weight rows (stride K / 2 bytes, scales
- * ng * 2); R and NR constants where inlined: the accumulators stay in registers and the NR rows' loads
- * are in flight together. Each (row, weight row) sum runs in the same order for every R and NR. */
+/* rows xq[0..R-1] (int8, stride K; scales xs, sums xsum [R, ng]) against one block; R a constant where
+ * inlined, so the accumulators stay in registers */
 static inline __attribute__((always_inline)) void
-int4_rows(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *qn, const uint16_t *sn, float *y,
-          int R, int NR, int K, int ng, int N, const float *b) {
-    __m512 acc[MT][NR_MAX];
-    float lo[MT][NR_MAX];
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < NR; j++) {
-            acc[i][j] = _mm512_setzero_ps();
-            lo[i][j] = 0.0f;
-        }
-    const __m256i nib = _mm256_set1_epi8(15);
+int4_block(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *qb, const uint16_t *sb, float *y,
+           int R, int K, int ng, int N, int nv, const float *b) {
+    __m512 f[MT], lo[MT];
+    for (int i = 0; i < R; i++) f[i] = lo[i] = _mm512_setzero_ps();
+    const __m512i nib = _mm512_set1_epi8(15);
     for (int g = 0; g < ng; g++) {
-        __m512i codes[NR_MAX];
-        float s[NR_MAX], mn[NR_MAX];
-        for (int j = 0; j < NR; j++) {
-            __m256i p = _mm256_loadu_si256((const __m256i *)(qn + (int64_t)j * (K / 2) + g * 32));
-            codes[j] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(p, nib)),
-                                          _mm256_and_si256(_mm256_srli_epi16(p, 4), nib), 1);
-            s[j] = bf16(sn[(int64_t)j * ng * 2 + 2 * g]);
-            mn[j] = bf16(sn[(int64_t)j * ng * 2 + 2 * g + 1]);
-        }
-        for (int i = 0; i < R; i++) {
-            __m512i xv = _mm512_loadu_si512((const void *)(xq + (int64_t)i * K + g * QG));
-            float sx = xs[(int64_t)i * ng + g], sumx = xsum[(int64_t)i * ng + g];
-            for (int j = 0; j < NR; j++) {
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[j], xv);
-                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s[j] * sx), acc[i][j]);
-                lo[i][j] += mn[j] * sumx;
+        const uint8_t *qg = qb + (int64_t)g * (QG * NB / 2);
+        __m512i acc[MT];
+        for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_si512();
+        for (int cc = 0; cc < QG / 8; cc++) {
+            __m512i p = _mm512_loadu_si512((const void *)(qg + cc * 64));
+            __m512i c0 = _mm512_and_si512(p, nib), c1 = _mm512_and_si512(_mm512_srli_epi16(p, 4), nib);
+            for (int i = 0; i < R; i++) {
+                const int8_t *xg = xq + (int64_t)i * K + g * QG + cc * 8;
+                int32_t x0, x1;
+                memcpy(&x0, xg, 4);
+                memcpy(&x1, xg + 4, 4);
+                acc[i] = _mm512_dpbusd_epi32(acc[i], c0, _mm512_set1_epi32(x0));
+                acc[i] = _mm512_dpbusd_epi32(acc[i], c1, _mm512_set1_epi32(x1));
             }
         }
+        __m512 s = (__m512)bf16x16(sb + g * 2 * NB), mn = (__m512)bf16x16(sb + g * 2 * NB + NB);
+        for (int i = 0; i < R; i++) {
+            f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_mul_ps(s, _mm512_set1_ps(xs[(int64_t)i * ng + g])),
+                                   f[i]);
+            lo[i] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[(int64_t)i * ng + g]), lo[i]);
+        }
     }
+    __mmask16 live = (__mmask16)((1u << nv) - 1);
+    __m512 bias = b ? _mm512_maskz_loadu_ps(live, b) : _mm512_setzero_ps();
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < NR; j++)
-            y[(int64_t)i * N + j] = _mm512_reduce_add_ps(acc[i][j]) + lo[i][j] + (b ? b[j] : 0.0f);
+        _mm512_mask_storeu_ps(y + (int64_t)i * N, live, _mm512_add_ps(_mm512_add_ps(f[i], lo[i]), bias));
 }
 #else
-/* 16 bytes -> their values as 16 int32 lanes */
-static inline veci widen16(const uint8_t *p) {
-    veci r;
-    for (int i = 0; i < W; i++) r[i] = p[i];
-    return r;
+/* lane r of the result: the sum of lanes 4 r' .. 4 r' + 3 of a[r / 4], r' = r % 4 (each row's four products) */
+static inline vec quad_sums(const vec a[4]) {
+    vec t[4];
+    for (int j = 0; j < 4; j++) {
+        vec b = a[j] + __builtin_shufflevector(a[j], a[j], 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+        t[j] = b + __builtin_shufflevector(b, b, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    }
+    typedef float vec8 __attribute__((vector_size(32)));
+    vec8 lo = __builtin_shufflevector(t[0], t[1], 0, 4, 8, 12, 16, 20, 24, 28);
+    vec8 hi = __builtin_shufflevector(t[2], t[3], 0, 4, 8, 12, 16, 20, 24, 28);
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
-/* rows x[0..R-1] (float, stride K) against one weight row; R a constant where inlined */
 static inline __attribute__((always_inline)) void
-int4_row1(const float *x, const float *xsum, const uint8_t *qn, const uint16_t *sn, float *y, int R, int K, int ng,
-          int N, float b) {
-    vec acc[MT];
-    float lo[MT];
-    for (int i = 0; i < R; i++) {
-        acc[i] = (vec){0};
-        lo[i] = 0.0f;
-    }
+int4_block(const float *x, const float *xs, const float *xsum, const uint8_t *qb, const uint16_t *sb, float *y,
+           int R, int K, int ng, int N, int nv, const float *b) {
+    (void)xs;
+    vec f[MT], lo[MT];
+    for (int i = 0; i < R; i++) f[i] = lo[i] = (vec){0};
     for (int g = 0; g < ng; g++) {
-        veci c0 = widen16(qn + g * 32), c1 = widen16(qn + g * 32 + 16);
-        vec w0 = __builtin_convertvector(c0 & 15, vec), w1 = __builtin_convertvector(c1 & 15, vec);
-        vec w2 = __builtin_convertvector(c0 >> 4, vec), w3 = __builtin_convertvector(c1 >> 4, vec);
-        float s = bf16(sn[2 * g]), mn = bf16(sn[2 * g + 1]);
+        const uint8_t *qg = qb + (int64_t)g * (QG * NB / 2);
+        vec acc[MT][4];
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < 4; j++) acc[i][j] = (vec){0};
+        for (int cc = 0; cc < QG / 8; cc++) {
+            /* the 64 bytes' low and high nibbles as floats (a loop the compiler vectorises) */
+            float c0[64] __attribute__((aligned(64))), c1[64] __attribute__((aligned(64)));
+            const uint8_t *p = qg + cc * 64;
+            for (int t = 0; t < 64; t++) {
+                c0[t] = (float)(p[t] & 15);
+                c1[t] = (float)(p[t] >> 4);
+            }
+            vec w0[4], w1[4];
+            for (int j = 0; j < 4; j++) {
+                w0[j] = ld(c0 + 16 * j);
+                w1[j] = ld(c1 + 16 * j);
+            }
+            for (int i = 0; i < R; i++) {
+                const float *xg = x + (int64_t)i * K + g * QG + cc * 8;
+                vec x0 = {xg[0], xg[1], xg[2], xg[3], xg[0], xg[1], xg[2], xg[3],
+                          xg[0], xg[1], xg[2], xg[3], xg[0], xg[1], xg[2], xg[3]};
+                vec x1 = {xg[4], xg[5], xg[6], xg[7], xg[4], xg[5], xg[6], xg[7],
+                          xg[4], xg[5], xg[6], xg[7], xg[4], xg[5], xg[6], xg[7]};
+                for (int j = 0; j < 4; j++) acc[i][j] += w0[j] * x0 + w1[j] * x1;
+            }
+        }
+        vec s = bf16x16(sb + g * 2 * NB), mn = bf16x16(sb + g * 2 * NB + NB);
         for (int i = 0; i < R; i++) {
-            const float *xg = x + (int64_t)i * K + g * QG;
-            vec t = w0 * ld(xg) + w1 * ld(xg + 16) + (w2 * ld(xg + 32) + w3 * ld(xg + 48));
-            acc[i] += t * s;
+            f[i] += quad_sums(acc[i]) * s;
             lo[i] += mn * xsum[(int64_t)i * ng + g];
         }
     }
-    for (int i = 0; i < R; i++) y[(int64_t)i * N] = hsum16(acc[i]) + lo[i] + b;
-}
-
-static inline __attribute__((always_inline)) void
-int4_rows(const float *x, const float *xs, const float *xsum, const uint8_t *qn, const uint16_t *sn, float *y,
-          int R, int NR, int K, int ng, int N, const float *b) {
-    (void)xs;
-    for (int j = 0; j < NR; j++)
-        int4_row1(x, xsum, qn + (int64_t)j * (K / 2), sn + (int64_t)j * ng * 2, y + j, R, K, ng, N, b ? b[j] : 0.0f);
+    for (int i = 0; i < R; i++)
+        for (int l = 0; l < nv; l++) y[(int64_t)i * N + l] = f[i][l] + lo[i][l] + (b ? b[l] : 0.0f);
 }
 #endif
 
@@ -430,34 +450,35 @@ int int4_matmul(const float *x, const uint8_t *q, const uint16_t *sm, const floa
 #else
 #define XROWS(m0) (x + (int64_t)(m0) * K)
 #endif
-    int tiles = (N + NR_MAX - 1) / NR_MAX;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N >= 64)
-    for (int tile = 0; tile < tiles; tile++) {
-        int n = tile * NR_MAX, nr = N - n < NR_MAX ? N - n : NR_MAX;
-        const uint8_t *qn = q + (int64_t)n * (K / 2);
-        const uint16_t *sn = sm + (int64_t)n * ng * 2;
+    int blocks = (N + NB - 1) / NB;
+    int64_t block_bytes = (int64_t)NB * (K / 2);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks >= 4)
+    for (int blk = 0; blk < blocks; blk++) {
+        int n = blk * NB, nv = N - n < NB ? N - n : NB;
+        const uint8_t *qb = q + blk * block_bytes;
+        const uint16_t *sb = sm + (int64_t)blk * ng * 2 * NB;
         const float *b = bias ? bias + n : NULL;
-        /* the weight rows PREFETCH tiles on, into L2: more reads in flight than the hardware's streams keep */
-        const uint8_t *ahead = qn + (int64_t)PREFETCH * NR_MAX * (K / 2), *end = q + (int64_t)N * (K / 2);
-        for (int64_t off = 0; off < (int64_t)NR_MAX * (K / 2) && ahead + off < end; off += 64)
-            __builtin_prefetch(ahead + off, 0, 2);
+        /* a block PREFETCH blocks on, into L2: more reads in flight than the hardware's streams keep */
+        if (PREFETCH && blk + PREFETCH < blocks)
+            for (int64_t off = 0; off < block_bytes; off += 64) __builtin_prefetch(qb + PREFETCH * block_bytes + off, 0, 2);
         for (int m0 = 0; m0 < M; m0 += MT) {
             const float *s0 = xs + (int64_t)m0 * ng, *sum0 = xsum + (int64_t)m0 * ng;
             float *ym = y + (int64_t)m0 * N + n;
-            int mt = M - m0 < MT ? M - m0 : MT;
-#define ROWS_NR(R)                                                                         \
-    if (nr == NR_MAX) int4_rows(XROWS(m0), s0, sum0, qn, sn, ym, R, NR_MAX, K, ng, N, b); \
-    else                                                                                   \
-        for (int j = 0; j < nr; j++)                                                       \
-            int4_rows(XROWS(m0), s0, sum0, qn + (int64_t)j * (K / 2), sn + (int64_t)j * ng * 2, ym + j, R, 1, K, ng, N, \
-                      b ? b + j : NULL);
-            switch (mt) {
-            case 1: ROWS_NR(1) break;
-            case 2: ROWS_NR(2) break;
-            case 3: ROWS_NR(3) break;
-            default: ROWS_NR(4) break;
+#define XTILE(R)                                                                \
+    case R: int4_block(XROWS(m0), s0, sum0, qb, sb, ym, R, K, ng, N, nv, b); break;
+            switch (M - m0 < MT ? M - m0 : MT) {
+                XTILE(1)
+                XTILE(2)
+                XTILE(3)
+#if MT > 4
+                XTILE(4)
+                XTILE(5)
+                XTILE(6)
+                XTILE(7)
+#endif
+            default: int4_block(XROWS(m0), s0, sum0, qb, sb, ym, MT, K, ng, N, nv, b); break;
+#undef XTILE
             }
-#undef ROWS_NR
         }
     }
 #undef XROWS

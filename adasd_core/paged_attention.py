@@ -124,23 +124,30 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 INT4_GROUP = 64  # int4_matmul's weights per group
+INT4_BLOCK = 16  # and rows per block
 
 
 def int4_pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int4_matmul's layout of codes [N, K] (0..15, w = code * scale + low per group of 64 along K) and
-    scale, low [N, K / 64]: (bytes uint8 [N, K / 2], scale and low as bf16 bits [N, K / 64, 2])."""
+    scale, low [N, K / 64]: blocks of 16 rows (the last padded with zero rows), in each group of 64 eight
+    64-byte vectors whose byte 4 l + e holds row l's code 8 cc + e (low nibble) and 8 cc + 4 + e (high):
+    (bytes uint8 [N / 16, K / 2 * 16], scale and low as bf16 bits [N / 16, K / 64, 2, 16])."""
     N, K = codes.shape
-    c = codes.to(torch.uint8).reshape(N, K // INT4_GROUP, 2, INT4_GROUP // 2)
-    packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
-    sm = torch.stack((scale, low), -1).to(torch.bfloat16).view(torch.int16).contiguous()
+    ng, nb = K // INT4_GROUP, -(-N // INT4_BLOCK)
+    pad = nb * INT4_BLOCK - N
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad))
+    c = c.reshape(nb, INT4_BLOCK, ng, INT4_GROUP // 8, 2, 4).permute(0, 2, 3, 4, 1, 5)  # [nb, ng, 8, 2, 16, 4]
+    packed = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).reshape(nb, -1).contiguous()
+    sm = torch.nn.functional.pad(torch.stack((scale, low), 0), (0, 0, 0, pad))  # [2, N + pad, ng]
+    sm = sm.reshape(2, nb, INT4_BLOCK, ng).permute(1, 3, 0, 2).to(torch.bfloat16).view(torch.int16).contiguous()
     return packed, sm
 
 
-def int4_matmul(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor, bias: torch.Tensor | None,
+                N: int) -> torch.Tensor:
     """x [M, K] float32 times the int4_pack'ed W [N, K], transposed (+ bias) -> [M, N] float32."""
     x = x.contiguous()
     M, K = x.shape
-    N = packed.size(0)
     y = x.new_empty(M, N)
     rc = _lib.int4_matmul(x.data_ptr(), packed.data_ptr(), sm.data_ptr(), None if bias is None else bias.data_ptr(),
                           y.data_ptr(), M, N, K, torch.get_num_threads())

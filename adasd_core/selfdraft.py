@@ -75,22 +75,28 @@ def own_int4(k: int) -> bool:
     return k % paged_attention.INT4_GROUP == 0 and paged_attention.kernel_available()
 
 
+def int4_codes(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groups g [..., group] -> 4-bit codes (int32), scale and minimum [..., 1]: w ~ code * scale + min."""
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    return torch.round((g - lo) / scale).clamp_(0, 15).to(torch.int32), scale, lo
+
+
 class Int4Linear:
     """y = x W^T + b with W in 4 bits (groups along the input, a scale and minimum each). On the CPU library
     (paged_attention.int4_matmul: groups of 64) the activations stay float32 and nothing is converted;
     elsewhere torch's packed CPU int4 kernel runs on bf16 activations. The output is float32."""
 
-    __slots__ = ("packed", "scales", "bias", "group", "own")
+    __slots__ = ("packed", "scales", "bias", "group", "own", "n")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         w = weight.detach().float()
         n, k = w.shape
+        self.n = n
         self.own = own_int4(k)
         self.group = group = paged_attention.INT4_GROUP if self.own else int4_group(k)
-        g = w.reshape(n, k // group, group)
-        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp_min(1e-12)
-        q = torch.round((g - lo) / scale).clamp_(0, 15).to(torch.int32).reshape(n, k)
+        q, scale, lo = int4_codes(w.reshape(n, k // group, group))
+        q = q.reshape(n, k)
         if self.own:
             self.packed, self.scales = paged_attention.int4_pack(q, scale[..., 0], lo[..., 0])
         else:  # torch's kernel reads w = (q - 8) * scale + zero
@@ -105,7 +111,7 @@ class Int4Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.own:
-            return paged_attention.int4_matmul(x, self.packed, self.scales, self.bias)
+            return paged_attention.int4_matmul(x, self.packed, self.scales, self.bias, self.n)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, self.group, self.scales).float()
         return y if self.bias is None else y.add_(self.bias)
 

@@ -444,8 +444,11 @@ def main(settings: dict, conn) -> None:
             pass
         return
     info = ready_info(engine, settings, block_bytes, round(time.perf_counter() - t0, 3))
+    draft = engine.pair.draft_name or "none"
+    if settings["draft"] != draft and settings["draft"]:  # 'auto': the draft it chose
+        draft = f"{draft} ({settings['draft']})"
     log.info("loaded target=%s draft=%s on %s in %.1fs; %d KV blocks of %d tokens (%.2f MiB each), prefix caching "
-             "%s, up to %d requests at once, %s engine", settings["target"], settings["draft"], info["device"],
+             "%s, up to %d requests at once, %s engine", settings["target"], draft, info["device"],
              info["load_s"], info["kv_blocks"], info["block_size"], block_bytes / 2**20,
              "on" if info["prefix_caching"] else "off", info["slots"],
              "batched" if info["batched"] else "unbatched (no lean path for this model)")

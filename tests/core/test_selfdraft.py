@@ -185,25 +185,46 @@ def int4_library(request, tmp_path, monkeypatch):
 
 
 def test_the_cpu_librarys_int4_product_is_the_dequantised_product_and_batch_invariant(int4_library):
-    """int4_matmul against the dequantised weights in float64 (int8 activations where the CPU has VNNI
-    bound the error), for row counts across its tiles, output widths off its tile, with and without a bias;
-    each row bitwise the same alone as in any batch."""
+    """int4_matmul against its codes' dequantised weights in float64 (int8 activations where the CPU has VNNI
+    bound the error), for row counts across its tiles, output widths off its blocks of 16, with and without a
+    bias; each row bitwise the same alone as in any batch."""
     gen = torch.Generator().manual_seed(0)
     for n, k, bias in ((10, 64, True), (67, 128, False), (256, 576, True)):
-        w = torch.randn(n, k, generator=gen) * 0.05
+        codes = torch.randint(0, 16, (n, k), generator=gen)
+        scale = torch.rand(n, k // 64, generator=gen) * 0.01
+        low = -torch.rand(n, k // 64, generator=gen) * 0.08
+        packed, sm = paged_attention.int4_pack(codes, scale, low)
+        deq = (codes.double().reshape(n, k // 64, 64) * scale.bfloat16().double()[..., None]
+               + low.bfloat16().double()[..., None]).reshape(n, k)
         b = torch.randn(n, generator=gen) if bias else None
-        lin = selfdraft.Int4Linear(w, b)
-        assert lin.own
-        g = w.reshape(n, k // 64, 64)
-        lo = g.amin(-1, keepdim=True)
-        scale = ((g.amax(-1, keepdim=True) - lo) / 15).clamp_min(1e-12)
-        codes = torch.round((g - lo) / scale).clamp(0, 15)
-        deq = (codes * scale.bfloat16().double() + lo.bfloat16().double()).reshape(n, k)
         x = torch.randn(9, k, generator=gen)
         ref = x.double() @ deq.T + (0 if b is None else b.double())
-        y = lin(x)
+        y = paged_attention.int4_matmul(x, packed, sm, b, n)
+        assert y.shape == (9, n)
         # int8 activations: each product off by at most |w| amax(x) / 254; float activations: rounding alone
         bound = (deq.abs().sum(1) * x.abs().amax(1, keepdim=True) / 254).max() if int4_library == "native" else 1e-4
         assert (y.double() - ref).abs().max() <= bound, (n, k, int4_library)
         for rows in ([0], [3], [0, 1, 2], [4, 5, 6, 7, 8], list(range(9))):
-            assert torch.equal(lin(x[rows]), y[rows]), (n, k, rows)
+            assert torch.equal(paged_attention.int4_matmul(x[rows], packed, sm, b, n), y[rows]), (n, k, rows)
+
+
+def test_int4_weights_reconstruct_each_group_within_half_a_step():
+    """Int4Linear's codes, scale and minimum per group of 64 (read back through the product of the identity)
+    put each weight within half a step of its value (the step: the group's range over 15; bf16 scale and
+    minimum add a little), a constant group exactly, and keep a group's extremes."""
+    gen = torch.Generator().manual_seed(1)
+    n, k = 48, 192
+    w = torch.randn(n, k, generator=gen) * 0.05
+    w[0, :64] = 0.0  # a constant group
+    w[1, 5] = 2.0  # an outlier
+    lin = selfdraft.Int4Linear(w, None)
+    assert lin.own
+    deq = lin(torch.eye(k)).T.double().reshape(n, k // 64, 64)  # one-hot rows: exact in int8 activations too
+    g = w.double().reshape(n, k // 64, 64)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    bf16 = (lo.abs() + 15 * step) * 2 ** -8  # the stored scale's and minimum's rounding, at most
+    assert (deq[0, 0] == 0).all()
+    assert ((deq - g).abs() <= step / 2 + bf16).all(), ((deq - g).abs() - step / 2).max()
+    assert ((deq.amax(-1, keepdim=True) - hi).abs() <= bf16).all()
+    assert ((deq.amin(-1, keepdim=True) - lo).abs() <= bf16).all()
