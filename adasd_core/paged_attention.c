@@ -304,9 +304,7 @@ void silu_mul(const float *gu, float *out, int T, int F) {
  * Returns 0, -2 if K % 64, -3 without memory. */
 #define QG 64 /* weights per group */
 #define NB 16 /* weight rows per block: one output per lane */
-#ifndef MT
-#define MT 4 /* rows of x per decoded block */
-#endif
+#define MT 4  /* rows of x per decoded block */
 #ifndef PREFETCH
 #define PREFETCH 1
 #endif
@@ -470,12 +468,6 @@ int int4_matmul(const float *x, const uint8_t *q, const uint16_t *sm, const floa
                 XTILE(1)
                 XTILE(2)
                 XTILE(3)
-#if MT > 4
-                XTILE(4)
-                XTILE(5)
-                XTILE(6)
-                XTILE(7)
-#endif
             default: int4_block(XROWS(m0), s0, sum0, qb, sb, ym, MT, K, ng, N, nv, b); break;
 #undef XTILE
             }
