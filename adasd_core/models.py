@@ -287,7 +287,7 @@ def load_pair(
 
     target_model = model_of("target", device_map)
     if own:
-        draft_model = selfdraft.load(draft, target_model, target)
+        draft_model = selfdraft.load(draft, target_model, tokenizer)
     elif head:
         try:
             draft_model = eagle.load(sources["draft"].path, target_model, dev, dt)

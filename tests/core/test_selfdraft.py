@@ -111,8 +111,12 @@ def test_the_self_draft_holds_no_kv_and_quantises_without_copying_the_target(qui
     kinds = {type(m).__name__ for m in lm.layers[0][1:] if not isinstance(m, torch.Tensor)}
     assert kinds == {"Int4Linear", "Linear"}
     target = lean.lean_model(pair.target)
-    assert lm.layers[0][0] is target.layers[0][0] and lm.embed is target.embed  # shared, not copied
+    assert lm.embed is target.embed and lm.norm is target.norm  # shared, not copied
     assert lm.layers[0][1].weight is not target.layers[0][1].weight
+    # the channel scales live in the draft's own norm weights; plain rounding shares the target's
+    assert pair.draft.calibration and lm.layers[0][0] is not target.layers[0][0]
+    plain = load_pair(str(quick_pair_dir / "target"), "self:int4-rtn", device="cpu").draft
+    assert plain.calibration is None and plain.lean_model().layers[0][0] is lean.lean_model(plain.target).layers[0][0]
 
 
 def _window() -> int:
@@ -228,3 +232,31 @@ def test_int4_weights_reconstruct_each_group_within_half_a_step():
     assert ((deq - g).abs() <= step / 2 + bf16).all(), ((deq - g).abs() - step / 2).max()
     assert ((deq.amax(-1, keepdim=True) - hi).abs() <= bf16).all()
     assert ((deq.amin(-1, keepdim=True) - lo).abs() <= bf16).all()
+
+
+def test_activation_aware_scales_fold_exactly_and_favour_the_loud_channels():
+    """The int4 precision's channel scales (AWQ-style) change no function before rounding: the smoothed
+    float layers give the target's logits; the scales are not all one; and where one input channel's
+    activations run 40x the others, the chosen scales round the product closer than plain rounding."""
+    from adasd_core.kv_cache import LeanPool
+
+    pair = load_pair("tiny", None, device="cpu")
+    target = lean.lean_model(pair.target)
+    ids = _prompts(pair.tokenizer)[0]
+    smooth = selfdraft.smoothed(target, pair.target, selfdraft.calibration_ids(pair.tokenizer, 256))
+    assert any(not torch.equal(a[i], b[i]) for a, b in zip(smooth.layers, target.layers) for i in (0, 3))
+    ref = LeanPool(target, 1, 64).forward([0], [ids], all_logits=True)
+    out = LeanPool(smooth, 1, 64).forward([0], [ids], all_logits=True)
+    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 128, generator=gen) * 0.05
+    x = torch.randn(200, 128, generator=gen)
+    x[:, 7] *= 40
+    s = selfdraft.channel_scales(w, x)
+    assert s[7] > s.median()
+
+    def err(scale):
+        return ((x / scale) @ selfdraft.rounded(w * scale).T - x @ w.T).pow(2).mean()
+
+    assert err(s) < 0.9 * err(torch.ones(128))
