@@ -70,6 +70,11 @@ def own_int4(k: int) -> bool:
     return k % paged_attention.INT4_GROUP == 0 and paged_attention.kernel_available()
 
 
+def weight_group(k: int) -> int:
+    """The int4 group size of an input width k: the CPU library's where it runs, else torch's kernel's."""
+    return paged_attention.INT4_GROUP if own_int4(k) else int4_group(k)
+
+
 def int4_codes(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Groups g [..., group] -> 4-bit codes (int32), scale and minimum [..., 1]: w ~ code * scale + min."""
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
@@ -89,7 +94,7 @@ class Int4Linear:
         n, k = w.shape
         self.n = n
         self.own = own_int4(k)
-        self.group = group = paged_attention.INT4_GROUP if self.own else int4_group(k)
+        self.group = group = weight_group(k)
         q, scale, lo = int4_codes(w.reshape(n, k // group, group))
         q = q.reshape(n, k)
         if self.own:
@@ -130,7 +135,7 @@ class SelfDraft:
         if tokens is not None and int(tokens.max()) >= weight.shape[0]:
             raise ModelLoadError(f"self-draft head token {int(tokens.max())} is past the target's vocabulary")
         self.target, self.precision, self.tokens = target, precision, tokens
-        self.calibration = calibration if precision == "int4" else None
+        self.calibration = calibration
         # the relaxed check stays off by default, as for the shipped draft (min_posterior 1: lossless)
         self.config = SimpleNamespace(adasd_draft={"min_posterior": 1.0},
                                       max_position_embeddings=target.config.max_position_embeddings)
@@ -177,7 +182,7 @@ def calibration_ids(tokenizer, n: int = CALIBRATION_TOKENS) -> list[int]:
 def rounded(w: torch.Tensor) -> torch.Tensor:
     """w [N, K] as the int4 product sees it: 4-bit codes per group of 64 with bf16 scale and minimum."""
     n, k = w.shape
-    group = paged_attention.INT4_GROUP if k % paged_attention.INT4_GROUP == 0 else int4_group(k) or k
+    group = weight_group(k) or k
     q, scale, lo = int4_codes(w.reshape(n, k // group, group))
     return (q.float() * scale.bfloat16().float() + lo.bfloat16().float()).reshape(n, k)
 
