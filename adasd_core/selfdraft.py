@@ -11,7 +11,7 @@ Precisions (CPU): `int4` (the default: the cheaper step, docs/selfdraft.md): 4-b
 of 64 through the CPU library's product (adasd_core/paged_attention.c int4_matmul: float32 activations,
 rounded to int8 per group on CPUs with AVX-512 VNNI), or torch's packed int4 kernel on bf16 activations
 where the library is not built; a matrix neither can lay out (an input width no group divides) stays int8.
-Its input channels are scaled by the activations of a short calibration text (AWQ-style, `smoothed`);
+Its input channels are scaled by the activations of a short calibration text (AWQ-style, `layer_scales`);
 `int4-rtn` rounds the weights as they are. `int8`: int8 weights with per-row scales and each activation
 row quantised on its own (lean.Linear, fbgemm). The head: the full vocabulary (`full`, the default), or
 the rows of a subset (adasd_core.draft_head: a folder or head_tokens.json). The draft only proposes: the
@@ -144,9 +144,8 @@ class SelfDraft:
     def lean_model(self) -> lean.LeanModel:
         if self._lean is None:
             target = lean.lean_model(self.target)
-            if self.calibration:
-                target = smoothed(target, self.target, self.calibration)
-            self._lean = quantised(target, self.precision, self.tokens)
+            scales = layer_scales(target, self.target, self.calibration) if self.calibration else None
+            self._lean = quantised(target, self.precision, self.tokens, scales)
         return self._lean
 
 
@@ -202,12 +201,10 @@ def channel_scales(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return best_s
 
 
-def smoothed(target: lean.LeanModel, model, ids: list[int]) -> lean.LeanModel:
-    """A float copy of the target's layers with activation-aware channel scales folded in: the same
-    function (the norms' weights and up rows divided by what the products' columns were multiplied
-    by), better rounded to int4. The scales are chosen layer by layer during one forward of the
-    target over `ids`, so only one layer's activations are held at a time."""
-    layers = list(target.layers)
+def layer_scales(target: lean.LeanModel, model, ids: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    """Each layer's channel scales (q/k/v, gate/up, down), chosen layer by layer during one forward of
+    the target over `ids`, so only one layer's activations are held at a time."""
+    scales: list[tuple[torch.Tensor, ...]] = []
     inputs: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -218,20 +215,11 @@ def smoothed(target: lean.LeanModel, model, ids: list[int]) -> lean.LeanModel:
 
     def after_mlp(i):
         def hook(_module, args):
-            ln1, qkv, o, ln2, gate_up, down = layers[i]
-            x_down = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            w_down = down.weight.float()
-            s_down = channel_scales(w_down, x_down)
-            half = gate_up.weight.shape[0] // 2  # [gate; up] rows: up feeds down, channel by channel
-            w_gu, b_gu = gate_up.weight.float().clone(), _clone(gate_up.bias)
-            w_gu[half:] /= s_down[:, None]
-            if b_gu is not None:
-                b_gu[half:] /= s_down
-            s_gu = channel_scales(w_gu, inputs.pop("gate_up"))
-            s_qkv = channel_scales(qkv.weight.float(), inputs.pop("qkv"))
-            layers[i] = (ln1 / s_qkv, lean.Linear(qkv.weight.float() * s_qkv, qkv.bias, pack=False), o,
-                         ln2 / s_gu, lean.Linear(w_gu * s_gu, b_gu, pack=False),
-                         lean.Linear(w_down * s_down, down.bias, pack=False))
+            _, qkv, _, _, gate_up, down = target.layers[i]
+            s_down = channel_scales(down.weight.float(), args[0].detach().reshape(-1, args[0].shape[-1]).float())
+            w_gu, _ = _up_divided(gate_up, s_down)  # gate/up's scales are chosen on what it will be
+            scales.append((channel_scales(qkv.weight.float(), inputs.pop("qkv")),
+                           channel_scales(w_gu, inputs.pop("gate_up")), s_down))
         return hook
 
     for i, layer in enumerate(model.model.layers[: target.n_layers]):
@@ -240,22 +228,52 @@ def smoothed(target: lean.LeanModel, model, ids: list[int]) -> lean.LeanModel:
                   layer.mlp.down_proj.register_forward_pre_hook(after_mlp(i))]
     try:
         with torch.no_grad():
-            model(torch.tensor([ids], device=target.device), use_cache=False)
+            model.model(torch.tensor([ids], device=target.device), use_cache=False)  # no head: no [T, V] logits
     finally:
         for h in hooks:
             h.remove()
+    return scales
+
+
+def folded(layer: tuple, scales: tuple[torch.Tensor, ...]) -> tuple:
+    """A lean layer in float with its channel scales folded in: the same function (the norms' weights and
+    up rows divided by what the products' columns were multiplied by), better rounded to int4."""
+    ln1, qkv, o, ln2, gate_up, down = layer
+    s_qkv, s_gu, s_down = scales
+    w_gu, b_gu = _up_divided(gate_up, s_down)
+    with torch.no_grad():
+        return (ln1 / s_qkv, lean.Linear(qkv.weight.float() * s_qkv, qkv.bias, pack=False), o,
+                ln2 / s_gu, lean.Linear(w_gu * s_gu, b_gu, pack=False),
+                lean.Linear(down.weight.float() * s_down, down.bias, pack=False))
+
+
+def smoothed(target: lean.LeanModel, scales: list[tuple[torch.Tensor, ...]]) -> lean.LeanModel:
+    """The target's lean layout with every layer folded (in float: what the int4 draft rounds)."""
     m = copy.copy(target)
-    m.layers = layers
+    m.layers = [folded(layer, s) for layer, s in zip(target.layers, scales)]
     return m
+
+
+def _up_divided(gate_up, s_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[gate; up] weight and bias with the up rows divided by down's channel scales (up feeds down, channel
+    by channel)."""
+    half = gate_up.weight.shape[0] // 2
+    w, b = gate_up.weight.detach().float().clone(), _clone(gate_up.bias)
+    w[half:] /= s_down[:, None]
+    if b is not None:
+        b[half:] /= s_down
+    return w, b
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().float().clone()
 
 
-def quantised(target: lean.LeanModel, precision: str, tokens: torch.Tensor | None) -> lean.LeanModel:
+def quantised(target: lean.LeanModel, precision: str, tokens: torch.Tensor | None,
+              scales: list[tuple[torch.Tensor, ...]] | None = None) -> lean.LeanModel:
     """A copy of a target's lean layout with its matrices in `precision` (the norms, embeddings and
-    rotary table shared; the float weights stay the target's, not copied)."""
+    rotary table shared; the float weights stay the target's, not copied). With `scales` each layer's
+    scales are folded in and it is rounded in turn, so one layer's float copy is held at a time."""
     if precision == "int8":
         def q(lin):
             return lean.Linear(lin.weight, lin.bias, int8=True)
@@ -266,7 +284,8 @@ def quantised(target: lean.LeanModel, precision: str, tokens: torch.Tensor | Non
                 return lean.Linear(lin.weight, lin.bias, int8=True)
             return Int4Linear(lin.weight, lin.bias)
     m = copy.copy(target)
-    m.layers = [(ln1, q(qkv), q(o), ln2, q(gate_up), q(down)) for ln1, qkv, o, ln2, gate_up, down in target.layers]
+    layers = target.layers if not scales else (folded(layer, s) for layer, s in zip(target.layers, scales))
+    m.layers = [(ln1, q(qkv), q(o), ln2, q(gate_up), q(down)) for ln1, qkv, o, ln2, gate_up, down in layers]
     head = target.model.lm_head
     m.head_tokens = None if tokens is None else tokens.to(head.weight.device)
     rows = head.weight if tokens is None else head.weight.index_select(0, m.head_tokens)

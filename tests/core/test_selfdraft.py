@@ -243,7 +243,8 @@ def test_activation_aware_scales_fold_exactly_and_favour_the_loud_channels():
     pair = load_pair("tiny", None, device="cpu")
     target = lean.lean_model(pair.target)
     ids = _prompts(pair.tokenizer)[0]
-    smooth = selfdraft.smoothed(target, pair.target, selfdraft.calibration_ids(pair.tokenizer, 256))
+    scales = selfdraft.layer_scales(target, pair.target, selfdraft.calibration_ids(pair.tokenizer, 256))
+    smooth = selfdraft.smoothed(target, scales)
     assert any(not torch.equal(a[i], b[i]) for a, b in zip(smooth.layers, target.layers) for i in (0, 3))
     ref = LeanPool(target, 1, 64).forward([0], [ids], all_logits=True)
     out = LeanPool(smooth, 1, 64).forward([0], [ids], all_logits=True)
