@@ -138,3 +138,13 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def release_freed_host_memory() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim): a load's many large temporaries
+    (the self-draft's scale search) otherwise stay resident, fragmented in the allocator's arenas."""
+    import ctypes
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(None).malloc_trim(0)

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 
 from adasd_core import draft_head, lean, paged_attention
+from adasd_core.device import release_freed_host_memory
 from adasd_core.errors import ModelLoadError
 
 SELF = "self"
@@ -82,6 +83,9 @@ def int4_codes(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return torch.round((g - lo) / scale).clamp_(0, 15).to(torch.int32), scale, lo
 
 
+PACK_ROWS = 4096  # a multiple of paged_attention.INT4_BLOCK
+
+
 class Int4Linear:
     """y = x W^T + b with W in 4 bits (groups along the input, a scale and minimum each). On the CPU library
     (paged_attention.int4_matmul: groups of 64) the activations stay float32 and nothing is converted;
@@ -95,13 +99,19 @@ class Int4Linear:
         self.n = n
         self.own = own_int4(k)
         self.group = group = weight_group(k)
-        q, scale, lo = int4_codes(w.reshape(n, k // group, group))
-        q = q.reshape(n, k)
-        if self.own:
-            self.packed, self.scales = paged_attention.int4_pack(q, scale[..., 0], lo[..., 0])
+
+        def codes(rows):  # a slice of rows at a time: a head's temporaries are several times its float size
+            q, scale, lo = int4_codes(rows.reshape(rows.shape[0], k // group, group))
+            return q.reshape(-1, k), scale[..., 0], lo[..., 0]
+
+        chunks = range(0, n, PACK_ROWS)
+        if self.own:  # blocks of 16 rows are packed alone, so slices of PACK_ROWS pack as the whole does
+            parts = [paged_attention.int4_pack(*codes(w[i:i + PACK_ROWS])) for i in chunks]
+            self.packed, self.scales = (torch.cat(t) for t in zip(*parts))
         else:  # torch's kernel reads w = (q - 8) * scale + zero
+            q, scale, lo = (torch.cat(t) for t in zip(*(codes(w[i:i + PACK_ROWS]) for i in chunks)))
             zero = lo + 8 * scale
-            self.scales = torch.stack((scale[..., 0], zero[..., 0]), -1).transpose(0, 1).contiguous().bfloat16()
+            self.scales = torch.stack((scale, zero), -1).transpose(0, 1).contiguous().bfloat16()
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self.bias = None if bias is None else bias.detach().float()
 
@@ -146,6 +156,7 @@ class SelfDraft:
             target = lean.lean_model(self.target)
             scales = layer_scales(target, self.target, self.calibration) if self.calibration else None
             self._lean = quantised(target, self.precision, self.tokens, scales)
+            release_freed_host_memory()
         return self._lean
 
 

@@ -234,6 +234,29 @@ def test_int4_weights_reconstruct_each_group_within_half_a_step():
     assert ((deq.amin(-1, keepdim=True) - lo).abs() <= bf16).all()
 
 
+def test_int4_weights_packed_in_slices_of_rows_are_the_whole_matrix_packed(monkeypatch):
+    """A matrix taller than Int4Linear's slice (a vocabulary's head) packs slice by slice, to bound its
+    temporaries: the same bytes and scales as its codes packed at once, for rows off the slice and the block,
+    on the CPU library's layout and on torch's kernel's (k off the library's group of 64)."""
+    monkeypatch.setattr(selfdraft, "PACK_ROWS", 32)
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(100, 128, generator=gen)
+    lin = selfdraft.Int4Linear(w, None)
+    assert lin.own
+    q, scale, lo = selfdraft.int4_codes(w.reshape(100, 2, 64))
+    packed, sm = paged_attention.int4_pack(q.reshape(100, 128), scale[..., 0], lo[..., 0])
+    assert torch.equal(lin.packed, packed) and torch.equal(lin.scales, sm)
+
+    w = torch.randn(96, 96, generator=gen)  # 96 % 64: torch's kernel, its group of 32
+    lin = selfdraft.Int4Linear(w, None)
+    assert not lin.own and lin.group == 32
+    q, scale, lo = selfdraft.int4_codes(w.reshape(96, 3, 32))
+    zero = lo + 8 * scale
+    assert torch.equal(lin.packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(96, 96), 1))
+    assert torch.equal(lin.scales,
+                       torch.stack((scale[..., 0], zero[..., 0]), -1).transpose(0, 1).contiguous().bfloat16())
+
+
 def test_activation_aware_scales_fold_exactly_and_favour_the_loud_channels():
     """The int4 precision's channel scales (AWQ-style) change no function before rounding: the smoothed
     float layers give the target's logits; the scales are not all one; and where one input channel's
