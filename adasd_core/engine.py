@@ -261,8 +261,9 @@ class SpeculativeEngine:
                                             [s.params for s, c in zip(seqs, cands) for _ in range(len(c) + 1)])
         synchronize(self.pair.device)  # every timed phase ends on the device too (no-op on the CPU)
         t2 = time.perf_counter()
+        jumped = {s: len(s.forced) for s in seqs}  # finish_round takes them
         events = list(zip(seqs, finish_batch(seqs, drafts, target_probs, logits, self.runner, self.warm, self.prior)))
-        self._account(seqs, drafts, feeds, events + ended, (t0, t1, t2, time.perf_counter()))
+        self._account(seqs, drafts, feeds, events + ended, (t0, t1, t2, time.perf_counter()), jumped)
         return events + ended
 
     def _draft_caps(self, seqs: list[Sequence]) -> list[int]:
@@ -296,14 +297,21 @@ class SpeculativeEngine:
         return self._alone_planner
 
     def _account(self, seqs: list[Sequence], drafts: dict[Sequence, Draft], feeds: list[list[int]],
-                 events: list[Event], times: tuple[float, float, float, float]) -> None:
-        """The round's measured cost (to the planner) and time (to each request's statistics); finished ones leave."""
+                 events: list[Event], times: tuple[float, float, float, float], jumped: dict[Sequence, int]) -> None:
+        """The round's measured cost (to the planner) and time (to each request's statistics); finished ones leave.
+        The planner's rates count the tokens the target decided: a grammar's forced tokens come with either
+        kind of round, and a plain round that took a long forced run must not stand for plain decoding."""
         t0, t1, t2, t3 = times
         if self.costs.measured:  # a nominal table (tests) learns nothing from timings
-            draft_steps = max((len(d.ids) for d in drafts.values()), default=0)
-            emitted = sum(len(d.token_ids) for _, d in events if isinstance(d, Delta))
+            draft_steps = max((len(d.ids) - len(d.forced) for d in drafts.values()), default=0)
+            decided = 0
+            for seq, d in events:
+                if isinstance(d, Delta):
+                    n = len(d.token_ids) - jumped.get(seq, 0)
+                    forced = drafts[seq].forced if seq in drafts else ()
+                    decided += max(0, n - sum(1 for p in forced if p < n - 1))
             self.planner.observe(len(seqs), draft_steps, sum(len(f) for f in feeds) / len(seqs),
-                                 t3 - t0 + self.clock.outside_s, tokens=emitted)
+                                 t3 - t0 + self.clock.outside_s, tokens=decided)
         self.clock.round_ended(True)
         for seq, delta in events:
             s = seq.stats

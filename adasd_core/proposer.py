@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from adasd_core.drafting import WINDOW
 from adasd_core.logits_processors import Rows, process_logits
 from adasd_core.round_output import Draft
 from adasd_core.runner import ModelRunner
@@ -22,7 +23,9 @@ from adasd_core.verification import entropy
 
 
 class DraftModelProposer:
-    """Batched draft steps, one per draft position, over the sequences still drafting."""
+    """Batched draft steps, one per draft position the grammar leaves open, over the sequences still drafting."""
+
+    forced_runs = True  # a grammar's forced candidates go into the next step's feed, with no step of their own
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
@@ -32,10 +35,9 @@ class DraftModelProposer:
         feeds = [s.tokens[self.runner.draft_length(s.slot):] + s.forced for s in seqs]
         return self.runner.draft_step([s.slot for s in seqs], feeds, alone=any(s.reproducible for s in seqs))
 
-    def _next_step(self, seqs: list[Sequence], rows: list[int], last: list[int]) -> torch.Tensor:
-        """The step after one: seqs (rows[i] their row in the previous step) each fed its last candidate."""
-        return self.runner.draft_step([s.slot for s in seqs], [[t] for t in last],
-                                      alone=any(s.reproducible for s in seqs))
+    def _next_step(self, seqs: list[Sequence], rows: list[int], last: list[list[int]]) -> torch.Tensor:
+        """The step after one: seqs (rows[i] their row in the previous step) each fed its candidates since."""
+        return self.runner.draft_step([s.slot for s in seqs], last, alone=any(s.reproducible for s in seqs))
 
     def _drafting(self, seqs: list[Sequence]) -> list[Sequence]:
         return seqs
@@ -61,7 +63,7 @@ class DraftModelProposer:
             q = logits_to_probs_rows(logits, params)  # [A, V]
             x = sample_rows(q, params, [s.generator for s, _ in active])
             vals = torch.stack([x.to(q.dtype), entropy(q)]).tolist()  # one host sync per draft step
-            still, rows = [], []
+            still, rows, feeds = [], [], []
             for i, (seq, cap) in enumerate(active):
                 token, h = int(vals[0][i]), vals[1][i]
                 d = out[seq]
@@ -72,15 +74,45 @@ class DraftModelProposer:
                 if d.masks is not None:
                     d.masks.append(masks[seq])
                     seq.constraint.consume(token)
-                if token not in seq.eos and len(d.ids) < cap and seq.policy.keep_drafting(h, len(d.ids)) and \
-                        (seq.constraint is None or seq.constraint.viable_mask() is not None):
+                fed = len(d.ids) - 1
+                if self._goes_on(seq, d, cap, token, h) and (d.masks is None or not self.forced_runs
+                                                             or self._take_forced(seq, d, q[i])):
                     still.append((seq, cap))
                     rows.append(i)
+                    feeds.append(d.ids[fed:])
             active = still
             if active:
-                logits = self._next_step([s for s, _ in active], rows, [out[s].ids[-1] for s, _ in active])
+                logits = self._next_step([s for s, _ in active], rows, feeds)
         self._done(seqs)
         return out
+
+    @staticmethod
+    def _room(seq: Sequence, d: Draft, token: int) -> bool:
+        """Whether a candidate may follow `token`: not EOS, within what the request may still add and the
+        round's hard cap, and a grammar that goes on."""
+        return token not in seq.eos and len(d.ids) < min(seq.remaining - 1 - len(seq.forced), WINDOW) and \
+            (seq.constraint is None or seq.constraint.viable_mask() is not None)
+
+    def _goes_on(self, seq: Sequence, d: Draft, cap: int, token: int, h: float) -> bool:
+        """Whether a sequence drafts on after its candidate `token` (entropy h): `cap` and the policy count
+        draft steps (a grammar's forced candidates take none)."""
+        steps = len(d.ids) - len(d.forced)
+        return steps < cap and seq.policy.keep_drafting(h, steps) and self._room(seq, d, token)
+
+    def _take_forced(self, seq: Sequence, d: Draft, row: torch.Tensor) -> bool:
+        """The candidates the grammar forces next, each as a draft step would give it (its masked
+        distribution one-hot, its entropy 0) but without the step: they go into the next step's feed
+        together. Whether the sequence drafts on after them."""
+        while (token := seq.constraint.forced(seq.constraint.mask())) is not None:
+            d.masks.append(seq.constraint.mask())
+            seq.constraint.consume(token)
+            d.forced.append(len(d.ids))
+            d.ids.append(token)
+            d.probs.append(torch.zeros_like(row).index_fill_(0, torch.tensor([token], device=row.device), 1.0))
+            d.entropies.append(0.0)
+            if not self._room(seq, d, token):
+                return False
+        return True
 
 
 class EagleProposer(DraftModelProposer):
@@ -88,6 +120,8 @@ class EagleProposer(DraftModelProposer):
     position the head has not seen (from the runner), the next ones the head's own output at the previous
     row. A sequence with forced tokens this round, or with no state to read yet, does not draft; after
     drafting, the head's slots keep only the positions that read the target's states."""
+
+    forced_runs = False  # each step reads the head's output at the row before: one candidate per step
 
     def _drafting(self, seqs: list[Sequence]) -> list[Sequence]:
         return [s for s in seqs if not s.forced and self.runner.pending_states(s.slot) > 0]
@@ -103,7 +137,7 @@ class EagleProposer(DraftModelProposer):
         hidden = self._hidden
         if len(rows) < len(hidden):  # some stopped: the others' rows only
             hidden = hidden[torch.tensor(rows, device=hidden.device)]
-        logits = self.runner.draft_step([s.slot for s in seqs], [[t] for t in last], hidden=hidden)
+        logits = self.runner.draft_step([s.slot for s in seqs], last, hidden=hidden)
         self._hidden = self.runner.draft.hidden
         return logits
 

@@ -4,7 +4,7 @@ verdict: verification.accept_batch)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,7 +30,8 @@ def token_sources(draft: Draft | None, verdict, round_no: int, forced: int = 0) 
                            verdict.posteriors[i] if verdict.posteriors else None, rejected)
 
     out = [TokenSource("forced", round_no) for _ in range(forced)]
-    out += [drafted(i, "standard" if verdict.standard[i] else "relaxed") for i in range(n)]
+    out += [TokenSource("forced", round_no) if i in draft.forced else
+            drafted(i, "standard" if verdict.standard[i] else "relaxed") for i in range(n)]
     if n < k:
         out.append(drafted(n, "correction", rejected=draft.ids[n]))
     else:
@@ -46,3 +47,4 @@ class Draft:
     probs: list[torch.Tensor]  # [V] each
     entropies: list[float]
     masks: list[torch.Tensor] | None = None  # the grammar's bitmask [W] before each candidate (None: no grammar)
+    forced: list[int] = field(default_factory=list)  # positions of candidates the grammar forced (no draft step)

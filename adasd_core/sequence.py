@@ -40,7 +40,8 @@ class TokenSource:
     source: a drafted candidate accepted by the standard check (`standard`) or only by the relaxed
     check (`relaxed`); the target's `correction` at the first candidate that failed both; the `bonus`
     token after a round whose candidates were all accepted; `ar`: a round with no candidates; `forced`:
-    the only token the request's grammar allows there, emitted without drafting or checking (jump-forward).
+    the only token the request's grammar allows there, taken without a draft step (jump-forward before a
+    round's drafting, or a forced run inside a draft, fed to the draft's next step with the candidate before).
     The numbers are those of the draft's candidate at this position (for a correction: the one it
     replaced), where the round computed them; nothing is computed for this record alone."""
 

@@ -169,6 +169,31 @@ def test_forced_tokens_skip_drafting_and_say_so():
     assert gen.stats.forced_tokens == 4 and gen.stats.generated_tokens == 12
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_forced_runs_inside_a_draft_take_no_draft_step(seed):
+    """After each free letter the grammar forces "cde": inside a draft those candidates are taken without a
+    draft step (fed with the letter before them to the next step), reported as forced, and the output is
+    still the target's alone under the grammar."""
+    eng, _, _ = engine(seed)
+    grammar = GrammarSpec("regex", "([ab]cde){3}")
+    ref = eng.generate([0], SamplingParams(max_tokens=13, grammar=grammar), SpecConfig(method="ar"))
+    gen = eng.start([0], SamplingParams(max_tokens=13, grammar=grammar),
+                    SpecConfig(method="vanilla", k=12, token_sources=True))
+    ids, sources = [], []
+    while not gen.finished:
+        delta = gen.step()
+        ids += delta.token_ids
+        sources += [s.source for s in delta.sources]
+    gen.close()
+    assert ids == ref.token_ids and re.fullmatch("([ab]cde){3}", ref.text)
+    letters = [eng.pair.tokenizer.decode([t]) for t in ids]
+    assert all(s == "forced" for s, ch in zip(sources, letters) if ch in ("c", "d", "e"))
+    assert all(s != "forced" for s, ch in zip(sources, letters) if ch in ("a", "b"))
+    st = gen.stats
+    # every draft step samples a free letter: at most the 3 letters and EOS, while the forced runs are candidates
+    assert st.drafted_tokens > st.draft_forwards and st.draft_forwards <= 4 * st.rounds
+
+
 @pytest.mark.parametrize("spec, param", [
     (GrammarSpec("regex", "(["), "response_format"),
     (GrammarSpec("json_schema", '{"type": "strin"}', "response_format.json_schema.schema"),
