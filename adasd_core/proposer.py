@@ -103,12 +103,15 @@ class DraftModelProposer:
         """The candidates the grammar forces next, each as a draft step would give it (its masked
         distribution one-hot, its entropy 0) but without the step: they go into the next step's feed
         together. Whether the sequence drafts on after them."""
-        while (token := seq.constraint.forced(seq.constraint.mask())) is not None:
-            d.masks.append(seq.constraint.mask())
-            seq.constraint.consume(token)
+        c = seq.constraint
+        while (token := c.forced(mask := c.mask())) is not None:
+            d.masks.append(mask)
+            c.consume(token)
             d.forced.append(len(d.ids))
             d.ids.append(token)
-            d.probs.append(torch.zeros_like(row).index_fill_(0, torch.tensor([token], device=row.device), 1.0))
+            one_hot = torch.zeros_like(row)
+            one_hot[token] = 1.0  # a scalar fill: no index tensor copied to the device
+            d.probs.append(one_hot)
             d.entropies.append(0.0)
             if not self._room(seq, d, token):
                 return False
