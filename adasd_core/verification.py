@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adasd_core.device import int_tensors
-from adasd_core.sampling import categorical, exponentials, inverse_cdf, race
+from adasd_core.sampling import categorical, exponentials, inverse_cdf, race, top_token
 
 LN2 = math.log(2.0)
 
@@ -52,7 +52,7 @@ def standard_check(
     """[k], [k, V], [k, V] -> [k] bool: the lossless acceptance test per candidate."""
     assert candidates.dim() == 1 and target_probs.shape == draft_probs.shape
     if greedy:
-        return candidates == target_probs.argmax(-1)
+        return candidates == top_token(target_probs)
     idx = candidates[:, None]
     p_x = target_probs.gather(-1, idx).squeeze(-1)
     q_x = draft_probs.gather(-1, idx).squeeze(-1)
@@ -65,7 +65,7 @@ def correction_token(
 ) -> int:
     """[V], [V] -> the target's token at a rejected position."""
     if greedy:
-        return int(target_probs.argmax())
+        return int(top_token(target_probs))
     residual = (target_probs - draft_probs).clamp_min(0.0)
     total = residual.sum()
     # p == q leaves no residual mass; then p itself is the right distribution
@@ -75,7 +75,7 @@ def correction_token(
 
 def bonus_token(target_probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> int:
     if greedy:
-        return int(target_probs.argmax())
+        return int(top_token(target_probs))
     return int(categorical(target_probs, generator))
 
 
@@ -174,6 +174,8 @@ def accept_batch(
     K, R = sum(ks), sum(ks) + B
     assert target_probs.shape[0] == R and (K == 0 or draft_probs.shape[0] == K), (target_probs.shape, ks)
     dev = target_probs.device
+    if K == 0:
+        return _plain_round(target_probs, greedy, generators, relaxed, stable or [False] * B)
     uses_d = [r.name != "none" for r in relaxed]
     free = [r.can_relax for r in relaxed]  # the host decides how many it keeps
     cstart = [sum(ks[:b]) for b in range(B)]  # each sequence's first candidate (draft row)
@@ -207,7 +209,7 @@ def accept_batch(
     if K:
         p_x = target_probs[rows, cand]  # [K]
         q_x = draft_probs[torch.arange(K, device=dev), cand]
-        std = torch.where(g_c.bool(), cand == target_probs[rows].argmax(-1), torch.cat(u_std) * q_x < p_x)  # [K]
+        std = torch.where(g_c.bool(), cand == top_token(target_probs[rows]), torch.cat(u_std) * q_x < p_x)  # [K]
         surprisal = -torch.log(p_x.clamp_min(1e-30)) - entropy_rows[rows]  # [K]
         # leading passes per sequence: the round of a check that cannot relax ends at the first failure
         padded = torch.zeros(B, max(ks), dtype=torch.bool, device=dev)
@@ -225,7 +227,7 @@ def accept_batch(
     didx = cstart_t[seq_t] + j_t
     p_last = target_probs[row_t]  # [L, V]
     if all(greedy):  # no draw to make
-        token = p_last.argmax(-1)  # [L]
+        token = top_token(p_last)  # [L]
     else:
         dist = p_last
         if K:
@@ -236,7 +238,7 @@ def accept_batch(
         drawn = inverse_cdf(dist, u_last[seq_t])  # [L]
         if raced:
             drawn[raced_t] = race(dist[raced_t], torch.stack([noise[last_seq[i]] for i in raced]))
-        token = torch.where(greedy_t.bool()[seq_t], p_last.argmax(-1), drawn)  # [L]
+        token = torch.where(greedy_t.bool()[seq_t], top_token(p_last), drawn)  # [L]
     s_last = -torch.log(p_last.gather(-1, token[:, None]).squeeze(-1).clamp_min(1e-30)) - entropy_rows[row_t]
     host += [n_dev.double(), token.double(), s_last.double()]
     flat = torch.cat(host).tolist()  # the round's one transfer to the host
@@ -287,6 +289,35 @@ def accept_batch(
         d0 += k if uses_d[b] else 0
         l0 += k + 1 if free[b] else 1
     return verdicts
+
+
+def _plain_round(target_probs: torch.Tensor, greedy: list[bool], generators: list[torch.Generator | None],
+                 relaxed: list[RelaxedCheck], stable: list[bool]) -> list[Verdict]:
+    """accept_batch of a round without candidates (plain decoding): row b is sequence b's bonus row. The same
+    draws as the general path (one uniform per sampled sequence, then its V exponentials where stable) and
+    the same tokens, without its index bookkeeping (a plain round's host time is the step's overhead)."""
+    dev = target_probs.device
+    u = [None if gr else torch.rand(1, generator=g, dtype=torch.float64, device=dev)
+         for g, gr in zip(generators, greedy)]
+    if all(greedy):
+        token = top_token(target_probs)
+    else:
+        zero = torch.zeros(1, dtype=torch.float64, device=dev)
+        drawn = inverse_cdf(target_probs, torch.cat([zero if x is None else x for x in u]))
+        raced = [b for b, (gr, st) in enumerate(zip(greedy, stable)) if st and not gr]
+        if raced:
+            noise = torch.stack([exponentials(target_probs.shape[-1:], generators[b], dev) for b in raced])
+            drawn[raced] = race(target_probs[raced], noise)
+        token = torch.where(torch.tensor(greedy, device=dev), top_token(target_probs), drawn)
+    p_x = target_probs.gather(-1, token[:, None]).squeeze(-1)
+    surprisal = -torch.log(p_x.clamp_min(1e-30)) - entropy(target_probs)
+    flat = torch.cat((token.double(), surprisal.double())).tolist()  # the round's one transfer to the host
+    B = len(greedy)
+    out = []
+    for b, check in enumerate(relaxed):
+        on = [] if check.name != "none" else None
+        out.append(Verdict(0, int(flat[b]), [], on, 0, None if on is None else [], excess=[flat[B + b]]))
+    return out
 
 
 # --------------------------------------------------------------------------- relaxed checks

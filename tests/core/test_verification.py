@@ -182,18 +182,22 @@ def _batch_case(seed: int = 0):
 
 
 def test_a_batched_round_gives_every_sequence_the_verdict_it_gets_alone():
+    # sequence 1 drafts nothing: alone it takes the plain round's path, in the batch the general one
     for seed in range(6):
-        for greedy in ([True] * 4, [False] * 4, [True, False, False, True]):
+        for greedy, stable in (([True] * 4, [False] * 4), ([False] * 4, [False] * 4), ([False] * 4, [True] * 4),
+                               ([True, False, False, True], [False, True, False, True])):
             cands, target, draft, checks = _batch_case(seed)
             gens = [torch.Generator().manual_seed(100 + i) for i in range(4)]
-            batch = accept_batch(cands, target, draft, greedy, gens, checks)
+            batch = accept_batch(cands, target, draft, greedy, gens, checks, stable)
             t0, d0 = 0, 0
             for b, c in enumerate(cands):
                 k = len(c)
                 alone = accept_candidates(c, target[t0 : t0 + k + 1], draft[d0 : d0 + k] if k else None, greedy[b],
-                                          torch.Generator().manual_seed(100 + b), checks[b])
-                assert (batch[b].n_accepted, batch[b].token, batch[b].standard, batch[b].posteriors) == \
-                    (alone.n_accepted, alone.token, alone.standard, alone.posteriors), (seed, b)
+                                          torch.Generator().manual_seed(100 + b), checks[b], stable[b])
+                assert (batch[b].n_accepted, batch[b].token, batch[b].standard, batch[b].posteriors,
+                        batch[b].distances, batch[b].n_relaxed) == \
+                    (alone.n_accepted, alone.token, alone.standard, alone.posteriors, alone.distances,
+                     alone.n_relaxed), (seed, b)
                 assert batch[b].excess == pytest.approx(alone.excess, abs=1e-6)
                 t0, d0 = t0 + k + 1, d0 + k
 
@@ -207,3 +211,38 @@ def test_a_batched_round_reads_the_device_once(monkeypatch):
     accept_batch(cands, target, draft, [False, True, False, True], [torch.Generator().manual_seed(i) for i in range(4)],
                  checks)
     assert reads == ["tolist"], reads
+
+
+def test_a_plain_round_draws_what_the_general_path_draws(monkeypatch):
+    """A round where no sequence drafts: each one's token, its excess surprisal and what it leaves in its
+    generator are those of the same sequence in a round where another one drafts; one read of the device."""
+    from toy import fed_check
+
+    V = 12
+    gen = torch.Generator().manual_seed(7)
+    rows = torch.softmax(3 * torch.randn(4, V, generator=gen), -1)
+    greedy, stable = [True, False, False, True], [False, False, True, True]
+    checks = [RelaxedCheck(), fed_check(BayesCheck(min_posterior=0.0), (0.1, 0.2), (0.6, 0.7)), RelaxedCheck(),
+              fed_check(ThresholdCheck(), (0.1, 0.2), (0.6, 0.8))]
+    gens = [torch.Generator().manual_seed(50 + i) for i in range(4)]
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or original(self))
+    plain = accept_batch([[]] * 4, rows, None, greedy, gens, checks, stable)
+    assert len(reads) == 1
+    # the same four bonus rows behind a drafting sequence 0 (general path): its rows come first
+    lead = torch.softmax(torch.randn(3, V, generator=gen), -1)
+    mixed = accept_batch([[1, 2]] + [[]] * 4, torch.cat((lead, rows)), torch.softmax(torch.randn(2, V), -1),
+                         [True] + greedy, [None] + [torch.Generator().manual_seed(50 + i) for i in range(4)],
+                         [RelaxedCheck()] + checks, [False] + stable)[1:]
+    for b, (p, m) in enumerate(zip(plain, mixed)):
+        assert (p.n_accepted, p.token, p.standard, p.distances, p.posteriors, p.n_relaxed) == \
+            (m.n_accepted, m.token, m.standard, m.distances, m.posteriors, m.n_relaxed), b
+        assert p.excess == pytest.approx(m.excess, abs=1e-6)
+        assert p.excess[0] == pytest.approx(-math.log(rows[b, p.token]) - float(entropy(rows[b : b + 1])), abs=1e-5)
+    assert plain[0].token == int(rows[0].argmax()) and plain[3].token == int(rows[3].argmax())
+    # the generators are where the general path leaves them
+    after = [torch.Generator().manual_seed(50 + i) for i in range(4)]
+    accept_batch([[1, 2]] + [[]] * 4, torch.cat((lead, rows)), torch.softmax(torch.randn(2, V), -1), [True] + greedy,
+                 [None] + after, [RelaxedCheck()] + checks, [False] + stable)
+    assert [g.get_state().tolist() for g in gens] == [g.get_state().tolist() for g in after]
