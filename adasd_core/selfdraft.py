@@ -21,6 +21,8 @@ target's check keeps every lossless method exact.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +33,9 @@ from adasd_core.device import release_freed_host_memory
 from adasd_core.errors import ModelLoadError
 
 SELF = "self"
+# bumped whenever the quantiser's output changes for the same inputs (its rounding, scale search, layouts):
+# statistics learned on a draft built another way must not load (warm.pair_identity reads build_id)
+QUANTISER_VERSION = 3
 PRECISIONS = ("int4", "int4-rtn", "int8")
 INT4_GROUPS = (64, 128, 32, 256)  # the kernel's group sizes, the preferred first
 
@@ -148,8 +153,20 @@ class SelfDraft:
         self.calibration = calibration
         # the relaxed check stays off by default, as for the shipped draft (min_posterior 1: lossless)
         self.config = SimpleNamespace(adasd_draft={"min_posterior": 1.0},
-                                      max_position_embeddings=target.config.max_position_embeddings)
+                                      max_position_embeddings=target.config.max_position_embeddings,
+                                      adasd_build=self.build_id())
         self._lean: lean.LeanModel | None = None
+
+    def build_id(self) -> dict:
+        """What the draft's weights follow from besides the target: the quantiser and its settings, the head's
+        rows, the calibration text, and which product runs them (the library's int4 or torch's)."""
+        def digest(ids) -> str | None:
+            return None if ids is None else hashlib.sha256(json.dumps([int(t) for t in ids]).encode()).hexdigest()[:16]
+
+        return {"quantiser": QUANTISER_VERSION, "precision": self.precision, "groups": INT4_GROUPS,
+                "alphas": SMOOTH_ALPHAS, "head": digest(self.tokens.tolist() if self.tokens is not None else None),
+                "calibration": digest(self.calibration),
+                "int4_kernel": "library" if paged_attention.kernel_available() else "torch"}
 
     def lean_model(self) -> lean.LeanModel:
         if self._lean is None:

@@ -284,3 +284,22 @@ def test_activation_aware_scales_fold_exactly_and_favour_the_loud_channels():
         return ((x / scale) @ selfdraft.rounded(w * scale).T - x @ w.T).pow(2).mean()
 
     assert err(s) < 0.9 * err(torch.ones(128))
+
+
+def test_the_warm_state_identity_follows_how_the_self_draft_was_built(quick_pair_dir, monkeypatch):
+    """Statistics learned on one quantisation must not load for another under the same --draft name: the
+    precision, the calibration, the head's rows and the quantiser's version are all in the pair's identity."""
+    from adasd_core.warm import pair_identity
+
+    target = str(quick_pair_dir / "target")
+    base = load_pair(target, "self", device="cpu")
+    ident = pair_identity(base, {"window": 20})
+    assert pair_identity(load_pair(target, "self", device="cpu"), {"window": 20}) == ident  # a restart
+    for name in ("self:int4-rtn", "self:int8"):  # no calibration; int8
+        assert pair_identity(load_pair(target, name, device="cpu"), {"window": 20}) != ident, name
+    other = load_pair(target, "self", device="cpu")
+    other.draft = selfdraft.SelfDraft(other.target, "int4", torch.tensor([0, 1, 3, 4]), base.draft.calibration)
+    assert pair_identity(other, {"window": 20}) != ident  # a head over part of the vocabulary
+    monkeypatch.setattr(selfdraft, "QUANTISER_VERSION", selfdraft.QUANTISER_VERSION + 1)
+    rebuilt = load_pair(target, "self", device="cpu")
+    assert rebuilt.draft_name == base.draft_name and pair_identity(rebuilt, {"window": 20}) != ident
