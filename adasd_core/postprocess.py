@@ -45,21 +45,25 @@ def finish_round(seq: Sequence, draft: Draft | None, verdict: Verdict, logits: t
     target's raw rows (for log-probabilities)."""
     candidates = draft.ids if draft else []
     k, n_acc, forced = len(candidates), verdict.n_accepted, seq.forced
+    in_draft = draft.forced if draft else []  # the grammar's forced candidates: counted as forced, not drafted
     seq.stats.target_forwards += 1
     if k:  # every learner reads the same observation: the candidates examined, labelled by the standard check
-        obs = verdict.observation(k, draft.entropies)
+        obs = verdict.observation(k, draft.entropies).without(in_draft)
         seq.relaxed.observe(obs)
         seq.policy.observe(obs)
         if seq.family is not None:  # the server's state learns from every request's rounds
             warm.observe(seq.family, obs)
         prior.observe(seq.method, obs)
-    n_standard = sum(verdict.standard[:n_acc])
-    seq.stats.observe_round(k, n_standard, n_acc - n_standard, bonus=k > 0 and n_acc == k,
-                            accepted_flags=[True] * n_acc + ([False] if n_acc < k else []))
+    skip = set(in_draft)
+    flags = [(ok, i < n_acc) for i, ok in enumerate(verdict.standard[: n_acc + (n_acc < k)]) if i not in skip]
+    n_standard = sum(ok and kept for ok, kept in flags)
+    n_kept = sum(kept for _, kept in flags)
+    seq.stats.observe_round(k - len(skip), n_standard, n_kept - n_standard, bonus=k > 0 and n_acc == k,
+                            accepted_flags=[kept for _, kept in flags])
     record = None
     if seq.stats.trace is not None or seq.token_sources:
         record = {"entropy_threshold": seq.policy.threshold if seq.policy else None, **seq.relaxed.state(),
-                  "drafted": k, "accepted": n_acc}
+                  "drafted": k - len(skip), "accepted": n_kept}
         if seq.stats.trace is not None:
             seq.stats.trace.append(record)
 
@@ -72,7 +76,7 @@ def finish_round(seq: Sequence, draft: Draft | None, verdict: Verdict, logits: t
             seq.constraint.consume(verdict.token)
         except GrammarDeadEnd:  # only where the row was left free (a dead end): the request ends here
             dead_end = "grammar_dead_end"
-    seq.stats.forced_tokens += len(forced)
+    seq.stats.forced_tokens += len(forced) + sum(1 for p in in_draft if p < n_acc)
 
     emitted = forced + candidates[:n_acc] + [verdict.token]
     logprobs = None

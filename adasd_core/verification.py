@@ -119,6 +119,17 @@ class Observation:
     entropies: tuple[float, ...]  # H(q) per examined candidate
     distances: tuple[float, ...] | None  # d(p, q) per examined candidate, where the relaxed check is on
 
+    def without(self, positions: list[int]) -> Observation:
+        """The round less the candidates at `positions` (a grammar's forced ones: no draft step chose them and
+        the check cannot fail them, so they teach nothing about the draft)."""
+        if not positions:
+            return self
+        skip = set(positions)
+        keep = [i for i in range(len(self.standard)) if i not in skip]
+        return Observation(self.drafted - len(skip), self.accepted - sum(1 for p in skip if p < self.accepted),
+                           tuple(self.standard[i] for i in keep), tuple(self.entropies[i] for i in keep),
+                           None if self.distances is None else tuple(self.distances[i] for i in keep))
+
     @property
     def rejected_entropies(self) -> list[float]:
         return [h for h, ok in zip(self.entropies, self.standard) if not ok]

@@ -190,8 +190,12 @@ def test_forced_runs_inside_a_draft_take_no_draft_step(seed):
     assert all(s == "forced" for s, ch in zip(sources, letters) if ch in ("c", "d", "e"))
     assert all(s != "forced" for s, ch in zip(sources, letters) if ch in ("a", "b"))
     st = gen.stats
-    # every draft step samples a free letter: at most the 3 letters and EOS, while the forced runs are candidates
-    assert st.drafted_tokens > st.draft_forwards and st.draft_forwards <= 4 * st.rounds
+    # every draft step samples a free letter: the forced runs ride along as candidates, counted as forced
+    # (not drafted: no step chose them), so only the sampled letters are drafted
+    forced_in_draft = sum(1 for s, ch in zip(sources, letters) if s == "forced")
+    assert st.forced_tokens == forced_in_draft == 9
+    assert st.drafted_tokens <= st.draft_forwards <= 4 * st.rounds
+    assert st.drafted_tokens == sum(st.drafted_by_position) and st.accepted_tokens <= st.drafted_tokens
 
 
 @pytest.mark.parametrize("spec, param", [

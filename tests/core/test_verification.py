@@ -246,3 +246,13 @@ def test_a_plain_round_draws_what_the_general_path_draws(monkeypatch):
     accept_batch([[1, 2]] + [[]] * 4, torch.cat((lead, rows)), torch.softmax(torch.randn(2, V), -1), [True] + greedy,
                  [None] + after, [RelaxedCheck()] + checks, [False] + stable)
     assert [g.get_state().tolist() for g in gens] == [g.get_state().tolist() for g in after]
+
+
+def test_an_observation_without_the_grammars_forced_candidates():
+    """Candidates 1 and 2 were forced (no draft step chose them): the learners see the sampled ones alone."""
+    obs = Observation(5, 3, (True, True, True, False), (0.5, 0.0, 0.0, 2.0), (0.1, 0.0, 0.0, 0.7))
+    less = obs.without([1, 2])
+    assert less == Observation(3, 1, (True, False), (0.5, 2.0), (0.1, 0.7))
+    assert less.rejected_entropies == [2.0] and less.acceptance == 0.5
+    assert obs.without([4]) == Observation(4, 3, (True, True, True, False), (0.5, 0.0, 0.0, 2.0), (0.1, 0.0, 0.0, 0.7))
+    assert obs.without([]) is obs
