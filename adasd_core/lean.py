@@ -37,6 +37,13 @@ PACK_MAX_GROWTH = 3.0
 # check keeps every lossless method exact. CPU only; ADASD_INT8=0 turns it off, ADASD_INT8=call takes
 # fbgemm's one activation scale per call (a row then depends on its batch mates; see Linear).
 INT8_ENV = "ADASD_INT8"
+# float32 products of up to F32_ROWS rows (decode and verify steps) through the CPU library's kernel
+# (paged_attention.f32_matmul): it reads each weight once for all its rows at memory speed, where MKL's
+# packed GEMM slows by 1.3-1.5x from 1 to 8 rows, and a row's output has the same bits at any row count
+# up to F32_ROWS (MKL's change below 4 rows). Larger calls (prefill, big verify batches) keep MKL, which
+# wins there. ADASD_F32_KERNEL=0 turns it off.
+F32_ENV = "ADASD_F32_KERNEL"
+F32_ROWS = 32
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -109,6 +116,15 @@ def _can_pack(weight: torch.Tensor) -> bool:
             and hasattr(torch.ops.mkl, "_mkl_linear") and os.environ.get(PACK_ENV, "1") != "0")
 
 
+def _f32_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    import os
+
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.is_contiguous() and weight.shape[1] % paged_attention.LANES == 0
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+            and os.environ.get(F32_ENV, "1") != "0" and paged_attention.kernel_available())
+
+
 def int8_weights(model) -> bool:
     """Whether the lean forward runs this model's matmuls on int8 weights."""
     import os
@@ -138,11 +154,12 @@ class Linear:
     scale (and the bias) are applied afterwards, element by element. A row's output is then bitwise
     the same in any batch, at the price of one GEMM row and a few elementwise ops per call."""
 
-    __slots__ = ("weight", "bias", "packed", "int8", "anchor")
+    __slots__ = ("weight", "bias", "packed", "int8", "anchor", "rows")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True,
                  int8: bool = False, per_call: bool = False):
         self.weight, self.bias, self.packed, self.int8, self.anchor = weight, bias, None, None, None
+        self.rows = 0  # calls of at most this many rows run on the library's float32 kernel
         if int8:
             w = weight.detach().float()
             scale = (w.abs().amax(1).clamp_min(1e-12) / 127).double()
@@ -158,6 +175,8 @@ class Linear:
                 self.anchor = w.new_zeros(1, w.shape[1])
                 self.anchor[0, 0], self.anchor[0, -1] = 1.0, -1.0
             return
+        if _f32_kernel(weight, bias):
+            self.rows = F32_ROWS
         if pack and _can_pack(weight):
             try:
                 packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.contiguous(), PACK_ROWS)
@@ -173,6 +192,8 @@ class Linear:
             return y.mul_(scale) if self.bias is None else torch.addcmul(self.bias, y, scale)
         if self.int8 is not None:  # ADASD_INT8=call: one scale for the whole batch
             return torch.ops.quantized.linear_dynamic(x, self.int8, True)
+        if x.shape[0] <= self.rows and x.dtype == torch.float32 and not x.requires_grad:
+            return paged_attention.f32_matmul(x, self.weight, self.bias)
         if self.packed is not None:  # one row too: 0.7x F.linear's matrix-vector product on the target's shapes
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, x.shape[0])
         return F.linear(x, self.weight, self.bias)

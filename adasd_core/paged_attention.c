@@ -480,3 +480,62 @@ int int4_matmul(const float *x, const uint8_t *q, const uint16_t *sm, const floa
     free(xsum);
     return 0;
 }
+
+/* Float32 products at the few rows of a decode or verify step: y [M, N] = x [M, K] W^T (+ bias [N]), W the
+ * weight as stored ([N, K], rows contiguous, no repacking). Four weight rows are streamed together and each
+ * meets up to FT rows of x while in L1; every output is one row of x against one row of W, accumulated in
+ * 16 lanes over K in order and summed in a fixed tree, so its bits do not depend on M or on which tile it
+ * fell in: a row's output is the same alone or in any batch. Memory bound at these M: the weights are read
+ * once per call. Returns 0, -2 if K % 16. */
+#define FN 4 /* weight rows per tile */
+#define FT 4 /* rows of x per pass over a tile */
+
+#ifndef F32_PREFETCH
+#define F32_PREFETCH 2 /* tiles ahead */
+#endif
+
+static inline __attribute__((always_inline)) void
+f32_tile(const float *x, const float *w, float *y, int R, int NJ, int K, int N, const float *b, const float *next) {
+    vec acc[FT][FN];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < NJ; j++) acc[i][j] = (vec){0};
+    for (int k = 0; k < K; k += W) {
+        if (next) /* a later tile's rows, a line each per step: more reads in flight than the streams keep */
+            for (int j = 0; j < FN; j++) __builtin_prefetch(next + (int64_t)j * K + k, 0, 2);
+        vec wv[FN];
+        for (int j = 0; j < NJ; j++) wv[j] = ld(w + (int64_t)j * K + k);
+        for (int i = 0; i < R; i++) {
+            vec xv = ld(x + (int64_t)i * K + k);
+            for (int j = 0; j < NJ; j++) acc[i][j] += xv * wv[j];
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < NJ; j++) y[(int64_t)i * N + j] = hsum16(acc[i][j]) + (b ? b[j] : 0.0f);
+}
+
+int f32_matmul(const float *x, const float *w, const float *bias, float *y, int M, int N, int K, int threads) {
+    if (K % W) return -2;
+    int tiles = (N + FN - 1) / FN;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tiles >= 8)
+    for (int t = 0; t < tiles; t++) {
+        int n = t * FN, nj = N - n < FN ? N - n : FN;
+        const float *wt = w + (int64_t)n * K, *b = bias ? bias + n : NULL;
+        const float *next = F32_PREFETCH && t + F32_PREFETCH < tiles - 1 ? wt + (int64_t)F32_PREFETCH * FN * K : NULL;
+        for (int m0 = 0; m0 < M; m0 += FT) {
+            int r = M - m0 < FT ? M - m0 : FT;
+            const float *xm = x + (int64_t)m0 * K, *pf = m0 == 0 ? next : NULL;
+            float *ym = y + (int64_t)m0 * N + n;
+            if (nj == FN) {
+                switch (r) {
+                case 1: f32_tile(xm, wt, ym, 1, FN, K, N, b, pf); break;
+                case 2: f32_tile(xm, wt, ym, 2, FN, K, N, b, pf); break;
+                case 3: f32_tile(xm, wt, ym, 3, FN, K, N, b, pf); break;
+                default: f32_tile(xm, wt, ym, FT, FN, K, N, b, pf); break;
+                }
+            } else {
+                f32_tile(xm, wt, ym, r, nj, K, N, b, NULL);
+            }
+        }
+    }
+    return 0;
+}

@@ -155,6 +155,19 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, sm: torch.Tensor, bias: t
     return y
 
 
+def f32_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] float32 times weight [N, K] (contiguous), transposed (+ bias) -> [M, N]: each row's output the
+    same bits in any batch (paged_attention.c f32_matmul). K a multiple of 16; the caller checks."""
+    x = x.contiguous()
+    M, K = x.shape
+    N = weight.size(0)
+    y = x.new_empty(M, N)
+    rc = _lib.f32_matmul(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                         M, N, K, torch.get_num_threads())
+    assert rc == 0, rc
+    return y
+
+
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                           q_seq: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
     """paged_attention by gathering the tables' blocks and one masked SDPA over the rows padded per sequence."""
@@ -278,4 +291,6 @@ def _load(path: Path) -> ctypes.CDLL:
         getattr(lib, name).restype = None
     lib.int4_matmul.argtypes = [ptr] * 5 + [i32] * 4
     lib.int4_matmul.restype = i32
+    lib.f32_matmul.argtypes = [ptr] * 4 + [i32] * 4
+    lib.f32_matmul.restype = i32
     return lib

@@ -151,6 +151,43 @@ def test_packed_linear_matches_the_plain_one_at_every_row_count():
     assert lean.Linear(weight.double()).packed is None  # other dtypes take the plain product
 
 
+def test_the_librarys_float32_product_is_the_product_and_the_same_bits_at_any_row_count(monkeypatch):
+    """Decode and verify calls (up to F32_ROWS rows) take the CPU library's kernel: the product within float32
+    rounding (against float64), output widths off its tiles of 4 rows, with and without a bias, and each row
+    bitwise the same alone as in any call up to F32_ROWS rows; larger calls keep MKL; ADASD_F32_KERNEL=0 and
+    widths it cannot take keep torch's product."""
+    from adasd_core import paged_attention
+
+    if not paged_attention.kernel_available():
+        pytest.fail("gcc is on this kind of machine: the CPU library must build")
+    gen = torch.Generator().manual_seed(5)
+    calls = []
+    real = paged_attention.f32_matmul
+    monkeypatch.setattr(paged_attention, "f32_matmul", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for n, k, with_bias in ((3, 16, False), (13, 48, True), (960, 576, False), (3071, 576, True)):
+        weight = torch.randn(n, k, generator=gen)
+        bias = torch.randn(n, generator=gen) if with_bias else None
+        lin = lean.Linear(weight, bias)
+        assert lin.rows == lean.F32_ROWS
+        x = torch.randn(lean.F32_ROWS, k, generator=gen)
+        y = lin(x)
+        ref = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+        assert (y.double() - ref).abs().max() <= 1e-6 * (x.abs() @ weight.abs().T).double().max() + 1e-5, (n, k)
+        for rows in ([0], [7], [0, 1], [2, 3, 4], list(range(5, 13)), list(range(3, 20))):
+            assert torch.equal(lin(x[rows]), y[rows]), (n, k, rows)
+    assert calls and max(calls) == lean.F32_ROWS
+    calls.clear()
+    big = lean.Linear(torch.randn(64, 32, generator=gen))
+    x = torch.randn(lean.F32_ROWS + 1, 32)
+    torch.testing.assert_close(big(x), F.linear(x, big.weight), rtol=1e-5, atol=1e-4)
+    assert calls == []  # past F32_ROWS: MKL
+    assert lean.Linear(torch.randn(8, 20)).rows == 0  # a width off the kernel's 16 lanes
+    assert lean.Linear(torch.randn(8, 32).double()).rows == 0
+    assert lean.Linear(torch.randn(32, 8).T).rows == 0  # not contiguous
+    monkeypatch.setenv(lean.F32_ENV, "0")
+    assert lean.Linear(torch.randn(8, 32)).rows == 0
+
+
 def test_a_packed_layout_that_would_grow_the_weight_past_the_limit_is_not_kept():
     """MKL's packed layout carries a fixed overhead of a few MB: the default target's output projection
     (576 x 576) packs to ~7x its bytes, its MLP's gate/up (3072 x 576) to under 3x. Only the latter keeps it."""
