@@ -96,6 +96,35 @@ def test_a_ragged_batch_gives_each_sequence_its_own_logits(name):
     assert fast.lengths == [ref.length(s) for s in range(4)] == [p + 2 for p in pos]
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2"])
+def test_decode_and_verify_rows_are_the_same_bits_alone_or_batched(name):
+    """On the CPU library (float32 products of up to F32_ROWS rows, row-wise norms and attention), a sequence's
+    decode and verify rows have the same bits whatever shares the call: greedy speculation against `ar` in
+    any batch compares the target with itself."""
+    from adasd_core import paged_attention
+
+    if DEVICE.type != "cpu":
+        pytest.skip("a property of the CPU library's path")
+    if not paged_attention.kernel_available():
+        pytest.fail("gcc is on this kind of machine: the CPU library must build")
+    model = MODELS[name]()
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, SMALL["vocab_size"], (80,), generator=g).tolist() for _ in range(4)]
+    batched, alone = kv_cache.make_pool(model, 4, 128), kv_cache.make_pool(model, 4, 128)
+    for s, n in enumerate((30, 17, 41, 5)):  # prompts fed alone in both pools (prefill is another kernel's)
+        for pool in (batched, alone):
+            pool.forward([s], [seqs[s][:n]])
+    for slots, ns in [([0, 1, 2, 3], [1, 1, 1, 1]), ([0, 1, 2, 3], [6, 1, 3, 8]), ([2, 0], [1, 5]),
+                      ([3, 1, 0], [4, 4, 1])]:
+        feeds = [seqs[s][batched.length(s) : batched.length(s) + n] for s, n in zip(slots, ns)]
+        rows = batched.forward(slots, feeds, all_logits=True).split(ns)
+        for s, feed, got in zip(slots, feeds, rows):
+            assert torch.equal(alone.forward([s], [feed], all_logits=True), got), (name, slots, s)
+        for s, n in zip(slots, ns):  # a rejection of all but the first
+            for pool in (batched, alone):
+                pool.rollback(s, pool.length(s) - n + 1)
+
+
 def test_unknown_architectures_keep_the_transformers_forward():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
     assert not lean.supports(gpt2)
