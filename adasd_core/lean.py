@@ -13,6 +13,7 @@ or disk, keep the transformers forward (kv_cache.HFPool).
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 
@@ -44,6 +45,9 @@ INT8_ENV = "ADASD_INT8"
 # wins there. ADASD_F32_KERNEL=0 turns it off.
 F32_ENV = "ADASD_F32_KERNEL"
 F32_ROWS = 32
+# every layer of a step in one call of the CPU library where all its products are on its kernels;
+# ADASD_LEAN_STACK=0 keeps one call per op (the same bits)
+STACK_ENV = "ADASD_LEAN_STACK"
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -197,6 +201,12 @@ class Linear:
         if self.packed is not None:  # one row too: 0.7x F.linear's matrix-vector product on the target's shapes
             return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, x.shape[0])
         return F.linear(x, self.weight, self.bias)
+
+    def stack_product(self) -> tuple | None:
+        """(kind, weight, scales, bias, n, k, most rows) for paged_attention.lean_stack, None off its kernels."""
+        if self.rows == 0 or self.anchor is not None or self.int8 is not None:
+            return None
+        return (0, self.weight, None, self.bias, *self.weight.shape, self.rows)
 
 
 class LeanModel:
@@ -553,11 +563,47 @@ def small_ops_fused(lean: LeanModel, x: torch.Tensor) -> bool:
             and lean.embed.dtype == torch.float32 and paged_attention.kernel_available())
 
 
+def _stack(lean: LeanModel) -> tuple[paged_attention.Stack | None, int]:
+    """The layers as one lean_stack call reads them, and the most rows it takes (0: some product is on
+    neither of the library's kernels); built once per layer list (a quantised copy has its own)."""
+    cached = getattr(lean, "_stack_of", None)
+    if cached is not None and cached[0] is lean.layers:
+        return cached[1], cached[2]
+    products, rows = [], 1 << 30
+    for _, qkv, o, _, gate_up, down in lean.layers:
+        for lin in (qkv, o, gate_up, down):
+            p = getattr(lin, "stack_product", lambda: None)()
+            if p is None:
+                rows = 0
+                break
+            products.append(p[:6])
+            rows = min(rows, p[6])
+        if rows == 0:
+            break
+    stack = None
+    if rows and os.environ.get(STACK_ENV, "1") != "0":
+        stack = paged_attention.Stack(products, [ln1 for ln1, *_ in lean.layers], [ly[3] for ly in lean.layers])
+    else:
+        rows = 0
+    lean._stack_of = (lean.layers, stack, rows)
+    return stack, rows
+
+
 def _forward_fused(lean: LeanModel, batch: Ragged, x: torch.Tensor, k_pool, v_pool, all_logits: bool,
                    capture: tuple[int, ...], kept: dict):
     """forward's layers with a residual add and the next norm in one call, and SiLU(gate) * up in one;
-    the same arithmetic row by row, so rows stay batch-invariant."""
+    the same arithmetic row by row, so rows stay batch-invariant. Where every product is on the library's
+    kernels and the KV is paged, all the layers run in one call of the same functions (lean_stack)."""
     layers, eps, K = lean.layers, lean.eps, paged_attention
+    p = batch.paged
+    if p is not None and p.fused and isinstance(k_pool, torch.Tensor):
+        stack, rows = _stack(lean)
+        if stack is not None and batch.T <= rows:
+            out = K.lean_stack(stack, x.contiguous(), k_pool, v_pool, batch.cos_rows, batch.sin_rows, p.table32,
+                               p.seq32, p.pos32, lean.n_heads, lean.scale, eps, capture)
+            x, hidden = out if capture else (out, None)
+            logits = lean.logits(x if all_logits else batch.last_rows(x))
+            return (logits, hidden) if capture else logits
     h = K.rms_norm(x, layers[0][0], eps)
     for i, (_, qkv, o_proj, ln2, gate_up, down) in enumerate(layers):
         if i in capture:

@@ -539,3 +539,60 @@ int f32_matmul(const float *x, const float *w, const float *bias, float *y, int 
     }
     return 0;
 }
+
+/* A whole decode or verify step's layers in one call (the lean forward's fused path, lean.py): per layer
+ * h -> qkv -> rotary, K/V writes and attention -> o -> residual add and norm -> gate_up -> SiLU x up ->
+ * down -> residual add and the next layer's norm, each stage the same function the per-op path calls,
+ * so the result has the same bits; only the Python between the stages is gone. A product is an f32
+ * weight (kind 0: f32_matmul) or an int4_pack'ed one (kind 1: int4_matmul). x [T, C] holds the
+ * embeddings and comes back as the last layer's output; `keep` [L + 1] says which layers' inputs (L: the
+ * output) to copy into kept [T, n_keep * C] and where (-1: none). Scratch: stack_scratch floats. */
+typedef struct {
+    const void *w;      /* f32 weight [N, K], or int4 codes */
+    const uint16_t *sm; /* int4 scales and minimums */
+    const float *b;     /* bias or NULL */
+    int32_t kind, n, k, pad;
+} lean_linear;
+
+int64_t stack_scratch(int T, int C, int H, int Hkv, int D, int F) {
+    return (int64_t)T * ((H + 2 * Hkv) * D + 2 * H * D + C + 3 * F + C);
+}
+
+static int stack_product(const lean_linear *l, const float *x, float *y, int M, int threads) {
+    if (l->kind == 0) return f32_matmul(x, (const float *)l->w, l->b, y, M, l->n, l->k, threads);
+    return int4_matmul(x, (const uint8_t *)l->w, l->sm, l->b, y, M, l->n, l->k, threads);
+}
+
+static void keep_rows(const float *x, float *kept, int slot, int n_keep, int T, int C) {
+    for (int t = 0; t < T; t++) memcpy(kept + ((int64_t)t * n_keep + slot) * C, x + (int64_t)t * C, sizeof(float) * C);
+}
+
+int lean_stack(float *x, float *scratch, int L, const lean_linear *lin, const float *const *ln1,
+               const float *const *ln2, float *const *kp, float *const *vp, const float *cos, const float *sin,
+               const int32_t *tables, const int32_t *q_seq, const int32_t *q_pos, const int32_t *keep, float *kept,
+               int n_keep, int T, int C, int H, int Hkv, int D, int F, int B, int nb_max, int nblocks, int bs,
+               int64_t k_sh, int64_t k_sb, int64_t v_sh, int64_t v_sb, float scale, float eps, int threads) {
+    float *fused = scratch, *qbuf = fused + (int64_t)T * (H + 2 * Hkv) * D, *attn = qbuf + (int64_t)T * H * D;
+    float *o = attn + (int64_t)T * H * D, *gu = o + (int64_t)T * C, *act = gu + (int64_t)T * 2 * F;
+    float *h = act + (int64_t)T * F;
+    int rc;
+    rms_norm_rows(x, ln1[0], h, T, C, eps);
+    for (int i = 0; i < L; i++) {
+        const lean_linear *l = lin + 4 * i;
+        if (keep[i] >= 0) keep_rows(x, kept, keep[i], n_keep, T, C);
+        if ((rc = stack_product(l, h, fused, T, threads))) return rc;
+        rc = rope_write_attend(fused, cos, sin, kp[i], vp[i], tables, q_seq, q_pos, qbuf, attn, T, H, Hkv, D, B,
+                               nb_max, nblocks, bs, k_sh, k_sb, v_sh, v_sb, scale, threads);
+        if (rc) return rc;
+        if ((rc = stack_product(l + 1, attn, o, T, threads))) return rc;
+        add_rms_norm(x, o, ln2[i], x, h, T, C, eps);
+        if ((rc = stack_product(l + 2, h, gu, T, threads))) return rc;
+        silu_mul(gu, act, T, F);
+        if ((rc = stack_product(l + 3, act, o, T, threads))) return rc;
+        if (i + 1 < L) add_rms_norm(x, o, ln1[i + 1], x, h, T, C, eps);
+        else
+            for (int64_t j = 0; j < (int64_t)T * C; j++) x[j] += o[j];
+    }
+    if (keep[L] >= 0) keep_rows(x, kept, keep[L], n_keep, T, C);
+    return 0;
+}

@@ -168,6 +168,73 @@ def f32_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return y
 
 
+class StackLinear(ctypes.Structure):
+    """lean_stack's view of one product: kind 0 a float32 weight [n, k] (f32_matmul), 1 int4_pack'ed codes
+    and scales (int4_matmul)."""
+    _fields_ = [("w", ctypes.c_void_p), ("sm", ctypes.c_void_p), ("b", ctypes.c_void_p), ("kind", ctypes.c_int32),
+                ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("pad", ctypes.c_int32)]
+
+
+class Stack:
+    """A model's layers as one lean_stack call reads them: per layer the fused qkv, o, fused gate_up and down
+    products, given as (kind, weight or codes, scales or None, bias or None, n, k), and the two norms' weights.
+    The tensors are the model's own; the caller keeps them alive (the layer list does)."""
+
+    def __init__(self, products: list[tuple], ln1: list[torch.Tensor], ln2: list[torch.Tensor]):
+        self.L = len(ln1)
+        assert len(products) == 4 * self.L
+        self.lin = (StackLinear * len(products))(*(
+            StackLinear(w.data_ptr(), None if sm is None else sm.data_ptr(), None if b is None else b.data_ptr(),
+                        kind, n, k, 0) for kind, w, sm, b, n, k in products))
+        ptrs = ctypes.c_void_p * self.L
+        self.ln1, self.ln2 = ptrs(*(t.data_ptr() for t in ln1)), ptrs(*(t.data_ptr() for t in ln2))
+        self.C = ln1[0].numel()
+        self.F = products[3][5]  # down's input: the MLP's width
+        self._pools: tuple | None = None
+
+    def pools(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """Each layer's K and V base pointers of pools [L, H_kv, NB, bs, D] (cached: the pool stays put)."""
+        key = (k.data_ptr(), v.data_ptr(), k.shape, k.stride(), v.stride())
+        if self._pools is None or self._pools[0] != key:
+            ptrs = ctypes.c_void_p * self.L
+            kp = ptrs(*(k.data_ptr() + i * k.stride(0) * k.element_size() for i in range(self.L)))
+            vp = ptrs(*(v.data_ptr() + i * v.stride(0) * v.element_size() for i in range(self.L)))
+            self._pools = (key, kp, vp)
+        return self._pools[1], self._pools[2]
+
+
+def lean_stack(stack: Stack, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, tables: torch.Tensor, q_seq: torch.Tensor, q_pos: torch.Tensor, H: int,
+               scale: float, eps: float, capture: tuple[int, ...] = ()) -> torch.Tensor | tuple:
+    """Every layer of a step in one call (paged_attention.c lean_stack): x [T, C] the embeddings (overwritten
+    with the last layer's output, which comes back), pools [L, H_kv, NB, bs, D] as rope_write_attend's; with
+    `capture`, (x, the inputs of those layers concatenated [T, len(capture) C]) as lean.forward returns."""
+    T, C = x.shape
+    L, F = stack.L, stack.F
+    _, Hkv, NB, bs, D = k_pool.shape
+    assert x.is_contiguous() and x.dtype == torch.float32 and C == stack.C, (x.shape, x.stride(), x.dtype)
+    kp, vp = stack.pools(k_pool, v_pool)
+    scratch = x.new_empty(_lib.stack_scratch(T, C, H, Hkv, D, F))
+    ids = list(dict.fromkeys(capture))  # a layer asked for twice is kept once
+    keep = (ctypes.c_int32 * (L + 1))(*[-1] * (L + 1))
+    for j, i in enumerate(ids):
+        keep[i] = j
+    kept = x.new_empty(T, len(ids) * C) if capture else None
+    ks, vs = k_pool[0].stride(), v_pool[0].stride()
+    rc = _lib.lean_stack(x.data_ptr(), scratch.data_ptr(), L, stack.lin, stack.ln1, stack.ln2, kp, vp, cos.data_ptr(),
+                         sin.data_ptr(), tables.data_ptr(), q_seq.data_ptr(), q_pos.data_ptr(), keep,
+                         None if kept is None else kept.data_ptr(), len(ids), T, C, H, Hkv, D, F,
+                         tables.size(0), tables.size(1), NB, bs, ks[0], ks[1], vs[0], vs[1], scale, eps,
+                         torch.get_num_threads())
+    if rc == -1:
+        raise IndexError(f"lean_stack: a block id past the pool's {NB} blocks, a sequence past the table's "
+                         f"{tables.size(0)} rows, or a position past its {tables.size(1) * bs} keys")
+    assert rc == 0, rc
+    if len(ids) < len(capture):
+        kept = kept.view(T, len(ids), C)[:, [ids.index(i) for i in capture]].reshape(T, -1)
+    return (x, kept) if capture else x
+
+
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                           q_seq: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
     """paged_attention by gathering the tables' blocks and one masked SDPA over the rows padded per sequence."""
@@ -293,4 +360,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.int4_matmul.restype = i32
     lib.f32_matmul.argtypes = [ptr] * 4 + [i32] * 4
     lib.f32_matmul.restype = i32
+    lib.stack_scratch.argtypes = [i32] * 6
+    lib.stack_scratch.restype = i64
+    lib.lean_stack.argtypes = [ptr, ptr, i32] + [ptr] * 12 + [i32] * 11 + [i64] * 4 + [f32, f32, i32]
+    lib.lean_stack.restype = i32
     return lib

@@ -96,12 +96,12 @@ class Int4Linear:
     (paged_attention.int4_matmul: groups of 64) the activations stay float32 and nothing is converted;
     elsewhere torch's packed CPU int4 kernel runs on bf16 activations. The output is float32."""
 
-    __slots__ = ("packed", "scales", "bias", "group", "own", "n")
+    __slots__ = ("packed", "scales", "bias", "group", "own", "n", "k")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         w = weight.detach().float()
         n, k = w.shape
-        self.n = n
+        self.n, self.k = n, k
         self.own = own_int4(k)
         self.group = group = weight_group(k)
 
@@ -123,6 +123,10 @@ class Int4Linear:
     @property
     def weight(self) -> torch.Tensor:  # where lean reads a Linear's device
         return self.scales
+
+    def stack_product(self) -> tuple | None:
+        """(kind, codes, scales, bias, n, k, most rows) for paged_attention.lean_stack, None off its kernel."""
+        return (1, self.packed, self.scales, self.bias, self.n, self.k, 1 << 30) if self.own else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.own:

@@ -125,6 +125,48 @@ def test_decode_and_verify_rows_are_the_same_bits_alone_or_batched(name):
                 pool.rollback(s, pool.length(s) - n + 1)
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-bias-llama3-rope", "int4-self-draft"])
+def test_the_one_call_stack_gives_the_per_op_paths_bits(name, monkeypatch):
+    """All layers of a decode or verify step in one call of the CPU library (lean_stack) run the per-op path's
+    functions in its order: the same logits and captured hidden states, bit for bit, float32 and int4."""
+    from adasd_core import paged_attention, selfdraft
+
+    if DEVICE.type != "cpu":
+        pytest.skip("a property of the CPU library's path")
+    if not paged_attention.kernel_available():
+        pytest.fail("gcc is on this kind of machine: the CPU library must build")
+    if name == "int4-self-draft":  # widths the library's int4 product takes (multiples of 64)
+        target = _model(LlamaForCausalLM, LlamaConfig, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=128, num_hidden_layers=3)
+        model = selfdraft.quantised(lean.lean_model(target), "int4", None)
+        assert isinstance(model.layers[0][1], selfdraft.Int4Linear) and model.layers[0][1].own
+    else:
+        target = MODELS[name]()
+        model = lean.lean_model(target)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, SMALL["vocab_size"], (60,), generator=g).tolist() for _ in range(3)]
+    pool = kv_cache.make_pool(target, 3, 128)
+    for s, n in enumerate((20, 9, 33)):
+        pool.forward([s], [seqs[s][:n]])
+    capture = (0, 1, model.n_layers, 1)  # the inputs of layers 0 and 1 (twice) and the last layer's output
+
+    def step(slots, ns, env):
+        monkeypatch.setenv(lean.STACK_ENV, env)
+        model.__dict__.pop("_stack_of", None)
+        feeds = [seqs[s][pool.length(s) : pool.length(s) + n] for s, n in zip(slots, ns)]
+        paged = lean.Paged([pool.blocks.tables[s] for s in slots], pool.blocks.size)
+        out = lean.forward(model, pool.k, pool.v, slots, [pool.length(s) for s in slots], feeds, True, capture,
+                           paged=paged)
+        assert (model._stack_of[1] is not None) == (env == "1"), "the stack path must run (and only when on)"
+        return out
+
+    step([0], [1], "1")  # grows the rotary table once, outside the comparison
+    for slots, ns in [([0], [1]), ([0, 1, 2], [1, 1, 1]), ([2, 0], [6, 3]), ([1], [5])]:
+        (logits, hidden), (logits_1, hidden_1) = step(slots, ns, "0"), step(slots, ns, "1")
+        assert torch.equal(logits, logits_1) and torch.equal(hidden, hidden_1), (name, slots, ns)
+        assert hidden.shape == (sum(ns), len(capture) * SMALL["hidden_size"])
+
+
 def test_unknown_architectures_keep_the_transformers_forward():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
     assert not lean.supports(gpt2)
