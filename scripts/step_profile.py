@@ -99,20 +99,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--context", type=int, default=64, help="tokens already in the cache at each step")
     args = ap.parse_args()
+    ctx = args.context
     torch.set_num_threads(args.threads)
     pair = load_pair(TARGET, None, device="cpu", max_model_len=512)
-    pool = make_pool(pair.target, 1, 600)
-    ids = list(range(100, 164))
+    pool = make_pool(pair.target, 1, ctx + 64)
+    ids = [100 + i % 1000 for i in range(ctx)]
     pool.forward([0], [ids])
 
     def step():
         pool.forward([0], [ids[:1]])[-1].argmax().item()
-        pool.rollback(0, 64)
+        pool.rollback(0, ctx)
 
     for _ in range(5):
         step()
-    print(f"threads {args.threads}; eager step median {median_ms(step, args.rounds):.1f} ms")
+    print(f"threads {args.threads}, context {ctx}; eager step median {median_ms(step, args.rounds):.1f} ms")
     whole, products = interleaved([step, products_only(L.lean_model(pair.target))], args.rounds)
     print(f"interleaved: step {whole:.1f} ms, its matrix products alone {products:.1f} ms: "
           f"step / products {whole / products:.2f}")
@@ -128,19 +130,19 @@ def main() -> None:
     if not args.compile:
         return
     lm = L.lean_model(pair.target)
-    lm.rotary(torch.arange(600), 600)
-    slots = SlotPool(lm, 1, 600)  # the compiled core writes one contiguous slot
+    lm.rotary(torch.arange(ctx + 64), ctx + 64)
+    slots = SlotPool(lm, 1, ctx + 64)  # the compiled core writes one contiguous slot
     slots.forward([0], [ids])
     compiled = torch.compile(decode_core(lm, slots.k, slots.v))
-    tok, pos = torch.tensor([ids[0]]), torch.tensor([64])
+    tok, pos = torch.tensor([ids[0]]), torch.tensor([ctx])
     t0 = time.perf_counter()
     eager_logits = pool.forward([0], [ids[:1]])[-1]
-    pool.rollback(0, 64)
-    got = compiled(tok, pos, 64, 65)[-1]
+    pool.rollback(0, ctx)
+    got = compiled(tok, pos, ctx, ctx + 1)[-1]
     print(f"compile {time.perf_counter() - t0:.1f} s; max |compiled - eager| {(got - eager_logits).abs().max():.2e}")
 
     def cstep():
-        compiled(tok, pos, 64, 65).argmax().item()
+        compiled(tok, pos, ctx, ctx + 1).argmax().item()
 
     eager, comp = [], []
     for r in range(args.rounds):  # interleaved, the order alternating
