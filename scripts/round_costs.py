@@ -31,7 +31,7 @@ def main() -> None:
             pool.forward([s], [torch.randint(0, 49000, (CONTEXT,), generator=gen).tolist()])
         slots = list(range(B))
 
-        def back() -> None:
+        def back(pool=pool, slots=slots) -> None:
             for s in slots:
                 pool.rollback(s, CONTEXT)
 
