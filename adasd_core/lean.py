@@ -563,30 +563,19 @@ def small_ops_fused(lean: LeanModel, x: torch.Tensor) -> bool:
             and lean.embed.dtype == torch.float32 and paged_attention.kernel_available())
 
 
-def _stack(lean: LeanModel) -> tuple[paged_attention.Stack | None, int]:
-    """The layers as one lean_stack call reads them, and the most rows it takes (0: some product is on
-    neither of the library's kernels); built once per layer list (a quantised copy has its own)."""
+def _stack(lean: LeanModel) -> paged_attention.Stack | None:
+    """The layers as one lean_stack call reads them, None where some product is on neither of the library's
+    kernels (or ADASD_LEAN_STACK=0); built once per layer list (a quantised copy has its own)."""
     cached = getattr(lean, "_stack_of", None)
     if cached is not None and cached[0] is lean.layers:
-        return cached[1], cached[2]
-    products, rows = [], 1 << 30
-    for _, qkv, o, _, gate_up, down in lean.layers:
-        for lin in (qkv, o, gate_up, down):
-            p = getattr(lin, "stack_product", lambda: None)()
-            if p is None:
-                rows = 0
-                break
-            products.append(p[:6])
-            rows = min(rows, p[6])
-        if rows == 0:
-            break
+        return cached[1]
+    products = [getattr(lin, "stack_product", lambda: None)()
+                for _, qkv, o, _, gate_up, down in lean.layers for lin in (qkv, o, gate_up, down)]
     stack = None
-    if rows and os.environ.get(STACK_ENV, "1") != "0":
+    if all(products) and os.environ.get(STACK_ENV, "1") != "0":
         stack = paged_attention.Stack(products, [ln1 for ln1, *_ in lean.layers], [ly[3] for ly in lean.layers])
-    else:
-        rows = 0
-    lean._stack_of = (lean.layers, stack, rows)
-    return stack, rows
+    lean._stack_of = (lean.layers, stack)
+    return stack
 
 
 def _forward_fused(lean: LeanModel, batch: Ragged, x: torch.Tensor, k_pool, v_pool, all_logits: bool,
@@ -597,8 +586,8 @@ def _forward_fused(lean: LeanModel, batch: Ragged, x: torch.Tensor, k_pool, v_po
     layers, eps, K = lean.layers, lean.eps, paged_attention
     p = batch.paged
     if p is not None and p.fused and isinstance(k_pool, torch.Tensor):
-        stack, rows = _stack(lean)
-        if stack is not None and batch.T <= rows:
+        stack = _stack(lean)
+        if stack is not None and batch.T <= stack.rows:
             out = K.lean_stack(stack, x.contiguous(), k_pool, v_pool, batch.cos_rows, batch.sin_rows, p.table32,
                                p.seq32, p.pos32, lean.n_heads, lean.scale, eps, capture)
             x, hidden = out if capture else (out, None)

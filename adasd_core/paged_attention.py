@@ -177,20 +177,32 @@ class StackLinear(ctypes.Structure):
 
 class Stack:
     """A model's layers as one lean_stack call reads them: per layer the fused qkv, o, fused gate_up and down
-    products, given as (kind, weight or codes, scales or None, bias or None, n, k), and the two norms' weights.
-    The tensors are the model's own; the caller keeps them alive (the layer list does)."""
+    products, given as (kind, weight or codes, scales or None, bias or None, n, k, most rows), and the two
+    norms' weights. The tensors are the model's own; the caller keeps them alive (the layer list does)."""
 
     def __init__(self, products: list[tuple], ln1: list[torch.Tensor], ln2: list[torch.Tensor]):
         self.L = len(ln1)
         assert len(products) == 4 * self.L
         self.lin = (StackLinear * len(products))(*(
             StackLinear(w.data_ptr(), None if sm is None else sm.data_ptr(), None if b is None else b.data_ptr(),
-                        kind, n, k, 0) for kind, w, sm, b, n, k in products))
+                        kind, n, k, 0) for kind, w, sm, b, n, k, _ in products))
+        self.rows = min(p[6] for p in products)  # the most rows a call takes
         ptrs = ctypes.c_void_p * self.L
         self.ln1, self.ln2 = ptrs(*(t.data_ptr() for t in ln1)), ptrs(*(t.data_ptr() for t in ln2))
         self.C = ln1[0].numel()
         self.F = products[3][5]  # down's input: the MLP's width
         self._pools: tuple | None = None
+        self._keeps: dict[tuple[int, ...], tuple] = {}
+
+    def keep(self, capture: tuple[int, ...]) -> tuple:
+        """(the distinct layer ids of `capture` in order, lean_stack's keep array [L + 1]), cached per capture."""
+        if capture not in self._keeps:
+            ids = list(dict.fromkeys(capture))  # a layer asked for twice is kept once
+            keep = (ctypes.c_int32 * (self.L + 1))(*[-1] * (self.L + 1))
+            for j, i in enumerate(ids):
+                keep[i] = j
+            self._keeps[capture] = (ids, keep)
+        return self._keeps[capture]
 
     def pools(self, k: torch.Tensor, v: torch.Tensor) -> tuple:
         """Each layer's K and V base pointers of pools [L, H_kv, NB, bs, D] (cached: the pool stays put)."""
@@ -215,12 +227,9 @@ def lean_stack(stack: Stack, x: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     assert x.is_contiguous() and x.dtype == torch.float32 and C == stack.C, (x.shape, x.stride(), x.dtype)
     kp, vp = stack.pools(k_pool, v_pool)
     scratch = x.new_empty(_lib.stack_scratch(T, C, H, Hkv, D, F))
-    ids = list(dict.fromkeys(capture))  # a layer asked for twice is kept once
-    keep = (ctypes.c_int32 * (L + 1))(*[-1] * (L + 1))
-    for j, i in enumerate(ids):
-        keep[i] = j
+    ids, keep = stack.keep(tuple(capture))
     kept = x.new_empty(T, len(ids) * C) if capture else None
-    ks, vs = k_pool[0].stride(), v_pool[0].stride()
+    ks, vs = k_pool.stride()[1:], v_pool.stride()[1:]
     rc = _lib.lean_stack(x.data_ptr(), scratch.data_ptr(), L, stack.lin, stack.ln1, stack.ln2, kp, vp, cos.data_ptr(),
                          sin.data_ptr(), tables.data_ptr(), q_seq.data_ptr(), q_pos.data_ptr(), keep,
                          None if kept is None else kept.data_ptr(), len(ids), T, C, H, Hkv, D, F,
