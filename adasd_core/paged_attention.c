@@ -292,6 +292,54 @@ void silu_mul(const float *gu, float *out, int T, int F) {
     }
 }
 
+/* log(x) for normal x > 0 (Cephes' logf polynomial, as exp_nonpositive above) */
+static inline vec log_positive(vec x) {
+    veci bits = (veci)x;
+    vec e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, vec);
+    vec m = (vec)((bits & 0x807fffff) | 0x3f000000); /* x = m 2^e, m in [0.5, 1) */
+    veci low = m < 0.707106781186547524f;
+    e = blend(low, e - 1.0f, e);
+    m = blend(low, m + m - 1.0f, m - 1.0f);
+    vec z = m * m;
+    vec y = m * 7.0376836292e-2f - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z + e * -2.12194440e-4f - 0.5f * z;
+    return m + y + e * 0.693359375f;
+}
+
+/* out[r] = -sum_v p log p over row r of p [R, V], each p clamped below at 1e-30 (a model's tail is often
+ * subnormal, and subnormal arithmetic runs many times slower); one pass per row, no temporaries, the
+ * lanes summed in a fixed order, so a row's entropy is the same alone or in any batch. */
+void row_entropy(const float *p, float *out, int R, int V, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && R >= 4)
+    for (int r = 0; r < R; r++) {
+        const float *pr = p + (int64_t)r * V;
+        vec part = {0}; /* float sums of 256 values each, carried in double */
+        double s = 0.0;
+        int i = 0;
+        for (; i + W <= V; i += W) {
+            vec x = vmax(ld(pr + i), (vec){0} + 1e-30f);
+            part += x * log_positive(x);
+            if ((i / W) % 16 == 15) {
+                s += hsum16(part);
+                part = (vec){0};
+            }
+        }
+        s += hsum16(part);
+        for (; i < V; i++) {
+            float x = pr[i] > 1e-30f ? pr[i] : 1e-30f;
+            s += x * logf(x);
+        }
+        out[r] = (float)-s;
+    }
+}
+
 /* Weight-only 4-bit products (the self-draft's matrices): y [M, N] = x [M, K] W^T (+ bias [N]). W is stored in
  * blocks of 16 rows (the last padded with zero rows): for each group of 64 weights along K, 8 x 64 bytes, byte
  * 4 l + e of the cc-th holding row l's weight 8 cc + e in its low nibble and 8 cc + 4 + e in its high one; then

@@ -123,6 +123,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def row_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """probs [R, V] float32 -> [R] Shannon entropy in nats, each probability clamped below at 1e-30."""
+    assert probs.dtype == torch.float32 and probs.dim() == 2 and probs.is_contiguous(), (probs.dtype, probs.shape)
+    out = probs.new_empty(probs.size(0))
+    _lib.row_entropy(probs.data_ptr(), out.data_ptr(), probs.size(0), probs.size(1), torch.get_num_threads())
+    return out
+
+
 INT4_GROUP = 64  # int4_matmul's weights per group
 INT4_BLOCK = 16  # and rows per block
 
@@ -365,6 +373,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.silu_mul.argtypes = [ptr, ptr, i32, i32]
     for name in ("rms_norm_rows", "add_rms_norm", "silu_mul"):
         getattr(lib, name).restype = None
+    lib.row_entropy.argtypes = [ptr, ptr, i32, i32, i32]
+    lib.row_entropy.restype = None
     lib.int4_matmul.argtypes = [ptr] * 5 + [i32] * 4
     lib.int4_matmul.restype = i32
     lib.f32_matmul.argtypes = [ptr] * 4 + [i32] * 4

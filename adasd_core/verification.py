@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adasd_core import paged_attention
 from adasd_core.device import int_tensors
 from adasd_core.sampling import categorical, exponentials, inverse_cdf, race, top_token
 
@@ -30,7 +31,10 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     """[N, V] -> [N] Shannon entropy in nats."""
     # clamped on both sides: a model's tail probabilities are often subnormal floats, whose products run
     # several times slower on x86; the clamp adds at most V x 7e-29 nats
-    probs = probs.float().clamp_min(1e-30)
+    probs = probs.float()
+    if probs.device.type == "cpu" and probs.dim() == 2 and paged_attention.kernel_available():
+        return paged_attention.row_entropy(probs.contiguous())  # one pass per row: no [N, V] temporaries
+    probs = probs.clamp_min(1e-30)
     return -(probs * torch.log(probs)).sum(-1)
 
 

@@ -212,6 +212,27 @@ def test_norms_and_gated_product_match_torch_and_are_batch_invariant(kernel, C):
         assert torch.equal(pa.silu_mul(gu[r : r + 1]), pa.silu_mul(gu)[r : r + 1])
 
 
+@pytest.mark.parametrize("V", [49152, 1000, 7])  # the default vocabulary, a ragged tail, shorter than the lanes
+def test_row_entropy_matches_float64_and_is_batch_invariant(kernel, V):
+    from adasd_core.verification import entropy
+
+    g = torch.Generator().manual_seed(V)
+    # flat to sharp rows, then a one-hot, a uniform one and one with zeros and subnormals
+    z = torch.randn(8, V, generator=g) * torch.tensor([0.01, 0.3, 1, 2, 4, 8, 20, 60])[:, None]
+    special = torch.zeros(3, V)
+    special[0, V // 2] = 1
+    special[1] = 1 / V
+    special[2, :4] = torch.tensor([0.5, 0.25, 0.25 - 1e-40, 1e-40])
+    p = torch.cat((torch.softmax(z, -1), special))
+    q = p.double().clamp_min(1e-30)
+    want = -(q * q.log()).sum(-1)
+    got = pa.row_entropy(p)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6), (got, want)
+    assert torch.equal(entropy(p), got)  # verification's entropy runs on it on the CPU
+    for r in range(p.size(0)):  # a row alone gives the same bits as in the batch
+        assert torch.equal(pa.row_entropy(p[r : r + 1].clone()), got[r : r + 1])
+
+
 def test_lean_forward_runs_the_fused_ops_and_agrees_with_the_plain_ops(kernel, monkeypatch):
     """The tiny target through the paged pool: the one-call layer ops are what runs on the CPU, and its
     logits over a prefill, a ragged batch and a decode step match the plain tensor ops'."""
