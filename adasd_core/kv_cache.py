@@ -337,10 +337,10 @@ class LeanPool:
 
     @torch.inference_mode()
     def forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool = False,
-                capture: tuple[int, ...] = (), alone: bool = False):
+                capture: tuple[int, ...] = (), alone: bool = False, want_logits: bool = True):
         """feeds[b] appended to slots[b] -> logits [B, V] at each last token, or [sum n_b, V]; with
-        `capture`, (logits, the captured layers' inputs [sum n_b, ...]); `alone`: rows batch-invariant
-        (lean.forward)."""
+        `capture`, (logits, the captured layers' inputs [sum n_b, ...]); `alone`: rows batch-invariant;
+        `want_logits` False: None for the logits (lean.forward)."""
         blocks = self.blocks
         starts = [self.lengths[s] for s in slots]
         for s, start, feed in zip(slots, starts, feeds):
@@ -348,7 +348,8 @@ class LeanPool:
                 raise AssertionError(f"KV slot overflow: position {start + len(feed)} past capacity {self.capacity}")
             blocks.grow(s, feed)
         paged = lean.Paged([blocks.tables[s] for s in slots], blocks.size)
-        out = lean.forward(self.lean, self.k, self.v, slots, starts, feeds, all_logits, capture, alone, paged)
+        out = lean.forward(self.lean, self.k, self.v, slots, starts, feeds, all_logits, capture, alone, paged,
+                           want_logits=want_logits)
         for s, feed in zip(slots, feeds):
             self.lengths[s] += len(feed)
         return out
@@ -430,8 +431,9 @@ class HFPool:
 
     @torch.inference_mode()
     def forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool = False,
-                alone: bool = False) -> torch.Tensor:
-        """As LeanPool.forward; every sequence runs alone already."""
+                alone: bool = False, want_logits: bool = True) -> torch.Tensor:
+        """As LeanPool.forward; every sequence runs alone already (and its logits come back whatever
+        `want_logits` says: the model computes them anyway)."""
         device = self.model.get_input_embeddings().weight.device
         out = []
         for s, feed in zip(slots, feeds):

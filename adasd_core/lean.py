@@ -522,7 +522,8 @@ def forward(
     capture: tuple[int, ...] = (),
     alone: bool = False,
     paged: Paged | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    want_logits: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
     """Append feeds[b] to slot slots[b] at position starts[b]; k_pool, v_pool [L, S, H_kv, C, D] (or a
     list of L [S, H_kv, C, D], each on its layer's device, for a model split over devices).
 
@@ -532,7 +533,8 @@ def forward(
     `capture`: layer ids whose inputs (the residual stream before them) come back too, concatenated in
     that order at every fed token, [T, len(capture) C] on the embedding's device: (logits, hidden) (EAGLE-3
     heads; id L, the number of layers, is the last layer's output). `alone`: an int8 model's rows are
-    bitwise what each sequence gets alone (attention per sequence; Ragged).
+    bitwise what each sequence gets alone (attention per sequence; Ragged). `want_logits` False: a
+    prefill's chunk, whose logits nobody reads: None in their place, and no LM head.
     """
     ns = [len(f) for f in feeds]
     batch = Ragged(lean, slots, starts, ns, k_pool[0].size(-2), alone, paged)
@@ -540,7 +542,7 @@ def forward(
     x = F.embedding(ids, lean.embed)  # [T, C]
     kept = {}
     if small_ops_fused(lean, x):
-        return _forward_fused(lean, batch, x, k_pool, v_pool, all_logits, capture, kept)
+        return _forward_fused(lean, batch, x, k_pool, v_pool, all_logits, capture, kept, want_logits)
     for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(lean.layers):
         if lean.split and x.device != lean.layer_devices[i]:  # the next card: the hidden state and indices move
             x = x.to(lean.layer_devices[i], non_blocking=True)
@@ -552,7 +554,7 @@ def forward(
         x = x + down(lean.act(gate) * up)
     if lean.n_layers in capture:  # the last layer's output (before the final norm)
         kept[lean.n_layers] = x.to(lean.device, non_blocking=True)
-    logits = lean.logits(x if all_logits else batch.last_rows(x))
+    logits = lean.logits(x if all_logits else batch.last_rows(x)) if want_logits else None
     return (logits, torch.cat([kept[i] for i in capture], dim=-1)) if capture else logits
 
 
@@ -579,7 +581,7 @@ def _stack(lean: LeanModel) -> paged_attention.Stack | None:
 
 
 def _forward_fused(lean: LeanModel, batch: Ragged, x: torch.Tensor, k_pool, v_pool, all_logits: bool,
-                   capture: tuple[int, ...], kept: dict):
+                   capture: tuple[int, ...], kept: dict, want_logits: bool = True):
     """forward's layers with a residual add and the next norm in one call, and SiLU(gate) * up in one;
     the same arithmetic row by row, so rows stay batch-invariant. Where every product is on the library's
     kernels and the KV is paged, all the layers run in one call of the same functions (lean_stack)."""
@@ -591,7 +593,7 @@ def _forward_fused(lean: LeanModel, batch: Ragged, x: torch.Tensor, k_pool, v_po
             out = K.lean_stack(stack, x.contiguous(), k_pool, v_pool, batch.cos_rows, batch.sin_rows, p.table32,
                                p.seq32, p.pos32, lean.n_heads, lean.scale, eps, capture)
             x, hidden = out if capture else (out, None)
-            logits = lean.logits(x if all_logits else batch.last_rows(x))
+            logits = lean.logits(x if all_logits else batch.last_rows(x)) if want_logits else None
             return (logits, hidden) if capture else logits
     h = K.rms_norm(x, layers[0][0], eps)
     for i, (_, qkv, o_proj, ln2, gate_up, down) in enumerate(layers):
@@ -605,5 +607,5 @@ def _forward_fused(lean: LeanModel, batch: Ragged, x: torch.Tensor, k_pool, v_po
             x = x + y
     if lean.n_layers in capture:
         kept[lean.n_layers] = x
-    logits = lean.logits(x if all_logits else batch.last_rows(x))
+    logits = lean.logits(x if all_logits else batch.last_rows(x)) if want_logits else None
     return (logits, torch.cat([kept[i] for i in capture], dim=-1)) if capture else logits

@@ -51,10 +51,11 @@ class ModelRunner:
         self.states: list[torch.Tensor | None] = [None] * slots  # per slot: states the head has not read
 
     def _target_forward(self, slots: list[int], feeds: list[list[int]], all_logits: bool,
-                        keep_states: list[bool]) -> torch.Tensor:
+                        keep_states: list[bool], want_logits: bool = True) -> torch.Tensor | None:
         if not self.head:
-            return self.target.forward(slots, feeds, all_logits=all_logits)
-        logits, states = self.target.forward(slots, feeds, all_logits=all_logits, capture=self.capture)
+            return self.target.forward(slots, feeds, all_logits=all_logits, want_logits=want_logits)
+        logits, states = self.target.forward(slots, feeds, all_logits=all_logits, capture=self.capture,
+                                             want_logits=want_logits)
         for slot, rows, keep in zip(slots, states.split([len(f) for f in feeds]), keep_states):
             if keep:
                 held = self.states[slot]
@@ -74,7 +75,9 @@ class ModelRunner:
         draft slots too."""
         slots = [seq.slot for seq, _ in batch]
         feeds = [seq.prefill_ids[seq.prefilled : seq.prefilled + n] for seq, n in batch]
-        logits = self._target_forward(slots, feeds, keep_logits, [seq.policy is not None for seq, _ in batch])
+        # a prompt's last token is fed by its first round: a chunk's logits are read only when scoring
+        logits = self._target_forward(slots, feeds, keep_logits, [seq.policy is not None for seq, _ in batch],
+                                      want_logits=keep_logits)
         if keep_logits:
             return logits[:, : self.vocab]
         # a head reads the prompt's states at its first draft step; a self-draft reads the target's KV; a draft
@@ -83,7 +86,7 @@ class ModelRunner:
                     for seq, n in batch if seq.policy is not None] if not self.head and not self.shared else []
         if drafting:
             alone = any(seq.reproducible for seq, _ in batch if seq.policy is not None)
-            self.draft.forward([s for s, _ in drafting], [f for _, f in drafting], alone=alone)
+            self.draft.forward([s for s, _ in drafting], [f for _, f in drafting], alone=alone, want_logits=False)
         return None
 
     def verify(self, slots: list[int], feeds: list[list[int]], drafting: list[bool] | None = None) -> torch.Tensor:

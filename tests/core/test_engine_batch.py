@@ -147,10 +147,10 @@ def test_a_failing_batched_forward_is_retried_one_sequence_at_a_time(monkeypatch
         engine.add(s)
     forward = engine.runner.target.forward
 
-    def fragile(slots, feeds, all_logits=False):
+    def fragile(slots, feeds, all_logits=False, **kw):
         if seqs[2].slot in slots and engine.scheduler.running and seqs[2].generated >= 3:
             raise RuntimeError("bad input")
-        return forward(slots, feeds, all_logits)
+        return forward(slots, feeds, all_logits, **kw)
 
     monkeypatch.setattr(engine.runner.target, "forward", fragile)
     out, errors = drain(engine, seqs)

@@ -194,3 +194,30 @@ def test_the_pools_memory_is_resident_only_where_blocks_were_written():
     buf[:8] = 2.0  # 32 MiB written
     assert 32 * 2**20 <= resident() - before < 48 * 2**20
     assert buf[8:16].abs().sum() == 0 and buf[3, 5, 7] == 2.0
+
+
+
+def test_a_prefill_chunk_runs_no_lm_head_and_the_tokens_are_as_with_its_logits_computed(tiny, monkeypatch):
+    from adasd_core import lean
+
+    requests = [(p, SamplingParams(max_tokens=12, ignore_eos=True), SpecConfig(method="vanilla", k=3))
+                for p in ("once upon a time the old king", "and she said that")]
+    heads = []
+    real_head, real_forward = lean.LeanModel.logits, lean.forward
+    monkeypatch.setattr(lean.LeanModel, "logits", lambda self, x: heads.append(x.shape[0]) or real_head(self, x))
+
+    def run(force_logits: bool) -> tuple[list, int]:
+        monkeypatch.setattr(lean, "forward", lambda *a, **kw: real_forward(*a, **{**kw, "want_logits": True})
+                            if force_logits else real_forward(*a, **kw))
+        heads.clear()
+        llm = LLM(tiny, calibrate=False, max_running=2)
+        if not force_logits:
+            assert llm.runner.target.forward([0], [[5, 6, 7]], want_logits=False) is None and heads == []
+            llm.runner.target.rollback(0, 0)
+        return llm.run_together([llm.new_sequence(*r) for r in requests]), len(heads)
+
+    got, heads_now = run(False)
+    before, heads_before = run(True)  # every chunk's last row through the head, then dropped
+    assert got == before
+    # the prompts' chunk on the target and on the draft (one batched forward each): heads that no longer run
+    assert heads_before >= heads_now + 2

@@ -166,11 +166,11 @@ def test_a_failed_batch_is_retried_with_the_same_draws(monkeypatch):
     seqs = [engine.new_sequence(*r, epoch=epoch) for r in [mine, *others]]
     forward, failures = engine.runner.target.forward, []
 
-    def fragile(slots, feeds, all_logits=False):  # the batched verify fails once, after the drafts drew
+    def fragile(slots, feeds, all_logits=False, **kw):  # the batched verify fails once, after the drafts drew
         if all_logits and len(slots) > 1 and seqs[0].generated >= 6 and not failures:
             failures.append(len(slots))
             raise RuntimeError("transient")
-        return forward(slots, feeds, all_logits)
+        return forward(slots, feeds, all_logits, **kw)
 
     monkeypatch.setattr(engine.runner.target, "forward", fragile)
     for s in seqs:
