@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from adasd_core import paged_attention
 from adasd_core.errors import InvalidRequestError
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
@@ -224,6 +225,10 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch.Tenso
     the vocabulary) becomes uniform over the allowed tokens, a proposal like any other."""
     if not rows:
         return
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+        if paged_attention.kernel_available():  # in place, row by row: no [N, V] temporaries
+            paged_attention.apply_bitmask_rows(logits, rows, torch.stack(masks), uniform_fallback)
+            return
     allowed = unpack_bitmask(torch.stack(masks).to(logits.device, non_blocking=True), logits.shape[-1])
     idx = torch.tensor(rows, device=logits.device)
     masked = logits[idx].masked_fill(~allowed, float("-inf"))

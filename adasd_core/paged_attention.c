@@ -340,6 +340,32 @@ void row_entropy(const float *p, float *out, int R, int V, int threads) {
     }
 }
 
+/* In place, for i < n: row rows[i] of logits [*, V] gets -inf where bit t % 32 of masks[i, t / 32] is clear
+ * (llguidance's layout). `fallback`: a row left with no finite logit becomes 0 on its allowed tokens (a
+ * proposal uniform over them). */
+void apply_bitmask_rows(float *logits, const int64_t *rows, const int32_t *masks, int n, int V, int fallback) {
+    int Wd = (V + 31) / 32;
+    for (int i = 0; i < n; i++) {
+        float *r = logits + rows[i] * (int64_t)V;
+        const uint32_t *m = (const uint32_t *)(masks + (int64_t)i * Wd);
+        int finite = 0;
+        for (int w = 0; w < Wd; w++) {
+            uint32_t bits = m[w];
+            int t0 = w * 32, t1 = t0 + 32 < V ? t0 + 32 : V;
+            if (bits == 0xffffffffu && t1 - t0 == 32) {
+                for (int t = t0; t < t1; t++) finite |= isfinite(r[t]);
+                continue;
+            }
+            for (int t = t0; t < t1; t++) {
+                if (bits >> (t - t0) & 1u) finite |= isfinite(r[t]);
+                else r[t] = -INFINITY;
+            }
+        }
+        if (fallback && !finite)
+            for (int t = 0; t < V; t++) r[t] = m[t / 32] >> (t % 32) & 1u ? 0.0f : -INFINITY;
+    }
+}
+
 /* Weight-only 4-bit products (the self-draft's matrices): y [M, N] = x [M, K] W^T (+ bias [N]). W is stored in
  * blocks of 16 rows (the last padded with zero rows): for each group of 64 weights along K, 8 x 64 bytes, byte
  * 4 l + e of the cc-th holding row l's weight 8 cc + e in its low nibble and 8 cc + 4 + e in its high one; then

@@ -131,6 +131,18 @@ def row_entropy(probs: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def apply_bitmask_rows(logits: torch.Tensor, rows: list[int], masks: torch.Tensor, fallback: bool) -> None:
+    """In place: logits [N, V] float32 (contiguous) rows `rows` get -inf where their int32 bitmask row of
+    masks [len(rows), ceil(V / 32)] forbids a token; `fallback`: a row left empty becomes uniform over its
+    allowed tokens."""
+    assert logits.dtype == torch.float32 and logits.is_contiguous() and masks.dtype == torch.int32
+    masks = masks.contiguous()
+    assert masks.shape == (len(rows), (logits.size(1) + 31) // 32), (masks.shape, logits.shape)
+    assert all(0 <= r < logits.size(0) for r in rows), rows
+    idx = (ctypes.c_int64 * len(rows))(*rows)
+    _lib.apply_bitmask_rows(logits.data_ptr(), idx, masks.data_ptr(), len(rows), logits.size(1), int(fallback))
+
+
 INT4_GROUP = 64  # int4_matmul's weights per group
 INT4_BLOCK = 16  # and rows per block
 
@@ -373,6 +385,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.silu_mul.argtypes = [ptr, ptr, i32, i32]
     for name in ("rms_norm_rows", "add_rms_norm", "silu_mul"):
         getattr(lib, name).restype = None
+    lib.apply_bitmask_rows.argtypes = [ptr, ptr, ptr, i32, i32, i32]
+    lib.apply_bitmask_rows.restype = None
     lib.row_entropy.argtypes = [ptr, ptr, i32, i32, i32]
     lib.row_entropy.restype = None
     lib.int4_matmul.argtypes = [ptr] * 5 + [i32] * 4

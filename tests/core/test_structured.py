@@ -260,3 +260,25 @@ def test_a_draft_row_the_mask_empties_proposes_uniformly_over_the_allowed_tokens
     assert probs[0, 5].item() == pytest.approx(0.5) and probs[0, 33].item() == pytest.approx(0.5)
     assert probs[1].nonzero().flatten().tolist() == [1, 2]  # a row with allowed tokens left: only masked
     assert draft[1, 1].item() == 2.0 and draft[1, 2].item() == 3.0
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_the_cpu_librarys_bitmask_gives_the_torch_paths_logits(fallback, monkeypatch):
+    from adasd_core import grammar, paged_attention
+
+    assert paged_attention.kernel_available()
+    vocab = 49152 + 37  # a last word that is partly past the vocabulary
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, vocab, generator=g)
+    logits[3, 100:] = float("-inf")  # a subset head's row, emptied by its mask below
+    masks = [_bitmask(set(torch.randint(0, vocab, (n,), generator=g).tolist()), vocab) for n in (1, 700, 30000)]
+    masks.append(_bitmask(set(range(200, 300)), vocab))
+    masks.append(torch.full(((vocab + 31) // 32,), -1, dtype=torch.int32))  # everything allowed
+    rows = [4, 0, 2, 3, 1]
+    got = logits.clone()
+    grammar.apply_bitmask(got, rows, masks, uniform_fallback=fallback)
+    monkeypatch.setattr(paged_attention, "kernel_available", lambda: False)
+    want = logits.clone()
+    grammar.apply_bitmask(want, rows, masks, uniform_fallback=fallback)
+    assert torch.equal(got, want)
+    assert torch.isinf(got[3]).all() != fallback  # the emptied row: uniform over its allowed tokens or left empty
