@@ -225,11 +225,11 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch.Tenso
     the vocabulary) becomes uniform over the allowed tokens, a proposal like any other."""
     if not rows:
         return
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
-        if paged_attention.kernel_available():  # in place, row by row: no [N, V] temporaries
-            paged_attention.apply_bitmask_rows(logits, rows, torch.stack(masks), uniform_fallback)
-            return
-    allowed = unpack_bitmask(torch.stack(masks).to(logits.device, non_blocking=True), logits.shape[-1])
+    stacked = torch.stack(masks)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous() \
+            and paged_attention.kernel_available():  # in place, row by row: no [N, V] temporaries
+        return paged_attention.apply_bitmask_rows(logits, rows, stacked, uniform_fallback)
+    allowed = unpack_bitmask(stacked.to(logits.device, non_blocking=True), logits.shape[-1])
     idx = torch.tensor(rows, device=logits.device)
     masked = logits[idx].masked_fill(~allowed, float("-inf"))
     if uniform_fallback:

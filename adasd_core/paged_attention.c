@@ -348,20 +348,17 @@ void apply_bitmask_rows(float *logits, const int64_t *rows, const int32_t *masks
     for (int i = 0; i < n; i++) {
         float *r = logits + rows[i] * (int64_t)V;
         const uint32_t *m = (const uint32_t *)(masks + (int64_t)i * Wd);
-        int finite = 0;
         for (int w = 0; w < Wd; w++) {
             uint32_t bits = m[w];
+            if (bits == 0xffffffffu) continue;
             int t0 = w * 32, t1 = t0 + 32 < V ? t0 + 32 : V;
-            if (bits == 0xffffffffu && t1 - t0 == 32) {
-                for (int t = t0; t < t1; t++) finite |= isfinite(r[t]);
-                continue;
-            }
-            for (int t = t0; t < t1; t++) {
-                if (bits >> (t - t0) & 1u) finite |= isfinite(r[t]);
-                else r[t] = -INFINITY;
-            }
+            for (int t = t0; t < t1; t++)
+                if (!(bits >> (t - t0) & 1u)) r[t] = -INFINITY;
         }
-        if (fallback && !finite)
+        if (!fallback) continue;
+        int finite = 0;
+        for (int t = 0; t < V && !finite; t++) finite = isfinite(r[t]);
+        if (!finite)
             for (int t = 0; t < V; t++) r[t] = m[t / 32] >> (t % 32) & 1u ? 0.0f : -INFINITY;
     }
 }
