@@ -316,6 +316,22 @@ static inline vec log_positive(vec x) {
 /* out[r] = -sum_v p log p over row r of p [R, V], each p clamped below at 1e-30 (a model's tail is often
  * subnormal, and subnormal arithmetic runs many times slower); one pass per row, no temporaries, the
  * lanes summed in a fixed order, so a row's entropy is the same alone or in any batch. */
+/* one lane group's running sums: 16 values of x log x, the group of 256 folded into a double */
+#define XLOGX_STEP(x, part, s, i)                                                                                      \
+    do {                                                                                                               \
+        vec x_ = vmax(x, (vec){0} + 1e-30f);                                                                           \
+        part += x_ * log_positive(x_);                                                                                 \
+        if (((i) / W) % 16 == 15) {                                                                                    \
+            s += hsum16(part);                                                                                         \
+            part = (vec){0};                                                                                           \
+        }                                                                                                              \
+    } while (0)
+
+static inline float xlogx_tail(float x) {
+    x = x > 1e-30f ? x : 1e-30f;
+    return x * logf(x);
+}
+
 void row_entropy(const float *p, float *out, int R, int V, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && R >= 4)
     for (int r = 0; r < R; r++) {
@@ -323,21 +339,85 @@ void row_entropy(const float *p, float *out, int R, int V, int threads) {
         vec part = {0}; /* float sums of 256 values each, carried in double */
         double s = 0.0;
         int i = 0;
-        for (; i + W <= V; i += W) {
-            vec x = vmax(ld(pr + i), (vec){0} + 1e-30f);
-            part += x * log_positive(x);
-            if ((i / W) % 16 == 15) {
-                s += hsum16(part);
-                part = (vec){0};
-            }
-        }
+        for (; i + W <= V; i += W) XLOGX_STEP(ld(pr + i), part, s, i);
         s += hsum16(part);
-        for (; i < V; i++) {
-            float x = pr[i] > 1e-30f ? pr[i] : 1e-30f;
-            s += x * logf(x);
-        }
+        for (; i < V; i++) s += xlogx_tail(pr[i]);
         out[r] = (float)-s;
     }
+}
+
+/* out[i] = the Jensen-Shannon distance (base 2, sqrt of the divergence, in [0, 1]) between row prow[i] of
+ * p [*, V] and row qrow[i] of q [*, V]: H(m) - (H(p) + H(q)) / 2 with m = (p + q) / 2, each entropy summed
+ * as row_entropy sums it (same clamp, same order), in one pass over the two rows. hp, hq: the rows'
+ * entropies where the caller has them (row_entropy's), else NULL. Returns 0, -1 for a row outside p's np or
+ * q's nq rows (nothing written). */
+int js_rows(const float *p, const int64_t *prow, int np, const float *q, const int64_t *qrow, int nq,
+            const float *hp, const float *hq, float *out, int n, int V) {
+    for (int r = 0; r < n; r++)
+        if (prow[r] < 0 || prow[r] >= np || qrow[r] < 0 || qrow[r] >= nq) return -1;
+    for (int r = 0; r < n; r++) {
+        const float *pr = p + prow[r] * V, *qr = q + qrow[r] * V;
+        vec pp = {0}, pq = {0}, pm = {0};
+        double sp = 0.0, sq = 0.0, sm = 0.0;
+        int i = 0;
+        for (; i + W <= V; i += W) {
+            vec a = ld(pr + i), b = ld(qr + i);
+            if (!hp) XLOGX_STEP(a, pp, sp, i);
+            if (!hq) XLOGX_STEP(b, pq, sq, i);
+            XLOGX_STEP((a + b) * 0.5f, pm, sm, i);
+        }
+        sp += hsum16(pp);
+        sq += hsum16(pq);
+        sm += hsum16(pm);
+        for (; i < V; i++) {
+            sp += xlogx_tail(pr[i]);
+            sq += xlogx_tail(qr[i]);
+            sm += xlogx_tail((pr[i] + qr[i]) * 0.5f);
+        }
+        float ep = hp ? hp[r] : (float)-sp, eq = hq ? hq[r] : (float)-sq, em = (float)-sm;
+        float d = (em - 0.5f * (ep + eq)) / 0.6931471805599453f;
+        out[r] = sqrtf(d < 0.0f ? 0.0f : d > 1.0f ? 1.0f : d);
+    }
+    return 0;
+}
+#undef XLOGX_STEP
+
+/* out[i] = the index of the largest value of row rows[i] of x [*, V], the first on ties (argmax's answer;
+ * rows without NaN). Returns 0, -1 for a row outside x's nx rows (nothing written). */
+int row_argmax(const float *x, int nx, const int64_t *rows, int64_t *out, int n, int V) {
+    for (int r = 0; r < n; r++)
+        if (rows[r] < 0 || rows[r] >= nx) return -1;
+    for (int r = 0; r < n; r++) {
+        const float *xr = x + rows[r] * V;
+        int64_t best_i = 0;
+        float best = xr[0];
+        int i = 0;
+        if (V >= W) {
+            vec b = ld(xr);
+            veci bi = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, idx = bi;
+            for (i = W; i + W <= V; i += W) {
+                vec v = ld(xr + i);
+                idx += W;
+                veci gt = v > b; /* strictly: each lane keeps its first maximum */
+                b = blend(gt, v, b);
+                bi = (veci)blend(gt, (vec)idx, (vec)bi);
+            }
+            best = b[0];
+            best_i = bi[0];
+            for (int l = 1; l < W; l++)
+                if (b[l] > best || (b[l] == best && bi[l] < best_i)) {
+                    best = b[l];
+                    best_i = bi[l];
+                }
+        }
+        for (; i < V; i++)
+            if (xr[i] > best) {
+                best = xr[i];
+                best_i = i;
+            }
+        out[r] = best_i;
+    }
+    return 0;
 }
 
 /* In place, for i < n: row rows[i] of logits [*, V] gets -inf where bit t % 32 of masks[i, t / 32] is clear

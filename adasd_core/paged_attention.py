@@ -131,6 +131,37 @@ def row_entropy(probs: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def js_rows(p: torch.Tensor, prows: torch.Tensor, q: torch.Tensor, qrows: torch.Tensor,
+            hp: torch.Tensor | None = None, hq: torch.Tensor | None = None) -> torch.Tensor:
+    """p, q [*, V] float32 (contiguous), row indices prows, qrows [N] -> [N] the Jensen-Shannon distance of
+    each pair of rows (verification.js_distance's), in one pass over them and no [N, V] temporaries; hp, hq
+    [N]: the rows' entropies where the caller has them (row_entropy's: the result is the same)."""
+    assert p.dtype == q.dtype == torch.float32 and p.is_contiguous() and q.is_contiguous() and p.size(1) == q.size(1)
+    prows, qrows = prows.to(torch.int64).contiguous(), qrows.to(torch.int64).contiguous()
+    n = prows.numel()
+    assert prows.shape == qrows.shape == (n,), (prows.shape, qrows.shape)
+    h = [None if x is None else x.to(torch.float32).contiguous() for x in (hp, hq)]
+    assert all(x is None or x.shape == (n,) for x in h), [None if x is None else x.shape for x in h]
+    out = p.new_empty(n)
+    rc = _lib.js_rows(p.data_ptr(), prows.data_ptr(), p.size(0), q.data_ptr(), qrows.data_ptr(), q.size(0),
+                      *(None if x is None else x.data_ptr() for x in h), out.data_ptr(), n, p.size(1))
+    if rc:
+        raise IndexError(f"js_rows: a row outside p's {p.size(0)} or q's {q.size(0)} rows")
+    return out
+
+
+def row_argmax(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [*, V] float32 (contiguous, no NaN), row indices [N] -> [N] int64: each row's argmax (the first on
+    ties), without gathering the rows."""
+    assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2, (x.dtype, x.shape)
+    rows = rows.to(torch.int64).contiguous()
+    assert rows.dim() == 1, rows.shape
+    out = torch.empty(rows.numel(), dtype=torch.int64)
+    if _lib.row_argmax(x.data_ptr(), x.size(0), rows.data_ptr(), out.data_ptr(), rows.numel(), x.size(1)):
+        raise IndexError(f"row_argmax: a row outside x's {x.size(0)} rows")
+    return out
+
+
 def apply_bitmask_rows(logits: torch.Tensor, rows: list[int], masks: torch.Tensor, fallback: bool) -> None:
     """In place: logits [N, V] float32 (contiguous) rows `rows` get -inf where their int32 bitmask row of
     masks [len(rows), ceil(V / 32)] forbids a token; `fallback`: a row left empty becomes uniform over its
@@ -389,6 +420,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.apply_bitmask_rows.restype = None
     lib.row_entropy.argtypes = [ptr, ptr, i32, i32, i32]
     lib.row_entropy.restype = None
+    lib.js_rows.argtypes = [ptr, ptr, i32, ptr, ptr, i32, ptr, ptr, ptr, i32, i32]
+    lib.js_rows.restype = i32
+    lib.row_argmax.argtypes = [ptr, i32, ptr, ptr, i32, i32]
+    lib.row_argmax.restype = i32
     lib.int4_matmul.argtypes = [ptr] * 5 + [i32] * 4
     lib.int4_matmul.restype = i32
     lib.f32_matmul.argtypes = [ptr] * 4 + [i32] * 4

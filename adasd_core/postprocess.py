@@ -26,7 +26,8 @@ def finish_batch(seqs: list[Sequence], drafts: dict[Sequence, Draft], target_pro
     draft_probs = torch.stack([q for s in seqs if s in drafts for q in drafts[s].probs]) if drafts else None
     verdicts = accept_batch(cands, target_probs, draft_probs, [s.params.greedy for s in seqs],
                             [s.generator for s in seqs], [s.relaxed for s in seqs],
-                            [s.params.seed is not None for s in seqs])
+                            [s.params.seed is not None for s in seqs],
+                            [h for s in seqs if s in drafts for h in drafts[s].entropies])
     out = []
     sizes = [len(s.forced) + len(c) + 1 for s, c in zip(seqs, cands)]
     for seq, verdict, rows in zip(seqs, verdicts, logits.split(sizes)):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adasd_core import paged_attention
 from adasd_core.errors import InvalidRequestError
 from adasd_core.grammar import GrammarSpec
 
@@ -131,10 +132,16 @@ def exponentials(shape: torch.Size | tuple[int, ...], generator: torch.Generator
     return torch.rand(shape, dtype=torch.float64, device=device, generator=generator).log_().neg_()
 
 
-def top_token(probs: torch.Tensor) -> torch.Tensor:
-    """Rows [..., V] -> the index of each row's largest value (the first, on ties): argmax's answer. On the
-    CPU max's indices over a 49k vocabulary take a third of argmax's time (about 20 against 64 us)."""
-    return probs.max(-1).indices
+def top_token(probs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [..., V] -> the index of each row's largest value (the first, on ties): argmax's answer; with
+    `rows` [N], of probs[rows] without gathering them. On the CPU the library's pass takes about 7 us a row
+    of a 49k vocabulary (max's indices about 20, argmax's 64)."""
+    if probs.dim() == 2 and probs.device.type == "cpu" and probs.dtype == torch.float32 and probs.is_contiguous() \
+            and paged_attention.kernel_available():
+        if rows is None:
+            rows = torch.arange(probs.size(0))
+        return paged_attention.row_argmax(probs, rows)
+    return (probs if rows is None else probs[rows]).max(-1).indices
 
 
 def race(probs: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,17 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs)).sum(-1)
 
 
-def js_distance(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
-    """[N, V], [N, V] -> [N] Jensen-Shannon distance sqrt(JSD), log base 2, in [0, 1]."""
+def js_distance(target_probs: torch.Tensor, draft_probs: torch.Tensor, rows: torch.Tensor | None = None,
+                draft_rows: torch.Tensor | None = None, target_entropy: torch.Tensor | None = None,
+                draft_entropy: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, V], [N, V] -> [N] Jensen-Shannon distance sqrt(JSD), log base 2, in [0, 1]; with `rows` and
+    `draft_rows` [N], between target_probs[rows] and draft_probs[draft_rows] (on the CPU without gathering
+    them: one pass over each pair, reusing the rows' entropy() [N] where given)."""
+    if rows is not None:
+        if all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 2
+               for t in (target_probs, draft_probs)) and paged_attention.kernel_available():
+            return paged_attention.js_rows(target_probs, rows, draft_probs, draft_rows, target_entropy, draft_entropy)
+        target_probs, draft_probs = target_probs[rows], draft_probs[draft_rows]
     p, q = target_probs.float(), draft_probs.float()
     m = 0.5 * (p + q)
     jsd = entropy(m) - 0.5 * (entropy(p) + entropy(q))
@@ -170,14 +179,16 @@ def accept_batch(
     generators: list[torch.Generator | None],
     relaxed: list[RelaxedCheck],
     stable: list[bool] | None = None,
+    draft_entropy: list[float] | None = None,
 ) -> list[Verdict]:
     """Every sequence of a round at once: accept candidates in order; the first that fails both
     checks ends that sequence's round, with the correction token there (else the bonus token).
 
     candidates[b]: k_b ids; target_probs [sum (k_b + 1), V]: per sequence its candidates' rows, then
-    its bonus row; draft_probs [sum k_b, V]. The standard check, the distances, the last token and
-    each emitted token's excess surprisal are computed for the whole batch on the device, and read
-    in one transfer. Only a check that can relax goes back to the host (P(A|d) from its KDEs); for
+    its bonus row; draft_probs [sum k_b, V]; draft_entropy [sum k_b]: entropy() of each draft row, where
+    the proposer has it (the distances then need not sum it again). The standard check, the distances,
+    the last token and each emitted token's excess surprisal are computed for the whole batch on the
+    device, and read in one transfer. Only a check that can relax goes back to the host (P(A|d) from its KDEs); for
     it the last token is drawn at every row, with one uniform, and the host picks the row.
     Random draws, per sampled sequence from its own generator, in one call: the standard check's
     k uniforms, the relaxed check's k (where it is on), one for the last token; then, where `stable`
@@ -224,7 +235,7 @@ def accept_batch(
     if K:
         p_x = target_probs[rows, cand]  # [K]
         q_x = draft_probs[torch.arange(K, device=dev), cand]
-        std = torch.where(g_c.bool(), cand == top_token(target_probs[rows]), torch.cat(u_std) * q_x < p_x)  # [K]
+        std = torch.where(g_c.bool(), cand == top_token(target_probs, rows), torch.cat(u_std) * q_x < p_x)  # [K]
         surprisal = -torch.log(p_x.clamp_min(1e-30)) - entropy_rows[rows]  # [K]
         # leading passes per sequence: the round of a check that cannot relax ends at the first failure
         padded = torch.zeros(B, max(ks), dtype=torch.bool, device=dev)
@@ -232,7 +243,10 @@ def accept_batch(
         n_dev = padded.long().cumprod(1).sum(1)
         host += [std.double(), surprisal.double()]
         if d_rows:
-            host.append(js_distance(target_probs[rows[d_idx]], draft_probs[d_idx]).double())
+            d_target = rows[d_idx]
+            h_draft = None if draft_entropy is None else torch.tensor([draft_entropy[i] for i in d_rows])
+            host.append(js_distance(target_probs, draft_probs, d_target, d_idx, entropy_rows[d_target],
+                                    h_draft).double())
         host += [u for i, u in enumerate(u_rel) if u is not None and free[i]]
     # the last token: at the first failure (the residual max(0, p - q)) or the bonus row (p), one row
     # per sequence; every row of a sequence whose check can relax
@@ -240,10 +254,10 @@ def accept_batch(
     row_t = offsets_t[seq_t] + j_t  # its target row
     has_q = j_t < ks_t[seq_t]  # a candidate's row (the residual), not the bonus row
     didx = cstart_t[seq_t] + j_t
-    p_last = target_probs[row_t]  # [L, V]
     if all(greedy):  # no draw to make
-        token = top_token(p_last)  # [L]
+        token = top_token(target_probs, row_t)  # [L]
     else:
+        p_last = target_probs[row_t]  # [L, V]
         dist = p_last
         if K:
             q_last = draft_probs[didx.clamp(0, K - 1)] * has_q[:, None]
@@ -254,7 +268,7 @@ def accept_batch(
         if raced:
             drawn[raced_t] = race(dist[raced_t], torch.stack([noise[last_seq[i]] for i in raced]))
         token = torch.where(greedy_t.bool()[seq_t], top_token(p_last), drawn)  # [L]
-    s_last = -torch.log(p_last.gather(-1, token[:, None]).squeeze(-1).clamp_min(1e-30)) - entropy_rows[row_t]
+    s_last = -torch.log(target_probs[row_t, token].clamp_min(1e-30)) - entropy_rows[row_t]
     host += [n_dev.double(), token.double(), s_last.double()]
     flat = torch.cat(host).tolist()  # the round's one transfer to the host
 

@@ -233,6 +233,37 @@ def test_row_entropy_matches_float64_and_is_batch_invariant(kernel, V):
         assert torch.equal(pa.row_entropy(p[r : r + 1].clone()), got[r : r + 1])
 
 
+@pytest.mark.parametrize("V", [12, 49152 + 7])
+def test_row_argmax_and_js_rows_give_the_gathered_torch_paths_answers(kernel, V):
+    """The verify's row kernels against the tensor ops on gathered rows: argmax (the first on ties) and the
+    JS distance with the same bits, with the rows' entropies given or summed in the pass; a row outside the
+    tensor is an IndexError, not a read past it."""
+    from adasd_core.verification import entropy, js_distance
+
+    g = torch.Generator().manual_seed(V)
+    p = torch.softmax(torch.randn(9, V, generator=g) * torch.linspace(0.1, 30, 9)[:, None], -1)
+    q = torch.softmax(torch.randn(6, V, generator=g) * 4, -1)
+    p[2] = 0.0
+    p[2, V // 3] = p[2, V - 1] = p[2, (V // 3 + 32) % V] = 0.25  # ties (two in one lane when V > 64): the first wins
+    p[4, V - 1] = 2.0  # the largest in the tail past the last full vector
+    rows = torch.tensor([2, 0, 8, 2, 4, 5])
+    assert torch.equal(pa.row_argmax(p, rows), p[rows].max(-1).indices)
+    assert pa.row_argmax(p, rows)[0] == min(V // 3, (V // 3 + 32) % V) and pa.row_argmax(p, rows)[4] == V - 1
+    qrows = torch.tensor([1, 0, 5, 3, 3, 2])
+    want = js_distance(p[rows], q[qrows])  # the tensor ops (no rows given)
+    assert torch.equal(pa.js_rows(p, rows, q, qrows), want)
+    assert torch.equal(pa.js_rows(p, rows, q, qrows, entropy(p)[rows], entropy(q)[qrows]), want)
+    assert torch.equal(js_distance(p, q, rows, qrows), want)  # verification's rows path runs on it
+    assert torch.equal(pa.js_rows(p, rows, p, rows), torch.zeros(6))  # a distribution against itself
+    for bad in (torch.tensor([0, 9]), torch.tensor([-1])):
+        with pytest.raises(IndexError):
+            pa.row_argmax(p, bad)
+        with pytest.raises(IndexError):
+            pa.js_rows(p, bad, q, torch.zeros_like(bad))
+    with pytest.raises(IndexError):
+        pa.js_rows(p, rows[:2], q, torch.tensor([0, 6]))
+
+
 def test_lean_forward_runs_the_fused_ops_and_agrees_with_the_plain_ops(kernel, monkeypatch):
     """The tiny target through the paged pool: the one-call layer ops are what runs on the CPU, and its
     logits over a prefill, a ragged batch and a decode step match the plain tensor ops'."""
