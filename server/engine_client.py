@@ -1,7 +1,7 @@
 """The front end's side of the worker: start and supervise it, submit, stream and cancel requests.
 
-A reader thread per worker receives its messages and hands them to the event loop
-(call_soon_threadsafe); a sender thread writes submits and cancels, so a large prompt never blocks
+The event loop reads the worker's messages as they arrive (a reader on its pipe: no thread hop
+per token); a sender thread writes submits and cancels, so a large prompt never blocks
 the loop. Each HTTP request becomes a RequestGroup of one or more generations (prompts x n) whose
 outputs arrive on one asyncio queue. If the worker dies, every in-flight generation fails with a
 503 and a new worker is started (after a first successful load; a first load that fails stops
@@ -195,7 +195,7 @@ class EngineClient:
             return
         self._worker = handle
         log.info("started worker pid %s", handle.pid)
-        threading.Thread(target=self._read, args=(handle,), name=f"adasd-reader-{handle.pid}", daemon=True).start()
+        self._loop.add_reader(handle.conn.fileno(), self._readable, handle)
         threading.Thread(target=self._send, args=(handle,), name=f"adasd-sender-{handle.pid}", daemon=True).start()
 
     def _start_process(self) -> _WorkerHandle:
@@ -245,16 +245,25 @@ class EngineClient:
 
     # ------------------------------------------------------------------ threads
 
-    def _read(self, handle: _WorkerHandle) -> None:
+    def _readable(self, handle: _WorkerHandle) -> None:
+        """The worker's pipe has data (event loop): one message (the loop calls again while more wait). The
+        worker writes a message whole, so a recv never waits long for the rest of one."""
         try:
-            while True:
-                msg = handle.conn.recv()
-                self._call(self._on_message, handle, msg)
+            msg = handle.conn.recv()
+            try:
+                self._on_message(handle, msg)
+            except Exception:  # a bug in handling one message must not stop the others
+                log.exception("handling %s from worker pid %s", type(msg).__name__, handle.pid)
+            return
         except (EOFError, OSError):
             pass
         except Exception:  # a message that cannot be unpickled: treat the worker as broken
             log.exception("bad message from worker pid %s", handle.pid)
             handle.proc.kill()
+        self._loop.remove_reader(handle.conn.fileno())
+        threading.Thread(target=self._reap, args=(handle,), name=f"adasd-reaper-{handle.pid}", daemon=True).start()
+
+    def _reap(self, handle: _WorkerHandle) -> None:
         handle.proc.join()
         self._call(self._on_exit, handle)
 
