@@ -3,6 +3,8 @@ and the verified rows processed by each request's controls and grammar masks (lo
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from adasd_core.errors import InvalidRequestError
@@ -12,6 +14,8 @@ from adasd_core.round_output import Draft
 from adasd_core.sampling import SamplingParams
 from adasd_core.sequence import Sequence
 
+log = logging.getLogger(__name__)
+
 MAX_FORCED = 64  # forced tokens taken per round (each still costs a mask; the verify pass takes them all)
 
 
@@ -20,6 +24,16 @@ class Grammars:
 
     def __init__(self, pair):
         self.pair, self._tokenizer = pair, None
+
+    def prepare(self) -> None:
+        """Make llguidance's view of the tokenizer now (about 0.3 s for the default pair's), so that the first
+        constrained request, and every request sharing its rounds, does not wait for it mid-serving. A
+        tokenizer it cannot read is left to the first request, which then reports the error."""
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = ll_tokenizer(self.pair.tokenizer, self.pair.vocab_size, self.pair.eos_token_ids)
+            except Exception as exc:  # the first constrained request reports it instead
+                log.warning("grammars: llguidance's tokenizer not built at load (%s)", exc)
 
     def constraint(self, params: SamplingParams) -> Constraint | None:
         """The request's matcher (None without a grammar), its token-id controls checked first."""

@@ -347,6 +347,7 @@ def load_engine(settings: dict):
     engine = SpeculativeEngine(pair, default_spec=spec, max_running=max_running,
                                batch_aware=settings.get("batch_aware", True), warm=warm, kv_blocks=blocks,
                                block_size=block_size, prefix_caching=settings.get("prefix_caching", True))
+    engine.grammars.prepare()
     return engine, per_block
 
 

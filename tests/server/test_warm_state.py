@@ -120,3 +120,26 @@ def test_a_restarted_worker_plans_from_the_saved_plan_and_snapshots(pair_dir, tm
     third, _ = load_engine(settings)
     assert third.fingerprints()["-"] == first.fingerprints()["-"]
     assert third.fingerprints()[family + "#cold"] != first.fingerprints()[family + "#cold"]
+
+
+def test_the_worker_has_the_grammar_tokenizer_before_the_first_constrained_request(pair_dir, monkeypatch):
+    """load_engine makes llguidance's tokenizer view (a third of a second on the default pair): the first
+    request with a grammar, and the rounds it shares with others, do not pay for it."""
+    import json
+
+    import pytest
+
+    from adasd_core import constrained
+    from adasd_core.grammar import GrammarSpec
+    from adasd_core.sampling import SamplingParams
+    from server.worker import load_engine
+
+    settings = Settings(target=str(pair_dir / "target"), draft=str(pair_dir / "draft"), device="cpu",
+                        dtype="float32", max_running=2, warm_state_path="none").model_dump()
+    engine, _ = load_engine(settings)
+    built = engine.grammars._tokenizer
+    assert built is not None
+    monkeypatch.setattr(constrained, "ll_tokenizer", lambda *a: pytest.fail("built again at the first request"))
+    spec = GrammarSpec("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    assert engine.grammars.constraint(SamplingParams(grammar=spec)) is not None
+    assert engine.grammars._tokenizer is built
