@@ -361,12 +361,15 @@ def test_load_engine_plans_blocks_from_the_settings(monkeypatch):
     monkeypatch.setattr(adasd_core.models, "load_pair", lambda **kwargs: pair)
     monkeypatch.setattr(adasd_core.device, "device_identity", lambda device: "cpu")
     monkeypatch.setattr(adasd_core.warm, "pair_identity", lambda pair_, extra: "pair")
+    prepared = []
+    grammars = SimpleNamespace(prepare=lambda: prepared.append(1))
     monkeypatch.setattr(adasd_core.engine, "SpeculativeEngine",
-                        lambda pair_, **kwargs: built.append(kwargs) or SimpleNamespace(**kwargs))
+                        lambda pair_, **kwargs: built.append(kwargs) or SimpleNamespace(**kwargs, grammars=grammars))
     settings = Settings(block_size=32, prefix_caching=False, gpu_memory_fraction=0.8,
                         warm_state_path="none").model_dump()
     engine, per_block = load_engine(settings)
     assert planned == [(pair, 8, 32, 0.8)] and per_block == 4096
+    assert prepared == [1]  # the grammars' tokenizer made at load
     (kwargs,) = built
     assert (kwargs["max_running"], kwargs["kv_blocks"], kwargs["block_size"], kwargs["prefix_caching"]) == \
         (8, 100, 32, False)
