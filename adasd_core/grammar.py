@@ -226,8 +226,7 @@ def apply_bitmask(logits: torch.Tensor, rows: list[int], masks: list[torch.Tenso
     if not rows:
         return
     stacked = torch.stack(masks)
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous() \
-            and paged_attention.kernel_available():  # in place, row by row: no [N, V] temporaries
+    if paged_attention.takes_rows(logits):  # in place, row by row: no [N, V] temporaries
         return paged_attention.apply_bitmask_rows(logits, rows, stacked, uniform_fallback)
     allowed = unpack_bitmask(stacked.to(logits.device, non_blocking=True), logits.shape[-1])
     idx = torch.tensor(rows, device=logits.device)

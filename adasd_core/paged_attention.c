@@ -313,9 +313,6 @@ static inline vec log_positive(vec x) {
     return m + y + e * 0.693359375f;
 }
 
-/* out[r] = -sum_v p log p over row r of p [R, V], each p clamped below at 1e-30 (a model's tail is often
- * subnormal, and subnormal arithmetic runs many times slower); one pass per row, no temporaries, the
- * lanes summed in a fixed order, so a row's entropy is the same alone or in any batch. */
 /* one lane group's running sums: 16 values of x log x, the group of 256 folded into a double */
 #define XLOGX_STEP(x, part, s, i)                                                                                      \
     do {                                                                                                               \
@@ -332,6 +329,9 @@ static inline float xlogx_tail(float x) {
     return x * logf(x);
 }
 
+/* out[r] = -sum_v p log p over row r of p [R, V], each p clamped below at 1e-30 (a model's tail is often
+ * subnormal, and subnormal arithmetic runs many times slower); one pass per row, no temporaries, the
+ * lanes summed in a fixed order, so a row's entropy is the same alone or in any batch. */
 void row_entropy(const float *p, float *out, int R, int V, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && R >= 4)
     for (int r = 0; r < R; r++) {
@@ -370,8 +370,8 @@ int js_rows(const float *p, const int64_t *prow, int np, const float *q, const i
         sq += hsum16(pq);
         sm += hsum16(pm);
         for (; i < V; i++) {
-            sp += xlogx_tail(pr[i]);
-            sq += xlogx_tail(qr[i]);
+            if (!hp) sp += xlogx_tail(pr[i]);
+            if (!hq) sq += xlogx_tail(qr[i]);
             sm += xlogx_tail((pr[i] + qr[i]) * 0.5f);
         }
         float ep = hp ? hp[r] : (float)-sp, eq = hq ? hq[r] : (float)-sq, em = (float)-sm;

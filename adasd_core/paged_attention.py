@@ -123,6 +123,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def takes_rows(*tensors: torch.Tensor) -> bool:
+    """Whether the library's row kernels (row_argmax, js_rows, apply_bitmask_rows) take these tensors:
+    2-D, contiguous float32 on the CPU, and the library built."""
+    return all(t.dim() == 2 and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for t in tensors) and kernel_available()
+
+
 def row_entropy(probs: torch.Tensor) -> torch.Tensor:
     """probs [R, V] float32 -> [R] Shannon entropy in nats, each probability clamped below at 1e-30."""
     assert probs.dtype == torch.float32 and probs.dim() == 2 and probs.is_contiguous(), (probs.dtype, probs.shape)

@@ -136,8 +136,7 @@ def top_token(probs: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Te
     """Rows [..., V] -> the index of each row's largest value (the first, on ties): argmax's answer; with
     `rows` [N], of probs[rows] without gathering them. On the CPU the library's pass takes about 7 us a row
     of a 49k vocabulary (max's indices about 20, argmax's 64)."""
-    if probs.dim() == 2 and probs.device.type == "cpu" and probs.dtype == torch.float32 and probs.is_contiguous() \
-            and paged_attention.kernel_available():
+    if paged_attention.takes_rows(probs):
         if rows is None:
             rows = torch.arange(probs.size(0))
         return paged_attention.row_argmax(probs, rows)

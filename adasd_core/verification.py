@@ -45,8 +45,7 @@ def js_distance(target_probs: torch.Tensor, draft_probs: torch.Tensor, rows: tor
     `draft_rows` [N], between target_probs[rows] and draft_probs[draft_rows] (on the CPU without gathering
     them: one pass over each pair, reusing the rows' entropy() [N] where given)."""
     if rows is not None:
-        if all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 2
-               for t in (target_probs, draft_probs)) and paged_attention.kernel_available():
+        if paged_attention.takes_rows(target_probs, draft_probs):
             return paged_attention.js_rows(target_probs, rows, draft_probs, draft_rows, target_entropy, draft_entropy)
         target_probs, draft_probs = target_probs[rows], draft_probs[draft_rows]
     p, q = target_probs.float(), draft_probs.float()
@@ -188,8 +187,8 @@ def accept_batch(
     its bonus row; draft_probs [sum k_b, V]; draft_entropy [sum k_b]: entropy() of each draft row, where
     the proposer has it (the distances then need not sum it again). The standard check, the distances,
     the last token and each emitted token's excess surprisal are computed for the whole batch on the
-    device, and read in one transfer. Only a check that can relax goes back to the host (P(A|d) from its KDEs); for
-    it the last token is drawn at every row, with one uniform, and the host picks the row.
+    device, and read in one transfer. Only a check that can relax goes back to the host (P(A|d) from its
+    KDEs); for it the last token is drawn at every row, with one uniform, and the host picks the row.
     Random draws, per sampled sequence from its own generator, in one call: the standard check's
     k uniforms, the relaxed check's k (where it is on), one for the last token; then, where `stable`
     (a seeded request: its text must repeat in any batch), V exponentials, and its last token is drawn

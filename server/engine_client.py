@@ -243,7 +243,7 @@ class EngineClient:
         shut_down = ServiceUnavailableError("the server shut down before this request finished", code="shutting_down")
         self._fail_all(shut_down, status="cancelled")
 
-    # ------------------------------------------------------------------ threads
+    # ------------------------------------------------------------------ the worker's pipe
 
     def _readable(self, handle: _WorkerHandle) -> None:
         """The worker's pipe has data (event loop): one message (the loop calls again while more wait). The
