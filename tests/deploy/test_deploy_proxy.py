@@ -8,6 +8,7 @@ replica's streams finish, and new requests go to it.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 
@@ -80,9 +81,10 @@ class Stream:
         return [t for t, data in self.events if data != "[DONE]" and json.loads(data)["choices"][0]["text"]]
 
 
-def bursts(times: list[float], gap_s: float = 0.005) -> int:
-    """Groups of arrivals closer than gap_s: 1 if everything came at once."""
-    return 1 + sum(1 for a, b in zip(times, times[1:]) if b - a > gap_s)
+def median_gap(times: list[float]) -> float:
+    """The median time between arrivals: a stall anywhere on the path (a busy VM, the client's thread
+    descheduled) clumps the events behind it, but only buffering clumps most of them."""
+    return statistics.median(b - a for a, b in zip(times, times[1:]))
 
 
 def test_sse_passes_event_by_event(proxy, tmp_path):
@@ -91,7 +93,7 @@ def test_sse_passes_event_by_event(proxy, tmp_path):
     assert s.complete, (s.error, proxy.error_log())
     times = s.text_events()
     assert len(times) >= 30, len(times)  # a token per round; the detokenizer may hold a few back
-    assert bursts(times) >= 0.8 * len(times), f"{bursts(times)} bursts for {len(times)} events: buffered"
+    assert median_gap(times) >= 0.5 * ROUND_DELAY_S, f"median gap {median_gap(times) * 1e3:.2f} ms: buffered"
     assert times[-1] - times[0] >= 0.6 * len(times) * ROUND_DELAY_S
 
     # the control: through an nginx that compresses the stream (zlib holds output back until its
@@ -103,7 +105,7 @@ def test_sse_passes_event_by_event(proxy, tmp_path):
     finally:
         buffered.stop()
     assert b.complete, b.error
-    assert bursts(b.text_events()) <= 0.5 * len(b.text_events()), "the check cannot tell buffering apart"
+    assert median_gap(b.text_events()) < 0.1 * ROUND_DELAY_S, "the check cannot tell buffering apart"
 
 
 def test_killing_a_replica_costs_only_its_requests(replicas, proxy):
