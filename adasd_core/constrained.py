@@ -29,11 +29,15 @@ class Grammars:
         """Make llguidance's view of the tokenizer now (about 0.3 s for the default pair's), so that the first
         constrained request, and every request sharing its rounds, does not wait for it mid-serving. A
         tokenizer it cannot read is left to the first request, which then reports the error."""
+        try:
+            self._ll_tokenizer()
+        except Exception as exc:  # the first constrained request reports it instead
+            log.warning("grammars: llguidance's tokenizer not built at load (%s)", exc)
+
+    def _ll_tokenizer(self):
         if self._tokenizer is None:
-            try:
-                self._tokenizer = ll_tokenizer(self.pair.tokenizer, self.pair.vocab_size, self.pair.eos_token_ids)
-            except Exception as exc:  # the first constrained request reports it instead
-                log.warning("grammars: llguidance's tokenizer not built at load (%s)", exc)
+            self._tokenizer = ll_tokenizer(self.pair.tokenizer, self.pair.vocab_size, self.pair.eos_token_ids)
+        return self._tokenizer
 
     def constraint(self, params: SamplingParams) -> Constraint | None:
         """The request's matcher (None without a grammar), its token-id controls checked first."""
@@ -44,9 +48,7 @@ class Grammars:
                                           param=name)
         if params.grammar is None:
             return None
-        if self._tokenizer is None:
-            self._tokenizer = ll_tokenizer(self.pair.tokenizer, vocab, self.pair.eos_token_ids)
-        return Constraint(self._tokenizer, params.grammar, vocab)
+        return Constraint(self._ll_tokenizer(), params.grammar, vocab)
 
 
 def jump_forward(seqs: list[Sequence]) -> list[tuple[Sequence, object]]:
