@@ -15,7 +15,7 @@ import json
 import time
 
 import torch
-from structured_speed import PROMPTS, SCHEMA
+from structured_speed import PROMPTS, SCHEMA, prompt_ids
 
 from adasd_core import engine, proposer, runner
 from adasd_core.engine import SpecConfig
@@ -59,10 +59,8 @@ def main() -> None:
             spent.clear()
             calls.clear()
         for prompt in PROMPTS:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            llm.generate(ids, SamplingParams(max_tokens=160, grammar=grammar), SpecConfig(method=args.method))
+            llm.generate(prompt_ids(tok, prompt), SamplingParams(max_tokens=160, grammar=grammar),
+                         SpecConfig(method=args.method))
     rounds = calls["round"]
     print(f"{args.method}: {rounds} rounds, {spent['round'] / rounds * 1e3:.2f} ms a round")
     for label in sorted(spent, key=lambda k: -spent[k]):

@@ -31,6 +31,13 @@ PROMPTS = ["Describe a fictional engineer as JSON.", "Give me a JSON profile of 
            "Create a JSON record for a retired teacher."]
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt as one user turn under the model's chat template, ready for generation."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def through_server(url: str, repeats: int) -> None:
     from openai import OpenAI
 
@@ -69,12 +76,9 @@ def main() -> None:
     for method, verification in (("ar", "none"), ("vanilla", "none"), ("adasd", "none"), ("adasd", "bayes")):
         tps, forced, outs = [], [], []
         for prompt in PROMPTS:
-            tok = llm.pair.tokenizer
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+            ids = prompt_ids(llm.pair.tokenizer, prompt)
             t0 = time.perf_counter()
-            out = llm.generate(list(ids), SamplingParams(max_tokens=160, grammar=grammar),
+            out = llm.generate(ids, SamplingParams(max_tokens=160, grammar=grammar),
                                SpecConfig(method=method, verification=verification))
             tps.append(len(out.token_ids) / (time.perf_counter() - t0))
             forced.append(out.stats.forced_tokens / max(1, len(out.token_ids)))
