@@ -187,7 +187,8 @@ def accept_batch(
     its bonus row; draft_probs [sum k_b, V]; draft_entropy [sum k_b]: entropy() of each draft row, where
     the proposer has it (the distances then need not sum it again). The standard check, the distances,
     the last token and each emitted token's excess surprisal are computed for the whole batch on the
-    device, and read in one transfer. Only a check that can relax goes back to the host (P(A|d) from its
+    device, and read in one transfer (a greedy round on the CPU reads first and leaves the check to the host:
+    _greedy_reads). Only a check that can relax goes back to the host (P(A|d) from its
     KDEs); for it the last token is drawn at every row, with one uniform, and the host picks the row.
     Random draws, per sampled sequence from its own generator, in one call: the standard check's
     k uniforms, the relaxed check's k (where it is on), one for the last token; then, where `stable`
@@ -205,6 +206,63 @@ def accept_batch(
     free = [r.can_relax for r in relaxed]  # the host decides how many it keeps
     cstart = [sum(ks[:b]) for b in range(B)]  # each sequence's first candidate (draft row)
     offsets = [c + b for b, c in enumerate(cstart)]  # and its first target row
+    d_rows = [c for b in range(B) if uses_d[b] for c in range(cstart[b], cstart[b] + ks[b])]
+    if dev.type == "cpu" and all(greedy):
+        flat = _greedy_reads(candidates, target_probs, draft_probs, ks, offsets, uses_d, free, d_rows, draft_entropy)
+    else:
+        flat = _device_reads(candidates, target_probs, draft_probs, greedy, generators, stable, ks, uses_d, free,
+                             cstart, offsets, d_rows, draft_entropy)
+    return _verdicts(flat, ks, greedy, relaxed, uses_d, free)
+
+
+def _distances(target_probs: torch.Tensor, draft_probs: torch.Tensor, target_rows: torch.Tensor, d_rows: list[int],
+               d_idx: torch.Tensor, entropy_rows: torch.Tensor, draft_entropy: list[float] | None) -> torch.Tensor:
+    """[len(d_rows)] float64: the JS distance of each draft row d_rows[i] to its target row target_rows[i]."""
+    h_draft = None if draft_entropy is None else torch.tensor([draft_entropy[i] for i in d_rows])
+    return js_distance(target_probs, draft_probs, target_rows, d_idx, entropy_rows[target_rows], h_draft).double()
+
+
+def _greedy_reads(candidates: list[list[int]], target_probs: torch.Tensor, draft_probs: torch.Tensor, ks: list[int],
+                  offsets: list[int], uses_d: list[bool], free: list[bool], d_rows: list[int],
+                  draft_entropy: list[float] | None) -> list[float]:
+    """_device_reads for a round of greedy sequences on the CPU, where reading is free: every row's argmax
+    and the surprisals read at once, the standard check and the leading passes left to the host (a few
+    small tensor ops rather than the general path's forty; the same lists, the same verdicts)."""
+    K, R = sum(ks), target_probs.shape[0]
+    cand_rows = [o + j for o, k in zip(offsets, ks) for j in range(k)]
+    flat_c = [t for c in candidates for t in c]
+    top = top_token(target_probs)  # [R]
+    entropy_rows = entropy(target_probs)  # [R]
+    rows_t, cand_t, d_idx = int_tensors(target_probs.device, cand_rows + list(range(R)), flat_c, d_rows)
+    p = target_probs[rows_t, torch.cat((cand_t, top))]  # each candidate's p(x), then each row's p(argmax)
+    surprisal = -torch.log(p.clamp_min(1e-30)) - entropy_rows[rows_t]  # [K + R]
+    reads = [top.double(), surprisal.double()]
+    if d_rows:
+        reads.append(_distances(target_probs, draft_probs, rows_t[d_idx], d_rows, d_idx, entropy_rows, draft_entropy))
+    flat = torch.cat(reads).tolist()
+    top_h, surp_h, d_h = flat[:R], flat[R : R + K], flat[2 * R + K :]
+    std_h = [float(t == top_h[r]) for t, r in zip(flat_c, cand_rows)]
+    n_h, tok_h, s_last_h = [], [], []
+    for b, k in enumerate(ks):
+        std_b, n = std_h[offsets[b] - b : offsets[b] - b + k], 0
+        while n < k and std_b[n]:
+            n += 1
+        n_h.append(float(n))
+        for j in (range(k + 1) if free[b] else [n]):
+            tok_h.append(top_h[offsets[b] + j])
+            s_last_h.append(flat[R + K + offsets[b] + j])
+    rel_h = [0.0] * sum(k for k, d, f in zip(ks, uses_d, free) if d and f)  # no draw: greedy
+    return std_h + surp_h + d_h + rel_h + n_h + tok_h + s_last_h
+
+
+def _device_reads(candidates: list[list[int]], target_probs: torch.Tensor, draft_probs: torch.Tensor,
+                  greedy: list[bool], generators: list[torch.Generator | None], stable: list[bool] | None,
+                  ks: list[int], uses_d: list[bool], free: list[bool], cstart: list[int], offsets: list[int],
+                  d_rows: list[int], draft_entropy: list[float] | None) -> list[float]:
+    """accept_batch's device work, read in one transfer: the standard check, the candidates' excess
+    surprisals, the distances, each sequence's leading passes, the last tokens and their surprisals."""
+    B, K = len(ks), sum(ks)
+    dev = target_probs.device
     # uniforms, [2k + 1] or [k + 1] per sampled sequence (zeros for greedy ones: never read)
     draws = [torch.rand(k * (2 if d else 1) + 1, generator=g, dtype=torch.float64, device=dev) if not gr
              else torch.zeros(k * (2 if d else 1) + 1, dtype=torch.float64, device=dev)
@@ -222,31 +280,25 @@ def accept_batch(
         for j in (range(k + 1) if free[b] else [-1]):
             last_seq.append(b)
             last_j.append(j)
-    d_rows = [c for b in range(B) if uses_d[b] for c in range(cstart[b], cstart[b] + ks[b])]
     raced = [i for i, b in enumerate(last_seq) if noise[b] is not None]  # last-token rows drawn by the race
     (cand, rows, g_c, pad_b, pad_j, d_idx, greedy_t, ks_t, cstart_t, offsets_t, seq_t, j_fixed, raced_t) = int_tensors(
         dev, [t for c in candidates for t in c], [o + j for o, k in zip(offsets, ks) for j in range(k)],
         [gr for gr, k in zip(greedy, ks) for _ in range(k)], [b for b, k in enumerate(ks) for _ in range(k)],
         [j for k in ks for j in range(k)], d_rows, greedy, ks, cstart, offsets, last_seq, last_j, raced)
     entropy_rows = entropy(target_probs)  # [R]
-    n_dev = ks_t  # kept candidates, as the device sees them (the check cannot relax)
-    host: list[torch.Tensor] = []
-    if K:
-        p_x = target_probs[rows, cand]  # [K]
-        q_x = draft_probs[torch.arange(K, device=dev), cand]
-        std = torch.where(g_c.bool(), cand == top_token(target_probs, rows), torch.cat(u_std) * q_x < p_x)  # [K]
-        surprisal = -torch.log(p_x.clamp_min(1e-30)) - entropy_rows[rows]  # [K]
-        # leading passes per sequence: the round of a check that cannot relax ends at the first failure
-        padded = torch.zeros(B, max(ks), dtype=torch.bool, device=dev)
-        padded[pad_b, pad_j] = std
-        n_dev = padded.long().cumprod(1).sum(1)
-        host += [std.double(), surprisal.double()]
-        if d_rows:
-            d_target = rows[d_idx]
-            h_draft = None if draft_entropy is None else torch.tensor([draft_entropy[i] for i in d_rows])
-            host.append(js_distance(target_probs, draft_probs, d_target, d_idx, entropy_rows[d_target],
-                                    h_draft).double())
-        host += [u for i, u in enumerate(u_rel) if u is not None and free[i]]
+    p_x = target_probs[rows, cand]  # [K]
+    q_x = draft_probs[torch.arange(K, device=dev), cand]
+    std = torch.where(g_c.bool(), cand == top_token(target_probs, rows), torch.cat(u_std) * q_x < p_x)  # [K]
+    surprisal = -torch.log(p_x.clamp_min(1e-30)) - entropy_rows[rows]  # [K]
+    # leading passes per sequence (kept candidates, as the device sees them): the round of a check that
+    # cannot relax ends at the first failure
+    padded = torch.zeros(B, max(ks), dtype=torch.bool, device=dev)
+    padded[pad_b, pad_j] = std
+    n_dev = padded.long().cumprod(1).sum(1)
+    host = [std.double(), surprisal.double()]
+    if d_rows:
+        host.append(_distances(target_probs, draft_probs, rows[d_idx], d_rows, d_idx, entropy_rows, draft_entropy))
+    host += [u for i, u in enumerate(u_rel) if u is not None and free[i]]
     # the last token: at the first failure (the residual max(0, p - q)) or the bonus row (p), one row
     # per sequence; every row of a sequence whose check can relax
     j_t = torch.where(j_fixed >= 0, j_fixed, n_dev[seq_t])  # [L] the row within the sequence
@@ -257,20 +309,24 @@ def accept_batch(
         token = top_token(target_probs, row_t)  # [L]
     else:
         p_last = target_probs[row_t]  # [L, V]
-        dist = p_last
-        if K:
-            q_last = draft_probs[didx.clamp(0, K - 1)] * has_q[:, None]
-            residual = (p_last - q_last).clamp_min(0.0)
-            # p == q leaves no residual mass; then p itself is the right distribution
-            dist = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p_last)
+        q_last = draft_probs[didx.clamp(0, K - 1)] * has_q[:, None]
+        residual = (p_last - q_last).clamp_min(0.0)
+        # p == q leaves no residual mass; then p itself is the right distribution
+        dist = torch.where(residual.sum(-1, keepdim=True) > 1e-12, residual, p_last)
         drawn = inverse_cdf(dist, u_last[seq_t])  # [L]
         if raced:
             drawn[raced_t] = race(dist[raced_t], torch.stack([noise[last_seq[i]] for i in raced]))
         token = torch.where(greedy_t.bool()[seq_t], top_token(p_last), drawn)  # [L]
     s_last = -torch.log(target_probs[row_t, token].clamp_min(1e-30)) - entropy_rows[row_t]
     host += [n_dev.double(), token.double(), s_last.double()]
-    flat = torch.cat(host).tolist()  # the round's one transfer to the host
+    return torch.cat(host).tolist()  # the round's one transfer to the host
 
+
+def _verdicts(flat: list[float], ks: list[int], greedy: list[bool], relaxed: list[RelaxedCheck], uses_d: list[bool],
+              free: list[bool]) -> list[Verdict]:
+    """The verdicts from the round's reads (laid out as _device_reads returns them); the relaxed check's
+    host loop where it can relax."""
+    B, K = len(ks), sum(ks)
     pos = 0
 
     def take(n: int) -> list[float]:
@@ -278,10 +334,11 @@ def accept_batch(
         pos += n
         return flat[pos - n : pos]
 
-    std_h, surp_h = (take(K), take(K)) if K else ([], [])
-    d_h = take(sum(k for k, d in zip(ks, uses_d) if d)) if K else []
-    rel_h = [take(k) if (K and uses_d[b] and free[b] and u_rel[b] is not None) else None for b, k in enumerate(ks)]
-    n_h, tok_h, s_last_h = take(B), take(len(last_seq)), take(len(last_seq))
+    L = sum(k + 1 if f else 1 for k, f in zip(ks, free))  # last-token rows
+    std_h, surp_h = take(K), take(K)
+    d_h = take(sum(k for k, d in zip(ks, uses_d) if d))
+    rel_h = [take(k) if uses_d[b] and free[b] else None for b, k in enumerate(ks)]
+    n_h, tok_h, s_last_h = take(B), take(L), take(L)
 
     verdicts, c0, d0, l0 = [], 0, 0, 0
     for b, k in enumerate(ks):

@@ -213,6 +213,42 @@ def test_a_batched_round_reads_the_device_once(monkeypatch):
     assert reads == ["tolist"], reads
 
 
+def test_a_greedy_round_on_the_cpu_reads_what_the_general_path_reads():
+    """An all-greedy CPU round takes its own reads (the standard check and the leading passes on the host):
+    the same verdicts as the general path's device reads, for every kind of check, at a real vocabulary."""
+    from toy import fed_check
+
+    for seed in range(4):
+        for V, ks in ((12, [3, 0, 4, 2]), (49152, [5, 1, 0, 3])):
+            gen = torch.Generator().manual_seed(seed)
+            target = torch.softmax(4 * torch.randn(sum(ks) + len(ks), V, generator=gen), -1)
+            draft = torch.softmax(4 * torch.randn(sum(ks), V, generator=gen), -1)
+            cands, r, d = [], 0, 0
+            for k in ks:  # each candidate the target's choice with probability 3/4, else the draft's
+                row = []
+                for j in range(k):
+                    agree = torch.rand((), generator=gen) < 0.75
+                    row.append(int(target[r + j].argmax() if agree else draft[d + j].argmax()))
+                cands.append(row)
+                r, d = r + k + 1, d + k
+            def checks():
+                return [fed_check(BayesCheck(min_posterior=0.0), (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)), RelaxedCheck(),
+                        fed_check(ThresholdCheck(), (0.1, 0.2), (0.6, 0.8)),
+                        fed_check(BayesCheck(min_posterior=1.0), (0.1, 0.2), (0.6, 0.7))]
+            lean = accept_batch(cands, target, draft, [True] * 4, [None] * 4, checks())
+            # the same four behind a sampled sequence: the round takes the general path
+            extra_t = torch.softmax(torch.randn(2, V, generator=gen), -1)
+            extra_d = torch.softmax(torch.randn(1, V, generator=gen), -1)
+            ref = accept_batch(cands + [[0]], torch.cat((target, extra_t)), torch.cat((draft, extra_d)),
+                               [True] * 4 + [False], [None] * 4 + [torch.Generator().manual_seed(seed)],
+                               checks() + [RelaxedCheck()])[:4]
+            for b, (x, y) in enumerate(zip(lean, ref)):
+                assert (x.n_accepted, x.token, x.standard, x.posteriors, x.distances, x.n_relaxed) == \
+                    (y.n_accepted, y.token, y.standard, y.posteriors, y.distances, y.n_relaxed), (seed, V, b)
+                assert x.excess == pytest.approx(y.excess, abs=1e-6)
+            assert {v.n_accepted for v in lean} != {0}  # the rounds accept candidates
+
+
 def test_a_plain_round_draws_what_the_general_path_draws(monkeypatch):
     """A round where no sequence drafts: each one's token, its excess surprisal and what it leaves in its
     generator are those of the same sequence in a round where another one drafts; one read of the device."""
