@@ -242,11 +242,12 @@ def _greedy_reads(candidates: list[list[int]], target_probs: torch.Tensor, draft
     flat = torch.cat(reads).tolist()
     top_h, surp_h, d_h = flat[:R], flat[R : R + K], flat[2 * R + K :]
     std_h = [float(t == top_h[r]) for t, r in zip(flat_c, cand_rows)]
-    n_h, tok_h, s_last_h = [], [], []
+    n_h, tok_h, s_last_h, c0 = [], [], [], 0
     for b, k in enumerate(ks):
-        std_b, n = std_h[offsets[b] - b : offsets[b] - b + k], 0
-        while n < k and std_b[n]:
+        n = 0  # leading passes
+        while n < k and std_h[c0 + n]:
             n += 1
+        c0 += k
         n_h.append(float(n))
         for j in (range(k + 1) if free[b] else [n]):
             tok_h.append(top_h[offsets[b] + j])

@@ -218,6 +218,11 @@ def test_a_greedy_round_on_the_cpu_reads_what_the_general_path_reads():
     the same verdicts as the general path's device reads, for every kind of check, at a real vocabulary."""
     from toy import fed_check
 
+    def checks():  # one of each kind, fed the same distances
+        return [fed_check(BayesCheck(min_posterior=0.0), (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)), RelaxedCheck(),
+                fed_check(ThresholdCheck(), (0.1, 0.2), (0.6, 0.8)),
+                fed_check(BayesCheck(min_posterior=1.0), (0.1, 0.2), (0.6, 0.7))]
+
     for seed in range(4):
         for V, ks in ((12, [3, 0, 4, 2]), (49152, [5, 1, 0, 3])):
             gen = torch.Generator().manual_seed(seed)
@@ -231,10 +236,6 @@ def test_a_greedy_round_on_the_cpu_reads_what_the_general_path_reads():
                     row.append(int(target[r + j].argmax() if agree else draft[d + j].argmax()))
                 cands.append(row)
                 r, d = r + k + 1, d + k
-            def checks():
-                return [fed_check(BayesCheck(min_posterior=0.0), (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)), RelaxedCheck(),
-                        fed_check(ThresholdCheck(), (0.1, 0.2), (0.6, 0.8)),
-                        fed_check(BayesCheck(min_posterior=1.0), (0.1, 0.2), (0.6, 0.7))]
             lean = accept_batch(cands, target, draft, [True] * 4, [None] * 4, checks())
             # the same four behind a sampled sequence: the round takes the general path
             extra_t = torch.softmax(torch.randn(2, V, generator=gen), -1)
