@@ -633,27 +633,30 @@ int int4_matmul(const float *x, const uint8_t *q, const uint16_t *sm, const floa
 }
 
 /* Float32 products at the few rows of a decode or verify step: y [M, N] = x [M, K] W^T (+ bias [N]), W the
- * weight as stored ([N, K], rows contiguous, no repacking). Four weight rows are streamed together and each
- * meets up to FT rows of x while in L1; every output is one row of x against one row of W, accumulated in
- * 16 lanes over K in order and summed in a fixed tree, so its bits do not depend on M or on which tile it
- * fell in: a row's output is the same alone or in any batch. Memory bound at these M: the weights are read
- * once per call. Returns 0, -2 if K % 16. */
-#define FN 4 /* weight rows per tile */
-#define FT 4 /* rows of x per pass over a tile */
+ * weight as stored ([N, K], rows contiguous, no repacking). A tile of FN weight rows is streamed together and
+ * meets up to FT rows of x at a time while in L1; every output is one row of x against one row of W,
+ * accumulated in 16 lanes over K in order and summed in a fixed tree, so its bits do not depend on M, on the
+ * tile shape or on which tile it fell in: a row's output is the same alone or in any batch. The weights are
+ * read once per call. The more rows a pass takes, the fewer times a tile is read again from L1 and the more
+ * of the arithmetic hides under the weight stream: 4 x 6 tiles up to 12 rows, 3 x 8 above (24 accumulators
+ * either way, within AVX-512's 32 registers). Returns 0, -2 if K % 16. */
+#define F32_MAX_FN 4
+#define F32_MAX_FT 8
 
 #ifndef F32_PREFETCH
 #define F32_PREFETCH 2 /* tiles ahead */
 #endif
 
 static inline __attribute__((always_inline)) void
-f32_tile(const float *x, const float *w, float *y, int R, int NJ, int K, int N, const float *b, const float *next) {
-    vec acc[FT][FN];
+f32_tile(const float *x, const float *w, float *y, int R, int NJ, int K, int N, const float *b, const float *next,
+         int FN) {
+    vec acc[F32_MAX_FT][F32_MAX_FN];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < NJ; j++) acc[i][j] = (vec){0};
     for (int k = 0; k < K; k += W) {
         if (next) /* a later tile's rows, a line each per step: more reads in flight than the streams keep */
             for (int j = 0; j < FN; j++) __builtin_prefetch(next + (int64_t)j * K + k, 0, 2);
-        vec wv[FN];
+        vec wv[F32_MAX_FN];
         for (int j = 0; j < NJ; j++) wv[j] = ld(w + (int64_t)j * K + k);
         for (int i = 0; i < R; i++) {
             vec xv = ld(x + (int64_t)i * K + k);
@@ -664,30 +667,49 @@ f32_tile(const float *x, const float *w, float *y, int R, int NJ, int K, int N, 
         for (int j = 0; j < NJ; j++) y[(int64_t)i * N + j] = hsum16(acc[i][j]) + (b ? b[j] : 0.0f);
 }
 
+/* one tile shape's pass over the weights, FN and FT literal (a function's parameters would reach the
+ * OpenMP region as variables, and its tiles would not unroll) */
+#define F32_TILES(NAME, FN, FT)                                                                                  \
+    static void NAME(const float *x, const float *w, const float *bias, float *y, int M, int N, int K, int threads) { \
+        int tiles = (N + FN - 1) / FN;                                                                           \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tiles >= 8)")         \
+        for (int t = 0; t < tiles; t++) {                                                                        \
+            int n = t * FN, nj = N - n < FN ? N - n : FN;                                                        \
+            const float *wt = w + (int64_t)n * K, *b = bias ? bias + n : NULL;                                   \
+            const float *next =                                                                                  \
+                F32_PREFETCH && t + F32_PREFETCH < tiles - 1 ? wt + (int64_t)F32_PREFETCH * FN * K : NULL;        \
+            for (int m0 = 0; m0 < M; m0 += FT) {                                                                 \
+                int r = M - m0 < FT ? M - m0 : FT;                                                               \
+                const float *xm = x + (int64_t)m0 * K, *pf = m0 == 0 ? next : NULL;                              \
+                float *ym = y + (int64_t)m0 * N + n;                                                             \
+                if (nj < FN) {                                                                                   \
+                    f32_tile(xm, wt, ym, r, nj, K, N, b, NULL, FN);                                              \
+                    continue;                                                                                    \
+                }                                                                                                \
+                switch (r) {                                                                                     \
+                case 1: f32_tile(xm, wt, ym, 1, FN, K, N, b, pf, FN); break;                                     \
+                case 2: f32_tile(xm, wt, ym, 2, FN, K, N, b, pf, FN); break;                                     \
+                case 3: f32_tile(xm, wt, ym, 3, FN, K, N, b, pf, FN); break;                                     \
+                case 4: f32_tile(xm, wt, ym, 4 < FT ? 4 : FT, FN, K, N, b, pf, FN); break;                       \
+                case 5: f32_tile(xm, wt, ym, 5 < FT ? 5 : FT, FN, K, N, b, pf, FN); break;                       \
+                case 6: f32_tile(xm, wt, ym, 6 < FT ? 6 : FT, FN, K, N, b, pf, FN); break;                       \
+                case 7: f32_tile(xm, wt, ym, 7 < FT ? 7 : FT, FN, K, N, b, pf, FN); break;                       \
+                default: f32_tile(xm, wt, ym, FT, FN, K, N, b, pf, FN); break;                                   \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+F32_TILES(f32_tiles_4x6, 4, 6)
+F32_TILES(f32_tiles_3x8, 3, 8)
+#undef F32_TILES
+
 int f32_matmul(const float *x, const float *w, const float *bias, float *y, int M, int N, int K, int threads) {
     if (K % W) return -2;
-    int tiles = (N + FN - 1) / FN;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && tiles >= 8)
-    for (int t = 0; t < tiles; t++) {
-        int n = t * FN, nj = N - n < FN ? N - n : FN;
-        const float *wt = w + (int64_t)n * K, *b = bias ? bias + n : NULL;
-        const float *next = F32_PREFETCH && t + F32_PREFETCH < tiles - 1 ? wt + (int64_t)F32_PREFETCH * FN * K : NULL;
-        for (int m0 = 0; m0 < M; m0 += FT) {
-            int r = M - m0 < FT ? M - m0 : FT;
-            const float *xm = x + (int64_t)m0 * K, *pf = m0 == 0 ? next : NULL;
-            float *ym = y + (int64_t)m0 * N + n;
-            if (nj == FN) {
-                switch (r) {
-                case 1: f32_tile(xm, wt, ym, 1, FN, K, N, b, pf); break;
-                case 2: f32_tile(xm, wt, ym, 2, FN, K, N, b, pf); break;
-                case 3: f32_tile(xm, wt, ym, 3, FN, K, N, b, pf); break;
-                default: f32_tile(xm, wt, ym, FT, FN, K, N, b, pf); break;
-                }
-            } else {
-                f32_tile(xm, wt, ym, r, nj, K, N, b, NULL);
-            }
-        }
-    }
+    if (M > 12)
+        f32_tiles_3x8(x, w, bias, y, M, N, K, threads);
+    else
+        f32_tiles_4x6(x, w, bias, y, M, N, K, threads);
     return 0;
 }
 

@@ -224,9 +224,9 @@ def test_packed_linear_matches_the_plain_one_at_every_row_count():
 
 def test_the_librarys_float32_product_is_the_product_and_the_same_bits_at_any_row_count(monkeypatch):
     """Decode and verify calls (up to F32_ROWS rows) take the CPU library's kernel: the product within float32
-    rounding (against float64), output widths off its tiles of 4 rows, with and without a bias, and each row
-    bitwise the same alone as in any call up to F32_ROWS rows; larger calls keep MKL; ADASD_F32_KERNEL=0 and
-    widths it cannot take keep torch's product."""
+    rounding (against float64), output widths off its tiles (of 4 and of 3 weight rows), with and without a bias,
+    and each row bitwise the same alone as in any call up to F32_ROWS rows, whatever passes the call's rows take;
+    larger calls keep MKL; ADASD_F32_KERNEL=0 and widths it cannot take keep torch's product."""
     from adasd_core import paged_attention
 
     if not paged_attention.kernel_available():
@@ -244,7 +244,8 @@ def test_the_librarys_float32_product_is_the_product_and_the_same_bits_at_any_ro
         y = lin(x)
         ref = x.double() @ weight.double().T + (0 if bias is None else bias.double())
         assert (y.double() - ref).abs().max() <= 1e-6 * (x.abs() @ weight.abs().T).double().max() + 1e-5, (n, k)
-        for rows in ([0], [7], [0, 1], [2, 3, 4], list(range(5, 13)), list(range(3, 20))):
+        for rows in ([0], [7], [0, 1], [2, 3, 4], list(range(6)), list(range(1, 8)), list(range(5, 13)),
+                     list(range(12)), list(range(13)), list(range(3, 20))):
             assert torch.equal(lin(x[rows]), y[rows]), (n, k, rows)
     assert calls and max(calls) == lean.F32_ROWS
     calls.clear()
