@@ -669,6 +669,8 @@ f32_tile(const float *x, const float *w, float *y, int R, int NJ, int K, int N, 
 
 /* one tile shape's pass over the weights, FN and FT literal (a function's parameters would reach the
  * OpenMP region as variables, and its tiles would not unroll) */
+#define F32_CASE(R, FN) \
+    case R: f32_tile(xm, wt, ym, R, FN, K, N, b, pf, FN); break;
 #define F32_TILES(NAME, FN, FT)                                                                                  \
     static void NAME(const float *x, const float *w, const float *bias, float *y, int M, int N, int K, int threads) { \
         int tiles = (N + FN - 1) / FN;                                                                           \
@@ -686,14 +688,9 @@ f32_tile(const float *x, const float *w, float *y, int R, int NJ, int K, int N, 
                     f32_tile(xm, wt, ym, r, nj, K, N, b, NULL, FN);                                              \
                     continue;                                                                                    \
                 }                                                                                                \
-                switch (r) {                                                                                     \
-                case 1: f32_tile(xm, wt, ym, 1, FN, K, N, b, pf, FN); break;                                     \
-                case 2: f32_tile(xm, wt, ym, 2, FN, K, N, b, pf, FN); break;                                     \
-                case 3: f32_tile(xm, wt, ym, 3, FN, K, N, b, pf, FN); break;                                     \
-                case 4: f32_tile(xm, wt, ym, 4 < FT ? 4 : FT, FN, K, N, b, pf, FN); break;                       \
-                case 5: f32_tile(xm, wt, ym, 5 < FT ? 5 : FT, FN, K, N, b, pf, FN); break;                       \
-                case 6: f32_tile(xm, wt, ym, 6 < FT ? 6 : FT, FN, K, N, b, pf, FN); break;                       \
-                case 7: f32_tile(xm, wt, ym, 7 < FT ? 7 : FT, FN, K, N, b, pf, FN); break;                       \
+                switch (r) { /* a literal row count per case: each unrolls (r <= FT <= F32_MAX_FT) */            \
+                    F32_CASE(1, FN) F32_CASE(2, FN) F32_CASE(3, FN) F32_CASE(4, FN)                              \
+                    F32_CASE(5, FN) F32_CASE(6, FN) F32_CASE(7, FN)                                              \
                 default: f32_tile(xm, wt, ym, FT, FN, K, N, b, pf, FN); break;                                   \
                 }                                                                                                \
             }                                                                                                    \
@@ -703,6 +700,7 @@ f32_tile(const float *x, const float *w, float *y, int R, int NJ, int K, int N, 
 F32_TILES(f32_tiles_4x6, 4, 6)
 F32_TILES(f32_tiles_3x8, 3, 8)
 #undef F32_TILES
+#undef F32_CASE
 
 int f32_matmul(const float *x, const float *w, const float *bias, float *y, int M, int N, int K, int threads) {
     if (K % W) return -2;

@@ -13,19 +13,18 @@ import collections
 import json
 import sys
 
-import numpy as np
 import torch
 from structured_speed import PROMPTS, SCHEMA, prompt_ids
 
 from adasd_core.engine import SpecConfig, SpeculativeEngine
-from adasd_core.grammar import GrammarSpec
+from adasd_core.grammar import GrammarSpec, unpack_bitmask
 from adasd_core.llm import LLM
 from adasd_core.models import load_pair
 from adasd_core.sampling import SamplingParams
 
 
 def allowed(mask: torch.Tensor) -> int:
-    return int(np.unpackbits(mask.numpy().view(np.uint8)).sum())
+    return int(unpack_bitmask(mask[None], mask.numel() * 32).sum())
 
 
 def size(n: int) -> str:
