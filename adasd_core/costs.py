@@ -187,15 +187,6 @@ class OnlineCorrection:
     def _reprobe_due(self, b: int) -> bool:
         return self.since_draft.get(b, 0) >= self.REPROBE_EVERY
 
-    def probe_due(self, batch: int) -> bool:
-        """Whether a plan of no drafting at this batch size should draft one candidate per sequence this
-        round (where a higher acceptance would draft: BatchPlanner.plan_batch): fewer than EXPLORE_ROUNDS
-        drafting rounds measured here, and REPROBE_EVERY plain rounds since the last. Acceptances learn
-        only from drafting rounds, so a batch size whose table puts the start-up acceptance below
-        break-even would otherwise stay plain whatever the pair's acceptance is."""
-        b = bucket(batch)
-        return self.rates.get((b, True), (0.0, 0))[1] < self.EXPLORE_ROUNDS and self._reprobe_due(b)
-
     def drafting_pays(self, batch: int) -> bool:
         """Whether drafting rounds have measured more tokens per second than plain ones at this batch
         size, all costs in. Until both kinds have EXPLORE_ROUNDS rounds, plain ones are measured
@@ -271,13 +262,7 @@ class BatchPlanner:
         acceptances = [clamp_acceptance(x) for x in acceptances]
         fixed = [(k, clamp_acceptance(x)) for k, x in fixed]
         key = ("batch", tuple(acceptances), tuple(caps), tuple(fixed))
-        plan = list(self._memoised(key, lambda: self._plan_batch(acceptances, caps, fixed)))
-        if not any(plan) and self.correction is not None and self.table.measured and \
-                self.correction.probe_due(len(acceptances) + len(fixed)) and \
-                any(self._memoised(("could", len(acceptances), tuple(caps), tuple(fixed)),
-                                   lambda: self._plan_batch([MAX_ACCEPTANCE] * len(acceptances), caps, fixed))):
-            return [min(1, cap) for cap in caps]  # a probe, where a better acceptance would draft
-        return plan
+        return list(self._memoised(key, lambda: self._plan_batch(acceptances, caps, fixed)))
 
     def _plan_batch(self, acceptances: list[float], caps: list[int], fixed: list[tuple[int, float]]) -> list[int]:
         n_free = len(acceptances)

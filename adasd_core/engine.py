@@ -284,8 +284,8 @@ class SpeculativeEngine:
         if free:
             accept = [seq.acceptance_estimate(self.prior.get(seq.method)) for seq in seqs]
             fixed = [(caps[i], accept[i]) for i in range(len(seqs)) if i not in set(free)]
-            # few probes where drafting does not pay (BatchPlanner.plan_batch): a probe must first feed a
-            # separate draft every token since its last draft, which costs as much as drafting all along
+            # no probing where drafting does not pay: a probe must first feed the draft every token since
+            # its last draft, which costs as much as drafting all along
             for i, k in zip(free, self.planner.plan_batch([accept[i] for i in free], [caps[i] for i in free], fixed)):
                 caps[i] = k
         return caps

@@ -264,38 +264,6 @@ def test_measured_rates_decide_where_the_table_says_drafting_pays():
     assert plan() != [0] * 4 and costs.plan_batch([0.5] * 4, [5] * 4) != [0] * 4
 
 
-def test_a_batch_size_kept_plain_by_its_plan_probes_so_that_acceptances_are_measured():
-    """Acceptances learn only from drafting rounds: where the plan at the start-up acceptance drafts nothing,
-    one round in REPROBE_EVERY plain ones drafts one candidate per sequence, until EXPLORE_ROUNDS drafting
-    rounds are measured at that batch size; a plan that drafts, and a table that is not measured, never probe."""
-    from adasd_core.costs import BatchPlanner, OnlineCorrection, StepCosts
-
-    # at 4 sequences a second token each costs half a step: drafting pays at a = 0.9, not at a = 0.3
-    table = StepCosts([1, 4], [1, 21], [[1.0, 1.3], [1.0, 1.0 + 0.5 * 20]], [0.05, 0.05])
-    planner = BatchPlanner(table, OnlineCorrection())
-    low = lambda: planner.plan_batch([0.3] * 4, [5, 5, 5, 0])  # noqa: E731
-    for _ in range(OnlineCorrection.EXPLORE_ROUNDS):
-        planner.observe(4, 0, 1.0, 1.0, tokens=4)
-    assert low() == [0] * 4 and planner.plan_batch([0.9] * 4, [5] * 4) != [0] * 4
-    probes = 0
-    for _ in range(OnlineCorrection.REPROBE_EVERY * (OnlineCorrection.EXPLORE_ROUNDS + 2)):
-        plan = low()
-        assert plan in ([0] * 4, [1, 1, 1, 0])  # a probe: one candidate each, none past a cap
-        drafting = any(plan)
-        probes += drafting
-        planner.observe(4, int(drafting), 1.0 + 0.75 * drafting, 1.0 + 0.6 * drafting, tokens=4 + drafting)
-    assert probes == OnlineCorrection.EXPLORE_ROUNDS  # then no more: drafting is measured at this size
-    assert planner.plan_batch([0.3], [5]) == [0]  # batch size 1 measured no plain rounds yet
-    nominal = BatchPlanner(StepCosts([1, 4], [1, 21], [[1.0, 1.3], [1.0, 1.0 + 0.5 * 20]], [0.05, 0.05],
-                                     measured=False), OnlineCorrection())
-    never = BatchPlanner(StepCosts([1, 4], [1, 21], [[1.0, 30.0], [1.0, 30.0]], [1.0, 1.0]), OnlineCorrection())
-    for _ in range(OnlineCorrection.REPROBE_EVERY + OnlineCorrection.EXPLORE_ROUNDS):
-        nominal.observe(4, 0, 1.0, 1.0, tokens=4)
-        never.observe(4, 0, 1.0, 1.0, tokens=4)
-        assert nominal.plan_batch([0.3] * 4, [5] * 4) == [0] * 4
-        assert never.plan_batch([0.3] * 4, [5] * 4) == [0] * 4  # no acceptance would pay: no probe
-
-
 def test_a_bad_first_drafting_round_does_not_outweigh_the_next_ones():
     """Measured rates are running means until the EMA's window fills: one rejected first round (a plain
     token for a draft step's price) followed by rounds that gain must let drafting win."""
